@@ -1,0 +1,1 @@
+"""omniace.bench: see the README for what lands here."""

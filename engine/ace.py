@@ -1,0 +1,182 @@
+"""ACE: a PixArt-alpha adaLN-single DiT over packed Long-context Condition Units.
+
+Per block: long-context self-attention over each sample's whole context (target and condition
+images jointly) with 3D RoPE and q/k RMSNorm; per-frame cross-attention to the owning unit's text
+(no norm, no modulation, plain residual); tanh-GELU MLP. State-dict keys follow the released ACE
+checkpoint (scepter's ``ACE`` backbone). See ``shared/reference/ACE_NOTES.md`` for the exact maths.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint as ckpt
+from torch import Tensor
+
+from omniace.kernels import editnet_inject, rope3d, segment_attention
+
+from .config import ACEConfig
+from .layers import Mlp, PatchEmbed, RMSNorm, TimestepEmbedder, ada_norm, tokens_pqc_to_cpq
+from .lcu import PackedLCU
+
+
+class ACEAttention(nn.Module):
+    """q/k/v/o linears with an RMSNorm over the whole width before the head split (keys as ACE)."""
+
+    def __init__(self, dim: int, heads: int, qk_norm: bool, norm_q_for_k: bool):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q = RMSNorm(dim) if qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(dim) if qk_norm else nn.Identity()
+        self.norm_q_for_k = norm_q_for_k
+
+    def qkv(self, x: Tensor, context: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        norm_k = self.norm_q if self.norm_q_for_k else self.norm_k
+        q = self.norm_q(self.q(x)).unflatten(-1, (self.heads, -1))
+        k = norm_k(self.k(context)).unflatten(-1, (self.heads, -1))
+        v = self.v(context).unflatten(-1, (self.heads, -1))
+        return q, k, v
+
+
+class ACEBlock(nn.Module):
+    def __init__(self, cfg: ACEConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.cfg = cfg
+        self.attn = ACEAttention(d, cfg.num_heads, cfg.qk_norm, cfg.norm_q_for_k)
+        self.cross_attn = ACEAttention(d, cfg.num_heads, cfg.qk_norm, cfg.norm_q_for_k)
+        self.mlp = Mlp(d, int(d * cfg.mlp_ratio))
+        self.scale_shift_table = nn.Parameter(torch.randn(6, d) / d**0.5)
+
+    def forward(self, x: Tensor, y: Tensor, t_mod: Tensor, batch: PackedLCU, seg: Tensor) -> Tensor:
+        """x ``[L_img, D]``; y ``[L_ft, D]`` frame texts; t_mod ``[B, 6D]``; seg: sample of each token."""
+        cfg = self.cfg
+        mod = self.scale_shift_table[None] + t_mod.unflatten(1, (6, -1))
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.unbind(1)
+
+        h = ada_norm(x, shift_msa, scale_msa, seg)
+        q, k, v = self.attn.qkv(h, h)
+        q, k = rope3d(q, k, batch.pos, cfg.axes, cfg.rope_theta)
+        a = segment_attention(q, k, v, batch.cu_seqlens_sample, batch.cu_seqlens_sample,
+                              batch.max_seqlen_sample, batch.max_seqlen_sample)
+        x = x + gate_msa[seg] * self.attn.o(a.flatten(1))
+
+        q, k, v = self.cross_attn.qkv(x, y)
+        c = segment_attention(q, k, v, batch.cu_seqlens_frame, batch.cu_seqlens_frame_txt,
+                              batch.max_seqlen_frame, batch.max_seqlen_frame_txt)
+        # plain cross-attention residual fused with the MLP's LayerNorm + adaLN modulation
+        x, h = editnet_inject(x, self.cross_attn.o(c.flatten(1)), shift_mlp, scale_mlp,
+                              torch.ones_like(gate_mlp), batch.cu_seqlens_sample)
+        return x + gate_mlp[seg] * self.mlp(h)
+
+
+class FinalLayer(nn.Module):
+    """T2IFinalLayer: shift/scale = table + t_emb (no SiLU, no linear), then the output linear."""
+
+    def __init__(self, dim: int, patch: int, out_channels: int):
+        super().__init__()
+        self.scale_shift_table = nn.Parameter(torch.randn(2, dim) / dim**0.5)
+        self.linear = nn.Linear(dim, patch * patch * out_channels)
+
+    def forward(self, x: Tensor, t_emb: Tensor, seg: Tensor) -> Tensor:
+        shift = self.scale_shift_table[0] + t_emb  # [B, D]
+        scale = self.scale_shift_table[1] + t_emb
+        return self.linear(ada_norm(x, shift, scale, seg))
+
+
+class TextPositionEmbeddings(nn.Module):
+    """The ``[10, Y]`` image-indicator table (T5 states of ``{image}``, ``{image1}``, ...)."""
+
+    def __init__(self, n: int, y_channels: int):
+        super().__init__()
+        self.pos = nn.Parameter(torch.zeros(n, y_channels))
+
+
+class ACEModel(nn.Module):
+    """ACE DiT. ``forward(batch, x, t)`` predicts eps for the packed target tokens ``x``."""
+
+    def __init__(self, cfg: ACEConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, p = cfg.hidden_size, cfg.patch_size
+        self.x_embedder = PatchEmbed(cfg.in_channels + 1, d, p)
+        self.t_embedder = TimestepEmbedder(d)
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.y_embedder = Mlp(cfg.y_channels, d, d)
+        self.blocks = nn.ModuleList(ACEBlock(cfg) for _ in range(cfg.depth))
+        self.final_layer = FinalLayer(d, p, cfg.out_channels)
+        self.text_position_embeddings = TextPositionEmbeddings(cfg.num_indicators, cfg.y_channels)
+        self.gradient_checkpointing = False
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """PixArt/ACE initialisation: xavier linears, zero cross-attention output and final linear."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.x_embedder.proj.weight.view(self.cfg.hidden_size, -1))
+        for lin in (self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.t_block[1],
+                    self.y_embedder.fc1, self.y_embedder.fc2):
+            nn.init.normal_(lin.weight, std=0.02)
+        for blk in self.blocks:
+            nn.init.zeros_(blk.cross_attn.o.weight)
+            nn.init.zeros_(blk.cross_attn.o.bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def forward(self, batch: PackedLCU, x: Tensor, t: Tensor, indicator_table: Tensor | bool = True) -> Tensor:
+        """Predict for the target tokens.
+
+        batch: packed LCUs (``with_mask=True``); x ``[L_tgt, C*p*p]`` noisy target tokens in the layout
+        of :func:`omniace.engine.lcu.patchify`; t ``[B]`` timesteps (DDPM indices 0..999).
+        ``indicator_table``: True uses the model's own ``text_position_embeddings.pos``, a ``[10, Y]``
+        tensor overrides it, False adds no indicator embeddings. Returns ``[L_tgt, C*p*p]``.
+        """
+        cfg = self.cfg
+        if not batch.with_mask:
+            raise ValueError("ACE batches carry a mask channel: pack(..., with_mask=True)")
+        c_lat = cfg.in_channels * cfg.patch_size**2
+        if x.shape != (batch.target_index.numel(), c_lat):
+            raise ValueError(f"x must be [{batch.target_index.numel()}, {c_lat}], got {tuple(x.shape)}")
+        if t.shape != (batch.num_samples,):
+            raise ValueError(f"t must be [{batch.num_samples}], got {tuple(t.shape)}")
+        dtype = self.x_embedder.proj.weight.dtype
+        target_rows = torch.cat([x.to(dtype), batch.tokens[batch.target_index, c_lat:].to(dtype)], dim=1)
+        tokens = batch.tokens.to(dtype).index_copy(0, batch.target_index, target_rows)
+        h = self.x_embedder(tokens)
+        y = self.y_embedder(batch.text.to(dtype)).index_select(0, batch.frame_text_index)
+
+        table = self.text_position_embeddings.pos if indicator_table is True else indicator_table
+        if table is not False and table is not None:
+            ind = self.y_embedder(table.to(dtype))
+            h = h + ind[batch.indicator]
+            y = y + ind[batch.frame_text_indicator]
+
+        t_emb = self.t_embedder(t)
+        t_mod = self.t_block(t_emb)
+        seg = batch.sample_of_token
+        for block in self.blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                h = ckpt.checkpoint(block, h, y, t_mod, batch, seg, use_reentrant=False)
+            else:
+                h = block(h, y, t_mod, batch, seg)
+        tgt = batch.target_index
+        out = self.final_layer(h.index_select(0, tgt), t_emb, seg.index_select(0, tgt))
+        return tokens_pqc_to_cpq(out, cfg.patch_size, cfg.in_channels)
+
+    def flops(self, frames: list[list[int]], text_lens: list[list[int]]) -> int:
+        """Matmul FLOPs of one forward: ``frames[b]`` image tokens per frame, ``text_lens[b]`` per frame."""
+        cfg = self.cfg
+        d, p = cfg.hidden_size, cfg.patch_size
+        n = sum(map(sum, frames))
+        tf = sum(map(sum, text_lens))
+        attn_self = sum(sum(f) ** 2 for f in frames)
+        attn_cross = sum(a * b for fs, ts in zip(frames, text_lens) for a, b in zip(fs, ts))
+        per_block = 2 * (4 * n * d * d + 2 * attn_self * d  # self-attention
+                         + 2 * n * d * d + 2 * tf * d * d + 2 * attn_cross * d  # cross-attention
+                         + 2 * n * d * int(d * cfg.mlp_ratio))  # MLP
+        n_tgt = sum(f[0] for f in frames)
+        embed = 2 * (n * (cfg.in_channels + 1) * p * p * d + tf * (cfg.y_channels * d + d * d)
+                     + n_tgt * d * p * p * cfg.out_channels)
+        return cfg.depth * per_block + embed

@@ -1,0 +1,118 @@
+"""Model configs (dataclasses) and named presets."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+
+def ace_rope_axes(head_dim: int) -> tuple[int, int, int]:
+    """ACE's split of the head dim over (frame, row, col): the frame axis takes the remainder."""
+    third = 2 * (head_dim // 6)
+    return (head_dim - 2 * third, third, third)
+
+
+@dataclass(frozen=True)
+class ACEConfig:
+    """PixArt-alpha style adaLN-single DiT with long-context self-attention and per-frame cross-attention."""
+
+    family: str = "ace"
+    patch_size: int = 2
+    in_channels: int = 4  # latent channels; the patch embedder also takes one mask channel
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    pred_sigma: bool = True  # output channels doubled; only the first half is used
+    y_channels: int = 4096  # text encoder width (T5-XXL)
+    text_len: int = 120
+    qk_norm: bool = True
+    norm_q_for_k: bool = True  # the released model normalises k with norm_q (norm_k is saved but unused)
+    rope_axes: tuple[int, int, int] | None = None  # None: ACE's split of the head dim
+    rope_theta: float = 10000.0
+    num_indicators: int = 10
+    codec_factor: int = 8  # pixels per latent pixel of the paired codec
+    prediction: str = "eps"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def axes(self) -> tuple[int, int, int]:
+        return self.rope_axes or ace_rope_axes(self.head_dim)
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * (2 if self.pred_sigma else 1)
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads or self.head_dim % 2:
+            raise ValueError(f"hidden_size {self.hidden_size} must split into {self.num_heads} heads of even size")
+        if sum(self.axes) > self.head_dim:
+            raise ValueError(f"rope_axes {self.axes} exceed the head dim {self.head_dim}")
+
+
+@dataclass(frozen=True)
+class SD3Config:
+    """SD3 MMDiT (diffusers ``SD3Transformer2DModel`` layout), optionally with an EditNet control branch."""
+
+    family: str = "sd3"
+    sample_size: int = 128
+    patch_size: int = 2
+    in_channels: int = 16
+    out_channels: int = 16
+    num_layers: int = 24
+    attention_head_dim: int = 64
+    num_attention_heads: int = 24
+    joint_attention_dim: int = 4096
+    caption_projection_dim: int = 1536
+    pooled_projection_dim: int = 2048
+    pos_embed_max_size: int = 192
+    qk_norm: str | None = None  # None or "rms_norm" (per head)
+    editnet: bool = True
+    codec_factor: int = 8
+    prediction: str = "flow"
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    def __post_init__(self) -> None:
+        if self.qk_norm not in (None, "rms_norm"):
+            raise ValueError(f"qk_norm {self.qk_norm!r} is not supported; expected None or 'rms_norm'")
+
+
+PRESETS: dict[str, ACEConfig | SD3Config] = {
+    "ace-0.6b-512": ACEConfig(),
+    "ace-0.6b-1024": ACEConfig(),
+    # Tiny: CPU tests and the embedded demo; pairs with the pixel codec (factor 4, 48 channels).
+    "ace-tiny": ACEConfig(in_channels=48, hidden_size=64, depth=2, num_heads=4, y_channels=32,
+                          text_len=32, codec_factor=4),
+    "sd3-medium-editnet": SD3Config(),
+    "sd3-tiny-editnet": SD3Config(sample_size=32, in_channels=48, out_channels=48, num_layers=2,
+                                  attention_head_dim=16, num_attention_heads=4, joint_attention_dim=32,
+                                  caption_projection_dim=64, pooled_projection_dim=32,
+                                  pos_embed_max_size=32, codec_factor=4),
+}
+PRESETS["tiny"] = PRESETS["ace-tiny"]
+
+
+def get_config(name: str, **overrides) -> ACEConfig | SD3Config:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+    return replace(PRESETS[name], **overrides)
+
+
+def config_to_dict(cfg: ACEConfig | SD3Config) -> dict:
+    return asdict(cfg)
+
+
+def config_from_dict(d: dict) -> ACEConfig | SD3Config:
+    d = dict(d)
+    family = d.get("family")
+    cls = {"ace": ACEConfig, "sd3": SD3Config}.get(family)
+    if cls is None:
+        raise ValueError(f"config family must be 'ace' or 'sd3', got {family!r}")
+    if d.get("rope_axes") is not None:
+        d["rope_axes"] = tuple(d["rope_axes"])
+    return cls(**d)

@@ -1,0 +1,1 @@
+"""omniace.export: see the README for what lands here."""

@@ -1,0 +1,4 @@
+"""omniace.kernels: the ops the models call (``ops.py``), their references and fast backends."""
+from .ops import available_backends, editnet_inject, register_backend, rope3d, segment_attention
+
+__all__ = ["rope3d", "segment_attention", "editnet_inject", "register_backend", "available_backends"]

@@ -1,0 +1,100 @@
+"""Pure-PyTorch references of the three omniace ops.
+
+These functions *are* the definition of each op (the contracts are documented in ``ops.py``): they are
+complete, differentiable through autograd, run on any device, and every faster backend is tested
+against them. They favour clarity over speed, but stay vectorised where that costs no clarity.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def rope3d_angles(pos: Tensor, axes_dims: tuple[int, int, int], theta: float = 10000.0) -> Tensor:
+    """Rotation angles ``[L, sum(axes_dims) // 2]`` in fp32 for integer positions ``pos [L, 3]``.
+
+    Axis ``a`` owns ``axes_dims[a] // 2`` consecutive complex pairs; pair ``j`` of that axis turns by
+    ``pos[:, a] * theta ** (-2j / axes_dims[a])``. The inverse frequencies are formed in float64 and
+    rounded once to fp32, so the only fp32 error is the final product.
+    """
+    parts = []
+    for a, dim in enumerate(axes_dims):
+        j = torch.arange(0, dim, 2, dtype=torch.float64, device=pos.device)
+        inv_freq = (1.0 / theta ** (j / dim)).to(torch.float32)
+        parts.append(pos[:, a].to(torch.float32)[:, None] * inv_freq[None, :])
+    return torch.cat(parts, dim=1)
+
+
+def rotate_pairs(x: Tensor, angles: Tensor) -> Tensor:
+    """Rotate interleaved pairs ``(x[2j], x[2j+1])`` of ``x [L, H, D]`` by ``angles [L, P]``; dims past 2P pass."""
+    rot = 2 * angles.shape[1]
+    pairs = x[..., :rot].float().unflatten(-1, (-1, 2))
+    cos, sin = angles.cos()[:, None, :], angles.sin()[:, None, :]
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).to(x.dtype)
+    if rot == x.shape[-1]:
+        return out
+    return torch.cat((out, x[..., rot:]), dim=-1)
+
+
+def rope3d(
+    q: Tensor, k: Tensor, pos: Tensor, axes_dims: tuple[int, int, int], theta: float = 10000.0
+) -> tuple[Tensor, Tensor]:
+    angles = rope3d_angles(pos, axes_dims, theta)
+    return rotate_pairs(q, angles), rotate_pairs(k, angles)
+
+
+def segment_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    scale: float | None = None,
+) -> Tensor:
+    """Block-diagonal attention, one segment at a time, softmax in fp32."""
+    del max_seqlen_q, max_seqlen_k  # launch hints for the kernels; the reference reads the offsets.
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    bq, bk = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    outs = []
+    for s in range(len(bq) - 1):
+        qs = q[bq[s] : bq[s + 1]]
+        ks, vs = k[bk[s] : bk[s + 1]], v[bk[s] : bk[s + 1]]
+        if qs.shape[0] == 0:
+            continue
+        if ks.shape[0] == 0:  # nothing to attend to: the contract says zeros
+            outs.append(torch.zeros_like(qs))
+            continue
+        scores = torch.einsum("qhd,khd->hqk", qs.float(), ks.float()) * scale
+        probs = scores.softmax(dim=-1)
+        outs.append(torch.einsum("hqk,khd->qhd", probs, vs.float()).to(q.dtype))
+    if not outs:
+        return q.new_zeros(q.shape)
+    return torch.cat(outs, dim=0)
+
+
+def segment_ids(cu_seqlens: Tensor, total: int) -> Tensor:
+    """Segment index of each of ``total`` rows partitioned by ``cu_seqlens`` (int64, on its device)."""
+    counts = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    ids = torch.arange(counts.shape[0], device=cu_seqlens.device)
+    return torch.repeat_interleave(ids, counts, output_size=total)
+
+
+def editnet_inject(
+    h: Tensor,
+    ctrl: Tensor,
+    shift: Tensor,
+    scale: Tensor,
+    gate: Tensor,
+    cu_seqlens: Tensor,
+    eps: float = 1e-6,
+) -> tuple[Tensor, Tensor]:
+    """``h_out = h + gate[s] * ctrl``; ``y = LN(h_out) * (1 + scale[s]) + shift[s]`` (LN without affine)."""
+    seg = segment_ids(cu_seqlens, h.shape[0])
+    h_out = h + gate[seg] * ctrl
+    normed = F.layer_norm(h_out.float(), (h.shape[-1],), eps=eps)
+    y = normed * (1 + scale[seg].float()) + shift[seg].float()
+    return h_out, y.to(h.dtype)

@@ -1,0 +1,27 @@
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("OMNIACE_BACKEND", "auto")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    """Every test starts from fixed seeds; tests draw fresh random inputs from them."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
+
+
+def pytest_collection_modifyitems(config, items):
+    # GPU tests skip cleanly on machines without CUDA; nothing queries the GPU at import time.
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,1 @@
+"""omniace.train: see the README for what lands here."""
