@@ -81,3 +81,55 @@ def ace_forward(model, x: Tensor, t: Tensor, cond: dict, mask: list, text_positi
 
 def _mask2d(m: Tensor | None) -> Tensor | None:
     return None if m is None else m.reshape(m.shape[-2], m.shape[-1])
+
+
+# ----------------------------------------------------------------------------------------------- SD3
+def sd3_config_from_diffusers(config: dict, editnet: bool = False) -> SD3Config:
+    """Map a diffusers ``SD3Transformer2DModel`` config dict onto :class:`SD3Config`."""
+    if config.get("dual_attention_layers"):
+        raise ValueError("SD3.5 dual-attention layers are not supported (dual_attention_layers="
+                         f"{tuple(config['dual_attention_layers'])}); expected ()")
+    keys = ("sample_size", "patch_size", "in_channels", "num_layers", "attention_head_dim", "num_attention_heads",
+            "joint_attention_dim", "caption_projection_dim", "pooled_projection_dim", "out_channels",
+            "pos_embed_max_size", "qk_norm")
+    kw = {k: config[k] for k in keys if k in config and config[k] is not None}
+    kw.setdefault("out_channels", kw.get("in_channels", 16))
+    return SD3Config(editnet=editnet, **kw)
+
+
+def sd3_from_diffusers(config: dict, state_dict: StateDict, editnet: bool = False):
+    """Build an :class:`~omniace.engine.sd3.SD3Model` holding a diffusers SD3 transformer's weights.
+
+    With ``editnet=True`` the control branch is added and initialised from the loaded base blocks
+    (its zero-initialised injections leave the output unchanged until trained).
+    """
+    from .sd3 import SD3Model
+
+    model = SD3Model(sd3_config_from_diffusers(config, editnet))
+    sd = dict(state_dict)
+    if editnet:
+        sd.update({k: v for k, v in model.state_dict().items() if k.startswith("editnet.")})
+    load_into(model, sd)
+    if model.editnet is not None:
+        model.editnet.init_from_base(model.transformer_blocks)
+    return model.eval()
+
+
+def sd3_forward(model, hidden_states: Tensor, encoder_hidden_states: Tensor, pooled_projections: Tensor,
+                timestep: Tensor) -> Tensor:
+    """What diffusers' ``SD3Transformer2DModel(...).sample`` returns, computed by the packed engine.
+
+    hidden_states ``[B, C, H, W]``; encoder_hidden_states ``[B, T, joint_attention_dim]``;
+    pooled_projections ``[B, pooled_projection_dim]``; timestep ``[B]``. Returns ``[B, C_out, H, W]``.
+    """
+    cfg: SD3Config = model.cfg
+    samples = [
+        LCUSample([ConditionUnit("", [], text=encoder_hidden_states[b], pooled=pooled_projections[b])],
+                  ImageInput(hidden_states[b]))
+        for b in range(hidden_states.shape[0])
+    ]
+    batch = pack(samples, cfg.patch_size, codec_factor=cfg.codec_factor, with_mask=False,
+                 device=hidden_states.device)
+    timestep = torch.as_tensor(timestep, device=hidden_states.device).reshape(-1).expand(hidden_states.shape[0])
+    out = model(batch, batch.target_tokens(), timestep)
+    return torch.stack(batch.targets_from_tokens(out)).to(hidden_states.dtype)

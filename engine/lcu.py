@@ -111,6 +111,7 @@ class PackedLCU:
     frame_shapes: list[tuple[int, int]]
     frame_is_target: list[bool]
     sample_units: list[list[int]]  # unit ids of each sample, current last
+    unit_lengths: list[int]  # text tokens of each unit
     target_sizes: list[tuple[int, int]]  # target latent (h, w) per sample
     latent_channels: int
     patch_size: int
@@ -359,6 +360,7 @@ def pack(
         frame_shapes=frame_shapes,
         frame_is_target=frame_is_target,
         sample_units=sample_units,
+        unit_lengths=unit_len,
         target_sizes=target_sizes,
         latent_channels=samples[0].target.latent.shape[0],
         patch_size=p,

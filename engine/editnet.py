@@ -1,0 +1,96 @@
+"""EditNet (OmniEdit §4, figure 4): a control branch with one copy of every base block.
+
+Per block i the control copy runs joint attention over the condition-image tokens ``c``, the main
+tokens ``h`` entering base block i and its own text stream, so it sees the main branch's intermediate
+representation (unlike ControlNet, whose branch runs in parallel on fixed inputs). Its outputs at the
+main-token positions and on the text stream go through zero-initialised linears and are added to the
+base block's image and text outputs; each injection is fused with the next block's input LayerNorm and
+adaLN modulation by ``editnet_inject``. The condition image enters through a zero-initialised patch
+embedding (plus the base's positional table), so a fresh EditNet leaves the base model unchanged.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from omniace.kernels import editnet_inject
+
+from .layers import Interleave, PatchEmbed
+from .lcu import PackedLCU
+
+
+class EditNet(nn.Module):
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        cfg = base.cfg
+        d, n = cfg.hidden_size, cfg.num_layers
+        self.blocks = nn.ModuleList(copy.deepcopy(b) for b in base.transformer_blocks)
+        self.cond_embed = PatchEmbed(cfg.in_channels, d, cfg.patch_size)
+        self.img_inject = nn.ModuleList(nn.Linear(d, d) for _ in range(n))
+        self.txt_inject = nn.ModuleList(nn.Linear(d, d) for _ in range(n - 1))  # the last block has no text out
+        self.zero_init()
+
+    def zero_init(self) -> None:
+        for lin in [self.cond_embed.proj, *self.img_inject, *self.txt_inject]:
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    @torch.no_grad()
+    def init_from_base(self, base_blocks: nn.ModuleList) -> None:
+        """Copy every base block into its control twin (after loading base weights)."""
+        for ctrl, blk in zip(self.blocks, base_blocks):
+            ctrl.load_state_dict(blk.state_dict())
+
+    def start(self, pos_embed, batch: PackedLCU, e: Tensor, temb: Tensor, img, txt,
+              control_scale: float | Tensor) -> "ControlRun":
+        return ControlRun(self, pos_embed, batch, e, temb, img, txt, control_scale)
+
+
+class ControlRun:
+    """State of one forward through the control branch (condition tokens, control text, gates)."""
+
+    def __init__(self, net: EditNet, pos_embed, batch: PackedLCU, e: Tensor, temb: Tensor, img, txt,
+                 control_scale: float | Tensor):
+        from .sd3 import Segments
+
+        dev, dtype = e.device, e.dtype
+        self.net, self.temb, self.img, self.txt = net, temb, img, txt
+        offsets, rows, cond_len = 0, [], [0] * batch.num_samples
+        for (gh, gw), s, is_t in zip(batch.frame_shapes, batch.frame_sample, batch.frame_is_target):
+            if not is_t:
+                rows.append(torch.arange(offsets, offsets + gh * gw))
+                cond_len[s] += gh * gw
+            offsets += gh * gw
+        cond_rows = (torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)).to(dev)
+        c_lat = net.cond_embed.proj.weight[0].numel()
+        self.c = net.cond_embed(batch.tokens.index_select(0, cond_rows)[:, :c_lat].to(dtype))
+        self.c = self.c + pos_embed.positions(batch, cond_rows).to(dtype)
+        cu_cond = [0]
+        for n in cond_len:
+            cu_cond.append(cu_cond[-1] + n)
+        self.xlayout = Interleave([cu_cond, img.host], dev)
+        x_host = self.xlayout.cu_seqlens.tolist()
+        self.xseg = Segments.from_host(x_host, dev)
+        self.jlayout = Interleave([x_host, txt.host], dev)
+        self.ec = e
+        scale = torch.as_tensor(control_scale, dtype=dtype, device=dev).reshape(-1)
+        self.gate = scale.expand(batch.num_samples)[:, None].expand(-1, e.shape[1]).contiguous()
+
+    def step(self, i: int, h: Tensor) -> None:
+        x = self.xlayout.join(self.c, h)
+        x, ec = self.net.blocks[i](x, self.ec, self.temb, self.xseg, self.txt, self.jlayout)
+        self.c, self.hc = self.xlayout.split(x)
+        self.ec_out = ec
+
+    def inject(self, i: int, h: Tensor, e: Tensor | None, nxt) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        h, h_in = editnet_inject(h, self.net.img_inject[i](self.hc), nxt.img_shift, nxt.img_scale,
+                                 self.gate, self.img.cu)
+        if e is None:
+            return h, h_in, None, None
+        e, e_in = editnet_inject(e, self.net.txt_inject[i](self.ec_out), nxt.txt_shift, nxt.txt_scale,
+                                 self.gate, self.txt.cu)
+        self.ec = self.ec_out
+        return h, h_in, e, e_in
