@@ -1,0 +1,47 @@
+"""Model factory and self-describing checkpoints (safetensors with the config in its metadata)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .config import ACEConfig, SD3Config, config_from_dict, config_to_dict, get_config
+from .weights import load_into, load_state_dict_file, save_safetensors
+
+
+def build_model(cfg: ACEConfig | SD3Config | str) -> torch.nn.Module:
+    if isinstance(cfg, str):
+        cfg = get_config(cfg)
+    if isinstance(cfg, ACEConfig):
+        from .ace import ACEModel
+
+        return ACEModel(cfg)
+    from .sd3 import SD3Model
+
+    return SD3Model(cfg)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def save_model(model: torch.nn.Module, path: str | Path) -> None:
+    save_safetensors(model.state_dict(), path, metadata={"omniace_config": json.dumps(config_to_dict(model.cfg))})
+
+
+def load_model(path: str | Path, cfg: ACEConfig | SD3Config | str | None = None) -> torch.nn.Module:
+    """Load a checkpoint; the config comes from ``cfg`` or the file's ``omniace_config`` metadata."""
+    if cfg is None:
+        if str(path).endswith(".safetensors"):
+            with safe_open(str(path), "pt") as f:
+                meta = (f.metadata() or {}).get("omniace_config")
+        else:
+            meta = None
+        if meta is None:
+            raise ValueError(f"{path}: no omniace_config metadata; pass the model config or preset name")
+        cfg = config_from_dict(json.loads(meta))
+    model = build_model(cfg)
+    load_into(model, load_state_dict_file(path), allow_missing=("text_position_embeddings.pos",))
+    return model.eval()
