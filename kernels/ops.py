@@ -18,7 +18,8 @@ from torch import Tensor
 from . import reference
 
 OPS = ("rope3d", "segment_attention", "editnet_inject")
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# float64 is accepted too (the reference computes in it, which gradcheck needs); kernels take the first three
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 # Backends that later issues provide and the packages they need; named in errors until they register.
 KNOWN_BACKENDS = {
@@ -86,7 +87,7 @@ def _check_float(name: str, t: Tensor, ndim: int) -> None:
     if t.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
     if t.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{name} must be fp32/fp16/bf16, got {t.dtype}")
+        raise ValueError(f"{name} must be fp32/fp16/bf16 (or fp64), got {t.dtype}")
 
 
 def _check_cu_seqlens(name: str, cu: Tensor, total: int | None = None) -> None:

@@ -11,6 +11,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def _acc(x: Tensor) -> Tensor:
+    """Upcast to the accumulation dtype: fp32, or fp64 for fp64 inputs."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def rope3d_angles(pos: Tensor, axes_dims: tuple[int, int, int], theta: float = 10000.0) -> Tensor:
     """Rotation angles ``[L, sum(axes_dims) // 2]`` in fp32 for integer positions ``pos [L, 3]``.
 
@@ -29,7 +34,7 @@ def rope3d_angles(pos: Tensor, axes_dims: tuple[int, int, int], theta: float = 1
 def rotate_pairs(x: Tensor, angles: Tensor) -> Tensor:
     """Rotate interleaved pairs ``(x[2j], x[2j+1])`` of ``x [L, H, D]`` by ``angles [L, P]``; dims past 2P pass."""
     rot = 2 * angles.shape[1]
-    pairs = x[..., :rot].float().unflatten(-1, (-1, 2))
+    pairs = _acc(x[..., :rot]).unflatten(-1, (-1, 2))
     cos, sin = angles.cos()[:, None, :], angles.sin()[:, None, :]
     x0, x1 = pairs[..., 0], pairs[..., 1]
     out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).to(x.dtype)
@@ -68,9 +73,9 @@ def segment_attention(
         if ks.shape[0] == 0:  # nothing to attend to: the contract says zeros
             outs.append(torch.zeros_like(qs))
             continue
-        scores = torch.einsum("qhd,khd->hqk", qs.float(), ks.float()) * scale
+        scores = torch.einsum("qhd,khd->hqk", _acc(qs), _acc(ks)) * scale
         probs = scores.softmax(dim=-1)
-        outs.append(torch.einsum("hqk,khd->qhd", probs, vs.float()).to(q.dtype))
+        outs.append(torch.einsum("hqk,khd->qhd", probs, _acc(vs)).to(q.dtype))
     if not outs:
         return q.new_zeros(q.shape)
     return torch.cat(outs, dim=0)
@@ -95,6 +100,6 @@ def editnet_inject(
     """``h_out = h + gate[s] * ctrl``; ``y = LN(h_out) * (1 + scale[s]) + shift[s]`` (LN without affine)."""
     seg = segment_ids(cu_seqlens, h.shape[0])
     h_out = h + gate[seg] * ctrl
-    normed = F.layer_norm(h_out.float(), (h.shape[-1],), eps=eps)
-    y = normed * (1 + scale[seg].float()) + shift[seg].float()
+    normed = F.layer_norm(_acc(h_out), (h.shape[-1],), eps=eps)
+    y = normed * (1 + _acc(scale[seg])) + _acc(shift[seg])
     return h_out, y.to(h.dtype)

@@ -1,0 +1,138 @@
+"""The reference ops against independent formulations (complex numbers, dense masks, float64)."""
+import pytest
+import torch
+
+from omniace.kernels import editnet_inject, rope3d, segment_attention
+from omniace.kernels.ops import available_backends
+
+TOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _cu(lengths):
+    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("axes,head_dim", [((24, 24, 24), 72), ((8, 4, 4), 18), ((2, 6, 4), 13 * 2 + 1)])
+def test_rope3d_matches_complex_rotation(dtype, axes, head_dim):
+    L, H, Hk = 37, 3, 2
+    q = torch.randn(L, H, head_dim).to(dtype)
+    k = torch.randn(L, Hk, head_dim).to(dtype)
+    pos = torch.randint(0, 50, (L, 3), dtype=torch.int32)
+    qo, ko = rope3d(q, k, pos, axes)
+    # independent: complex multiply in float64, frequencies per axis
+    d = sum(axes)
+    ang = []
+    for a, m in enumerate(axes):
+        inv = 10000.0 ** (-torch.arange(0, m, 2, dtype=torch.float64) / m)
+        ang.append(pos[:, a, None].double() * inv)
+    rot = torch.polar(torch.ones(L, d // 2, dtype=torch.float64), torch.cat(ang, 1))[:, None]
+    for x, out in ((q, qo), (k, ko)):
+        xc = torch.view_as_complex(x[..., :d].double().reshape(L, x.shape[1], d // 2, 2).contiguous())
+        want = torch.cat([torch.view_as_real(xc * rot).flatten(-2), x[..., d:].double()], -1)
+        assert out.dtype == dtype
+        err = (out.double() - want).abs().max() / want.abs().max()
+        assert err < 4 * TOL[dtype], err
+        assert torch.equal(out[..., d:], x[..., d:])  # dims past sum(axes) pass unchanged
+
+
+def test_rope3d_backward_is_inverse_rotation():
+    L = 11
+    q = torch.randn(L, 2, 12, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(L, 1, 12, dtype=torch.float64, requires_grad=True)
+    pos = torch.randint(0, 9, (L, 3), dtype=torch.int32)
+    torch.autograd.gradcheck(lambda a, b: rope3d(a, b, pos, (4, 4, 2)), (q, k))
+
+
+def _dense_attention(q, k, v, lq, lk, scale):
+    """Dense masked attention in float64 over the block-diagonal mask (an independent formulation)."""
+    sq = torch.repeat_interleave(torch.arange(len(lq)), torch.tensor(lq))
+    sk = torch.repeat_interleave(torch.arange(len(lk)), torch.tensor(lk))
+    allowed = sq[:, None] == sk[None, :]
+    s = torch.einsum("qhd,khd->hqk", q.double(), k.double()) * scale
+    s = s.masked_fill(~allowed, float("-inf"))
+    p = torch.nan_to_num(s.softmax(-1), nan=0.0)  # rows with no key: zeros
+    return torch.einsum("hqk,khd->qhd", p, v.double())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 72, 128, 13])
+def test_segment_attention_matches_dense_mask(dtype, head_dim):
+    lq, lk = [17, 1, 0, 40, 5], [3, 9, 4, 0, 33]  # odd lengths, empty q and empty k segments
+    H = 2
+    q, k, v = (torch.randn(sum(n), H, head_dim).to(dtype) for n in (lq, lk, lk))
+    out = segment_attention(q, k, v, _cu(lq), _cu(lk), max(lq), max(lk))
+    want = _dense_attention(q, k, v, lq, lk, head_dim**-0.5)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert (out.double() - want).abs().max() < 4 * TOL[dtype] * max(1, want.abs().max())
+    assert out[18:58].abs().max() == 0  # the q segment whose k segment is empty outputs zeros
+
+
+def test_segment_attention_gradients():
+    lq, lk = [5, 3], [4, 6]
+    q = torch.randn(8, 2, 6, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(10, 2, 6, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(10, 2, 6, dtype=torch.float64, requires_grad=True)
+    out = segment_attention(q, k, v, _cu(lq), _cu(lk), 5, 6, scale=0.3)
+    ref = _dense_attention(q, k, v, lq, lk, 0.3)
+    g = torch.randn_like(ref)
+    ga = torch.autograd.grad((out.double() * g).sum(), (q, k, v))
+    gb = torch.autograd.grad((ref * g).sum(), (q, k, v))
+    for a, b in zip(ga, gb):
+        assert (a - b).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_editnet_inject_matches_definition(dtype):
+    lengths = [7, 0, 31, 1]
+    C = 45
+    h, ctrl = torch.randn(39, C).to(dtype), torch.randn(39, C).to(dtype)
+    shift, scale, gate = (torch.randn(4, C).to(dtype) for _ in range(3))
+    h_out, y = editnet_inject(h, ctrl, shift, scale, gate, _cu(lengths))
+    seg = torch.repeat_interleave(torch.arange(4), torch.tensor(lengths))
+    want_h = h.double() + gate.double()[seg] * ctrl.double()
+    mu, var = want_h.mean(-1, keepdim=True), want_h.var(-1, unbiased=False, keepdim=True)
+    want_y = (want_h - mu) / (var + 1e-6).sqrt() * (1 + scale.double()[seg]) + shift.double()[seg]
+    assert h_out.dtype == y.dtype == dtype
+    assert (h_out.double() - want_h).abs().max() < 4 * TOL[dtype] * want_h.abs().max()
+    assert (y.double() - want_y).abs().max() < 4 * TOL[dtype] * want_y.abs().max()
+
+
+def test_editnet_inject_gradcheck():
+    cu = _cu([3, 4])
+    args = [torch.randn(7, 5, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    args += [torch.randn(2, 5, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    torch.autograd.gradcheck(lambda *a: editnet_inject(*a, cu), tuple(args))
+
+
+def test_bad_inputs_are_named():
+    q = torch.randn(4, 2, 8)
+    with pytest.raises(ValueError, match="pos must be int32"):
+        rope3d(q, q, torch.zeros(3, 3, dtype=torch.int32), (2, 2, 2))
+    with pytest.raises(ValueError, match="exceeds the head dim"):
+        rope3d(q, q, torch.zeros(4, 3, dtype=torch.int32), (4, 4, 4))
+    with pytest.raises(ValueError, match="three non-negative even"):
+        rope3d(q, q, torch.zeros(4, 3, dtype=torch.int32), (3, 2, 2))
+    with pytest.raises(ValueError, match="cu_seqlens_q must end at the row count 4"):
+        segment_attention(q, q, q, _cu([3]), _cu([4]), 3, 4)
+    with pytest.raises(ValueError, match="int32"):
+        segment_attention(q, q, q, torch.tensor([0, 4]), _cu([4]), 4, 4)
+    with pytest.raises(ValueError, match="must be fp32/fp16/bf16"):
+        segment_attention(q.long(), q, q, _cu([4]), _cu([4]), 4, 4)
+    with pytest.raises(ValueError, match=r"shift must be \[S=1, C=8\]"):
+        editnet_inject(q[:, 0], q[:, 0], torch.zeros(2, 8), torch.zeros(1, 8), torch.zeros(1, 8), _cu([4]))
+
+
+def test_backend_switch(monkeypatch):
+    q = torch.randn(3, 1, 4)
+    pos = torch.zeros(3, 3, dtype=torch.int32)
+    assert available_backends("rope3d") == ["reference"]
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        rope3d(q, q, pos, (2, 2, 0), backend="nope")
+    with pytest.raises(RuntimeError, match="not available in this build"):
+        rope3d(q, q, pos, (2, 2, 0), backend="triton")
+    monkeypatch.setenv("OMNIACE_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match="triton"):
+        rope3d(q, q, pos, (2, 2, 0))
+    monkeypatch.setenv("OMNIACE_BACKEND", "reference")
+    rope3d(q, q, pos, (2, 2, 0))
