@@ -1,0 +1,123 @@
+"""Sampler, pipeline, session, weights I/O and the CLI on the tiny default."""
+import os
+import pickle
+
+import pytest
+import torch
+from PIL import Image
+
+from omniace.engine.cli import demo_scene, main
+from omniace.engine.model import build_model, load_model, save_model
+from omniace.engine.pipeline import EditPipeline, EditSession
+from omniace.engine.sampler import DDIMSampler, FlowEulerSampler, guide
+from omniace.engine.weights import load_state_dict_file
+
+from helpers import randomise
+
+
+def test_ddim_schedule_matches_ace():
+    s = DDIMSampler(steps=20)
+    assert s.timesteps().tolist() == list(range(999, 0, -50))
+    sigma, alpha = s.schedule()
+    assert torch.allclose(sigma**2 + alpha**2, torch.ones(1000, dtype=torch.float64))
+    assert DDIMSampler(steps=50).timesteps()[-1] == 19
+
+
+def test_samplers_are_exact_on_a_perfect_model():
+    x0, noise = torch.randn(12, 4), torch.randn(12, 4)
+    s = DDIMSampler(steps=10)
+    sigma, alpha = s.schedule()
+    t0 = int(s.timesteps()[0])
+    xt = float(alpha[t0]) * x0 + float(sigma[t0]) * noise
+    eps = lambda x, t: (x - float(alpha[int(t[0])]) * x0) / float(sigma[int(t[0])])  # noqa: E731
+    assert torch.allclose(s.sample(eps, xt, 1), x0, atol=1e-5)
+    f = FlowEulerSampler(steps=7, shift=3.0)
+    assert torch.allclose(f.sample(lambda x, t: noise - x0, noise, 1), x0, atol=1e-5)
+
+
+def test_guidance_rescale_per_sample():
+    c, u = torch.randn(10, 3), torch.randn(10, 3)
+    out = guide(c, u, 4.5, 1.0, [0, 4, 10])
+    for a, b in ((0, 4), (4, 10)):
+        assert torch.allclose(out[a:b].std(), c[a:b].std(), rtol=1e-5)
+    assert torch.allclose(guide(c, u, 4.5, 0.0, [0, 10]), u + 4.5 * (c - u))
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    p = EditPipeline.tiny("ace")
+    randomise(p.model, 5, std=0.05)
+    return p
+
+
+def test_edit_is_seeded_and_keeps_size(pipe):
+    src = demo_scene(96, 64)
+    a = pipe.edit(src, "{image} make it blue", steps=3, seed=1)[0]
+    b = pipe.edit(src, "{image} make it blue", steps=3, seed=1)[0]
+    c = pipe.edit(src, "{image} make it blue", steps=3, seed=2)[0]
+    assert a.size == (96, 64)
+    assert a.tobytes() == b.tobytes() and a.tobytes() != c.tobytes()
+    mask = Image.new("L", (96, 64), 0)
+    mask.paste(255, (0, 0, 40, 30))
+    assert pipe.edit(src, "{image} paint the corner", masks=mask, steps=2)[0].size == (96, 64)
+
+
+def test_pipeline_errors(pipe):
+    with pytest.raises(ValueError, match="not a multiple of patch x codec factor = 8 pixels"):
+        pipe.edit(Image.new("RGB", (30, 32)), "x", steps=1)
+    with pytest.raises(ValueError, match=r"names \{image1\} but the sample has 1 condition image"):
+        pipe.edit(demo_scene(), "put {image1} here", steps=1)
+    with pytest.raises(ValueError, match="text-to-image needs size"):
+        pipe.edit(None, "a red ball", steps=1)
+    assert pipe.edit(None, "a red ball", steps=1, size=(40, 24))[0].size == (40, 24)
+
+
+def test_session_keeps_history_and_renames_indicators(pipe):
+    s = EditSession(pipe)
+    first = s.edit("{image} add a hat", images=[demo_scene()], steps=2)
+    assert s.rename("{image} now red", 1) == "{image1} now red"
+    second = s.edit("{image} now red", steps=2)  # defaults to the previous output
+    assert first.size == second.size and len(s.history) == 2
+    assert s.history[1].instruction == "{image1} now red" and s.history[1].images[0] is first
+    with pytest.raises(ValueError, match=r"turn 2: instruction names \{image1\} but the turn has 1"):
+        s.edit("{image1} again", steps=1)
+
+
+def test_sd3_editnet_pipeline():
+    p = EditPipeline.tiny("sd3")
+    out = p.edit(demo_scene(64, 32), "make it night", steps=2)[0]
+    assert out.size == (64, 32)
+    with pytest.raises(ValueError, match="masks are used by the ACE family only"):
+        p.edit(demo_scene(64, 32), "x", masks=Image.new("L", (64, 32)), steps=1)
+
+
+def test_checkpoints_roundtrip_and_refuse_pickled_code(tmp_path):
+    model = randomise(build_model("ace-tiny"), 3)
+    path = tmp_path / "m.safetensors"
+    save_model(model, path)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temporary left behind
+    loaded = load_model(path)
+    for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "ok.pth")
+    assert set(load_state_dict_file(tmp_path / "ok.pth")) == set(model.state_dict())
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    with open(tmp_path / "evil.pth", "wb") as f:
+        pickle.dump({"w": Evil()}, f)
+    with pytest.raises(ValueError, match="cannot be loaded without executing pickled code"):
+        load_state_dict_file(tmp_path / "evil.pth")
+
+
+def test_cli(tmp_path, capsys):
+    main(["demo", "--out", str(tmp_path), "--steps", "2"])
+    assert (tmp_path / "demo_grid.png").is_file()
+    main(["info", "--preset", "ace-0.6b-512", "--images", "2"])
+    assert "611,030,688 parameters" in capsys.readouterr().out
+    model = build_model("ace-tiny")
+    torch.save(model.state_dict(), tmp_path / "w.pth")
+    main(["convert", str(tmp_path / "w.pth"), str(tmp_path / "w.safetensors")])
+    assert set(load_state_dict_file(tmp_path / "w.safetensors")) == set(model.state_dict())
