@@ -48,7 +48,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_edit(args: argparse.Namespace) -> None:
-    from .codec import AutoencoderKLCodec, PixelCodec
+    from .codec import AutoencoderKLCodec
     from .model import load_model
     from .pipeline import EditPipeline
     from .text import T5TextEncoder

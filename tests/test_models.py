@@ -50,24 +50,16 @@ SD3_SAMPLES = [((6, 10), (6, 10), 5, 21), ((4, 2), None, 3, 22), ((2, 8), (8, 2)
 
 
 @torch.no_grad()
-def test_ace_packed_batch_equals_each_sample_alone(ace):
-    samples = [ace_sample(*a) for a in ACE_SAMPLES]
+@pytest.mark.parametrize("family", ["ace", "sd3"])
+def test_packed_batch_equals_each_sample_alone(family, ace, sd3):
+    model, make, specs, mask = (ace, ace_sample, ACE_SAMPLES, True) if family == "ace" else \
+        (sd3, sd3_sample, SD3_SAMPLES, False)
+    samples = [make(*a) for a in specs]
     t = torch.tensor([999.0, 10.0, 500.0])
-    batch, out = run(ace, samples, t, True)
+    batch, out = run(model, samples, t, mask)
     cu = batch.cu_seqlens_target()
     for i, s in enumerate(samples):
-        _, alone = run(ace, [s], t[i : i + 1], True)
-        assert (out[cu[i] : cu[i + 1]] - alone).abs().max() < 1e-5 * alone.abs().max()
-
-
-@torch.no_grad()
-def test_sd3_editnet_packed_batch_equals_each_sample_alone(sd3):
-    samples = [sd3_sample(*a) for a in SD3_SAMPLES]
-    t = torch.tensor([900.0, 30.0, 400.0])
-    batch, out = run(sd3, samples, t, False)
-    cu = batch.cu_seqlens_target()
-    for i, s in enumerate(samples):
-        _, alone = run(sd3, [s], t[i : i + 1], False)
+        _, alone = run(model, [s], t[i : i + 1], mask)
         assert (out[cu[i] : cu[i + 1]] - alone).abs().max() < 1e-5 * alone.abs().max()
 
 
