@@ -20,6 +20,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .layers import cu_from_lengths
+
 MAX_INDICATORS = 10  # {image}, {image1} ... {image9}: the indicator table has ten rows
 _INDICATOR = re.compile(r"\{image(\d*)\}")
 
@@ -332,20 +334,15 @@ def pack(
     else:
         pooled_t = None
 
-    def cu(lengths: list[int]) -> Tensor:
-        out = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-        out[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0)
-        return out
-
     unit_len = [unit_offsets[i + 1] - unit_offsets[i] for i in range(len(unit_offsets) - 1)]
     batch = PackedLCU(
         tokens=torch.cat(tok_rows),
         text=torch.cat(txt_rows),
-        cu_seqlens_frame=cu(frame_len),
-        cu_seqlens_sample=cu(sample_len),
-        cu_seqlens_txt=cu(unit_len),
+        cu_seqlens_frame=cu_from_lengths(frame_len),
+        cu_seqlens_sample=cu_from_lengths(sample_len),
+        cu_seqlens_txt=cu_from_lengths(unit_len),
         frame_text_index=frame_text_index.long(),
-        cu_seqlens_frame_txt=cu(frame_txt_len),
+        cu_seqlens_frame_txt=cu_from_lengths(frame_txt_len),
         pos=torch.cat(pos_rows).to(torch.int32),
         indicator=torch.cat(ind_rows).long(),
         frame_text_indicator=frame_text_indicator.long(),

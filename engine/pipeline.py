@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .codec import PixelCodec
 from .config import ACEConfig, get_config
-from .lcu import ConditionUnit, ImageInput, LCUSample, indicator_indices, indicator_token, pack
+from .lcu import ConditionUnit, ImageInput, LCUSample, indicator_indices, indicator_token, pack, unpatchify
 from .model import build_model
 from .sampler import guide, initial_noise, make_sampler
 from .text import TinyTextEncoder, indicator_table
@@ -134,11 +134,10 @@ class EditPipeline:
             return guide(out[:n1], out[n1:], guidance, rescale, cu[:2])
 
         sampler = make_sampler(self.cfg.prediction, steps)
-        one = pack(samples[:1], self.cfg.patch_size, codec_factor=self.cfg.codec_factor,
-                   with_mask=self.is_ace) if len(samples) == 2 else batch
-        x = initial_noise(one, seed, self.codec.latent_channels).to(self.device)
+        (h, w), patch = batch.target_sizes[0], self.cfg.patch_size
+        x = initial_noise([(h, w)], patch, seed, self.codec.latent_channels).to(self.device)
         x = sampler.sample(denoise, x, 1)
-        latent = one.targets_from_tokens(x.cpu())[0]
+        latent = unpatchify(x.cpu(), h, w, patch)
         return to_pil(self.codec.decode(latent))
 
     def edit(self, images: Image.Image | list[Image.Image] | None, instruction: str,

@@ -13,19 +13,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .lcu import PackedLCU, patchify
+from .lcu import patchify
 
 # denoise(x [L_tgt, C*p*p], t [B]) -> prediction [L_tgt, C*p*p]; the pipeline folds CFG into it
 DenoiseFn = Callable[[Tensor, Tensor], Tensor]
 
 
-def initial_noise(batch: PackedLCU, seed: int, channels: int) -> Tensor:
-    """Packed target-token noise; sample b draws from ``torch.Generator().manual_seed(seed + b)``."""
+def initial_noise(target_sizes: list[tuple[int, int]], patch_size: int, seed: int, channels: int) -> Tensor:
+    """Packed target-token noise (CPU); sample b draws from ``torch.Generator().manual_seed(seed + b)``."""
     rows = []
-    for b, (h, w) in enumerate(batch.target_sizes):
+    for b, (h, w) in enumerate(target_sizes):
         g = torch.Generator().manual_seed(seed + b)
-        rows.append(patchify(torch.randn(channels, h, w, generator=g), batch.patch_size))
-    return torch.cat(rows).to(batch.device)
+        rows.append(patchify(torch.randn(channels, h, w, generator=g), patch_size))
+    return torch.cat(rows)
 
 
 def guide(cond: Tensor, uncond: Tensor, guidance: float, rescale: float, cu_host: list[int]) -> Tensor:

@@ -31,9 +31,10 @@ class Segments:
 
     @classmethod
     def from_host(cls, host: list[int], device: torch.device) -> "Segments":
-        lengths = torch.tensor([b - a for a, b in zip(host[:-1], host[1:])], device=device)
-        seg = torch.repeat_interleave(torch.arange(len(host) - 1, device=device), lengths)
-        return cls(cu_from_lengths([b - a for a, b in zip(host[:-1], host[1:])], device), seg, host)
+        lengths = [b - a for a, b in zip(host[:-1], host[1:])]
+        seg = torch.repeat_interleave(torch.arange(len(lengths), device=device),
+                                      torch.tensor(lengths, device=device))
+        return cls(cu_from_lengths(lengths, device), seg, host)
 
 
 class _Linear2(nn.Module):
