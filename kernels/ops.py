@@ -1,15 +1,18 @@
 """The three omniace ops: contracts, input validation and the backend switch.
 
 The models call only these functions for RoPE, attention and control injection, so a faster backend
-speeds up everything. ``backend="auto"`` picks the fastest registered backend that can run on the
-inputs' device; the environment variable ``OMNIACE_BACKEND`` overrides ``auto``. Today only the
-``reference`` backend (``kernels/reference.py``, the definition of every op) is registered; the
-Triton and CUDA backends register themselves through :func:`register_backend`.
+speeds up everything. ``backend="auto"`` picks the highest-priority registered backend that can run on
+the inputs' device and dtype: the CUDA extension, then Triton on a GPU; the reference on the CPU (Triton
+runs on the CPU only under its interpreter, for tests, and only when named). ``OMNIACE_BACKEND`` or the
+:func:`use_backend` context overrides ``auto``. Kernel backends go through the ``torch.library`` custom
+ops of ``custom_ops.py``; the reference (``reference.py``, the definition of every op) and the attention
+baselines (``baselines.py``) are plain PyTorch.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +24,9 @@ OPS = ("rope3d", "segment_attention", "editnet_inject")
 # float64 is accepted too (the reference computes in it, which gradcheck needs); kernels take the first three
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
-# Backends that later issues provide and the packages they need; named in errors until they register.
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Backends and what they need; named in the error when one is asked for but not registered here.
 KNOWN_BACKENDS = {
     "triton": "a CUDA GPU and the 'triton' package",
     "cuda": "a CUDA GPU and the compiled omniace CUDA extension (csrc/)",
@@ -39,6 +44,8 @@ class Backend:
     fn: Callable
     priority: int  # higher wins under "auto"
     available: Callable[[torch.device], bool]
+    dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES
+    auto_on_cpu: bool = True  # False: on the CPU only when named (Triton's interpreter is for tests)
 
 
 _REGISTRY: dict[str, dict[str, Backend]] = {op: {} for op in OPS}
@@ -50,24 +57,47 @@ def register_backend(
     fn: Callable,
     priority: int = 0,
     available: Callable[[torch.device], bool] = lambda device: True,
+    dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES,
+    auto_on_cpu: bool = True,
 ) -> None:
     """Register ``fn`` (same signature and semantics as the reference) as backend ``name`` of ``op``."""
     if op not in _REGISTRY:
         raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
-    _REGISTRY[op][name] = Backend(name, fn, priority, available)
+    _REGISTRY[op][name] = Backend(name, fn, priority, available, dtypes, auto_on_cpu)
 
 
 def available_backends(op: str, device: torch.device | str = "cpu") -> list[str]:
+    """Backends of ``op`` that can run on ``device``, best first."""
     device = torch.device(device)
     ranked = sorted(_REGISTRY[op].values(), key=lambda b: -b.priority)
     return [b.name for b in ranked if b.available(device)]
 
 
-def _resolve(op: str, backend: str, device: torch.device) -> Callable:
+_OVERRIDE: list[str] = []
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Make ``backend="auto"`` mean ``name`` inside the block (benchmarks, tests, A/B runs)."""
+    _OVERRIDE.append(name)
+    try:
+        yield
+    finally:
+        _OVERRIDE.pop()
+
+
+def _auto(op: str, device: torch.device, dtype: torch.dtype) -> Backend:
+    for b in sorted(_REGISTRY[op].values(), key=lambda b: -b.priority):
+        if dtype in b.dtypes and (device.type != "cpu" or b.auto_on_cpu) and b.available(device):
+            return b
+    raise RuntimeError(f"{op}: no backend can run {dtype} on {device}")
+
+
+def _resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> Callable:
     if backend == "auto":
-        backend = os.environ.get("OMNIACE_BACKEND", "auto") or "auto"
+        backend = _OVERRIDE[-1] if _OVERRIDE else (os.environ.get("OMNIACE_BACKEND", "auto") or "auto")
     if backend == "auto":
-        return _REGISTRY[op][available_backends(op, device)[0]].fn
+        return _auto(op, device, dtype).fn
     entry = _REGISTRY[op].get(backend)
     if entry is None:
         if backend in KNOWN_BACKENDS:
@@ -77,7 +107,10 @@ def _resolve(op: str, backend: str, device: torch.device) -> Callable:
             )
         raise ValueError(f"{op}: unknown backend {backend!r}; expected 'auto' or one of {sorted(_REGISTRY[op])}")
     if not entry.available(device):
-        raise RuntimeError(f"{op}: backend {backend!r} cannot run on device {device}")
+        raise RuntimeError(f"{op}: backend {backend!r} cannot run on device {device}"
+                           + (" (Triton on the CPU needs TRITON_INTERPRET=1)" if backend == "triton" else ""))
+    if dtype not in entry.dtypes:
+        raise ValueError(f"{op}: backend {backend!r} takes {[str(d) for d in entry.dtypes]}, got {dtype}")
     return entry.fn
 
 
@@ -96,7 +129,8 @@ def _check_cu_seqlens(name: str, cu: Tensor, total: int | None = None) -> None:
             f"{name} must be a 1-D int32 tensor [S+1], got "
             f"{getattr(cu, 'dtype', type(cu).__name__)} shape {tuple(getattr(cu, 'shape', ()))}"
         )
-    if cu.device.type == "cpu":  # value checks only where they cost no device sync
+    # value checks only where they cost no device sync, and not while torch.compile traces (data-dependent)
+    if cu.device.type == "cpu" and not torch.compiler.is_compiling():
         if int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()):
             raise ValueError(f"{name} must start at 0 and be non-decreasing, got {cu.tolist()}")
         if total is not None and int(cu[-1]) != total:
@@ -129,7 +163,9 @@ def rope3d(
         raise ValueError(f"sum(axes_dims)={sum(axes_dims)} exceeds the head dim {q.shape[-1]}")
     if pos.shape != (q.shape[0], 3) or pos.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"pos must be int32 [{q.shape[0]}, 3], got {pos.dtype} {tuple(pos.shape)}")
-    return _resolve("rope3d", backend, q.device)(q, k, pos, axes_dims, float(theta))
+    if k.dtype != q.dtype:
+        raise ValueError(f"q and k must share a dtype, got {q.dtype} and {k.dtype}")
+    return _resolve("rope3d", backend, q.device, q.dtype)(q, k, pos, axes_dims, float(theta))
 
 
 def segment_attention(
@@ -162,7 +198,8 @@ def segment_attention(
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError(f"cu_seqlens_q has {cu_seqlens_q.numel() - 1} segments but cu_seqlens_k has "
                          f"{cu_seqlens_k.numel() - 1}")
-    return _resolve("segment_attention", backend, q.device)(
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _resolve("segment_attention", backend, q.device, q.dtype)(
         q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), scale
     )
 
@@ -193,9 +230,40 @@ def editnet_inject(
         _check_float(name, t, 2)
         if t.shape != (segs, h.shape[1]):
             raise ValueError(f"{name} must be [S={segs}, C={h.shape[1]}], got {tuple(t.shape)}")
-    return _resolve("editnet_inject", backend, h.device)(h, ctrl, shift, scale, gate, cu_seqlens, eps)
+    if not (h.dtype == ctrl.dtype and shift.dtype == scale.dtype == gate.dtype):
+        raise ValueError(f"h and ctrl must share a dtype, and shift/scale/gate another; got h {h.dtype}, "
+                         f"ctrl {ctrl.dtype}, shift {shift.dtype}, scale {scale.dtype}, gate {gate.dtype}")
+    return _resolve("editnet_inject", backend, h.device, h.dtype)(h, ctrl, shift, scale, gate, cu_seqlens, eps)
 
 
-register_backend("rope3d", "reference", reference.rope3d, priority=0)
-register_backend("segment_attention", "reference", reference.segment_attention, priority=0)
-register_backend("editnet_inject", "reference", reference.editnet_inject, priority=0)
+def _register_kernel_backend(name: str, priority: int, available: Callable[[torch.device], bool]) -> None:
+    """Route the three ops through the custom ops of ``custom_ops.py`` with kernels ``name``."""
+    from . import custom_ops as C
+
+    register_backend(
+        "rope3d", name, lambda q, k, pos, axes, theta: C.rope3d_op(q, k, pos, list(axes), theta, name),
+        priority, available, KERNEL_DTYPES, auto_on_cpu=False)
+    register_backend(
+        "segment_attention", name,
+        lambda q, k, v, cu_q, cu_k, max_q, max_k, scale: C.segment_attention_op(
+            q, k, v, cu_q, cu_k, max_q, max_k, scale, name)[0],
+        priority, available, KERNEL_DTYPES, auto_on_cpu=False)
+    register_backend(
+        "editnet_inject", name,
+        lambda h, ctrl, shift, scale, gate, cu, eps: C.editnet_inject_op(h, ctrl, shift, scale, gate, cu, eps, name)[:2],
+        priority, available, KERNEL_DTYPES, auto_on_cpu=False)
+
+
+def _register_builtin_backends() -> None:
+    from . import baselines
+    from .cuda_ext import cuda_ext_available
+    from .triton_utils import triton_can_run
+
+    for op in OPS:
+        register_backend(op, "reference", getattr(reference, op), priority=0)
+    _register_kernel_backend("cuda", 20, cuda_ext_available)
+    _register_kernel_backend("triton", 10, triton_can_run)
+    baselines.register(register_backend)
+
+
+_register_builtin_backends()

@@ -6,6 +6,8 @@ against them. They favour clarity over speed, but stay vectorised where that cos
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -16,19 +18,26 @@ def _acc(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+@functools.lru_cache(maxsize=64)
+def rope3d_inv_freq(axes_dims: tuple[int, int, int], theta: float, device: torch.device) -> Tensor:
+    """The ``[sum(axes_dims) // 2]`` fp32 inverse frequencies, formed in float64 and rounded once.
+
+    Pair ``j`` of axis ``a`` has ``theta ** (-2j / axes_dims[a])``. Cached per device: the kernels read
+    this small vector (not a cos/sin table) and form the angles in registers.
+    """
+    parts = [1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d) for d in axes_dims]
+    return torch.cat(parts).to(torch.float32).to(device)
+
+
 def rope3d_angles(pos: Tensor, axes_dims: tuple[int, int, int], theta: float = 10000.0) -> Tensor:
     """Rotation angles ``[L, sum(axes_dims) // 2]`` in fp32 for integer positions ``pos [L, 3]``.
 
-    Axis ``a`` owns ``axes_dims[a] // 2`` consecutive complex pairs; pair ``j`` of that axis turns by
-    ``pos[:, a] * theta ** (-2j / axes_dims[a])``. The inverse frequencies are formed in float64 and
-    rounded once to fp32, so the only fp32 error is the final product.
+    Axis ``a`` owns ``axes_dims[a] // 2`` consecutive complex pairs, each turning by ``pos[:, a]`` times
+    its inverse frequency (``rope3d_inv_freq``); the only fp32 error is that final product.
     """
-    parts = []
-    for a, dim in enumerate(axes_dims):
-        j = torch.arange(0, dim, 2, dtype=torch.float64, device=pos.device)
-        inv_freq = (1.0 / theta ** (j / dim)).to(torch.float32)
-        parts.append(pos[:, a].to(torch.float32)[:, None] * inv_freq[None, :])
-    return torch.cat(parts, dim=1)
+    axis = torch.repeat_interleave(torch.arange(3, device=pos.device), torch.tensor(axes_dims, device=pos.device) // 2)
+    inv_freq = rope3d_inv_freq(tuple(axes_dims), float(theta), pos.device)
+    return pos[:, axis].to(torch.float32) * inv_freq[None, :]
 
 
 def rotate_pairs(x: Tensor, angles: Tensor) -> Tensor:

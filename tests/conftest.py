@@ -6,6 +6,10 @@ import pytest
 import torch
 
 os.environ.setdefault("OMNIACE_BACKEND", "auto")
+# Without a GPU the Triton kernels run on the CPU through Triton's interpreter. This must be set before
+# Triton decorates any kernel; torch.cuda.is_available() only asks the driver, it creates no context.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

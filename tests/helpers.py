@@ -8,3 +8,25 @@ def randomise(module: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch
         for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * (std if p.dim() > 1 else 0.5))
     return module
+
+
+def cu_seqlens(lengths, device="cpu") -> torch.Tensor:
+    """int32 offsets ``[0, l0, l0 + l1, ...]`` of segment lengths."""
+    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
+
+
+def tiny_ace_case(seed: int = 0):
+    """A randomised ace-tiny model and a packed batch of two samples (condition images, masks, history)."""
+    from omniace.engine import build_model, get_config
+    from omniace.engine.lcu import ConditionUnit, ImageInput, LCUSample, pack
+
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    model = randomise(build_model(get_config("ace-tiny", in_channels=3, y_channels=12)), seed)
+    samples = [
+        LCUSample([ConditionUnit("", [ImageInput(r(3, 4, 8), (r(4, 8) > 0).float())], text=r(5, 12)),
+                   ConditionUnit("", [ImageInput(r(3, 6, 6))], text=r(9, 12))], ImageInput(r(3, 6, 10))),
+        LCUSample([ConditionUnit("", [], text=r(7, 12))], ImageInput(r(3, 2, 14))),
+    ]
+    batch = pack(samples, 2, with_mask=True)
+    return model, batch, batch.target_tokens(), torch.tensor([3.0, 700.0])

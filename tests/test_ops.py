@@ -126,13 +126,16 @@ def test_bad_inputs_are_named():
 def test_backend_switch(monkeypatch):
     q = torch.randn(3, 1, 4)
     pos = torch.zeros(3, 3, dtype=torch.int32)
-    assert available_backends("rope3d") == ["reference"]
+    assert available_backends("rope3d")[-1] == "reference"
+    assert "cuda" not in available_backends("rope3d", "cpu")
     with pytest.raises(ValueError, match="unknown backend 'nope'"):
         rope3d(q, q, pos, (2, 2, 0), backend="nope")
-    with pytest.raises(RuntimeError, match="not available in this build"):
-        rope3d(q, q, pos, (2, 2, 0), backend="triton")
-    monkeypatch.setenv("OMNIACE_BACKEND", "triton")
-    with pytest.raises(RuntimeError, match="triton"):
+    with pytest.raises(RuntimeError, match="'cuda' cannot run on device cpu"):
+        rope3d(q, q, pos, (2, 2, 0), backend="cuda")
+    with pytest.raises(RuntimeError, match="'flash_attn' cannot run on device cpu"):
+        segment_attention(q, q, q, _cu([3]), _cu([3]), 3, 3, backend="flash_attn")
+    monkeypatch.setenv("OMNIACE_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="cuda"):
         rope3d(q, q, pos, (2, 2, 0))
     monkeypatch.setenv("OMNIACE_BACKEND", "reference")
     rope3d(q, q, pos, (2, 2, 0))

@@ -1,0 +1,319 @@
+"""Triton varlen block-diagonal attention (FlashAttention-2 style), forward and backward.
+
+Grid ``(query blocks, segments, heads)``: a program reads its segment's offsets from ``cu_seqlens`` and
+walks only that segment's key blocks, so no FLOP is spent outside the block diagonal; programs past
+the end of a short segment exit at once. Softmax is online in base 2 with fp32 statistics, and the
+forward saves the natural-log ``lse [Lq, H]`` so the backward recomputes probabilities instead of
+storing them.
+
+Head dims that are not a power of two are tiled as two power-of-two parts (72 = 64 + 16, see
+``split_head_dim``): every contraction over the head dim is two ``tl.dot``s, which for 72 wastes 10% of
+the tensor-core work instead of the 44% a 128-wide padded tile would.
+
+Short-key path (``ONE_KV``): when every key segment fits in one ``BLOCK_N`` tile (per-CU cross-attention:
+a few dozen text tokens against thousands of image tokens), a program loads its segment's whole K/V once
+and reuses it for ``Q_BLOCKS`` query blocks with a plain (not online) softmax.
+
+Backward: ``delta = rowsum(dO * O)``; one kernel accumulates dK/dV per key block over the segment's
+query blocks, another accumulates dQ per query block over the key blocks (no atomics, deterministic).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .triton_utils import interpreting, next_pow2, split_head_dim
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _load_rows(base, stride, rows, row_ok, D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+               HAS_D1: tl.constexpr):
+    """Rows ``[R, D]`` of a ``[*, D]`` head slice as two column tiles ``[R, D0]`` and ``[R, D1]``."""
+    c0 = tl.arange(0, D0)
+    p = base + rows[:, None].to(tl.int64) * stride
+    x0 = tl.load(p + c0[None, :], mask=row_ok[:, None] & (c0[None, :] < D), other=0.0)
+    if HAS_D1:
+        c1 = D0 + tl.arange(0, D1)
+        x1 = tl.load(p + c1[None, :], mask=row_ok[:, None] & (c1[None, :] < D), other=0.0)
+    else:
+        x1 = tl.zeros([rows.shape[0], D1], dtype=x0.dtype)
+    return x0, x1
+
+
+@triton.jit
+def _store_rows(base, stride, rows, row_ok, x0, x1, D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+                HAS_D1: tl.constexpr):
+    c0 = tl.arange(0, D0)
+    p = base + rows[:, None].to(tl.int64) * stride
+    tl.store(p + c0[None, :], x0.to(base.dtype.element_ty), mask=row_ok[:, None] & (c0[None, :] < D))
+    if HAS_D1:
+        c1 = D0 + tl.arange(0, D1)
+        tl.store(p + c1[None, :], x1.to(base.dtype.element_ty), mask=row_ok[:, None] & (c1[None, :] < D))
+
+
+@triton.jit
+def _dot_qk(a0, a1, b0, b1, HAS_D1: tl.constexpr, PREC: tl.constexpr):
+    """``a @ b.T`` contracted over the (split) head dim: ``[R, D] x [C, D] -> [R, C]`` in fp32."""
+    s = tl.dot(a0, tl.trans(b0), input_precision=PREC)
+    if HAS_D1:
+        s += tl.dot(a1, tl.trans(b1), input_precision=PREC)
+    return s
+
+
+@triton.jit
+def _seg_bounds(cu_q, cu_k, seg):
+    q0 = tl.load(cu_q + seg)
+    k0 = tl.load(cu_k + seg)
+    return q0, tl.load(cu_q + seg + 1) - q0, k0, tl.load(cu_k + seg + 1) - k0
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE, cu_q, cu_k, qk_scale,
+    s_qm, s_qh, s_km, s_kh, s_vm, s_vh, s_om, s_oh, s_lm,
+    D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Q_BLOCKS: tl.constexpr, ONE_KV: tl.constexpr,
+):
+    seg, head = tl.program_id(1), tl.program_id(2)
+    q_start, len_q, k_start, len_k = _seg_bounds(cu_q, cu_k, seg)
+    m_first = tl.program_id(0) * BLOCK_M * Q_BLOCKS
+    if m_first < len_q:
+        Qh, Kh, Vh = Q + head * s_qh + q_start.to(tl.int64) * s_qm, K + head * s_kh + k_start.to(tl.int64) * s_km, V + head * s_vh + k_start.to(tl.int64) * s_vm
+        Oh, Lh = O + head * s_oh + q_start.to(tl.int64) * s_om, LSE + head + q_start.to(tl.int64) * s_lm
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        if ONE_KV:  # the whole key segment is one tile: stage K/V once, reuse for Q_BLOCKS query blocks
+            n_ok = offs_n < len_k
+            k0, k1 = _load_rows(Kh, s_km, offs_n, n_ok, D, D0, D1, HAS_D1)
+            v0, v1 = _load_rows(Vh, s_vm, offs_n, n_ok, D, D0, D1, HAS_D1)
+            for b in range(Q_BLOCKS):
+                rows = m_first + b * BLOCK_M + offs_m
+                r_ok = rows < len_q
+                q0, q1 = _load_rows(Qh, s_qm, rows, r_ok, D, D0, D1, HAS_D1)
+                s = _dot_qk(q0, q1, k0, k1, HAS_D1, PREC) * qk_scale
+                s = tl.where(n_ok[None, :], s, float("-inf"))
+                m = tl.max(s, axis=1)
+                m = tl.where(m == float("-inf"), 0.0, m)  # empty key segment: all probabilities 0
+                p = tl.exp2(s - m[:, None])
+                l = tl.sum(p, axis=1)
+                inv = 1.0 / tl.where(l == 0.0, 1.0, l)
+                pv = p.to(v0.dtype)
+                o0 = tl.dot(pv, v0, input_precision=PREC) * inv[:, None]
+                o1 = tl.dot(pv, v1, input_precision=PREC) * inv[:, None] if HAS_D1 else o0
+                _store_rows(Oh, s_om, rows, r_ok, o0, o1, D, D0, D1, HAS_D1)
+                lse = tl.where(l == 0.0, float("-inf"), (m + tl.log2(tl.where(l == 0.0, 1.0, l))) / 1.4426950408889634)
+                tl.store(Lh + rows.to(tl.int64) * s_lm, lse, mask=r_ok)
+        else:
+            rows = m_first + offs_m
+            r_ok = rows < len_q
+            q0, q1 = _load_rows(Qh, s_qm, rows, r_ok, D, D0, D1, HAS_D1)
+            m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+            acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+            acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
+            for n_start in range(0, len_k, BLOCK_N):
+                cols = n_start + offs_n
+                n_ok = cols < len_k
+                k0, k1 = _load_rows(Kh, s_km, cols, n_ok, D, D0, D1, HAS_D1)
+                v0, v1 = _load_rows(Vh, s_vm, cols, n_ok, D, D0, D1, HAS_D1)
+                s = _dot_qk(q0, q1, k0, k1, HAS_D1, PREC) * qk_scale
+                s = tl.where(n_ok[None, :], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every key block has a valid key
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                pv = p.to(v0.dtype)
+                acc0 = acc0 * alpha[:, None] + tl.dot(pv, v0, input_precision=PREC)
+                if HAS_D1:
+                    acc1 = acc1 * alpha[:, None] + tl.dot(pv, v1, input_precision=PREC)
+                m_i = m_new
+            inv = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
+            _store_rows(Oh, s_om, rows, r_ok, acc0 * inv[:, None], acc1 * inv[:, None], D, D0, D1, HAS_D1)
+            lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i))) / 1.4426950408889634)
+            tl.store(Lh + rows.to(tl.int64) * s_lm, lse, mask=r_ok)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, cu_q, cu_k, qk_scale, scale,
+    s_qm, s_qh, s_km, s_kh, s_vm, s_vh, s_dom, s_doh, s_lm, s_dkm, s_dkh,
+    D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    seg, head = tl.program_id(1), tl.program_id(2)
+    q_start, len_q, k_start, len_k = _seg_bounds(cu_q, cu_k, seg)
+    n_first = tl.program_id(0) * BLOCK_N
+    if n_first < len_k:
+        qo, ko = q_start.to(tl.int64), k_start.to(tl.int64)
+        cols = n_first + tl.arange(0, BLOCK_N)
+        n_ok = cols < len_k
+        k0, k1 = _load_rows(K + head * s_kh + ko * s_km, s_km, cols, n_ok, D, D0, D1, HAS_D1)
+        v0, v1 = _load_rows(V + head * s_vh + ko * s_vm, s_vm, cols, n_ok, D, D0, D1, HAS_D1)
+        dk0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
+        dk1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
+        dv0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
+        dv1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
+        Qh, DOh = Q + head * s_qh + qo * s_qm, DO + head * s_doh + qo * s_dom
+        Lh, Dh = LSE + head + qo * s_lm, DELTA + head + qo * s_lm
+        for m_start in range(0, len_q, BLOCK_M):
+            rows = m_start + tl.arange(0, BLOCK_M)
+            r_ok = rows < len_q
+            q0, q1 = _load_rows(Qh, s_qm, rows, r_ok, D, D0, D1, HAS_D1)
+            do0, do1 = _load_rows(DOh, s_dom, rows, r_ok, D, D0, D1, HAS_D1)
+            lse = tl.load(Lh + rows.to(tl.int64) * s_lm, mask=r_ok, other=0.0) * 1.4426950408889634
+            delta = tl.load(Dh + rows.to(tl.int64) * s_lm, mask=r_ok, other=0.0)
+            sT = _dot_qk(k0, k1, q0, q1, HAS_D1, PREC) * qk_scale  # [BLOCK_N, BLOCK_M]
+            pT = tl.where(n_ok[:, None] & r_ok[None, :], tl.exp2(sT - lse[None, :]), 0.0)
+            dv0 += tl.dot(pT.to(do0.dtype), do0, input_precision=PREC)
+            if HAS_D1:
+                dv1 += tl.dot(pT.to(do0.dtype), do1, input_precision=PREC)
+            dpT = _dot_qk(v0, v1, do0, do1, HAS_D1, PREC)
+            dsT = (pT * (dpT - delta[None, :])).to(q0.dtype)
+            dk0 += tl.dot(dsT, q0, input_precision=PREC)
+            if HAS_D1:
+                dk1 += tl.dot(dsT, q1, input_precision=PREC)
+        _store_rows(DK + head * s_dkh + ko * s_dkm, s_dkm, cols, n_ok, dk0 * scale, dk1 * scale, D, D0, D1, HAS_D1)
+        _store_rows(DV + head * s_dkh + ko * s_dkm, s_dkm, cols, n_ok, dv0, dv1, D, D0, D1, HAS_D1)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, cu_q, cu_k, qk_scale, scale,
+    s_qm, s_qh, s_km, s_kh, s_vm, s_vh, s_dom, s_doh, s_lm, s_dqm, s_dqh,
+    D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    seg, head = tl.program_id(1), tl.program_id(2)
+    q_start, len_q, k_start, len_k = _seg_bounds(cu_q, cu_k, seg)
+    m_first = tl.program_id(0) * BLOCK_M
+    if m_first < len_q:
+        qo, ko = q_start.to(tl.int64), k_start.to(tl.int64)
+        rows = m_first + tl.arange(0, BLOCK_M)
+        r_ok = rows < len_q
+        q0, q1 = _load_rows(Q + head * s_qh + qo * s_qm, s_qm, rows, r_ok, D, D0, D1, HAS_D1)
+        do0, do1 = _load_rows(DO + head * s_doh + qo * s_dom, s_dom, rows, r_ok, D, D0, D1, HAS_D1)
+        lse = tl.load(LSE + head + (qo + rows) * s_lm, mask=r_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + head + (qo + rows) * s_lm, mask=r_ok, other=0.0)
+        dq0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+        dq1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
+        Kh, Vh = K + head * s_kh + ko * s_km, V + head * s_vh + ko * s_vm
+        for n_start in range(0, len_k, BLOCK_N):
+            cols = n_start + tl.arange(0, BLOCK_N)
+            n_ok = cols < len_k
+            k0, k1 = _load_rows(Kh, s_km, cols, n_ok, D, D0, D1, HAS_D1)
+            v0, v1 = _load_rows(Vh, s_vm, cols, n_ok, D, D0, D1, HAS_D1)
+            s = _dot_qk(q0, q1, k0, k1, HAS_D1, PREC) * qk_scale
+            p = tl.where(r_ok[:, None] & n_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
+            dp = _dot_qk(do0, do1, v0, v1, HAS_D1, PREC)
+            ds = (p * (dp - delta[:, None])).to(k0.dtype)
+            dq0 += tl.dot(ds, k0, input_precision=PREC)
+            if HAS_D1:
+                dq1 += tl.dot(ds, k1, input_precision=PREC)
+        _store_rows(DQ + head * s_dqh + qo * s_dqm, s_dqm, rows, r_ok, dq0 * scale, dq1 * scale, D, D0, D1, HAS_D1)
+
+
+@dataclass(frozen=True)
+class AttnConfig:
+    """Tile sizes. ``q_blocks > 1`` only matters on the short-key (``one_kv``) path."""
+    block_m: int
+    block_n: int
+    q_blocks: int = 1
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+SHORT_KEYS = 128  # key segments up to this long take the single-tile (cross-attention) path
+
+
+def _head_tiles(D: int) -> dict:
+    d0, d1 = split_head_dim(D)
+    return dict(D=D, D0=d0, D1=max(d1, 16), HAS_D1=d1 > 0)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: exact fp32 products (tf32 would lose ~3 digits); half inputs: native tensor cores.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def forward_config(D: int, max_q: int, max_k: int, segments: int, heads: int) -> AttnConfig:
+    """Heuristic tiles (hand-picked for Hopper; the interpreter gets small tiles so tests cover many blocks)."""
+    if interpreting():
+        short = max_k <= 32
+        return AttnConfig(16, max(16, next_pow2(max_k)) if short else 16, 2 if short else 1, 1, 1)
+    if max_k <= SHORT_KEYS:
+        block_n = max(16, next_pow2(max_k))
+        programs = segments * heads * triton.cdiv(max(max_q, 1), 128)
+        q_blocks = max(1, min(4, programs // (4 * 132)))  # keep several waves of programs per SM
+        return AttnConfig(128, block_n, q_blocks, num_warps=8 if D > 64 else 4, num_stages=2)
+    return AttnConfig(128, 64, 1, num_warps=8 if D > 64 else 4, num_stages=3)
+
+
+def backward_config(D: int) -> AttnConfig:
+    if interpreting():
+        return AttnConfig(16, 16, 1, 1, 1)
+    return AttnConfig(64, 64, 1, num_warps=4 if D <= 64 else 8, num_stages=2)
+
+
+def _one_kv(cfg: AttnConfig, max_k: int) -> bool:
+    return max_k <= cfg.block_n
+
+
+def attention_forward(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
+                      scale: float, config: AttnConfig | None = None) -> tuple[Tensor, Tensor]:
+    """Returns ``(out [Lq, H, D], lse [Lq, H] fp32, natural log)``; ``lse = -inf`` where a key segment is empty."""
+    Lq, H, D = q.shape
+    S = cu_q.numel() - 1
+    out = torch.empty((Lq, H, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((Lq, H), dtype=torch.float32, device=q.device)
+    if Lq == 0 or S == 0 or max_q == 0:
+        return out.zero_(), lse.fill_(float("-inf"))
+    cfg = config or forward_config(D, max_q, max_k, S, H)
+    one_kv = _one_kv(cfg, max_k)
+    q_blocks = cfg.q_blocks if one_kv else 1
+    grid = (triton.cdiv(max_q, cfg.block_m * q_blocks), S, H)
+    _attn_fwd_kernel[grid](
+        q, k, v, out, lse, cu_q, cu_k, scale * LOG2E,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1), lse.stride(0),
+        **_head_tiles(D), PREC=_precision(q.dtype),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, Q_BLOCKS=q_blocks, ONE_KV=one_kv,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out, lse
+
+
+def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_q: Tensor,
+                       cu_k: Tensor, max_q: int, max_k: int, scale: float,
+                       config: AttnConfig | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    Lq, H, D = q.shape
+    S = cu_q.numel() - 1
+    do = do if do.stride(-1) == 1 else do.contiguous()
+    dq = torch.zeros((Lq, H, D), dtype=q.dtype, device=q.device)
+    dk = torch.zeros(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
+    if Lq == 0 or k.shape[0] == 0 or S == 0:
+        return dq, dk, dv
+    delta = (do.float() * out.float()).sum(-1)  # [Lq, H]
+    cfg = config or backward_config(D)
+    common = dict(**_head_tiles(D), PREC=_precision(q.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+               do.stride(0), do.stride(1), lse.stride(0))
+    _attn_bwd_dkdv_kernel[(triton.cdiv(max(max_k, 1), cfg.block_n), S, H)](
+        q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, scale * LOG2E, scale, *strides, dk.stride(0), dk.stride(1),
+        **common)
+    _attn_bwd_dq_kernel[(triton.cdiv(max_q, cfg.block_m), S, H)](
+        q, k, v, do, lse, delta, dq, cu_q, cu_k, scale * LOG2E, scale, *strides, dq.stride(0), dq.stride(1),
+        **common)
+    return dq, dk, dv
+
+
+def default_scale(D: int, scale: float | None) -> float:
+    return 1.0 / math.sqrt(D) if scale is None else float(scale)

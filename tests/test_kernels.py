@@ -1,0 +1,247 @@
+"""Triton kernels (and, on a GPU, the CUDA ones) against the reference ops.
+
+On the CPU the Triton kernels run under ``TRITON_INTERPRET=1`` (set in conftest) with small tiles, so
+small odd shapes still cover many blocks, partial blocks, empty and short segments and one long
+segment. bf16 runs on the GPU only: Triton 3.9's interpreter computes bf16 arithmetic wrongly.
+
+Tolerance rule (flash-attention's): the kernel's error against a float64 evaluation of the reference may
+be at most twice the reference's own error in the same dtype, plus a small absolute slack per dtype.
+"""
+import pytest
+import torch
+
+from omniace.kernels import editnet_inject, rope3d, segment_attention
+from omniace.kernels.ops import available_backends, use_backend
+
+from helpers import cu_seqlens, tiny_ace_case
+
+GPU = pytest.mark.gpu
+SLACK = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=GPU)]
+
+
+def _device(dtype):
+    return "cuda" if dtype == torch.bfloat16 else "cpu"
+
+
+def assert_close(fast, ref_low, ref_hi, dtype, what):
+    """``fast`` vs ``ref_hi`` (float64) within 2x the error of ``ref_low`` (reference in ``dtype``)."""
+    for i, (f, lo, hi) in enumerate(zip(fast, ref_low, ref_hi)):
+        assert f.shape == hi.shape and f.dtype == lo.dtype, (what, i, f.shape, hi.shape, f.dtype, lo.dtype)
+        err = (f.double() - hi.double()).abs().max().item() if f.numel() else 0.0
+        own = (lo.double() - hi.double()).abs().max().item() if f.numel() else 0.0
+        scale = max(1.0, hi.abs().max().item() if f.numel() else 1.0)
+        assert err <= 2 * own + SLACK[dtype] * scale, f"{what}[{i}]: error {err:.3g} vs reference's own {own:.3g}"
+
+
+def _run(fn, inputs, grads_out, backend, dtype=None):
+    """Outputs and input gradients of ``fn`` under ``backend``; inputs cast to ``dtype`` first."""
+    xs = [x.detach().to(dtype or x.dtype).requires_grad_(x.is_floating_point()) for x in inputs]
+    with use_backend(backend):
+        outs = fn(*xs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    diff = [x for x in xs if x.requires_grad]
+    gs = torch.autograd.grad(outs, diff, [g.to(o.dtype) for g, o in zip(grads_out, outs)])
+    return [o.detach() for o in outs] + list(gs)
+
+
+def check_against_reference(fn, inputs, grads_out, dtype, what, backend="triton"):
+    fast = _run(fn, inputs, grads_out, backend, dtype)
+    low = _run(fn, inputs, grads_out, "reference", dtype)
+    high = _run(fn, inputs, grads_out, "reference", torch.float64)
+    assert_close(fast, low, high, dtype, what)
+
+
+# ---- rope3d ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("axes,head_dim", [((8, 28, 28), 64), ((24, 24, 24), 72), ((32, 48, 48), 128),
+                                           ((4, 8, 8), 27)])
+def test_rope3d_triton(dtype, axes, head_dim):
+    dev = _device(dtype)
+    L, H, Hk = 37, 3, 2
+    qkv = torch.randn(L, H + 2 * Hk, head_dim, device=dev)  # q, k as strided views, as the models pass them
+    pos = torch.randint(0, 40, (L, 3), dtype=torch.int32, device=dev)
+
+    def fn(qkv):
+        q, k, _ = qkv.split([H, Hk, Hk], dim=1)
+        return rope3d(q, k, pos, axes)
+
+    grads = [torch.randn(L, H, head_dim, device=dev), torch.randn(L, Hk, head_dim, device=dev)]
+    check_against_reference(fn, [qkv], grads, dtype, f"rope3d D={head_dim}")
+
+
+# ---- segment_attention -------------------------------------------------------------------------------
+ATTN_CASES = {
+    # name: (query segment lengths, key segment lengths)
+    "self_ragged": ([37, 0, 5, 50], [37, 0, 5, 50]),  # odd, empty, shorter than a tile, several tiles
+    "cross_short_keys": ([70, 33, 0, 9], [7, 20, 3, 0]),  # per-CU text keys; one unit with no text
+    "one_long_segment": ([211], [211]),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 72, 128, 13])
+@pytest.mark.parametrize("case", list(ATTN_CASES))
+def test_segment_attention_triton(dtype, head_dim, case):
+    if case == "one_long_segment" and head_dim != 72 and dtype != torch.bfloat16:
+        pytest.skip("one head dim is enough for the long segment on the interpreter")
+    dev = _device(dtype)
+    lq, lk = ATTN_CASES[case]
+    H = 2
+    q = torch.randn(sum(lq), H, head_dim, device=dev)
+    k = torch.randn(sum(lk), H, head_dim, device=dev) * 1.5  # peakier softmax than unit scale
+    v = torch.randn(sum(lk), H, head_dim, device=dev)
+    cu_q, cu_k = cu_seqlens(lq, dev), cu_seqlens(lk, dev)
+
+    def fn(q, k, v):
+        return segment_attention(q, k, v, cu_q, cu_k, max(lq), max(lk))
+
+    check_against_reference(fn, [q, k, v], [torch.randn_like(q)], dtype, f"attention {case} D={head_dim}")
+
+
+def test_segment_attention_lse_is_logsumexp():
+    from omniace.kernels.custom_ops import segment_attention_op
+
+    lq, lk = [9, 4, 20], [5, 0, 40]
+    q, k, v = torch.randn(33, 2, 16), torch.randn(45, 2, 16), torch.randn(45, 2, 16)
+    _, lse = segment_attention_op(q, k, v, cu_seqlens(lq), cu_seqlens(lk), 20, 40, 0.25, "triton")
+    bq, bk = cu_seqlens(lq).tolist(), cu_seqlens(lk).tolist()
+    for s in range(3):
+        scores = torch.einsum("qhd,khd->qhk", q[bq[s]:bq[s + 1]], k[bk[s]:bk[s + 1]]) * 0.25
+        torch.testing.assert_close(lse[bq[s]:bq[s + 1]], scores.logsumexp(-1), atol=1e-5, rtol=1e-5)
+
+
+# ---- editnet_inject ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lengths,channels", [([5, 0, 30, 1], 37), ([3, 9, 14, 2, 8], 96), ([40], 200)])
+def test_editnet_inject_triton(dtype, lengths, channels):
+    dev = _device(dtype)
+    L, S, C = sum(lengths), len(lengths), channels
+    cu = cu_seqlens(lengths, dev)
+    hc = torch.randn(L, 2 * C, device=dev) * 2 + 0.5  # h and ctrl as column slices of one buffer
+    mods = [torch.randn(S, C, device=dev) * 0.5 for _ in range(3)]
+
+    def fn(hc, shift, scale, gate):
+        return editnet_inject(hc[:, :C], hc[:, C:], shift, scale, gate, cu)
+
+    grads = [torch.randn(L, C, device=dev), torch.randn(L, C, device=dev)]
+    check_against_reference(fn, [hc, *mods], grads, dtype, f"editnet_inject C={C}")
+
+
+# ---- registration ------------------------------------------------------------------------------------
+def test_auto_never_picks_the_interpreter():
+    q = torch.randn(5, 1, 8)
+    assert "triton" in available_backends("rope3d", "cpu")  # runnable here, under the interpreter
+    assert available_backends("segment_attention", "cpu")[:1] == ["triton"]
+    from omniace.kernels.ops import _auto
+
+    assert _auto("rope3d", q.device, q.dtype).name == "reference"
+    with pytest.raises(ValueError, match="backend 'triton' takes"):
+        rope3d(q.double(), q.double(), torch.zeros(5, 3, dtype=torch.int32), (2, 2, 2), backend="triton")
+
+
+def test_custom_ops_pass_opcheck():
+    """Schema, fake (meta) implementations and autograd registration, as torch.library checks them."""
+    from omniace.kernels import custom_ops as C
+
+    q = torch.randn(11, 2, 16, requires_grad=True)
+    k = torch.randn(11, 1, 16, requires_grad=True)
+    pos = torch.randint(0, 5, (11, 3), dtype=torch.int32)
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(C.rope3d_op, (q, k, pos, [4, 4, 4], 10000.0, "triton"), test_utils=tests)
+    cu_q, cu_k = cu_seqlens([6, 5]), cu_seqlens([3, 4])
+    kv = torch.randn(7, 2, 16, requires_grad=True)
+    torch.library.opcheck(C.segment_attention_op, (q, kv, kv, cu_q, cu_k, 6, 4, 0.25, "triton"), test_utils=tests)
+    h = torch.randn(11, 24, requires_grad=True)
+    mods = [torch.randn(2, 24, requires_grad=True) for _ in range(3)]
+    torch.library.opcheck(C.editnet_inject_op, (h, h * 2, *mods, cu_q, 1e-6, "triton"), test_utils=tests)
+
+
+def test_compiled_graph_holds_one_op_per_call():
+    """torch.compile sees each kernel as one op (forward and backward), with no graph break."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    q, k = torch.randn(9, 2, 16, requires_grad=True), torch.randn(9, 2, 16, requires_grad=True)
+    pos = torch.randint(0, 5, (9, 3), dtype=torch.int32)
+    cu = cu_seqlens([4, 5])
+
+    def step(q, k):
+        q2, k2 = rope3d(q, k, pos, (4, 4, 4), backend="triton")
+        return segment_attention(q2, k2, k2, cu, cu, 5, 5, backend="triton").square().sum()
+
+    counter = CompileCounterWithBackend("aot_eager")
+    loss = torch.compile(step, backend=counter, fullgraph=True)(q, k)
+    loss.backward()
+    assert counter.frame_count == 1
+    want_q = torch.autograd.grad(step(q, k), q)[0]
+    torch.testing.assert_close(q.grad, want_q)
+
+
+# ---- the models on the kernels -------------------------------------------------------------------------
+def test_ace_tiny_forward_backward_on_triton():
+    model, batch, x, t = tiny_ace_case()
+    outs = {}
+    for backend in ("reference", "triton"):
+        model.zero_grad()
+        with use_backend(backend):
+            out = model(batch, x, t)
+        out.square().mean().backward()
+        outs[backend] = (out.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None])
+    torch.testing.assert_close(outs["triton"][0], outs["reference"][0], atol=2e-5, rtol=1e-4)
+    for a, b in zip(outs["triton"][1], outs["reference"][1]):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-3)
+
+
+# ---- GPU only: bf16 above, CUDA kernels, large shapes --------------------------------------------------
+@GPU
+def test_cuda_backend_self_check_and_ops():
+    from omniace.kernels import cuda_ext
+
+    cuda_ext.load()
+    assert cuda_ext.self_check(torch.device("cuda")) == []
+    L, H = 300, 4
+    pos = torch.randint(0, 64, (L, 3), dtype=torch.int32, device="cuda")
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        qkv = torch.randn(L, 3 * H, 72, device="cuda")
+        check_against_reference(lambda t: rope3d(t[:, :H], t[:, H:2 * H], pos, (24, 24, 24)), [qkv],
+                                [torch.randn(L, H, 72, device="cuda")] * 2, dtype, "cuda rope3d", "cuda")
+        lq, lk = [200, 0, 100], [120, 5, 1]
+        q, k, v = (torch.randn(sum(n), H, 72, device="cuda") for n in (lq, lk, lk))
+        cq, ck = cu_seqlens(lq, "cuda"), cu_seqlens(lk, "cuda")
+        check_against_reference(lambda q, k, v: segment_attention(q, k, v, cq, ck, 200, 120), [q, k, v],
+                                [torch.randn_like(q)], dtype, "cuda cross-attention", "cuda")
+        h = torch.randn(L, 1152, device="cuda")
+        mods = [torch.randn(3, 1152, device="cuda") for _ in range(3)]
+        cu = cu_seqlens([100, 0, 200], "cuda")
+        check_against_reference(lambda h, c, a, b, g: editnet_inject(h, c, a, b, g, cu), [h, h.flip(0), *mods],
+                                [torch.randn_like(h)] * 2, dtype, "cuda editnet_inject", "cuda")
+
+
+@GPU
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_segment_attention_triton_large(dtype):
+    lens = [4096 + 17, 1024, 3 * 1024 + 5]
+    H, D = 16, 72
+    q, k, v = (torch.randn(sum(lens), H, D, device="cuda") for _ in range(3))
+    cu = cu_seqlens(lens, "cuda")
+    check_against_reference(lambda q, k, v: segment_attention(q, k, v, cu, cu, max(lens), max(lens)),
+                            [q, k, v], [torch.randn_like(q)], dtype, "attention large")
+
+
+# ---- attention baselines (the bench compares against them, so they must be right) ----------------------
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+@pytest.mark.parametrize("case", ["self_ragged", "cross_short_keys"])
+def test_attention_baselines(backend, case):
+    lq, lk = ATTN_CASES[case]
+    q, k, v = torch.randn(sum(lq), 2, 16), torch.randn(sum(lk), 2, 16), torch.randn(sum(lk), 2, 16)
+    cu_q, cu_k = cu_seqlens(lq), cu_seqlens(lk)
+
+    def fn(q, k, v):
+        return segment_attention(q, k, v, cu_q, cu_k, max(lq), max(lk))
+
+    if backend == "flex":  # FlexAttention has no CPU backward; forward only here, both on the GPU bench
+        with use_backend("flex"):
+            got = fn(q, k, v)
+        torch.testing.assert_close(got, fn(q, k, v), atol=1e-5, rtol=1e-5)
+        return
+    check_against_reference(fn, [q, k, v], [torch.randn_like(q)], torch.float32, f"{backend} {case}", backend)
