@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -90,8 +91,14 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # the bench CLI owns its own arguments
+        from omniace.bench.cli import main as bench_main
+
+        raise SystemExit(bench_main(argv[1:]))
     ap = argparse.ArgumentParser(prog="omniace", description="instruction-based image editing engine")
     sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("bench", help="op and denoiser benchmarks (omniace bench --help)")
     p = sub.add_parser("demo", help="run the edit pipeline on the embedded tiny default")
     p.add_argument("--out", default="out")
     p.add_argument("--steps", type=int, default=10)

@@ -1,0 +1,89 @@
+"""``python -m omniace.bench`` / ``omniace bench``: op and denoiser benchmarks -> table, JSON, SVG plots.
+
+On a GPU the default is the full preset shapes in bf16 with every provider; without one it runs CPU-sized
+shapes in fp32 with the PyTorch providers (a smoke run: the numbers say nothing about GPU speed).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from . import report
+from .denoiser import run_denoiser
+from .hardware import describe
+from .op_bench import MODES, OPS, run_ops
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _csv(value: str | None, allowed) -> list[str] | None:
+    if value is None:
+        return None
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in items if allowed is not None and v not in allowed]
+    if bad:
+        raise SystemExit(f"unknown value(s) {bad}; expected some of {list(allowed)}")
+    return items
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="omniace bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on a GPU, fp32 on the CPU")
+    ap.add_argument("--small", action="store_true", help="CPU-sized shapes (the default without a GPU)")
+    ap.add_argument("--ops", help=f"comma list of {OPS} (default: all)")
+    ap.add_argument("--providers", help="comma list, e.g. triton,varlen,flex (default: all available)")
+    ap.add_argument("--modes", default=",".join(MODES), help="comma list of fwd,bwd,full")
+    ap.add_argument("--skip-ops", action="store_true", help="only the denoiser step")
+    ap.add_argument("--skip-denoiser", action="store_true", help="only the ops")
+    ap.add_argument("--compile", dest="compile_", action=argparse.BooleanOptionalAction, default=None,
+                    help="include torch.compile providers in the denoiser bench (default: on a GPU)")
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--rep", type=int, default=None)
+    ap.add_argument("--out", type=Path, default=RESULTS, help=f"results folder (default {RESULTS})")
+    ap.add_argument("--plot", type=Path, metavar="JSON", help="only (re)draw the plots of a results file")
+    args = ap.parse_args(argv)
+
+    if args.plot:
+        for p in report.write_plots(args.plot):
+            print(f"wrote {p}")
+        return 0
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but no CUDA device is visible")
+    gpu = device.type == "cuda"
+    small = args.small or not gpu
+    dtype = DTYPES[args.dtype or ("bf16" if gpu else "fp32")]
+    warmup = args.warmup if args.warmup is not None else (10 if gpu else 2)
+    rep = args.rep if args.rep is not None else (50 if gpu else 5)
+    compile_ = args.compile_ if args.compile_ is not None else gpu
+    ops = _csv(args.ops, OPS) or list(OPS)
+    modes = _csv(args.modes, MODES)
+    providers = _csv(args.providers, None)
+
+    print(f"measuring hardware limits on {device} ...", file=sys.stderr)
+    hw = describe(device, small)
+    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    rows = [] if args.skip_ops else run_ops(ops, providers, modes, small, dtype, hw, device, warmup, rep, log)
+    steps = [] if args.skip_denoiser else run_denoiser(small, dtype, hw, device, compile_, max(1, warmup // 2),
+                                                         max(3, rep // 5), log)
+    print(report.table(hw, rows, steps))
+    config = {"small": small, "dtype": str(dtype), "ops": ops, "modes": modes, "providers": providers,
+              "warmup": warmup, "rep": rep, "compile": compile_, "argv": sys.argv[1:] if argv is None else argv}
+    path = args.out / f"{report.slug(hw)}.json"
+    report.write_json(path, hw, rows, steps, config)
+    print(f"\nwrote {path}")
+    for p in report.write_plots(path):
+        print(f"wrote {p}")
+    met = [t for t in report.targets(rows, steps)]
+    if met:
+        print(f"targets met: {sum(t['met'] for t in met)}/{len(met)} (details in the JSON)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Whole-denoiser step benchmark: one forward (inference) or forward + backward (training) of a preset.
+
+Providers: ``omniace`` (``backend="auto"``: the CUDA/Triton kernels on a GPU), ``reference`` (every op
+on its PyTorch reference), and each of those under ``torch.compile``. Reported: step time, image tokens
+per second and model FLOP utilisation (``model.flops`` matmul FLOPs, x3 for training, over the matmul
+throughput measured in the same run).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from omniace.engine import build_model, get_config
+from omniace.engine.config import ACEConfig
+from omniace.engine.lcu import ConditionUnit, ImageInput, LCUSample, pack
+from omniace.kernels import use_backend
+
+from .hardware import Hardware
+from .timing import measure
+
+# preset -> (resolution in pixels, condition images, samples per batch)
+GPU_CASES = {"ace-0.6b-512": (512, 2, 2), "sd3-medium-editnet": (1024, 1, 1)}
+CPU_CASES = {"ace-tiny": (64, 2, 2), "sd3-tiny-editnet": (64, 1, 1)}
+
+
+@dataclass
+class StepRow:
+    preset: str
+    mode: str  # "inference" or "training"
+    provider: str
+    dtype: str
+    image_tokens: int
+    status: str = "ok"
+    median_ms: float | None = None
+    tokens_per_s: float | None = None
+    tflop_s: float | None = None
+    mfu: float | None = None
+    speedup_over: dict[str, float] = field(default_factory=dict)
+
+
+def _batch(cfg, resolution: int, conds: int, samples: int, device: torch.device):
+    side = resolution // cfg.codec_factor
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    ace = isinstance(cfg, ACEConfig)
+    y = cfg.y_channels if ace else cfg.joint_attention_dim
+    text = cfg.text_len if ace else 154
+    out = []
+    for _ in range(samples):
+        units = [ConditionUnit("", [ImageInput(r(cfg.in_channels, side, side))], text=r(text, y),
+                               pooled=None if ace else r(cfg.pooled_projection_dim)) for _ in range(conds)]
+        if ace:  # the current instruction; its unit holds no image (the target is added by pack)
+            units.append(ConditionUnit("", [], text=r(text, y)))
+        out.append(LCUSample(units, ImageInput(r(cfg.in_channels, side, side))))
+    batch = pack(out, cfg.patch_size, codec_factor=cfg.codec_factor, with_mask=ace, device=device)
+    return batch
+
+
+def _flops(model, batch, ace: bool) -> float:
+    if ace:
+        frames, texts = [], []
+        for b in range(len(batch.target_sizes)):
+            idx = [i for i, s in enumerate(batch.frame_sample) if s == b]
+            frames.append([batch.frame_shapes[i][0] * batch.frame_shapes[i][1] for i in idx])
+            texts.append([batch.unit_lengths[batch.frame_unit[i]] for i in idx])
+        return model.flops(frames, texts)
+    p = batch.patch_size
+    n_img = [(h // p) * (w // p) for h, w in batch.target_sizes]
+    n_txt = [sum(batch.unit_lengths[u] for u in units) for units in batch.sample_units]
+    return model.flops(n_img, n_txt, n_img)
+
+
+def run_denoiser(small: bool, dtype: torch.dtype, hw: Hardware, device: torch.device, compile_: bool,
+                 warmup: int, rep: int, log: Callable[[str], None] = print) -> list[StepRow]:
+    rows: list[StepRow] = []
+    providers = ["reference"] + (["omniace"] if device.type == "cuda" else [])
+    if compile_:
+        providers += [p + "+compile" for p in providers]
+    for preset, (res, conds, samples) in (CPU_CASES if small else GPU_CASES).items():
+        cfg = get_config(preset)
+        ace = isinstance(cfg, ACEConfig)
+        torch.manual_seed(0)
+        model = build_model(cfg).to(device=device, dtype=dtype)
+        batch = _batch(cfg, res, conds, samples, device)
+        x = batch.target_tokens().to(dtype)
+        t = torch.full((samples,), 500.0, device=device)
+        flops = _flops(model, batch, ace)
+        tokens = int(batch.tokens.shape[0])
+        log(f"  {preset}: {tokens} image tokens, {flops / 1e9:,.0f} GFLOP per forward")
+        for mode in ("inference", "training"):
+            model.train(mode == "training")
+            group = []
+            for prov in providers:
+                backend = "reference" if prov.startswith("reference") else "auto"
+                fn = torch.compile(model) if prov.endswith("+compile") else model
+                row = StepRow(preset, mode, prov, str(dtype), tokens)
+
+                def step():
+                    with use_backend(backend):
+                        if mode == "inference":
+                            with torch.no_grad():
+                                fn(batch, x, t)
+                        else:
+                            fn(batch, x, t).float().square().mean().backward()
+
+                try:
+                    timing = measure(step, device, warmup, rep, flush_l2=False)
+                except Exception as exc:  # report and go on with the other providers
+                    row.status = f"error: {exc}"[:200]
+                    rows.append(row)
+                    continue
+                model.zero_grad(set_to_none=True)
+                work = flops * (3 if mode == "training" else 1)
+                row.median_ms = timing.median_ms
+                row.tokens_per_s = tokens / (timing.median_ms * 1e-3)
+                row.tflop_s = work / (timing.median_ms * 1e-3) / 1e12
+                row.mfu = row.tflop_s / hw.matmul_tflop_s
+                group.append(row)
+                rows.append(row)
+            for r in group:
+                r.speedup_over = {o.provider: o.median_ms / r.median_ms for o in group if o is not r}
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
