@@ -94,6 +94,7 @@ def run_denoiser(small: bool, dtype: torch.dtype, hw: Hardware, device: torch.de
             group = []
             for prov in providers:
                 backend = "reference" if prov.startswith("reference") else "auto"
+                torch._dynamo.reset()  # a compiled graph bakes in the backend it was traced under
                 fn = torch.compile(model) if prov.endswith("+compile") else model
                 row = StepRow(preset, mode, prov, str(dtype), tokens)
 

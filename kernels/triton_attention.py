@@ -106,7 +106,10 @@ def _attn_fwd_kernel(
                 inv = 1.0 / tl.where(l == 0.0, 1.0, l)
                 pv = p.to(v0.dtype)
                 o0 = tl.dot(pv, v0, input_precision=PREC) * inv[:, None]
-                o1 = tl.dot(pv, v1, input_precision=PREC) * inv[:, None] if HAS_D1 else o0
+                if HAS_D1:
+                    o1 = tl.dot(pv, v1, input_precision=PREC) * inv[:, None]
+                else:
+                    o1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
                 _store_rows(Oh, s_om, rows, r_ok, o0, o1, D, D0, D1, HAS_D1)
                 lse = tl.where(l == 0.0, float("-inf"), (m + tl.log2(tl.where(l == 0.0, 1.0, l))) / 1.4426950408889634)
                 tl.store(Lh + rows.to(tl.int64) * s_lm, lse, mask=r_ok)
