@@ -19,7 +19,6 @@ query blocks, another accumulates dQ per query block over the key blocks (no ato
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -245,27 +244,49 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def forward_config(D: int, max_q: int, max_k: int, segments: int, heads: int) -> AttnConfig:
-    """Heuristic tiles (hand-picked for Hopper; the interpreter gets small tiles so tests cover many blocks)."""
-    if interpreting():
+def forward_config(D: int, max_q: int, max_k: int, segments: int, heads: int, dtype: torch.dtype = torch.bfloat16,
+                   interpret: bool | None = None) -> AttnConfig:
+    """Heuristic tiles (hand-picked for Hopper; the interpreter gets small tiles so tests cover many blocks).
+
+    fp32 inputs take half-height tiles: their exact (non-tf32) dots need twice the shared memory and
+    registers per element, and fp32 attention is a correctness path, not the fast one.
+    """
+    if interpreting() if interpret is None else interpret:
         short = max_k <= 32
         return AttnConfig(16, max(16, next_pow2(max_k)) if short else 16, 2 if short else 1, 1, 1)
+    block_m = 64 if dtype == torch.float32 else 128
+    warps = 8 if D > 64 else 4
     if max_k <= SHORT_KEYS:
         block_n = max(16, next_pow2(max_k))
-        programs = segments * heads * triton.cdiv(max(max_q, 1), 128)
+        programs = segments * heads * triton.cdiv(max(max_q, 1), block_m)
         q_blocks = max(1, min(4, programs // (4 * 132)))  # keep several waves of programs per SM
-        return AttnConfig(128, block_n, q_blocks, num_warps=8 if D > 64 else 4, num_stages=2)
-    return AttnConfig(128, 64, 1, num_warps=8 if D > 64 else 4, num_stages=3)
+        return AttnConfig(block_m, block_n, q_blocks, num_warps=warps, num_stages=2)
+    return AttnConfig(block_m, 64 if dtype != torch.float32 else 32, 1, num_warps=warps, num_stages=3)
 
 
-def backward_config(D: int) -> AttnConfig:
-    if interpreting():
+def backward_config(D: int, dtype: torch.dtype = torch.bfloat16, interpret: bool | None = None) -> AttnConfig:
+    if interpreting() if interpret is None else interpret:
         return AttnConfig(16, 16, 1, 1, 1)
+    if dtype == torch.float32:
+        return AttnConfig(32, 32, 1, num_warps=4, num_stages=1)
     return AttnConfig(64, 64, 1, num_warps=4 if D <= 64 else 8, num_stages=2)
 
 
 def _one_kv(cfg: AttnConfig, max_k: int) -> bool:
     return max_k <= cfg.block_n
+
+
+def forward_meta(dtype: torch.dtype, D: int, cfg: AttnConfig, one_kv: bool) -> dict:
+    """Compile-time parameters and launch options of the forward kernel (shared with ``triton_aot``)."""
+    return dict(**_head_tiles(D), PREC=_precision(dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                Q_BLOCKS=cfg.q_blocks if one_kv else 1, ONE_KV=one_kv,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def backward_meta(dtype: torch.dtype, D: int, cfg: AttnConfig) -> dict:
+    """Compile-time parameters and launch options of both backward kernels."""
+    return dict(**_head_tiles(D), PREC=_precision(dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def attention_forward(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
@@ -277,17 +298,13 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tenso
     lse = torch.empty((Lq, H), dtype=torch.float32, device=q.device)
     if Lq == 0 or S == 0 or max_q == 0:
         return out.zero_(), lse.fill_(float("-inf"))
-    cfg = config or forward_config(D, max_q, max_k, S, H)
-    one_kv = _one_kv(cfg, max_k)
-    q_blocks = cfg.q_blocks if one_kv else 1
-    grid = (triton.cdiv(max_q, cfg.block_m * q_blocks), S, H)
+    cfg = config or forward_config(D, max_q, max_k, S, H, q.dtype)
+    meta = forward_meta(q.dtype, D, cfg, _one_kv(cfg, max_k))
+    grid = (triton.cdiv(max_q, cfg.block_m * meta["Q_BLOCKS"]), S, H)
     _attn_fwd_kernel[grid](
         q, k, v, out, lse, cu_q, cu_k, scale * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1), lse.stride(0),
-        **_head_tiles(D), PREC=_precision(q.dtype),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, Q_BLOCKS=q_blocks, ONE_KV=one_kv,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        out.stride(0), out.stride(1), lse.stride(0), **meta,
     )
     return out, lse
 
@@ -304,9 +321,8 @@ def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
     if Lq == 0 or k.shape[0] == 0 or S == 0:
         return dq, dk, dv
     delta = (do.float() * out.float()).sum(-1)  # [Lq, H]
-    cfg = config or backward_config(D)
-    common = dict(**_head_tiles(D), PREC=_precision(q.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    cfg = config or backward_config(D, q.dtype)
+    common = backward_meta(q.dtype, D, cfg)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                do.stride(0), do.stride(1), lse.stride(0))
     _attn_bwd_dkdv_kernel[(triton.cdiv(max(max_k, 1), cfg.block_n), S, H)](
@@ -317,6 +333,3 @@ def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
         **common)
     return dq, dk, dv
 
-
-def default_scale(D: int, scale: float | None) -> float:
-    return 1.0 / math.sqrt(D) if scale is None else float(scale)

@@ -106,9 +106,18 @@ def _row_major(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _launch_params(C: int, S: int) -> tuple[int, int, int]:
+def forward_meta(C: int, S: int) -> dict:
+    """Compile-time parameters and launch options of the forward kernel (shared with ``triton_aot``)."""
     block_c = max(16, next_pow2(C))
-    return block_c, max(2, next_pow2(S)), min(16, max(1, block_c // 256))
+    return dict(BLOCK_C=block_c, BLOCK_S=max(2, next_pow2(S)), num_warps=min(16, max(1, block_c // 256)))
+
+
+def backward_meta(C: int, S: int, L: int, interpret: bool | None = None) -> dict:
+    if interpreting() if interpret is None else interpret:
+        rows = 8  # several rows per program, so tests cross segment boundaries inside one
+    else:  # long runs amortise the flushes; keep >= 2 programs per SM (132 on an H100)
+        rows = 32 if L >= 32 * 264 else max(1, triton.cdiv(L, 264))
+    return dict(ROWS=rows, **forward_meta(C, S))
 
 
 def inject_forward(h: Tensor, ctrl: Tensor, shift: Tensor, scale: Tensor, gate: Tensor, cu: Tensor,
@@ -122,9 +131,8 @@ def inject_forward(h: Tensor, ctrl: Tensor, shift: Tensor, scale: Tensor, gate: 
     mean = torch.empty(L, dtype=torch.float32, device=h.device)
     rstd = torch.empty(L, dtype=torch.float32, device=h.device)
     if L:
-        block_c, block_s, warps = _launch_params(C, S)
         _inject_fwd_kernel[(L,)](h, ctrl, shift, scale, gate, cu, h_out, y, mean, rstd, C, S, float(eps),
-                                 h.stride(0), ctrl.stride(0), BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps)
+                                 h.stride(0), ctrl.stride(0), **forward_meta(C, S))
     return h_out, y, mean, rstd
 
 
@@ -139,14 +147,9 @@ def inject_backward(dh_out: Tensor, dy: Tensor, h_out: Tensor, ctrl: Tensor, sca
     dctrl = torch.empty((L, C), dtype=ctrl.dtype, device=ctrl.device)
     sums = [torch.zeros((S, C), dtype=torch.float32, device=h_out.device) for _ in range(3)]  # separate: no aliasing
     if L:
-        block_c, block_s, warps = _launch_params(C, S)
-        if interpreting():  # several rows per program, so tests cross segment boundaries inside one
-            rows = 8
-        else:  # long runs amortise the flushes; keep >= 2 programs per SM (132 on an H100)
-            rows = 32 if L >= 32 * 264 else max(1, triton.cdiv(L, 264))
-        _inject_bwd_kernel[(triton.cdiv(L, rows),)](
+        meta = backward_meta(C, S, L)
+        _inject_bwd_kernel[(triton.cdiv(L, meta["ROWS"]),)](
             dh_out, dy, h_out, ctrl, scale, gate, cu, mean, rstd, dh, dctrl, sums[0], sums[1], sums[2],
-            L, C, S, ctrl.stride(0), dh_out.stride(0), dy.stride(0),
-            ROWS=rows, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps)
+            L, C, S, ctrl.stride(0), dh_out.stride(0), dy.stride(0), **meta)
     mod = scale.dtype
     return dh, dctrl, sums[0].to(mod), sums[1].to(mod), sums[2].to(mod)

@@ -69,6 +69,15 @@ def _rows_last_contiguous(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def rope_meta(axes_dims: tuple[int, int, int], D: int, H: int, HK: int, inverse: bool) -> dict:
+    """Compile-time parameters and launch options of the kernel (shared with ``triton_aot``)."""
+    P = sum(axes_dims) // 2
+    rest = D - 2 * P
+    return dict(SIGN=-1.0 if inverse else 1.0, P0=axes_dims[0] // 2, P1=axes_dims[1] // 2, P=P, D=D,
+                BLOCK_L=16, BLOCK_P=max(2, next_pow2(P)), BLOCK_R=max(2, next_pow2(rest)), HAS_REST=rest > 0,
+                HEADS_PER_PROG=min(4, H + HK), num_warps=4)
+
+
 def rope3d_rotate(q: Tensor, k: Tensor, pos: Tensor, axes_dims: tuple[int, int, int], theta: float,
                   inverse: bool = False) -> tuple[Tensor, Tensor]:
     """Rotate (or, with ``inverse``, un-rotate) q ``[L, H, D]`` and k ``[L, Hk, D]``; outputs are contiguous.
@@ -83,17 +92,11 @@ def rope3d_rotate(q: Tensor, k: Tensor, pos: Tensor, axes_dims: tuple[int, int, 
     ko = torch.empty((L, HK, D), dtype=k.dtype, device=k.device)
     if L == 0:
         return qo, ko
-    P = sum(axes_dims) // 2
-    rest = D - 2 * P
-    block_l = 16
-    heads_per_prog = min(4, H + HK)
-    grid = (triton.cdiv(L, block_l), triton.cdiv(H + HK, heads_per_prog))
+    meta = rope_meta(axes_dims, D, H, HK, inverse)
+    grid = (triton.cdiv(L, meta["BLOCK_L"]), triton.cdiv(H + HK, meta["HEADS_PER_PROG"]))
     _rope3d_kernel[grid](
         q, k, qo, ko, pos, rope3d_inv_freq(tuple(axes_dims), float(theta), q.device),
-        L, H, HK, q.stride(0), q.stride(1), k.stride(0), k.stride(1), pos.stride(0),
-        SIGN=-1.0 if inverse else 1.0, P0=axes_dims[0] // 2, P1=axes_dims[1] // 2, P=P, D=D,
-        BLOCK_L=block_l, BLOCK_P=max(2, next_pow2(P)), BLOCK_R=max(2, next_pow2(rest)), HAS_REST=rest > 0,
-        HEADS_PER_PROG=heads_per_prog, num_warps=4,
+        L, H, HK, q.stride(0), q.stride(1), k.stride(0), k.stride(1), pos.stride(0), **meta,
     )
     return qo, ko
 
