@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from . import report
-from .denoiser import run_denoiser
+from .cases import attention_cases, inject_cases, rope_cases
+from .denoiser import CPU_CASES, GPU_CASES, run_denoiser
 from .hardware import describe
 from .op_bench import MODES, OPS, run_ops
 
@@ -72,7 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     steps = [] if args.skip_denoiser else run_denoiser(small, dtype, hw, device, compile_, max(1, warmup // 2),
                                                          max(3, rep // 5), log)
     print(report.table(hw, rows, steps))
-    config = {"small": small, "dtype": str(dtype), "ops": ops, "modes": modes, "providers": providers,
+    shapes = {"rope3d": [asdict(c) for c in rope_cases(small)],
+              "segment_attention": [asdict(c) for c in attention_cases(small)],
+              "editnet_inject": [asdict(c) for c in inject_cases(small)],
+              "denoiser": {k: dict(zip(("resolution", "condition_images", "samples"), v))
+                           for k, v in (CPU_CASES if small else GPU_CASES).items()}}
+    config = {"shapes": shapes, "small": small, "dtype": str(dtype), "ops": ops, "modes": modes, "providers": providers,
               "warmup": warmup, "rep": rep, "compile": compile_, "argv": sys.argv[1:] if argv is None else argv}
     path = args.out / f"{report.slug(hw)}.json"
     report.write_json(path, hw, rows, steps, config)

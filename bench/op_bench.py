@@ -127,9 +127,24 @@ def problems(op: str, small: bool, dtype: torch.dtype, device: torch.device) -> 
 
 
 def _callable(p: Problem, provider: str) -> Callable[[list[Tensor]], tuple[Tensor, ...]]:
-    if provider == "compile":
-        return torch.compile(lambda *xs: p.forward("reference", list(xs)), dynamic=False)
+    if provider == "compile":  # default dynamic: static on the first shape, one dynamic graph after
+        return _compiled_reference(p.op, p.forward)
     return lambda *xs: p.forward(provider, list(xs))
+
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def _compiled_reference(op: str, forward: Callable) -> Callable:
+    """One torch.compile wrapper per op, so later cases reuse its (dynamic) graph instead of recompiling."""
+    if op not in _COMPILED:
+        # every case is a new shape and closure: allow the recompiles rather than fall back to eager
+        for knob in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, knob):
+                setattr(torch._dynamo.config, knob, max(64, getattr(torch._dynamo.config, knob)))
+        _COMPILED[op] = torch.compile(lambda fwd, *xs: fwd("reference", list(xs)))
+    compiled = _COMPILED[op]
+    return lambda *xs: compiled(forward, *xs)
 
 
 def _skip_reason(p: Problem, provider: str, device: torch.device, mode: str = "fwd") -> str | None:

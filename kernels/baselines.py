@@ -68,7 +68,7 @@ def _flex_block_mask(cu_q: tuple[int, ...], cu_k: tuple[int, ...], device: str):
 def _compiled_flex() -> Callable:
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention)  # default dynamic: later shapes reuse one graph
 
 
 def flex_attention(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,

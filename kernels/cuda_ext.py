@@ -39,7 +39,7 @@ def load() -> None:
         raise RuntimeError(f"omniace CUDA sources not found in {CSRC} (missing {missing}); "
                            "install omniace from a source checkout (pip install -e .)")
     jit_load(name="omniace_cuda", sources=[str(CSRC / s) for s in SOURCES], is_python_module=False,
-             extra_cflags=["-O3", "-std=c++17"], extra_cuda_cflags=["-O3", "-std=c++17", "--use_fast_math"],
+             extra_cflags=["-O3", "-std=c++17"], extra_cuda_cflags=["-O3", "-std=c++17"],  # no fast math: rope needs accurate sincosf
              verbose=os.environ.get("OMNIACE_VERBOSE_BUILD") == "1")
 
 

@@ -18,15 +18,24 @@ def _acc(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-@functools.lru_cache(maxsize=64)
+def _inv_freq(axes_dims: tuple[int, int, int], theta: float, device: torch.device) -> Tensor:
+    parts = [1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d) for d in axes_dims]
+    return torch.cat(parts).to(torch.float32).to(device)
+
+
+_cached_inv_freq = functools.lru_cache(maxsize=64)(_inv_freq)
+
+
 def rope3d_inv_freq(axes_dims: tuple[int, int, int], theta: float, device: torch.device) -> Tensor:
     """The ``[sum(axes_dims) // 2]`` fp32 inverse frequencies, formed in float64 and rounded once.
 
     Pair ``j`` of axis ``a`` has ``theta ** (-2j / axes_dims[a])``. Cached per device: the kernels read
-    this small vector (not a cos/sin table) and form the angles in registers.
+    this small vector (not a cos/sin table) and form the angles in registers. Under torch.compile the
+    vector is formed in the graph instead (a cache lookup cannot be traced).
     """
-    parts = [1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d) for d in axes_dims]
-    return torch.cat(parts).to(torch.float32).to(device)
+    if torch.compiler.is_compiling():
+        return _inv_freq(axes_dims, theta, device)
+    return _cached_inv_freq(axes_dims, theta, device)
 
 
 def rope3d_angles(pos: Tensor, axes_dims: tuple[int, int, int], theta: float = 10000.0) -> Tensor:

@@ -29,9 +29,12 @@ def test_cuda_source_compiles(source, tmp_path):
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc not installed")
-    # sm_90 (Hopper) is the target; -Werror on device code catches sloppy conversions early
-    _run([nvcc, "-c", "-std=c++17", "-O3", "-arch=sm_90", "-Xcompiler", "-Wall", "--Werror", "all-warnings",
-          source, "-o", str(tmp_path / (source + ".o"))])
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
+
+    # sm_90 (Hopper), with the flags torch's JIT build adds (no implicit half/bf16 conversions), and
+    # warnings as errors so sloppy conversions fail here rather than on the GPU machine
+    _run([nvcc, "-c", "-std=c++17", "-O3", "-arch=sm_90", *COMMON_NVCC_FLAGS, "-Xcompiler", "-Wall",
+          "--Werror", "all-warnings", source, "-o", str(tmp_path / (source + ".o"))])
 
 
 def test_bindings_syntax():
