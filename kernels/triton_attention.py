@@ -289,9 +289,15 @@ def backward_meta(dtype: torch.dtype, D: int, cfg: AttnConfig) -> dict:
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
+def _unit_last(x: Tensor) -> Tensor:
+    """The kernels take any row/head strides but a unit stride along the head dim."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def attention_forward(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
                       scale: float, config: AttnConfig | None = None) -> tuple[Tensor, Tensor]:
     """Returns ``(out [Lq, H, D], lse [Lq, H] fp32, natural log)``; ``lse = -inf`` where a key segment is empty."""
+    q, k, v = (_unit_last(x) for x in (q, k, v))
     Lq, H, D = q.shape
     S = cu_q.numel() - 1
     out = torch.empty((Lq, H, D), dtype=q.dtype, device=q.device)
@@ -312,9 +318,9 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tenso
 def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_q: Tensor,
                        cu_k: Tensor, max_q: int, max_k: int, scale: float,
                        config: AttnConfig | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    do, q, k, v, out = (_unit_last(x) for x in (do, q, k, v, out))
     Lq, H, D = q.shape
     S = cu_q.numel() - 1
-    do = do if do.stride(-1) == 1 else do.contiguous()
     dq = torch.zeros((Lq, H, D), dtype=q.dtype, device=q.device)
     dk = torch.zeros(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.zeros(v.shape, dtype=v.dtype, device=v.device)

@@ -99,6 +99,35 @@ def test_segment_attention_triton(dtype, head_dim, case):
     check_against_reference(fn, [q, k, v], [torch.randn_like(q)], dtype, f"attention {case} D={head_dim}")
 
 
+def test_segment_attention_takes_strided_views():
+    """q/k/v as slices of a packed qkv, and a q whose head dim is not unit-stride."""
+    lens = [13, 30]
+    qkv = torch.randn(43, 3, 2, 24)
+    q = torch.randn(43, 24, 2).transpose(1, 2)  # stride(-1) == 2
+    cu = cu_seqlens(lens)
+
+    def fn(qkv, q):
+        return segment_attention(q, qkv[:, 1], qkv[:, 2], cu, cu, 30, 30)
+
+    check_against_reference(fn, [qkv, q], [torch.randn(43, 2, 24)], torch.float32, "strided attention")
+
+
+def test_ops_export_as_single_custom_ops():
+    """torch.export sees each kernel call as one omniace op (fake implementations, no kernel runs)."""
+
+    class Block(torch.nn.Module):
+        def forward(self, q, k, pos, cu, h, mods):
+            q, k = rope3d(q, k, pos, (4, 4, 4), backend="triton")
+            o = segment_attention(q, k, k, cu, cu, 5, 5, backend="triton")
+            return editnet_inject(h, o.flatten(1), mods[0], mods[1], mods[2], cu, backend="triton")
+
+    args = (torch.randn(9, 2, 16), torch.randn(9, 2, 16), torch.zeros(9, 3, dtype=torch.int32), cu_seqlens([4, 5]),
+            torch.randn(9, 32), torch.randn(3, 2, 32))
+    graph = torch.export.export(Block(), args).graph_module.code
+    for op in ("omniace.rope3d", "omniace.segment_attention", "omniace.editnet_inject"):
+        assert graph.count(op + ".default") == 1, graph
+
+
 def test_segment_attention_lse_is_logsumexp():
     from omniace.kernels.custom_ops import segment_attention_op
 
