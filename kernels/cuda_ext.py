@@ -38,8 +38,9 @@ def load() -> None:
     if missing:
         raise RuntimeError(f"omniace CUDA sources not found in {CSRC} (missing {missing}); "
                            "install omniace from a source checkout (pip install -e .)")
+    # no --use_fast_math: the rope kernel needs accurate sincosf for angles of tens of radians
     jit_load(name="omniace_cuda", sources=[str(CSRC / s) for s in SOURCES], is_python_module=False,
-             extra_cflags=["-O3", "-std=c++17"], extra_cuda_cflags=["-O3", "-std=c++17"],  # no fast math: rope needs accurate sincosf
+             extra_cflags=["-O3", "-std=c++17"], extra_cuda_cflags=["-O3", "-std=c++17"],
              verbose=os.environ.get("OMNIACE_VERBOSE_BUILD") == "1")
 
 
@@ -103,7 +104,8 @@ def inject_forward(h: Tensor, ctrl: Tensor, shift: Tensor, scale: Tensor, gate: 
                    eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     C = h.shape[1]
     mods = [m.contiguous() for m in (shift, scale, gate)]
-    ok = (h.stride(1) == 1 and ctrl.stride(1) == 1 and C % _vec(h) == 0 and C <= 4096 * _vec(h)
+    ok = (all(m.dtype == h.dtype for m in mods) and h.stride(1) == 1 and ctrl.stride(1) == 1
+          and C % _vec(h) == 0 and C <= 4096 * _vec(h)
           and _aligned(h, h.stride(0)) and _aligned(ctrl, ctrl.stride(0)) and all(_aligned(m) for m in mods))
     if not ok:
         from . import triton_inject

@@ -74,6 +74,12 @@ def _seg_bounds(cu_q, cu_k, seg):
 
 
 @triton.jit
+def _natural_lse(m, l):
+    """Natural-log logsumexp from the base-2 running max ``m`` and sum ``l``; -inf where no key was seen."""
+    return tl.where(l == 0.0, float("-inf"), (m + tl.log2(tl.where(l == 0.0, 1.0, l))) * 0.6931471805599453)
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, cu_q, cu_k, qk_scale,
     s_qm, s_qh, s_km, s_kh, s_vm, s_vh, s_om, s_oh, s_lm,
@@ -84,8 +90,9 @@ def _attn_fwd_kernel(
     q_start, len_q, k_start, len_k = _seg_bounds(cu_q, cu_k, seg)
     m_first = tl.program_id(0) * BLOCK_M * Q_BLOCKS
     if m_first < len_q:
-        Qh, Kh, Vh = Q + head * s_qh + q_start.to(tl.int64) * s_qm, K + head * s_kh + k_start.to(tl.int64) * s_km, V + head * s_vh + k_start.to(tl.int64) * s_vm
-        Oh, Lh = O + head * s_oh + q_start.to(tl.int64) * s_om, LSE + head + q_start.to(tl.int64) * s_lm
+        qo, ko = q_start.to(tl.int64), k_start.to(tl.int64)
+        Qh, Oh, Lh = Q + head * s_qh + qo * s_qm, O + head * s_oh + qo * s_om, LSE + head + qo * s_lm
+        Kh, Vh = K + head * s_kh + ko * s_km, V + head * s_vh + ko * s_vm
         offs_m = tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         if ONE_KV:  # the whole key segment is one tile: stage K/V once, reuse for Q_BLOCKS query blocks
@@ -110,8 +117,7 @@ def _attn_fwd_kernel(
                 else:
                     o1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
                 _store_rows(Oh, s_om, rows, r_ok, o0, o1, D, D0, D1, HAS_D1)
-                lse = tl.where(l == 0.0, float("-inf"), (m + tl.log2(tl.where(l == 0.0, 1.0, l))) / 1.4426950408889634)
-                tl.store(Lh + rows.to(tl.int64) * s_lm, lse, mask=r_ok)
+                tl.store(Lh + rows.to(tl.int64) * s_lm, _natural_lse(m, l), mask=r_ok)
         else:
             rows = m_first + offs_m
             r_ok = rows < len_q
@@ -138,8 +144,7 @@ def _attn_fwd_kernel(
                 m_i = m_new
             inv = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
             _store_rows(Oh, s_om, rows, r_ok, acc0 * inv[:, None], acc1 * inv[:, None], D, D0, D1, HAS_D1)
-            lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i))) / 1.4426950408889634)
-            tl.store(Lh + rows.to(tl.int64) * s_lm, lse, mask=r_ok)
+            tl.store(Lh + rows.to(tl.int64) * s_lm, _natural_lse(m_i, l_i), mask=r_ok)
 
 
 @triton.jit
