@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from omniace.kernels import triton_tuning
+
 from . import report
 from .cases import attention_cases, inject_cases, rope_cases
 from .denoiser import CPU_CASES, GPU_CASES, run_denoiser
@@ -81,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                            for k, v in (CPU_CASES if small else GPU_CASES).items()}}
     config = {"shapes": shapes, "small": small, "dtype": str(dtype), "ops": ops, "modes": modes, "providers": providers,
               "warmup": warmup, "rep": rep, "compile": compile_, "argv": sys.argv[1:] if argv is None else argv}
+    config["autotuned_tiles"] = triton_tuning.tuned()  # empty unless OMNIACE_AUTOTUNE=1
     path = args.out / f"{report.slug(hw)}.json"
     report.write_json(path, hw, rows, steps, config)
     print(f"\nwrote {path}")

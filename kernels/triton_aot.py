@@ -50,6 +50,7 @@ def variants(quick: bool) -> Iterator[Variant]:
     from . import triton_attention as ta
     from . import triton_inject as ti
     from . import triton_rope as tr
+    from . import triton_tuning as tuning
     from omniace.engine.config import ace_rope_axes
 
     dtypes = (torch.bfloat16, torch.float32) if quick else (torch.bfloat16, torch.float16, torch.float32)
@@ -57,12 +58,16 @@ def variants(quick: bool) -> Iterator[Variant]:
         head_dims = (64, 72, 128, 13) if not quick else (72, 128) if dt == torch.bfloat16 else (72,)
         for D in head_dims:
             for one_kv, max_k in ((False, 4096), (True, 120)):
-                cfg = ta.forward_config(D, 4096, max_k, 2, 16, dt, interpret=False)
-                yield Variant(f"attention fwd D={D} {'short-keys' if one_kv else 'general'}", ta._attn_fwd_kernel,
-                              dt, ta.forward_meta(dt, D, cfg, ta._one_kv(cfg, max_k)))
-            meta = ta.backward_meta(dt, D, ta.backward_config(D, dt, interpret=False))
-            yield Variant(f"attention bwd dk/dv D={D}", ta._attn_bwd_dkdv_kernel, dt, meta)
-            yield Variant(f"attention bwd dq D={D}", ta._attn_bwd_dq_kernel, dt, meta)
+                default = ta.forward_config(D, 4096, max_k, 2, 16, dt, interpret=False)
+                configs = [default] if quick else tuning.forward_candidates(default, one_kv, dt)
+                for i, cfg in enumerate(configs):
+                    yield Variant(f"attention fwd D={D} {'short-keys' if one_kv else 'general'} #{i}",
+                                  ta._attn_fwd_kernel, dt, ta.forward_meta(dt, D, cfg, ta._one_kv(cfg, max_k)))
+            default = ta.backward_config(D, dt, interpret=False)
+            for i, cfg in enumerate([default] if quick else tuning.backward_candidates(default, dt)):
+                meta = ta.backward_meta(dt, D, cfg)
+                yield Variant(f"attention bwd dk/dv D={D} #{i}", ta._attn_bwd_dkdv_kernel, dt, meta)
+                yield Variant(f"attention bwd dq D={D} #{i}", ta._attn_bwd_dq_kernel, dt, meta)
         for D in ((72,) if quick else (64, 72, 128)):
             for inverse in (False, True):
                 yield Variant(f"rope3d D={D}{' inverse' if inverse else ''}", tr._rope3d_kernel, dt,
@@ -100,7 +105,8 @@ def compile_variant(v: Variant, arch: int):
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90 = Hopper)")
-    ap.add_argument("--quick", action="store_true", help="bf16/fp32 and the preset head dims only")
+    ap.add_argument("--quick", action="store_true",
+                    help="default tiles only, bf16/fp32 and the preset head dims (the full run adds every tuning candidate)")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("unset TRITON_INTERPRET: the interpreter compiles nothing")
@@ -115,12 +121,12 @@ def main(argv: list[str] | None = None) -> int:
             k = compile_variant(v, args.arch)
         except Exception as exc:
             failures += 1
-            print(f"FAIL {v.label:40} {TYPE[v.dtype]:5} {type(exc).__name__}: {str(exc)[:400]}")
+            print(f"FAIL {v.label:44} {TYPE[v.dtype]:5} {type(exc).__name__}: {str(exc)[:400]}")
             continue
         smem = k.metadata.shared
         ok = smem <= limit
         failures += not ok
-        print(f"{'ok  ' if ok else 'SMEM'} {v.label:40} {TYPE[v.dtype]:5} shared {smem:6d} B  "
+        print(f"{'ok  ' if ok else 'SMEM'} {v.label:44} {TYPE[v.dtype]:5} shared {smem:6d} B  "
               f"warps {v.meta.get('num_warps')} stages {v.meta.get('num_stages', '-')}  {time.perf_counter() - t0:.1f}s")
     print(f"{failures} failure(s)")
     return 1 if failures else 0

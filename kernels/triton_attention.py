@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import triton_tuning as tuning
 from .triton_utils import interpreting, next_pow2, split_head_dim
 
 LOG2E = 1.4426950408889634
@@ -299,6 +300,17 @@ def _unit_last(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _launch_forward(q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: int, scale: float, cfg: AttnConfig) -> None:
+    S, H, D = cu_q.numel() - 1, q.shape[1], q.shape[2]
+    meta = forward_meta(q.dtype, D, cfg, _one_kv(cfg, max_k))
+    grid = (triton.cdiv(max_q, cfg.block_m * meta["Q_BLOCKS"]), S, H)
+    _attn_fwd_kernel[grid](
+        q, k, v, out, lse, cu_q, cu_k, scale * LOG2E,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1), lse.stride(0), **meta,
+    )
+
+
 def attention_forward(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
                       scale: float, config: AttnConfig | None = None) -> tuple[Tensor, Tensor]:
     """Returns ``(out [Lq, H, D], lse [Lq, H] fp32, natural log)``; ``lse = -inf`` where a key segment is empty."""
@@ -309,15 +321,28 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tenso
     lse = torch.empty((Lq, H), dtype=torch.float32, device=q.device)
     if Lq == 0 or S == 0 or max_q == 0:
         return out.zero_(), lse.fill_(float("-inf"))
+    args = (q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale)
     cfg = config or forward_config(D, max_q, max_k, S, H, q.dtype)
-    meta = forward_meta(q.dtype, D, cfg, _one_kv(cfg, max_k))
-    grid = (triton.cdiv(max_q, cfg.block_m * meta["Q_BLOCKS"]), S, H)
-    _attn_fwd_kernel[grid](
-        q, k, v, out, lse, cu_q, cu_k, scale * LOG2E,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1), lse.stride(0), **meta,
-    )
+    if config is None and tuning.enabled(q.device):
+        one_kv = _one_kv(cfg, max_k)
+        key = ("fwd", q.dtype, D, one_kv, tuning.bucket(max_q), tuning.bucket(max_k))
+        cfg = tuning.pick(key, tuning.forward_candidates(cfg, one_kv, q.dtype), lambda c: _launch_forward(*args, c))
+    _launch_forward(*args, cfg)
     return out, lse
+
+
+def _launch_backward(do, q, k, v, lse, delta, dq, dk, dv, cu_q, cu_k, max_q: int, max_k: int, scale: float,
+                     cfg: AttnConfig) -> None:
+    S, H, D = cu_q.numel() - 1, q.shape[1], q.shape[2]
+    common = backward_meta(q.dtype, D, cfg)
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+               do.stride(0), do.stride(1), lse.stride(0))
+    _attn_bwd_dkdv_kernel[(triton.cdiv(max(max_k, 1), cfg.block_n), S, H)](
+        q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, scale * LOG2E, scale, *strides, dk.stride(0), dk.stride(1),
+        **common)
+    _attn_bwd_dq_kernel[(triton.cdiv(max_q, cfg.block_m), S, H)](
+        q, k, v, do, lse, delta, dq, cu_q, cu_k, scale * LOG2E, scale, *strides, dq.stride(0), dq.stride(1),
+        **common)
 
 
 def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_q: Tensor,
@@ -332,15 +357,10 @@ def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
     if Lq == 0 or k.shape[0] == 0 or S == 0:
         return dq, dk, dv
     delta = (do.float() * out.float()).sum(-1)  # [Lq, H]
+    args = (do, q, k, v, lse, delta, dq, dk, dv, cu_q, cu_k, max_q, max_k, scale)
     cfg = config or backward_config(D, q.dtype)
-    common = backward_meta(q.dtype, D, cfg)
-    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-               do.stride(0), do.stride(1), lse.stride(0))
-    _attn_bwd_dkdv_kernel[(triton.cdiv(max(max_k, 1), cfg.block_n), S, H)](
-        q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, scale * LOG2E, scale, *strides, dk.stride(0), dk.stride(1),
-        **common)
-    _attn_bwd_dq_kernel[(triton.cdiv(max_q, cfg.block_m), S, H)](
-        q, k, v, do, lse, delta, dq, cu_q, cu_k, scale * LOG2E, scale, *strides, dq.stride(0), dq.stride(1),
-        **common)
+    if config is None and tuning.enabled(q.device):  # every kernel overwrites dq/dk/dv, so re-runs are safe
+        key = ("bwd", q.dtype, D, tuning.bucket(max_q), tuning.bucket(max_k))
+        cfg = tuning.pick(key, tuning.backward_candidates(cfg, q.dtype), lambda c: _launch_backward(*args, c))
+    _launch_backward(*args, cfg)
     return dq, dk, dv
-
