@@ -1,0 +1,242 @@
+"""The embedded editing corpus: specialist-made, judge-scored pairs in the OmniEdit-Filtered-1.2M schema.
+
+``python -m omniace.train.synthetic --out data/synth --pairs 4000`` writes Parquet shards. Each record is
+a procedurally drawn scene (``scenes.py``) at one of OmniEdit's seven aspect ratios and several sizes, an
+instruction for one of the seven OmniEdit tasks (object swap, removal, addition, attribute change,
+background swap, environment change, style transfer) or ACE's mask tasks (inpainting, outpainting),
+optionally at the end of a 2-3 turn chain (``history``). A task's *specialist* makes the target and fails
+the way real specialists do at a known rate (wrong object, partial edit, artefacts, unchanged output); the
+judge (``scorer.py``) then grades the pair from the images alone and fills the score columns, so the
+importance weight learns from the judge, exactly as with the real data.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .scenes import (ASPECTS, BACKGROUNDS, COLORS, POSITIONS, SHAPES, Obj, Scene, box_mask, frame_size,
+                     free_position, object_box, random_scene, render)
+from .scorer import score
+
+TASKS = ("object_swap", "object_removal", "object_addition", "attribute_modification", "background_swap",
+         "environment_change", "style_transfer", "inpainting", "outpainting")
+FAILURES = ("wrong_object", "partial", "artifacts", "unchanged")
+OBJECT_TASKS = ("object_swap", "object_removal", "object_addition", "attribute_modification")
+
+
+@dataclass
+class Edit:
+    """One instructed edit of ``source`` (a scene) into ``target``; ``mask_box`` for the mask tasks."""
+    task: str
+    prompts: list[str]  # the instruction and paraphrases; the first is canonical
+    source: Scene
+    target: Scene
+    mask_box: tuple[float, float, float, float] | None = None
+    mask_inside: bool = True
+    alternative: Scene | None = None  # what a specialist that picks the wrong object or variant makes
+
+
+def _other_color(scene: Scene, rng: random.Random, exclude: str = "") -> str:
+    used = {o.color for o in scene.objects} | {exclude}
+    return rng.choice([c for c in COLORS if c not in used])
+
+
+def _alternative_object(scene: Scene, obj: Obj, rng: random.Random) -> Obj | None:
+    others = [o for o in scene.objects if o is not obj]
+    return rng.choice(others) if others else None
+
+
+def make_edit(task: str, scene: Scene, rng: random.Random) -> Edit | None:
+    """An edit of ``task`` on ``scene``, or None when the scene cannot host it (e.g. no object to remove)."""
+    objs = list(scene.objects)
+    if task in ("object_swap", "object_removal", "attribute_modification") and not objs:
+        return None
+    if task == "object_swap":
+        o = rng.choice(objs)
+        new = replace(o, shape=rng.choice([s for s in SHAPES if s != o.shape]), color=_other_color(scene, rng))
+        p = [f"replace the {o.name} with a {new.name}", f"swap the {o.name} for a {new.name}"]
+        alt_o = _alternative_object(scene, o, rng)
+        alt = scene.with_object(alt_o, replace(new, cx=alt_o.cx, cy=alt_o.cy)) if alt_o else None
+        return Edit(task, p, scene, scene.with_object(o, new), alternative=alt)
+    if task == "object_removal":
+        o = rng.choice(objs)
+        alt_o = _alternative_object(scene, o, rng)
+        return Edit(task, [f"remove the {o.name}", f"erase the {o.name}", f"delete the {o.name}"], scene,
+                    scene.without(o), alternative=scene.without(alt_o) if alt_o else None)
+    if task == "object_addition":
+        pos = free_position(scene, rng)
+        if pos is None or len(objs) >= 4:
+            return None
+        x, y = POSITIONS[pos]
+        new = Obj(rng.choice(SHAPES), _other_color(scene, rng), x, y, rng.uniform(0.12, 0.17))
+        others = [p for p in POSITIONS if p != pos]
+        ax, ay = POSITIONS[rng.choice(others)]
+        return Edit(task, [f"add a {new.name} at the {pos}", f"put a {new.name} in the {pos}"], scene,
+                    scene.with_object(None, new), alternative=scene.with_object(None, replace(new, cx=ax, cy=ay)))
+    if task == "attribute_modification":
+        o = rng.choice(objs)
+        alt_o = _alternative_object(scene, o, rng)
+        if rng.random() < 0.6:
+            c = _other_color(scene, rng)
+            alt = scene.with_object(alt_o, replace(alt_o, color=c)) if alt_o else None
+            return Edit(task, [f"make the {o.name} {c}", f"paint the {o.name} {c}"], scene,
+                        scene.with_object(o, replace(o, color=c)), alternative=alt)
+        alt = scene.with_object(alt_o, replace(alt_o, size=alt_o.size * 1.6)) if alt_o else None
+        return Edit(task, [f"make the {o.name} bigger", f"make the {o.name} larger"], scene,
+                    scene.with_object(o, replace(o, size=o.size * 1.6)), alternative=alt)
+    if task == "background_swap":
+        bg = rng.choice([b for b in BACKGROUNDS if b != scene.background])
+        alt = rng.choice([b for b in BACKGROUNDS if b not in (bg, scene.background)])
+        return Edit(task, [f"change the background to {bg}", f"set the background to {bg}"], scene,
+                    replace(scene, background=bg), alternative=replace(scene, background=alt))
+    if task == "environment_change":
+        env, alt = ("night", "fog") if rng.random() < 0.5 else ("fog", "night")
+        p = ["make it night", "turn the scene into nighttime"] if env == "night" else ["make it foggy", "add fog"]
+        return Edit(task, p, scene, replace(scene, environment=env), alternative=replace(scene, environment=alt))
+    if task == "style_transfer":
+        style, alt = ("sketch", "posterize") if rng.random() < 0.5 else ("posterize", "sketch")
+        p = (["turn it into a pencil sketch", "make it look like a sketch"] if style == "sketch"
+             else ["posterize the image", "make it posterized"])
+        return Edit(task, p, scene, replace(scene, style=style), alternative=replace(scene, style=alt))
+    if task == "inpainting":
+        if not objs:
+            return None
+        o = rng.choice(objs)
+        box = object_box(o, 1, 1, pad=0.02)
+        alt_color = _other_color(scene, rng, o.color)
+        return Edit(task, [f"fill the masked area with a {o.name}", f"paint the masked region with a {o.name}"],
+                    replace(scene, hole=box), scene, mask_box=box,
+                    alternative=scene.with_object(o, replace(o, color=alt_color)))
+    if task == "outpainting":
+        m = rng.uniform(0.15, 0.25)
+        box = (m, m, 1 - m, 1 - m)
+        return Edit(task, ["extend the image beyond the masked border", "outpaint the masked border"],
+                    replace(scene, keep=box), scene, mask_box=box, mask_inside=False,
+                    alternative=replace(scene, background=rng.choice([b for b in BACKGROUNDS if b != scene.background])))
+    raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+
+
+def _artifacts(img: Image.Image, rng: random.Random) -> Image.Image:
+    a = np.asarray(img).copy()
+    h, w, _ = a.shape
+    g = np.random.default_rng(rng.randrange(2**32))
+    for _ in range(rng.randint(3, 6)):
+        s = max(3, min(h, w) // rng.randint(6, 10))
+        y, x = rng.randrange(0, h - s), rng.randrange(0, w - s)
+        a[y:y + s, x:x + s] = g.integers(0, 256, (s, s, 3))
+    return Image.fromarray(a)
+
+
+def specialist(edit: Edit, size: tuple[int, int], rng: random.Random,
+               failure_rate: float) -> tuple[Image.Image, Image.Image, str]:
+    """``(source, output, failure)``: the task's specialist renders the target, failing at ``failure_rate``."""
+    w, h = size
+    src, tgt = render(edit.source, w, h), render(edit.target, w, h)
+    failure = "none"
+    if rng.random() < failure_rate:
+        failure = rng.choice(FAILURES if edit.alternative is not None else FAILURES[1:])
+    if failure == "wrong_object":
+        return src, render(edit.alternative, w, h), failure
+    if failure == "partial":
+        return src, Image.blend(src, tgt, rng.uniform(0.3, 0.55)), failure
+    if failure == "artifacts":
+        return src, _artifacts(tgt, rng), failure
+    if failure == "unchanged":
+        return src, src.copy(), failure
+    return src, tgt, failure
+
+
+def encode(img: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt.upper(), **({"quality": 95} if fmt.lower() in ("jpeg", "jpg") else {}))
+    return buf.getvalue()
+
+
+def _record_id(seed: int, index: int) -> str:
+    return "synth-" + hashlib.sha1(f"{seed}:{index}".encode()).hexdigest()[:16]
+
+
+def generate(n: int, seed: int = 0, short_sides: tuple[int, ...] = (64, 96), failure_rate: float = 0.3,
+             multi_turn: float = 0.15, fmt: str = "png", tasks: tuple[str, ...] = TASKS) -> Iterator[dict]:
+    """``n`` records (dicts in the OmniEdit schema plus our optional columns), deterministic in ``seed``."""
+    for i in range(n):
+        rng = random.Random(f"{seed}:{i}")
+        aspect = rng.choice(list(ASPECTS))
+        w, h = frame_size(aspect, rng.choice(short_sides))
+        scene = random_scene(rng)
+        history = []
+        if rng.random() < multi_turn:  # earlier turns: clean edits whose outputs feed the next turn
+            for _ in range(rng.randint(1, 2)):
+                prev = make_edit(rng.choice(OBJECT_TASKS), scene, rng)
+                if prev is None:
+                    break
+                history.append({"prompt": prev.prompts[0], "image": {"bytes": encode(render(scene, w, h), fmt),
+                                                                      "path": None}})
+                scene = prev.target
+        edit = None
+        while edit is None:
+            edit = make_edit(rng.choice(tasks), scene, rng)
+        src, out, failure = specialist(edit, (w, h), rng, failure_rate)
+        mask = box_mask(edit.mask_box, w, h, edit.mask_inside) if edit.mask_box else None
+        s = score(src, out, edit.prompts[0], mask)
+        rid = _record_id(seed, i)
+        ext = "png" if fmt == "png" else "jpg"
+        yield {
+            "omni_edit_id": rid, "task": edit.task,
+            "src_img": {"bytes": encode(src, fmt), "path": f"{rid}_src.{ext}"},
+            "edited_img": {"bytes": encode(out, fmt), "path": f"{rid}_edited.{ext}"},
+            "edited_prompt_list": edit.prompts, "width": w, "height": h,
+            "sc_score_1": s.sc_score_1, "sc_score_2": s.sc_score_2, "sc_reasoning": s.sc_reasoning,
+            "pq_score": s.pq_score, "pq_reasoning": s.pq_reasoning, "o_score": s.o_score,
+            "mask_img": None if mask is None else {"bytes": encode(mask, "png"), "path": f"{rid}_mask.png"},
+            "history": history or None, "specialist": f"{edit.task}-specialist", "failure": failure,
+        }
+
+
+def write_corpus(out: Path, n: int, shard_size: int = 1000, log: Callable[[str], None] = print, **kw) -> list[Path]:
+    """Write ``n`` records as Parquet shards ``part-00000.parquet``...; each shard lands atomically."""
+    from .omniedit_format import write_shard
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths, batch = [], []
+    for rec in generate(n, **kw):
+        batch.append(rec)
+        if len(batch) == shard_size:
+            paths.append(write_shard(batch, out / f"part-{len(paths):05d}.parquet"))
+            batch = []
+    if batch:
+        paths.append(write_shard(batch, out / f"part-{len(paths):05d}.parquet"))
+    log(f"wrote {n} pairs in {len(paths)} shard(s) to {out}")
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m omniace.train.synthetic", description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--pairs", type=int, default=4000)
+    ap.add_argument("--shard-size", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--short-sides", default="64,96", help="comma list of shorter-side sizes in pixels")
+    ap.add_argument("--failure-rate", type=float, default=0.3, help="how often a specialist fails")
+    ap.add_argument("--multi-turn", type=float, default=0.15, help="fraction of records with a history chain")
+    ap.add_argument("--format", choices=["png", "jpeg"], default="png")
+    ap.add_argument("--tasks", default=",".join(TASKS))
+    a = ap.parse_args(argv)
+    tasks = tuple(t.strip() for t in a.tasks.split(","))
+    bad = [t for t in tasks if t not in TASKS]
+    if bad:
+        raise SystemExit(f"unknown task(s) {bad}; expected some of {TASKS}")
+    write_corpus(a.out, a.pairs, a.shard_size, seed=a.seed, short_sides=tuple(int(s) for s in a.short_sides.split(",")),
+                 failure_rate=a.failure_rate, multi_turn=a.multi_turn, fmt=a.format, tasks=tasks)
+
+
+if __name__ == "__main__":
+    main()
