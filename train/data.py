@@ -1,0 +1,339 @@
+"""Streaming OmniEdit Parquet -> decoded images -> aspect buckets under a token budget -> packed LCU batches.
+
+Order and resume: the row groups of all shards are permuted per epoch from the seed, rows inside a group
+are shuffled from the seed too, and global record ``i`` goes to rank ``i % world``, so every rank sees a
+fixed, disjoint sequence. ``state_dict()`` holds the epoch, the cursor and the keys of records waiting in
+buckets; a loader restored from it yields exactly the batches the original would have yielded next.
+
+Decoding: NVIDIA DALI (``fn.decoders.image``; ``device="mixed"`` on a GPU, the CPU decoder with
+``device_id=None`` without one) or PIL; both give identical RGB arrays for PNG and JPEG. A record whose
+image is corrupt or missing, or whose row lacks a column, is skipped, counted in ``stats`` and logged
+once per kind; it never stops the run and never disappears silently.
+"""
+from __future__ import annotations
+
+import io
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from omniace import require
+from omniace.engine.lcu import ConditionUnit, ImageInput, LCUSample, PackedLCU, pack
+from omniace.engine.pipeline import mask_to_latent
+
+from .importance import ImportanceConfig, importance_weight
+from .omniedit_format import REQUIRED
+
+COLUMNS = (*REQUIRED, "mask_img", "history")  # what the loader reads; absent optional ones are fine
+
+
+@dataclass
+class DataConfig:
+    paths: list[str]  # Parquet files or folders of them
+    token_budget: int = 2048  # image tokens per batch (every frame of every sample), per rank
+    patch_size: int = 2
+    codec_factor: int = 4
+    seed: int = 0
+    decoder: str = "auto"  # auto | dali | pil
+    prompt: str = "random"  # which entry of edited_prompt_list: random (seeded) | first
+    importance: ImportanceConfig = field(default_factory=ImportanceConfig)
+    drop_zero_weight: bool = True  # lambda = 0 pairs carry no gradient: skip them instead of computing nothing
+    max_history: int = 2
+
+
+@dataclass
+class TrainBatch:
+    packed: PackedLCU
+    weights: Tensor  # [B] importance weight per sample
+    tasks: list[str]
+    ids: list[str]
+
+
+def list_shards(paths: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(p.glob("*.parquet"))
+        elif p.exists():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"no such Parquet file or folder: {p}")
+    if not files:
+        raise FileNotFoundError(f"no .parquet files under {paths}")
+    return files
+
+
+class RecordStream:
+    """Records ``(key, row)`` in a seeded, rank-sharded, resumable order; ``key = (shard, row_group, row)``."""
+
+    def __init__(self, paths: list[str], seed: int, rank: int = 0, world: int = 1):
+        pq = require("pyarrow.parquet", "train", "reading OmniEdit Parquet shards")
+        self.files = list_shards(paths)
+        self.seed, self.rank, self.world = seed, rank, world
+        self._pf = {}
+        self.groups: list[tuple[int, int, int]] = []  # (shard, row group, rows)
+        for s, f in enumerate(self.files):
+            pf = pq.ParquetFile(f)
+            names = set(pf.schema_arrow.names)
+            missing = [c for c in REQUIRED if c not in names]
+            if missing:
+                raise ValueError(f"{f}: not an OmniEdit shard, missing column(s) {missing}")
+            self._pf[s] = pf
+            self.groups += [(s, g, pf.metadata.row_group(g).num_rows) for g in range(pf.num_row_groups)]
+        self.epoch, self.group_cursor, self.row_cursor, self.global_index = 0, 0, 0, 0
+
+    def _order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.groups)))
+        random.Random(f"{self.seed}:{epoch}:groups").shuffle(order)
+        return order
+
+    def _rows(self, s: int, g: int) -> list[dict]:
+        pf = self._pf[s]
+        cols = [c for c in COLUMNS if c in pf.schema_arrow.names]
+        return pf.read_row_group(g, columns=cols).to_pylist()
+
+    def read(self, key: tuple[int, int, int]) -> dict:
+        s, g, r = key
+        return self._rows(s, g)[r]
+
+    def __iter__(self) -> Iterator[tuple[tuple[int, int, int], dict]]:
+        while True:
+            order = self._order(self.epoch)
+            while self.group_cursor < len(order):
+                s, g, n = self.groups[order[self.group_cursor]]
+                perm = list(range(n))
+                random.Random(f"{self.seed}:{self.epoch}:{s}:{g}").shuffle(perm)
+                rows = None
+                while self.row_cursor < n:
+                    i, r = self.global_index, perm[self.row_cursor]
+                    self.row_cursor += 1
+                    self.global_index += 1
+                    if i % self.world == self.rank:
+                        rows = rows if rows is not None else self._rows(s, g)
+                        yield (s, g, r), rows[r]
+                self.group_cursor, self.row_cursor = self.group_cursor + 1, 0
+            self.epoch, self.group_cursor = self.epoch + 1, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "group_cursor": self.group_cursor, "row_cursor": self.row_cursor,
+                "global_index": self.global_index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.group_cursor = state["epoch"], state["group_cursor"]
+        self.row_cursor, self.global_index = state["row_cursor"], state["global_index"]
+
+
+class PILDecoder:
+    name = "pil"
+
+    def __call__(self, blobs: list[bytes | None]) -> list[np.ndarray | None]:
+        out = []
+        for b in blobs:
+            try:
+                img = Image.open(io.BytesIO(b))
+                img.load()
+                out.append(np.asarray(img.convert("RGB")))
+            except Exception:  # noqa: BLE001 - any undecodable payload is a corrupt record
+                out.append(None)
+        return out
+
+
+class DALIDecoder:
+    """``fn.decoders.image`` on batches of encoded bytes: ``mixed`` (nvJPEG) on a GPU, CPU otherwise."""
+
+    name = "dali"
+
+    def __init__(self, device_id: int | None = None, batch_size: int = 64, threads: int = 2):
+        require("nvidia.dali", "dali", "the DALI decoder")
+        from nvidia.dali import fn, pipeline_def, types
+
+        self.batch_size = batch_size
+
+        @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=device_id, prefetch_queue_depth=1)
+        def decode():
+            enc = fn.external_source(name="enc", dtype=types.UINT8)
+            return fn.decoders.image(enc, device="mixed" if device_id is not None else "cpu", output_type=types.RGB)
+
+        self.pipe = decode()
+        self.pipe.build()
+        self.gpu = device_id is not None
+
+    def _run(self, blobs: list[bytes]) -> list[np.ndarray]:
+        self.pipe.feed_input("enc", [np.frombuffer(b, dtype=np.uint8) for b in blobs])
+        (out,) = self.pipe.run()
+        out = out.as_cpu() if self.gpu else out
+        return [np.array(out.at(i)) for i in range(len(blobs))]
+
+    def __call__(self, blobs: list[bytes | None]) -> list[np.ndarray | None]:
+        result: list[np.ndarray | None] = [None] * len(blobs)
+        ok = [i for i, b in enumerate(blobs) if b]
+        for start in range(0, len(ok), self.batch_size):
+            idx = ok[start:start + self.batch_size]
+            try:
+                for i, arr in zip(idx, self._run([blobs[i] for i in idx])):
+                    result[i] = arr
+            except Exception:  # noqa: BLE001 - one corrupt image fails the DALI batch: retry one by one
+                for i in idx:
+                    try:
+                        result[i] = self._run([blobs[i]])[0]
+                    except Exception:  # noqa: BLE001
+                        result[i] = None
+        return result
+
+
+def make_decoder(kind: str) -> PILDecoder | DALIDecoder:
+    if kind == "pil":
+        return PILDecoder()
+    gpu = torch.cuda.current_device() if torch.cuda.is_available() else None
+    if kind == "dali":
+        return DALIDecoder(gpu)
+    try:
+        return DALIDecoder(gpu)
+    except ImportError:
+        return PILDecoder()
+
+
+def _to_latent_input(arr: np.ndarray, f: int) -> Tensor:
+    """RGB uint8 [H, W, 3] -> [-1, 1] pixels -> the pixel codec's latent [3 f^2, H/f, W/f]."""
+    x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 127.5 - 1
+    return torch.nn.functional.pixel_unshuffle(x[None], f)[0]
+
+
+def aspect_key(width: int, height: int) -> str:
+    r = Fraction(width, height).limit_denominator(16)
+    return f"{r.numerator}:{r.denominator}"
+
+
+class EditLoader:
+    """Yields :class:`TrainBatch` es of packed samples, bucketed by aspect ratio, within ``token_budget``.
+
+    ``text_encode(list[str]) -> list[Tensor]`` encodes instructions; images go through the pixel codec
+    (space-to-depth by ``codec_factor``), the tiny models' codec. One sample whose tokens alone exceed the
+    budget is still yielded, alone in its batch.
+    """
+
+    def __init__(self, cfg: DataConfig, text_encode: Callable[[list[str]], list[Tensor]], rank: int = 0,
+                 world: int = 1, log: Callable[[str], None] = print):
+        self.cfg = cfg
+        self.text_encode = text_encode
+        self.log = log
+        self.stats: dict[str, int] = {"records": 0, "corrupt_image": 0, "bad_row": 0, "zero_weight": 0}
+        self._warned: set[str] = set()
+        self.stream = RecordStream(cfg.paths, cfg.seed, rank, world)
+        self.decoder = make_decoder(cfg.decoder)
+        self.buckets: dict[str, list[tuple[tuple[int, int, int], dict]]] = {}
+        self.batches_yielded = 0
+
+    def _report(self, kind: str, msg: str) -> None:
+        self.stats[kind] = self.stats.get(kind, 0) + 1
+        if kind not in self._warned:
+            self._warned.add(kind)
+            self.log(f"data: skipping a record ({kind}): {msg}; further ones are only counted in stats")
+
+    def tokens(self, row: dict) -> int:
+        unit = self.cfg.patch_size * self.cfg.codec_factor
+        per_image = (int(row["width"]) // unit) * (int(row["height"]) // unit)
+        return per_image * (2 + min(len(row.get("history") or []), self.cfg.max_history))
+
+    def _valid(self, key, row: dict) -> bool:
+        try:
+            w, h = int(row["width"]), int(row["height"])
+            unit = self.cfg.patch_size * self.cfg.codec_factor
+            if w % unit or h % unit or w <= 0 or h <= 0:
+                raise ValueError(f"size {w}x{h} is not a positive multiple of {unit}")
+            if not row["src_img"] or not row["edited_img"] or not row["edited_prompt_list"]:
+                raise ValueError("missing image or prompt")
+            importance_weight(row, self.cfg.importance)
+        except (KeyError, TypeError, ValueError) as err:
+            self._report("bad_row", f"{row.get('omni_edit_id', key)}: {err}")
+            return False
+        return True
+
+    def _sample(self, key, row: dict, images: dict[str, np.ndarray]) -> LCUSample | None:
+        f = self.cfg.codec_factor
+        w, h = int(row["width"]), int(row["height"])
+        for name, arr in images.items():
+            if arr is None or arr.shape[:2] != (h, w):
+                got = "undecodable" if arr is None else f"{arr.shape[1]}x{arr.shape[0]}"
+                self._report("corrupt_image", f"{row['omni_edit_id']}: {name} is {got}, expected {w}x{h}")
+                return None
+        rng = random.Random(f"{self.cfg.seed}:{row['omni_edit_id']}")
+        prompts = row["edited_prompt_list"]
+        prompt = prompts[0] if self.cfg.prompt == "first" else rng.choice(prompts)
+        mask = None
+        if images.get("mask") is not None:
+            mask = mask_to_latent(Image.fromarray(images["mask"]), h // f, w // f)
+        units = []
+        for i, turn in enumerate((row.get("history") or [])[-self.cfg.max_history:]):
+            units.append(ConditionUnit("{image} " + turn["prompt"], [ImageInput(_to_latent_input(images[f"history{i}"], f))]))
+        units.append(ConditionUnit("{image} " + prompt, [ImageInput(_to_latent_input(images["src"], f), mask)]))
+        return LCUSample(units, ImageInput(_to_latent_input(images["edited"], f), mask))
+
+    def _decode_and_pack(self, items: list[tuple[tuple[int, int, int], dict]]) -> TrainBatch | None:
+        blobs, where = [], []
+        for j, (_, row) in enumerate(items):
+            named = {"src": row["src_img"], "edited": row["edited_img"], "mask": row.get("mask_img")}
+            for i, turn in enumerate((row.get("history") or [])[-self.cfg.max_history:]):
+                named[f"history{i}"] = turn["image"]
+            for name, img in named.items():
+                if img is None and name == "mask":
+                    continue
+                blobs.append((img or {}).get("bytes"))
+                where.append((j, name))
+        decoded = self.decoder(blobs)
+        per_item: list[dict[str, np.ndarray]] = [{} for _ in items]
+        for (j, name), arr in zip(where, decoded):
+            if name == "mask" and arr is not None:
+                arr = arr[..., 0]
+            per_item[j][name] = arr
+        samples, weights, tasks, ids = [], [], [], []
+        for (key, row), imgs in zip(items, per_item):
+            s = self._sample(key, row, imgs)
+            if s is None:
+                continue
+            samples.append(s)
+            weights.append(importance_weight(row, self.cfg.importance))
+            tasks.append(row["task"])
+            ids.append(row["omni_edit_id"])
+        if not samples:
+            return None
+        packed = pack(samples, self.cfg.patch_size, codec_factor=self.cfg.codec_factor, with_mask=True,
+                      text_encoder=self.text_encode)
+        return TrainBatch(packed, torch.tensor(weights, dtype=torch.float32), tasks, ids)
+
+    def __iter__(self) -> Iterator[TrainBatch]:
+        for key, row in self.stream:
+            self.stats["records"] += 1
+            if not self._valid(key, row):
+                continue
+            if self.cfg.drop_zero_weight and importance_weight(row, self.cfg.importance) == 0:
+                self.stats["zero_weight"] += 1
+                continue
+            bucket = self.buckets.setdefault(aspect_key(int(row["width"]), int(row["height"])), [])
+            if bucket and sum(self.tokens(r) for _, r in bucket) + self.tokens(row) > self.cfg.token_budget:
+                ready = list(bucket)
+                bucket[:] = [(key, row)]
+                batch = self._decode_and_pack(ready)
+                if batch is not None:
+                    self.batches_yielded += 1
+                    yield batch
+            else:
+                bucket.append((key, row))
+
+    def state_dict(self) -> dict:
+        return {"stream": self.stream.state_dict(), "batches": self.batches_yielded, "stats": dict(self.stats),
+                "buckets": {k: [list(key) for key, _ in v] for k, v in self.buckets.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.load_state_dict(state["stream"])
+        self.batches_yielded = state["batches"]
+        self.stats.update(state["stats"])
+        self.buckets = {k: [(tuple(key), self.stream.read(tuple(key))) for key in keys]
+                        for k, keys in state["buckets"].items()}
