@@ -6,9 +6,18 @@ models, samplers, pipeline), ``omniace.train``, ``omniace.export``, ``omniace.be
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from types import ModuleType
 
 __version__ = "0.1.0"
+
+
+def has_module(name: str) -> bool:
+    """Whether ``name`` can be imported, without importing it (availability checks, no side effects)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a missing parent package, or a half-imported module
+        return False
 
 
 def require(module: str, extra: str, what: str | None = None) -> ModuleType:

@@ -12,13 +12,14 @@ varlen attention with that library:
 from __future__ import annotations
 
 import functools
-import importlib.util
 import inspect
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from omniace import has_module
 
 from .reference import segment_ids
 
@@ -120,15 +121,8 @@ def xformers_attention(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tens
     return fmha.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias, scale=scale)[0]
 
 
-def _has_module(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
-
-
 def _on_cuda_with(module: str) -> Callable[[torch.device], bool]:
-    return lambda device: device.type == "cuda" and _has_module(module)
+    return lambda device: device.type == "cuda" and has_module(module)
 
 
 def register(register_backend: Callable) -> None:
@@ -136,7 +130,7 @@ def register(register_backend: Callable) -> None:
     op = "segment_attention"
     register_backend(op, "sdpa", sdpa_attention, priority=-1)
     register_backend(op, "flex", flex_attention, priority=-2,
-                     available=lambda device: _has_module("torch.nn.attention.flex_attention"),
+                     available=lambda device: has_module("torch.nn.attention.flex_attention"),
                      dtypes=(torch.float32, *HALF))
     register_backend(op, "varlen", varlen_attention, priority=-3,
                      available=_on_cuda_with("torch.nn.attention.varlen"), dtypes=HALF)

@@ -66,11 +66,14 @@ def register_backend(
     _REGISTRY[op][name] = Backend(name, fn, priority, available, dtypes, auto_on_cpu)
 
 
+def _ranked(op: str) -> list[Backend]:
+    return sorted(_REGISTRY[op].values(), key=lambda b: -b.priority)
+
+
 def available_backends(op: str, device: torch.device | str = "cpu") -> list[str]:
     """Backends of ``op`` that can run on ``device``, best first."""
     device = torch.device(device)
-    ranked = sorted(_REGISTRY[op].values(), key=lambda b: -b.priority)
-    return [b.name for b in ranked if b.available(device)]
+    return [b.name for b in _ranked(op) if b.available(device)]
 
 
 _OVERRIDE: list[str] = []
@@ -87,7 +90,7 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 def _auto(op: str, device: torch.device, dtype: torch.dtype) -> Backend:
-    for b in sorted(_REGISTRY[op].values(), key=lambda b: -b.priority):
+    for b in _ranked(op):
         if dtype in b.dtypes and (device.type != "cpu" or b.auto_on_cpu) and b.available(device):
             return b
     raise RuntimeError(f"{op}: no backend can run {dtype} on {device}")

@@ -27,7 +27,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import triton_tuning as tuning
-from .triton_utils import interpreting, next_pow2, split_head_dim
+from .triton_utils import interpreting, next_pow2, split_head_dim, unit_last_stride
 
 LOG2E = 1.4426950408889634
 
@@ -295,11 +295,6 @@ def backward_meta(dtype: torch.dtype, D: int, cfg: AttnConfig) -> dict:
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def _unit_last(x: Tensor) -> Tensor:
-    """The kernels take any row/head strides but a unit stride along the head dim."""
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def _launch_forward(q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: int, scale: float, cfg: AttnConfig) -> None:
     S, H, D = cu_q.numel() - 1, q.shape[1], q.shape[2]
     meta = forward_meta(q.dtype, D, cfg, _one_kv(cfg, max_k))
@@ -314,7 +309,7 @@ def _launch_forward(q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: int, scale
 def attention_forward(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
                       scale: float, config: AttnConfig | None = None) -> tuple[Tensor, Tensor]:
     """Returns ``(out [Lq, H, D], lse [Lq, H] fp32, natural log)``; ``lse = -inf`` where a key segment is empty."""
-    q, k, v = (_unit_last(x) for x in (q, k, v))
+    q, k, v = (unit_last_stride(x) for x in (q, k, v))
     Lq, H, D = q.shape
     S = cu_q.numel() - 1
     out = torch.empty((Lq, H, D), dtype=q.dtype, device=q.device)
@@ -348,7 +343,7 @@ def _launch_backward(do, q, k, v, lse, delta, dq, dk, dv, cu_q, cu_k, max_q: int
 def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_q: Tensor,
                        cu_k: Tensor, max_q: int, max_k: int, scale: float,
                        config: AttnConfig | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    do, q, k, v, out = (_unit_last(x) for x in (do, q, k, v, out))
+    do, q, k, v, out = (unit_last_stride(x) for x in (do, q, k, v, out))
     Lq, H, D = q.shape
     S = cu_q.numel() - 1
     dq = torch.zeros((Lq, H, D), dtype=q.dtype, device=q.device)

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_utils import interpreting, next_pow2
+from .triton_utils import interpreting, next_pow2, unit_last_stride
 
 
 @triton.jit
@@ -102,10 +102,6 @@ def _inject_bwd_kernel(dh_out, dy, h_out, ctrl, scale, gate, cu, mean, rstd,
     _flush(d_shift, d_scale, d_gate, cur, cols, cm, a_shift, a_scale, a_gate, C)
 
 
-def _row_major(x: Tensor) -> Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def forward_meta(C: int, S: int) -> dict:
     """Compile-time parameters and launch options of the forward kernel (shared with ``triton_aot``)."""
     block_c = max(16, next_pow2(C))
@@ -123,7 +119,7 @@ def backward_meta(C: int, S: int, L: int, interpret: bool | None = None) -> dict
 def inject_forward(h: Tensor, ctrl: Tensor, shift: Tensor, scale: Tensor, gate: Tensor, cu: Tensor,
                    eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(h_out, y, mean [L] fp32, rstd [L] fp32)``."""
-    h, ctrl = _row_major(h), _row_major(ctrl)
+    h, ctrl = unit_last_stride(h), unit_last_stride(ctrl)
     shift, scale, gate = shift.contiguous(), scale.contiguous(), gate.contiguous()
     L, C = h.shape
     S = cu.numel() - 1
@@ -139,7 +135,7 @@ def inject_forward(h: Tensor, ctrl: Tensor, shift: Tensor, scale: Tensor, gate: 
 def inject_backward(dh_out: Tensor, dy: Tensor, h_out: Tensor, ctrl: Tensor, scale: Tensor, gate: Tensor,
                     cu: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(d h, d ctrl, d shift, d scale, d gate)``; the last three in the modulation dtype."""
-    dh_out, dy, ctrl = _row_major(dh_out), _row_major(dy), _row_major(ctrl)
+    dh_out, dy, ctrl = (unit_last_stride(x) for x in (dh_out, dy, ctrl))
     scale, gate = scale.contiguous(), gate.contiguous()
     L, C = h_out.shape
     S = cu.numel() - 1

@@ -13,7 +13,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .reference import rope3d_inv_freq
-from .triton_utils import next_pow2
+from .triton_utils import next_pow2, unit_last_stride
 
 
 @triton.jit
@@ -65,10 +65,6 @@ def _rope3d_kernel(
                              P, D, BLOCK_R, HAS_REST)
 
 
-def _rows_last_contiguous(x: Tensor) -> Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def rope_meta(axes_dims: tuple[int, int, int], D: int, H: int, HK: int, inverse: bool) -> dict:
     """Compile-time parameters and launch options of the kernel (shared with ``triton_aot``)."""
     P = sum(axes_dims) // 2
@@ -84,7 +80,7 @@ def rope3d_rotate(q: Tensor, k: Tensor, pos: Tensor, axes_dims: tuple[int, int, 
 
     Inputs may be strided views (e.g. ``qkv.unbind``) as long as the head dim is contiguous.
     """
-    q, k = _rows_last_contiguous(q), _rows_last_contiguous(k)
+    q, k = unit_last_stride(q), unit_last_stride(k)
     pos = pos.contiguous()
     L, H, D = q.shape
     HK = k.shape[1]

@@ -1,10 +1,12 @@
 """Small helpers shared by the Triton kernels: interpreter detection and launch-size arithmetic."""
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import torch
+from torch import Tensor
+
+from omniace import has_module
 
 
 def interpreting() -> bool:
@@ -12,15 +14,16 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
 def triton_can_run(device: torch.device) -> bool:
     """Triton runs on CUDA tensors, and on CPU tensors only under the interpreter (tests)."""
-    if not triton_importable():
+    if not has_module("triton"):
         return False
     return device.type == "cuda" or (device.type == "cpu" and interpreting())
+
+
+def unit_last_stride(x: Tensor) -> Tensor:
+    """The kernels take any row/head strides but need a unit stride along the last dim: copy only if not."""
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def next_pow2(n: int) -> int:
