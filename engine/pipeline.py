@@ -18,9 +18,10 @@ from .sampler import guide, initial_noise, make_sampler
 from .text import TinyTextEncoder, indicator_table
 
 
-def to_tensor(image: Image.Image) -> Tensor:
-    """PIL RGB -> ``[3, H, W]`` in [-1, 1]."""
-    arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+def to_tensor(image: Image.Image | np.ndarray) -> Tensor:
+    """PIL image or RGB uint8 ``[H, W, 3]`` array -> ``[3, H, W]`` in [-1, 1]."""
+    rgb = image if isinstance(image, np.ndarray) else image.convert("RGB")
+    arr = np.asarray(rgb, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 

@@ -25,8 +25,9 @@ from PIL import Image
 from torch import Tensor
 
 from omniace import require
+from omniace.engine.codec import PixelCodec
 from omniace.engine.lcu import ConditionUnit, ImageInput, LCUSample, PackedLCU, pack
-from omniace.engine.pipeline import mask_to_latent
+from omniace.engine.pipeline import mask_to_latent, to_tensor
 
 from .importance import ImportanceConfig, importance_weight
 from .omniedit_format import REQUIRED
@@ -200,12 +201,6 @@ def make_decoder(kind: str) -> PILDecoder | DALIDecoder:
         return PILDecoder()
 
 
-def _to_latent_input(arr: np.ndarray, f: int) -> Tensor:
-    """RGB uint8 [H, W, 3] -> [-1, 1] pixels -> the pixel codec's latent [3 f^2, H/f, W/f]."""
-    x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 127.5 - 1
-    return torch.nn.functional.pixel_unshuffle(x[None], f)[0]
-
-
 def aspect_key(width: int, height: int) -> str:
     r = Fraction(width, height).limit_denominator(16)
     return f"{r.numerator}:{r.denominator}"
@@ -228,6 +223,7 @@ class EditLoader:
         self._warned: set[str] = set()
         self.stream = RecordStream(cfg.paths, cfg.seed, rank, world)
         self.decoder = make_decoder(cfg.decoder)
+        self.codec = PixelCodec(cfg.codec_factor)
         self.buckets: dict[str, list[tuple[tuple[int, int, int], dict]]] = {}
         self.batches_yielded = 0
 
@@ -242,7 +238,8 @@ class EditLoader:
         per_image = (int(row["width"]) // unit) * (int(row["height"]) // unit)
         return per_image * (2 + min(len(row.get("history") or []), self.cfg.max_history))
 
-    def _valid(self, key, row: dict) -> bool:
+    def _weight(self, key, row: dict) -> float | None:
+        """The row's importance weight, or None (reported as a bad row) if the row cannot be used."""
         try:
             w, h = int(row["width"]), int(row["height"])
             unit = self.cfg.patch_size * self.cfg.codec_factor
@@ -250,11 +247,10 @@ class EditLoader:
                 raise ValueError(f"size {w}x{h} is not a positive multiple of {unit}")
             if not row["src_img"] or not row["edited_img"] or not row["edited_prompt_list"]:
                 raise ValueError("missing image or prompt")
-            importance_weight(row, self.cfg.importance)
+            return importance_weight(row, self.cfg.importance)
         except (KeyError, TypeError, ValueError) as err:
             self._report("bad_row", f"{row.get('omni_edit_id', key)}: {err}")
-            return False
-        return True
+            return None
 
     def _sample(self, key, row: dict, images: dict[str, np.ndarray]) -> LCUSample | None:
         f = self.cfg.codec_factor
@@ -272,9 +268,12 @@ class EditLoader:
             mask = mask_to_latent(Image.fromarray(images["mask"]), h // f, w // f)
         units = []
         for i, turn in enumerate((row.get("history") or [])[-self.cfg.max_history:]):
-            units.append(ConditionUnit("{image} " + turn["prompt"], [ImageInput(_to_latent_input(images[f"history{i}"], f))]))
-        units.append(ConditionUnit("{image} " + prompt, [ImageInput(_to_latent_input(images["src"], f), mask)]))
-        return LCUSample(units, ImageInput(_to_latent_input(images["edited"], f), mask))
+            units.append(ConditionUnit("{image} " + turn["prompt"], [ImageInput(self._latent(images[f"history{i}"]))]))
+        units.append(ConditionUnit("{image} " + prompt, [ImageInput(self._latent(images["src"]), mask)]))
+        return LCUSample(units, ImageInput(self._latent(images["edited"]), mask))
+
+    def _latent(self, rgb: np.ndarray) -> Tensor:
+        return self.codec.encode(to_tensor(rgb))
 
     def _decode_and_pack(self, items: list[tuple[tuple[int, int, int], dict]]) -> TrainBatch | None:
         blobs, where = [], []
@@ -311,9 +310,10 @@ class EditLoader:
     def __iter__(self) -> Iterator[TrainBatch]:
         for key, row in self.stream:
             self.stats["records"] += 1
-            if not self._valid(key, row):
+            weight = self._weight(key, row)
+            if weight is None:
                 continue
-            if self.cfg.drop_zero_weight and importance_weight(row, self.cfg.importance) == 0:
+            if self.cfg.drop_zero_weight and weight == 0:
                 self.stats["zero_weight"] += 1
                 continue
             bucket = self.buckets.setdefault(aspect_key(int(row["width"]), int(row["height"])), [])
