@@ -8,7 +8,7 @@ shape picks exactly one object, and a scorer can find it by colour alone.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
@@ -56,7 +56,6 @@ class Scene:
     style: str = "photo"  # photo | sketch | posterize
     hole: tuple[float, float, float, float] | None = None  # a grey box (x0, y0, x1, y1 fractions): inpainting input
     keep: tuple[float, float, float, float] | None = None  # only this box is visible: outpainting input
-    extras: dict = field(default_factory=dict, compare=False)
 
     def find(self, color: str) -> Obj | None:
         return next((o for o in self.objects if o.color == color), None)
@@ -93,7 +92,7 @@ def free_position(scene: Scene, rng: random.Random) -> str | None:
     return rng.choice(free) if free else None
 
 
-def _background(name: str, w: int, h: int) -> Image.Image:
+def render_background(name: str, w: int, h: int) -> Image.Image:
     kind, c1, c2 = BACKGROUNDS[name]
     img = Image.new("RGB", (w, h), c1)
     d = ImageDraw.Draw(img)
@@ -133,7 +132,7 @@ HOLE_GRAY = (128, 128, 128)
 
 
 def render(scene: Scene, w: int, h: int) -> Image.Image:
-    img = _background(scene.background, w, h)
+    img = render_background(scene.background, w, h)
     d = ImageDraw.Draw(img)
     for o in scene.objects:
         _draw(d, o, w, h)
@@ -150,9 +149,7 @@ def render(scene: Scene, w: int, h: int) -> Image.Image:
     if scene.hole is not None:
         ImageDraw.Draw(img).rectangle(_box(scene.hole, w, h), fill=HOLE_GRAY)
     if scene.keep is not None:
-        kept = img.crop(_box(scene.keep, w, h)[:2] + tuple(v + 1 for v in _box(scene.keep, w, h)[2:]))
-        img = Image.new("RGB", (w, h), HOLE_GRAY)
-        img.paste(kept, _box(scene.keep, w, h)[:2])
+        img = Image.composite(img, Image.new("RGB", (w, h), HOLE_GRAY), box_mask(scene.keep, w, h))
     return img
 
 

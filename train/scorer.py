@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .scenes import BACKGROUNDS, COLORS, HOLE_GRAY, POSITIONS, SHAPES, _background
+from .scenes import BACKGROUNDS, COLORS, HOLE_GRAY, POSITIONS, SHAPES, render_background
 
 _C = "|".join(COLORS)
 _S = "|".join(SHAPES)
@@ -205,7 +205,7 @@ def _semantic(kind: str, args: tuple[str, ...], src: np.ndarray, out: np.ndarray
             objects |= color_mask(src, c, 40)
         near_objects = _dilate(objects, 1)
         inner = ~_dilate(~objects, 1)  # object pixels away from their outline
-        want = np.asarray(_background(args[0], w, h), dtype=np.float32)
+        want = np.asarray(render_background(args[0], w, h), dtype=np.float32)
         bg = ~near_objects
         match = float((np.abs(out - want).sum(-1) < 60)[bg].mean()) if bg.any() else 0.0
         sc = float(np.clip(10 * (match - 0.3) / 0.6, 0, 10))
