@@ -85,11 +85,10 @@ def main(argv: list[str] | None = None) -> int:
               "warmup": warmup, "rep": rep, "compile": compile_, "argv": sys.argv[1:] if argv is None else argv}
     config["autotuned_tiles"] = triton_tuning.tuned()  # empty unless OMNIACE_AUTOTUNE=1
     path = args.out / f"{report.slug(hw)}.json"
-    report.write_json(path, hw, rows, steps, config)
+    met = report.write_json(path, hw, rows, steps, config)
     print(f"\nwrote {path}")
     for p in report.write_plots(path):
         print(f"wrote {p}")
-    met = [t for t in report.targets(rows, steps)]
     if met:
         print(f"targets met: {sum(t['met'] for t in met)}/{len(met)} (details in the JSON)")
     return 0

@@ -226,18 +226,24 @@ def run_problem(p: Problem, providers: list[str], modes: list[str], hw: Hardware
     return rows
 
 
-def _time_mode(fn, leaves: list[Tensor], mode: str, device: torch.device, warmup: int, rep: int):
+def mode_runner(fn, leaves: list[Tensor], mode: str) -> Callable[[], object]:
+    """A zero-argument call that runs ``mode``: the forward without autograd, the backward alone on a
+    kept graph (``bwd``), or forward and backward (``full``). Shared by the CLI and the pytest suite."""
     if mode == "fwd":
         def run():
             with torch.no_grad():
-                fn(*leaves)
-        return measure(run, device, warmup, rep)
+                return fn(*leaves)
+        return run
     xs = [x.detach().requires_grad_(True) for x in leaves]
     outs = _tup(fn(*xs))
     grads = [torch.randn_like(o) for o in outs]
     if mode == "bwd":
-        return measure(lambda: torch.autograd.grad(outs, xs, grads, retain_graph=True), device, warmup, rep)
-    return measure(lambda: torch.autograd.grad(_tup(fn(*xs)), xs, grads), device, warmup, rep)
+        return lambda: torch.autograd.grad(outs, xs, grads, retain_graph=True)
+    return lambda: torch.autograd.grad(_tup(fn(*xs)), xs, grads)
+
+
+def _time_mode(fn, leaves: list[Tensor], mode: str, device: torch.device, warmup: int, rep: int):
+    return measure(mode_runner(fn, leaves, mode), device, warmup, rep)
 
 
 def _fill_ratios(rows: list[Row]) -> None:

@@ -108,13 +108,15 @@ def slug(hw: Hardware) -> str:
     return f"{name}_{hw.date[:19].replace(':', '').replace('-', '')}"
 
 
-def write_json(path: Path, hw: Hardware, rows: list[Row], steps: list[StepRow], config: dict) -> None:
+def write_json(path: Path, hw: Hardware, rows: list[Row], steps: list[StepRow], config: dict) -> list[dict]:
+    """Write the results file atomically; returns the evaluated targets it holds."""
     doc = {"hardware": hw.to_dict(), "config": config, "ops": [asdict(r) for r in rows],
            "denoiser": [asdict(s) for s in steps], "targets": targets(rows, steps)}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(doc, indent=1))
     tmp.replace(path)
+    return doc["targets"]
 
 
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f")

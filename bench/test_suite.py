@@ -7,7 +7,7 @@ wrong kernel fails instead of winning. Not part of the test suite (``testpaths =
 import pytest
 import torch
 
-from omniace.bench.op_bench import MISMATCH, MODES, OPS, PROVIDERS, _callable, _max_rel_err, _tup, problems
+from omniace.bench.op_bench import MISMATCH, MODES, OPS, PROVIDERS, _callable, _max_rel_err, _tup, mode_runner, problems
 
 GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if GPU else "cpu")
@@ -34,22 +34,12 @@ def test_op(benchmark, op, index, provider, mode):
     with torch.no_grad():
         got, want = _tup(fn(*p.leaves)), _tup(p.forward("reference", p.leaves))
     assert _max_rel_err(got, want) <= MISMATCH[DTYPE]
-    sync = torch.cuda.synchronize if GPU else (lambda: None)
     benchmark.extra_info.update(case=p.case, tokens=p.tokens, metric=p.metric, amount=p.amount[mode])
-    if mode == "fwd":
-        def run():
-            with torch.no_grad():
-                fn(*p.leaves)
-            sync()
-    else:
-        xs = [x.detach().requires_grad_(True) for x in p.leaves]
-        outs = _tup(fn(*xs))
-        grads = [torch.randn_like(o) for o in outs]
+    step = mode_runner(fn, p.leaves, mode)
 
-        def run():
-            if mode == "bwd":
-                torch.autograd.grad(outs, xs, grads, retain_graph=True)
-            else:
-                torch.autograd.grad(_tup(fn(*xs)), xs, grads)
-            sync()
+    def run():
+        step()
+        if GPU:  # wall-clock timing: wait for the kernels
+            torch.cuda.synchronize()
+
     benchmark(run)
