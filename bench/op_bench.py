@@ -142,6 +142,8 @@ def _compiled_reference(op: str, forward: Callable) -> Callable:
         for knob in ("recompile_limit", "cache_size_limit"):
             if hasattr(torch._dynamo.config, knob):
                 setattr(torch._dynamo.config, knob, max(64, getattr(torch._dynamo.config, knob)))
+        # the bwd mode replays one backward on a kept graph; donated buffers forbid retain_graph
+        torch._functorch.config.donated_buffer = False
         _COMPILED[op] = torch.compile(lambda fwd, *xs: fwd("reference", list(xs)))
     compiled = _COMPILED[op]
     return lambda *xs: compiled(forward, *xs)
