@@ -94,12 +94,6 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tenso
     return triton_attention.attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale)
 
 
-def attention_backward(*args) -> tuple[Tensor, Tensor, Tensor]:
-    from . import triton_attention
-
-    return triton_attention.attention_backward(*args)
-
-
 def inject_forward(h: Tensor, ctrl: Tensor, shift: Tensor, scale: Tensor, gate: Tensor, cu: Tensor,
                    eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     C = h.shape[1]
@@ -112,12 +106,6 @@ def inject_forward(h: Tensor, ctrl: Tensor, shift: Tensor, scale: Tensor, gate: 
 
         return triton_inject.inject_forward(h, ctrl, shift, scale, gate, cu, eps)
     return tuple(torch.ops.omniace_cuda.editnet_inject(h, ctrl, *mods, cu.contiguous(), eps, _stream(h.device)))
-
-
-def inject_backward(*args) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    from . import triton_inject
-
-    return triton_inject.inject_backward(*args)
 
 
 def self_check(device: torch.device) -> list[str]:

@@ -30,9 +30,9 @@ KERNEL_TABLES: dict[str, dict[str, str]] = {
         "rope3d_fwd": "cuda_ext:rope3d_forward",
         "rope3d_bwd": "cuda_ext:rope3d_backward",
         "attention_fwd": "cuda_ext:attention_forward",
-        "attention_bwd": "cuda_ext:attention_backward",
+        "attention_bwd": "triton_attention:attention_backward",  # no CUDA backward: Triton's reads the same lse
         "inject_fwd": "cuda_ext:inject_forward",
-        "inject_bwd": "cuda_ext:inject_backward",
+        "inject_bwd": "triton_inject:inject_backward",
     },
 }
 
