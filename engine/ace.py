@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.utils.checkpoint as ckpt
 from torch import Tensor
 
 from omniace.kernels import editnet_inject, rope3d, segment_attention
 
 from .config import ACEConfig
-from .layers import Mlp, PatchEmbed, RMSNorm, TimestepEmbedder, ada_norm, tokens_pqc_to_cpq
+from .layers import Mlp, PatchEmbed, RMSNorm, TimestepEmbedder, ada_norm, run_block, tokens_pqc_to_cpq
 from .lcu import PackedLCU
 
 
@@ -157,10 +156,7 @@ class ACEModel(nn.Module):
         t_mod = self.t_block(t_emb)
         seg = batch.sample_of_token
         for block in self.blocks:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                h = ckpt.checkpoint(block, h, y, t_mod, batch, seg, use_reentrant=False)
-            else:
-                h = block(h, y, t_mod, batch, seg)
+            h = run_block(block, self.gradient_checkpointing, h, y, t_mod, batch, seg)
         tgt = batch.target_index
         out = self.final_layer(h.index_select(0, tgt), t_emb, seg.index_select(0, tgt))
         return tokens_pqc_to_cpq(out, cfg.patch_size, cfg.in_channels)

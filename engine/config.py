@@ -68,6 +68,7 @@ class SD3Config:
     pooled_projection_dim: int = 2048
     pos_embed_max_size: int = 192
     qk_norm: str | None = None  # None or "rms_norm" (per head)
+    text_len: int = 333  # text tokens per prompt (SD3: 77 CLIP + 256 T5)
     editnet: bool = True
     codec_factor: int = 8
     prediction: str = "flow"
@@ -87,12 +88,12 @@ PRESETS: dict[str, ACEConfig | SD3Config] = {
     "ace-0.6b-1024": ACEConfig(),
     # Tiny: CPU tests and the embedded demo; pairs with the pixel codec (factor 4, 48 channels).
     "ace-tiny": ACEConfig(in_channels=48, hidden_size=64, depth=2, num_heads=4, y_channels=32,
-                          text_len=32, codec_factor=4),
+                          text_len=64, codec_factor=4),
     "sd3-medium-editnet": SD3Config(),
     "sd3-tiny-editnet": SD3Config(sample_size=32, in_channels=48, out_channels=48, num_layers=2,
                                   attention_head_dim=16, num_attention_heads=4, joint_attention_dim=32,
                                   caption_projection_dim=64, pooled_projection_dim=32,
-                                  pos_embed_max_size=32, codec_factor=4),
+                                  pos_embed_max_size=32, text_len=64, codec_factor=4),
 }
 PRESETS["tiny"] = PRESETS["ace-tiny"]
 

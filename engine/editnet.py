@@ -18,7 +18,7 @@ from torch import Tensor
 
 from omniace.kernels import editnet_inject
 
-from .layers import Interleave, PatchEmbed
+from .layers import Interleave, PatchEmbed, run_block
 from .lcu import PackedLCU
 
 
@@ -45,19 +45,20 @@ class EditNet(nn.Module):
             ctrl.load_state_dict(blk.state_dict())
 
     def start(self, pos_embed, batch: PackedLCU, e: Tensor, temb: Tensor, img, txt,
-              control_scale: float | Tensor) -> "ControlRun":
-        return ControlRun(self, pos_embed, batch, e, temb, img, txt, control_scale)
+              control_scale: float | Tensor, checkpointed: bool = False) -> "ControlRun":
+        return ControlRun(self, pos_embed, batch, e, temb, img, txt, control_scale, checkpointed)
 
 
 class ControlRun:
     """State of one forward through the control branch (condition tokens, control text, gates)."""
 
     def __init__(self, net: EditNet, pos_embed, batch: PackedLCU, e: Tensor, temb: Tensor, img, txt,
-                 control_scale: float | Tensor):
+                 control_scale: float | Tensor, checkpointed: bool = False):
         from .sd3 import Segments
 
         dev, dtype = e.device, e.dtype
         self.net, self.temb, self.img, self.txt = net, temb, img, txt
+        self.checkpointed = checkpointed
         offsets, rows, cond_len = 0, [], [0] * batch.num_samples
         for (gh, gw), s, is_t in zip(batch.frame_shapes, batch.frame_sample, batch.frame_is_target):
             if not is_t:
@@ -81,7 +82,8 @@ class ControlRun:
 
     def step(self, i: int, h: Tensor) -> None:
         x = self.xlayout.join(self.c, h)
-        x, ec = self.net.blocks[i](x, self.ec, self.temb, self.xseg, self.txt, self.jlayout)
+        x, ec = run_block(self.net.blocks[i], self.checkpointed, x, self.ec, self.temb, self.xseg, self.txt,
+                          self.jlayout)
         self.c, self.hc = self.xlayout.split(x)
         self.ec_out = ec
 

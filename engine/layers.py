@@ -6,6 +6,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint as ckpt
 from torch import Tensor
 
 
@@ -126,3 +127,10 @@ def tokens_pqc_to_cpq(out: Tensor, p: int, channels: int) -> Tensor:
     """
     out = out.unflatten(-1, (p, p, -1))[..., :channels]
     return out.permute(0, 3, 1, 2).flatten(1)
+
+
+def run_block(block: nn.Module, checkpointed: bool, *args):
+    """Call ``block``; with ``checkpointed`` (and grad on) recompute its activations in the backward."""
+    if checkpointed and torch.is_grad_enabled():
+        return ckpt.checkpoint(block, *args, use_reentrant=False)
+    return block(*args)

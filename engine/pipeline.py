@@ -11,7 +11,7 @@ from PIL import Image
 from torch import Tensor
 
 from .codec import PixelCodec
-from .config import ACEConfig, get_config
+from .config import ACEConfig, SD3Config, get_config
 from .lcu import ConditionUnit, ImageInput, LCUSample, indicator_indices, indicator_token, pack, unpatchify
 from .model import build_model
 from .sampler import guide, initial_noise, make_sampler
@@ -41,6 +41,14 @@ def mask_to_latent(mask: Image.Image | Tensor, h: int, w: int) -> Tensor:
     return m if m.any() else torch.ones_like(m)
 
 
+def tiny_text_encoder(cfg: ACEConfig | SD3Config) -> TinyTextEncoder:
+    """The fixed-seed byte-level encoder that the tiny presets train and run with."""
+    if isinstance(cfg, ACEConfig):
+        return TinyTextEncoder(cfg.y_channels, max_len=cfg.text_len)
+    return TinyTextEncoder(cfg.joint_attention_dim, pooled_dim=cfg.pooled_projection_dim,
+                           max_len=cfg.text_len)
+
+
 @dataclass
 class Turn:
     instruction: str  # with indicators already renamed to sample-global indices
@@ -68,12 +76,10 @@ class EditPipeline:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = build_model(cfg)
+        text = tiny_text_encoder(cfg)
         if family == "ace":
-            text = TinyTextEncoder(cfg.y_channels, max_len=cfg.text_len)
             with torch.no_grad():
                 model.text_position_embeddings.pos.copy_(indicator_table(text))
-        else:
-            text = TinyTextEncoder(cfg.joint_attention_dim, pooled_dim=cfg.pooled_projection_dim)
         return cls(model, text, PixelCodec(cfg.codec_factor))
 
     @property

@@ -17,7 +17,8 @@ from torch import Tensor
 from omniace.kernels import editnet_inject, segment_attention
 
 from .config import SD3Config
-from .layers import Interleave, PatchEmbed, RMSNorm, ada_norm, cu_from_lengths, timestep_features, tokens_pqc_to_cpq
+from .layers import (Interleave, PatchEmbed, RMSNorm, ada_norm, cu_from_lengths, run_block, timestep_features,
+                     tokens_pqc_to_cpq)
 from .lcu import PackedLCU
 
 
@@ -213,6 +214,7 @@ class SD3Model(nn.Module):
             JointBlock(cfg, pre_only=i == cfg.num_layers - 1) for i in range(cfg.num_layers))
         self.norm_out = _AdaLinear(d, 2)  # AdaLayerNormContinuous: (scale, shift)
         self.proj_out = nn.Linear(d, cfg.patch_size**2 * cfg.out_channels)
+        self.gradient_checkpointing = False  # recompute each block (base and control) in the backward
         self.editnet = None
         if cfg.editnet:
             from .editnet import EditNet
@@ -260,14 +262,15 @@ class SD3Model(nn.Module):
         temb = self.time_text_embed(t, batch.pooled.to(dtype))
         ctrl = None
         if self.editnet is not None:
-            ctrl = self.editnet.start(self.pos_embed, batch, e, temb, img, txt, control_scale)
+            ctrl = self.editnet.start(self.pos_embed, batch, e, temb, img, txt, control_scale,
+                                      self.gradient_checkpointing)
 
         h_in = e_in = None
         n = len(self.transformer_blocks)
         for i, block in enumerate(self.transformer_blocks):
             if ctrl is not None:
                 ctrl.step(i, h)  # the control block sees the main tokens entering block i
-            h, e = block(h, e, temb, img, txt, layout, h_in, e_in)
+            h, e = run_block(block, self.gradient_checkpointing, h, e, temb, img, txt, layout, h_in, e_in)
             if ctrl is not None:
                 nxt = self.transformer_blocks[i + 1].input_modulation(temb) if i + 1 < n else self.output_modulation(temb)
                 h, h_in, e, e_in = ctrl.inject(i, h, e, nxt)

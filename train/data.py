@@ -26,7 +26,7 @@ from torch import Tensor
 
 from omniace import require
 from omniace.engine.codec import PixelCodec
-from omniace.engine.lcu import ConditionUnit, ImageInput, LCUSample, PackedLCU, pack
+from omniace.engine.lcu import ConditionUnit, ImageInput, LCUSample, PackedLCU, indicator_token, pack
 from omniace.engine.pipeline import mask_to_latent, to_tensor
 
 from .importance import ImportanceConfig, importance_weight
@@ -47,6 +47,18 @@ class DataConfig:
     importance: ImportanceConfig = field(default_factory=ImportanceConfig)
     drop_zero_weight: bool = True  # lambda = 0 pairs carry no gradient: skip them instead of computing nothing
     max_history: int = 2
+    family: str = "ace"  # ace: "{image} "-prefixed units with history and a mask channel; sd3: one unit, no mask
+    drop_prompt: float = 0.0  # probability of an empty instruction (trains the unconditional branch of CFG)
+
+    def __post_init__(self) -> None:
+        if self.family not in ("ace", "sd3"):
+            raise ValueError(f"data family {self.family!r}; expected 'ace' or 'sd3'")
+        if not 0.0 <= self.drop_prompt < 1.0:
+            raise ValueError(f"drop_prompt {self.drop_prompt} must be in [0, 1)")
+
+    @property
+    def history(self) -> int:
+        return self.max_history if self.family == "ace" else 0  # the SD3 family takes one unit per sample
 
 
 @dataclass
@@ -209,12 +221,14 @@ def aspect_key(width: int, height: int) -> str:
 class EditLoader:
     """Yields :class:`TrainBatch` es of packed samples, bucketed by aspect ratio, within ``token_budget``.
 
-    ``text_encode(list[str]) -> list[Tensor]`` encodes instructions; images go through the pixel codec
-    (space-to-depth by ``codec_factor``), the tiny models' codec. One sample whose tokens alone exceed the
-    budget is still yielded, alone in its batch.
+    ``text_encode(list[str])`` encodes instructions to ``[L, Y]`` tensors or ``EncodedText`` (with the
+    pooled vector the SD3 family needs); images go through the pixel codec (space-to-depth by
+    ``codec_factor``), the tiny models' codec. One sample whose tokens alone exceed the budget is still
+    yielded, alone in its batch. With ``drop_prompt`` the current instruction is emptied for a seeded
+    fraction of draws (a fresh choice every epoch), as the pipeline's unconditional CFG branch sees it.
     """
 
-    def __init__(self, cfg: DataConfig, text_encode: Callable[[list[str]], list[Tensor]], rank: int = 0,
+    def __init__(self, cfg: DataConfig, text_encode: Callable[[list[str]], list], rank: int = 0,
                  world: int = 1, log: Callable[[str], None] = print):
         self.cfg = cfg
         self.text_encode = text_encode
@@ -236,7 +250,7 @@ class EditLoader:
     def tokens(self, row: dict) -> int:
         unit = self.cfg.patch_size * self.cfg.codec_factor
         per_image = (int(row["width"]) // unit) * (int(row["height"]) // unit)
-        return per_image * (2 + min(len(row.get("history") or []), self.cfg.max_history))
+        return per_image * (2 + min(len(row.get("history") or []), self.cfg.history))
 
     def _weight(self, key, row: dict) -> float | None:
         """The row's importance weight, or None (reported as a bad row) if the row cannot be used."""
@@ -263,14 +277,26 @@ class EditLoader:
         rng = random.Random(f"{self.cfg.seed}:{row['omni_edit_id']}")
         prompts = row["edited_prompt_list"]
         prompt = prompts[0] if self.cfg.prompt == "first" else rng.choice(prompts)
+        if self.cfg.drop_prompt and random.Random(f"{self.cfg.seed}:{row['_draw']}:drop").random() < self.cfg.drop_prompt:
+            prompt = None
+        ace = self.cfg.family == "ace"
         mask = None
-        if images.get("mask") is not None:
+        if ace and images.get("mask") is not None:
             mask = mask_to_latent(Image.fromarray(images["mask"]), h // f, w // f)
         units = []
-        for i, turn in enumerate((row.get("history") or [])[-self.cfg.max_history:]):
-            units.append(ConditionUnit("{image} " + turn["prompt"], [ImageInput(self._latent(images[f"history{i}"]))]))
-        units.append(ConditionUnit("{image} " + prompt, [ImageInput(self._latent(images["src"]), mask)]))
+        history = self._history(row)
+        # each unit names its image by its index in the whole context, as EditSession renames them
+        for i, turn in enumerate(history):
+            units.append(ConditionUnit(f"{indicator_token(i)} {turn['prompt']}",
+                                       [ImageInput(self._latent(images[f"history{i}"]))]))
+        # the empty instruction is exactly the pipeline's negative prompt (no indicator either)
+        text = "" if prompt is None else (f"{indicator_token(len(history))} {prompt}" if ace else prompt)
+        units.append(ConditionUnit(text, [ImageInput(self._latent(images["src"]), mask)]))
         return LCUSample(units, ImageInput(self._latent(images["edited"]), mask))
+
+    def _history(self, row: dict) -> list[dict]:
+        n = self.cfg.history
+        return (row.get("history") or [])[-n:] if n else []
 
     def _latent(self, rgb: np.ndarray) -> Tensor:
         return self.codec.encode(to_tensor(rgb))
@@ -279,7 +305,7 @@ class EditLoader:
         blobs, where = [], []
         for j, (_, row) in enumerate(items):
             named = {"src": row["src_img"], "edited": row["edited_img"], "mask": row.get("mask_img")}
-            for i, turn in enumerate((row.get("history") or [])[-self.cfg.max_history:]):
+            for i, turn in enumerate(self._history(row)):
                 named[f"history{i}"] = turn["image"]
             for name, img in named.items():
                 if img is None and name == "mask":
@@ -303,12 +329,16 @@ class EditLoader:
             ids.append(row["omni_edit_id"])
         if not samples:
             return None
-        packed = pack(samples, self.cfg.patch_size, codec_factor=self.cfg.codec_factor, with_mask=True,
-                      text_encoder=self.text_encode)
+        units = [u for s in samples for u in s.units]
+        for u, enc in zip(units, self.text_encode([u.instruction for u in units])):
+            u.text, u.pooled = (enc, None) if isinstance(enc, Tensor) else (enc.tokens, enc.pooled)
+        packed = pack(samples, self.cfg.patch_size, codec_factor=self.cfg.codec_factor,
+                      with_mask=self.cfg.family == "ace")
         return TrainBatch(packed, torch.tensor(weights, dtype=torch.float32), tasks, ids)
 
     def __iter__(self) -> Iterator[TrainBatch]:
         for key, row in self.stream:
+            row["_draw"] = self.stream.global_index  # this draw's index: seeds the per-epoch prompt dropout
             self.stats["records"] += 1
             weight = self._weight(key, row)
             if weight is None:
@@ -329,11 +359,16 @@ class EditLoader:
 
     def state_dict(self) -> dict:
         return {"stream": self.stream.state_dict(), "batches": self.batches_yielded, "stats": dict(self.stats),
-                "buckets": {k: [list(key) for key, _ in v] for k, v in self.buckets.items()}}
+                "buckets": {k: [[*key, row["_draw"]] for key, row in v] for k, v in self.buckets.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.stream.load_state_dict(state["stream"])
         self.batches_yielded = state["batches"]
         self.stats.update(state["stats"])
-        self.buckets = {k: [(tuple(key), self.stream.read(tuple(key))) for key in keys]
-                        for k, keys in state["buckets"].items()}
+        self.buckets = {k: [self._restore(entry) for entry in entries] for k, entries in state["buckets"].items()}
+
+    def _restore(self, entry: list[int]) -> tuple[tuple[int, int, int], dict]:
+        key = tuple(entry[:3])
+        row = self.stream.read(key)
+        row["_draw"] = entry[3]
+        return key, row

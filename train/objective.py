@@ -1,0 +1,76 @@
+"""Diffusion training objectives on packed target tokens, with a per-sample importance weight.
+
+Both families see only the target tokens noised (condition frames stay clean in the batch) and take the
+loss on those tokens only:
+- ``eps`` (ACE): DDPM linear betas 1e-4..0.02 over 1000 steps, ``t ~ U{0..999}``,
+  ``x_t = alpha_t x0 + sigma_t eps``, the model predicts ``eps``; the schedule is the DDIM sampler's.
+- ``flow`` (SD3): rectified flow with logit-normal ``sigma`` (SD3's default, mean 0, std 1),
+  ``x_t = (1 - sigma) x0 + sigma n``, the model predicts ``n - x0`` at ``t = 1000 sigma``.
+
+Each sample's loss is the mean squared error over its own target tokens; samples of every size count
+equally. The batch loss is ``sum_b lambda_b loss_b / N`` with N the number of samples in the global
+batch (all ranks), OmniEdit's ``E[lambda ||.||^2]``: a sample with lambda = 0 adds exactly nothing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from omniace.engine.lcu import PackedLCU
+from omniace.engine.sampler import DDIMSampler
+
+
+@dataclass
+class NoisedBatch:
+    x_t: Tensor  # [L_tgt, C*p*p] noisy target tokens (the model input)
+    t: Tensor  # [B] the model's timestep input
+    target: Tensor  # [L_tgt, C*p*p] what the model should predict
+
+
+class Objective:
+    """Draws the noise level and noise for a batch and scores a prediction, per sample."""
+
+    def __init__(self, prediction: str):
+        if prediction not in ("eps", "flow"):
+            raise ValueError(f"unknown prediction type {prediction!r}; expected 'eps' or 'flow'")
+        self.prediction = prediction
+        sigma, alpha = DDIMSampler().schedule()
+        self.sigma, self.alpha = sigma.float(), alpha.float()
+
+    def noise(self, x0: Tensor, sample_of: Tensor, num_samples: int, gen: torch.Generator) -> NoisedBatch:
+        """``x0 [L_tgt, C*p*p]`` clean target tokens; ``sample_of [L_tgt]`` the sample of each token."""
+        dev = x0.device
+        noise = torch.randn(x0.shape, generator=gen, device=dev, dtype=torch.float32)
+        x0 = x0.float()
+        if self.prediction == "eps":
+            t = torch.randint(0, len(self.sigma), (num_samples,), generator=gen, device=dev)
+            a = self.alpha.to(dev)[t][sample_of, None]
+            s = self.sigma.to(dev)[t][sample_of, None]
+            return NoisedBatch(a * x0 + s * noise, t, noise)
+        sig = torch.sigmoid(torch.randn(num_samples, generator=gen, device=dev))
+        s = sig[sample_of, None]
+        return NoisedBatch((1 - s) * x0 + s * noise, sig * 1000.0, noise - x0)
+
+    @staticmethod
+    def per_sample(pred: Tensor, target: Tensor, sample_of: Tensor, num_samples: int) -> Tensor:
+        """Mean squared error of each sample over its own target tokens: ``[B]`` (fp32)."""
+        per_token = (pred.float() - target).pow(2).mean(dim=1)
+        sums = torch.zeros(num_samples, device=pred.device).index_add_(0, sample_of, per_token)
+        counts = torch.zeros(num_samples, device=pred.device).index_add_(0, sample_of, torch.ones_like(per_token))
+        return sums / counts
+
+
+def target_sample_index(batch: PackedLCU) -> Tensor:
+    """The sample of each target token, in ``target_tokens()`` order."""
+    return batch.sample_of_token.index_select(0, batch.target_index)
+
+
+def weighted_loss(per_sample: Tensor, weights: Tensor, global_samples: Tensor | int, world: int = 1) -> Tensor:
+    """This rank's share of ``sum_b lambda_b loss_b / N`` over the global batch of N samples.
+
+    FSDP averages gradients over the ``world`` ranks, hence the factor: the update then follows the
+    global weighted mean whatever the split of samples between ranks.
+    """
+    return (weights * per_sample).sum() * world / global_samples
