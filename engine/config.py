@@ -70,6 +70,13 @@ class SD3Config:
     qk_norm: str | None = None  # None or "rms_norm" (per head)
     text_len: int = 333  # text tokens per prompt (SD3: 77 CLIP + 256 T5)
     editnet: bool = True
+    # how the control branch conditions the base (OmniEdit table 7): "editnet" (sees the main tokens of
+    # every block, injects into the image and text streams) or "controlnet" (a parallel branch on the
+    # input embedding plus the condition, injecting into the image stream only)
+    control: str = "editnet"
+    # channel-concatenation conditioning (InstructPix2Pix style): the source latent joins the noisy
+    # target's channels in the patch embedding; no control branch
+    concat_condition: bool = False
     codec_factor: int = 8
     prediction: str = "flow"
     extra: dict = field(default_factory=dict, compare=False)
@@ -81,6 +88,10 @@ class SD3Config:
     def __post_init__(self) -> None:
         if self.qk_norm not in (None, "rms_norm"):
             raise ValueError(f"qk_norm {self.qk_norm!r} is not supported; expected None or 'rms_norm'")
+        if self.control not in ("editnet", "controlnet"):
+            raise ValueError(f"control {self.control!r}; expected 'editnet' or 'controlnet'")
+        if self.concat_condition and self.editnet:
+            raise ValueError("concat_condition replaces the control branch: set editnet=False with it")
 
 
 PRESETS: dict[str, ACEConfig | SD3Config] = {
@@ -89,6 +100,10 @@ PRESETS: dict[str, ACEConfig | SD3Config] = {
     # Tiny: CPU tests and the embedded demo; pairs with the pixel codec (factor 4, 48 channels).
     "ace-tiny": ACEConfig(in_channels=48, hidden_size=64, depth=2, num_heads=4, y_channels=32,
                           text_len=64, codec_factor=4),
+    # Small: the trained embedded default (omniace demo); wide enough that a 192-value pixel patch fits.
+    # It predicts x0: through a DiT with no skip connection an eps error grows by sigma/alpha into the image.
+    "ace-small": ACEConfig(in_channels=48, hidden_size=192, depth=4, num_heads=4, y_channels=32,
+                           text_len=64, codec_factor=4, prediction="x0"),
     "sd3-medium-editnet": SD3Config(),
     "sd3-tiny-editnet": SD3Config(sample_size=32, in_channels=48, out_channels=48, num_layers=2,
                                   attention_head_dim=16, num_attention_heads=4, joint_attention_dim=32,
@@ -96,6 +111,14 @@ PRESETS: dict[str, ACEConfig | SD3Config] = {
                                   pos_embed_max_size=32, text_len=64, codec_factor=4),
 }
 PRESETS["tiny"] = PRESETS["ace-tiny"]
+# the OmniEdit table-7 ablation: one small MMDiT base, conditioned three ways
+PRESETS["sd3-small"] = SD3Config(sample_size=32, in_channels=48, out_channels=48, num_layers=3,
+                                 attention_head_dim=32, num_attention_heads=4, joint_attention_dim=32,
+                                 caption_projection_dim=128, pooled_projection_dim=32, pos_embed_max_size=32,
+                                 text_len=64, codec_factor=4, editnet=False, prediction="x0")
+PRESETS["sd3-small-editnet"] = replace(PRESETS["sd3-small"], editnet=True)
+PRESETS["sd3-small-controlnet"] = replace(PRESETS["sd3-small"], editnet=True, control="controlnet")
+PRESETS["sd3-small-concat"] = replace(PRESETS["sd3-small"], concat_condition=True)
 
 
 def get_config(name: str, **overrides) -> ACEConfig | SD3Config:

@@ -7,6 +7,10 @@ main-token positions and on the text stream go through zero-initialised linears 
 base block's image and text outputs; each injection is fused with the next block's input LayerNorm and
 adaLN modulation by ``editnet_inject``. The condition image enters through a zero-initialised patch
 embedding (plus the base's positional table), so a fresh EditNet leaves the base model unchanged.
+
+``cfg.control = "controlnet"`` builds the baseline of OmniEdit's table 7 instead: the branch starts
+from the main input embedding plus the embedded condition (token for token), runs in parallel with
+the base, and injects into the image stream only; the base's text stream is never updated.
 """
 from __future__ import annotations
 
@@ -29,8 +33,11 @@ class EditNet(nn.Module):
         d, n = cfg.hidden_size, cfg.num_layers
         self.blocks = nn.ModuleList(copy.deepcopy(b) for b in base.transformer_blocks)
         self.cond_embed = PatchEmbed(cfg.in_channels, d, cfg.patch_size)
+        self.control = cfg.control
         self.img_inject = nn.ModuleList(nn.Linear(d, d) for _ in range(n))
-        self.txt_inject = nn.ModuleList(nn.Linear(d, d) for _ in range(n - 1))  # the last block has no text out
+        # the last block has no text output; a ControlNet-style branch never updates the text stream
+        n_txt = n - 1 if self.control == "editnet" else 0
+        self.txt_inject = nn.ModuleList(nn.Linear(d, d) for _ in range(n_txt))
         self.zero_init()
 
     def zero_init(self) -> None:
@@ -54,11 +61,20 @@ class ControlRun:
 
     def __init__(self, net: EditNet, pos_embed, batch: PackedLCU, e: Tensor, temb: Tensor, img, txt,
                  control_scale: float | Tensor, checkpointed: bool = False):
-        from .sd3 import Segments
+        from .sd3 import Segments, aligned_condition_rows
 
         dev, dtype = e.device, e.dtype
         self.net, self.temb, self.img, self.txt = net, temb, img, txt
         self.checkpointed = checkpointed
+        self.ec = e
+        scale = torch.as_tensor(control_scale, dtype=dtype, device=dev).reshape(-1)
+        self.gate = scale.expand(batch.num_samples)[:, None].expand(-1, e.shape[1]).contiguous()
+        c_lat = net.cond_embed.proj.weight[0].numel()
+        if net.control == "controlnet":  # condition embedded onto the target's own tokens (diffusers' SD3 ControlNet)
+            rows = aligned_condition_rows(batch)
+            self.c = net.cond_embed(batch.tokens.index_select(0, rows)[:, :c_lat].to(dtype))
+            self.layout = Interleave([img.host, txt.host], dev)
+            return
         offsets, rows, cond_len = 0, [], [0] * batch.num_samples
         for (gh, gw), s, is_t in zip(batch.frame_shapes, batch.frame_sample, batch.frame_is_target):
             if not is_t:
@@ -66,7 +82,6 @@ class ControlRun:
                 cond_len[s] += gh * gw
             offsets += gh * gw
         cond_rows = (torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)).to(dev)
-        c_lat = net.cond_embed.proj.weight[0].numel()
         self.c = net.cond_embed(batch.tokens.index_select(0, cond_rows)[:, :c_lat].to(dtype))
         self.c = self.c + pos_embed.positions(batch, cond_rows).to(dtype)
         cu_cond = [0]
@@ -76,11 +91,14 @@ class ControlRun:
         x_host = self.xlayout.cu_seqlens.tolist()
         self.xseg = Segments.from_host(x_host, dev)
         self.jlayout = Interleave([x_host, txt.host], dev)
-        self.ec = e
-        scale = torch.as_tensor(control_scale, dtype=dtype, device=dev).reshape(-1)
-        self.gate = scale.expand(batch.num_samples)[:, None].expand(-1, e.shape[1]).contiguous()
 
     def step(self, i: int, h: Tensor) -> None:
+        if self.net.control == "controlnet":
+            # a parallel branch: it sees the main tokens only at the input, then runs on its own
+            x = h + self.c if i == 0 else self.hc
+            self.hc, self.ec = run_block(self.net.blocks[i], self.checkpointed, x, self.ec, self.temb, self.img,
+                                         self.txt, self.layout)
+            return
         x = self.xlayout.join(self.c, h)
         x, ec = run_block(self.net.blocks[i], self.checkpointed, x, self.ec, self.temb, self.xseg, self.txt,
                           self.jlayout)
@@ -90,8 +108,8 @@ class ControlRun:
     def inject(self, i: int, h: Tensor, e: Tensor | None, nxt) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
         h, h_in = editnet_inject(h, self.net.img_inject[i](self.hc), nxt.img_shift, nxt.img_scale,
                                  self.gate, self.img.cu)
-        if e is None:
-            return h, h_in, None, None
+        if e is None or self.net.control == "controlnet":
+            return h, h_in, e, None  # the next block norms the untouched text stream itself
         e, e_in = editnet_inject(e, self.net.txt_inject[i](self.ec_out), nxt.txt_shift, nxt.txt_scale,
                                  self.gate, self.txt.cu)
         self.ec = self.ec_out

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -41,6 +42,9 @@ def mask_to_latent(mask: Image.Image | Tensor, h: int, w: int) -> Tensor:
     return m if m.any() else torch.ones_like(m)
 
 
+DEFAULT_WEIGHTS = Path(__file__).parent / "assets" / "ace-small-edit.safetensors"
+
+
 def tiny_text_encoder(cfg: ACEConfig | SD3Config) -> TinyTextEncoder:
     """The fixed-seed byte-level encoder that the tiny presets train and run with."""
     if isinstance(cfg, ACEConfig):
@@ -70,8 +74,25 @@ class EditPipeline:
             raise ValueError(f"codec factor {codec.factor} differs from the model's codec_factor {self.cfg.codec_factor}")
 
     @classmethod
+    def pretrained(cls, path: str | Path | None = None, device: str = "cpu") -> "EditPipeline":
+        """The embedded default: ``ace-small`` trained on the synthetic OmniEdit-style corpus (README recipe),
+        with its byte-level text encoder and the pixel codec. ``path`` loads another trainer export."""
+        from .model import load_model
+
+        path = Path(path) if path is not None else DEFAULT_WEIGHTS
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no trained weights there; train them with the README's recipe "
+                                    f"(python -m omniace.train.trainer ... --preset ace-small)")
+        model = load_model(path)
+        text_dim = model.cfg.y_channels if isinstance(model.cfg, ACEConfig) else model.cfg.joint_attention_dim
+        if model.cfg.codec_factor != 4 or text_dim != 32:
+            raise ValueError(f"{path}: not a tiny pixel-space model (codec_factor 4, byte-level text); "
+                             f"use EditPipeline(model, text_encoder, codec) for it")
+        return cls(model, tiny_text_encoder(model.cfg), PixelCodec(model.cfg.codec_factor), device=device)
+
+    @classmethod
     def tiny(cls, family: str = "ace", seed: int = 0) -> "EditPipeline":
-        """The embedded default: the untrained tiny model (until the trainer ships weights)."""
+        """An untrained tiny model (tests, shapes and timing; :meth:`pretrained` is the trained default)."""
         cfg = get_config("ace-tiny" if family == "ace" else "sd3-tiny-editnet")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

@@ -181,7 +181,8 @@ def sincos_2d(dim: int, grid: int, base_size: int) -> Tensor:
 
 class SD3PatchEmbed(PatchEmbed):
     def __init__(self, cfg: SD3Config):
-        super().__init__(cfg.in_channels, cfg.hidden_size, cfg.patch_size)
+        # channel-concat conditioning: the source latent's channels follow the noisy target's
+        super().__init__(cfg.in_channels * (2 if cfg.concat_condition else 1), cfg.hidden_size, cfg.patch_size)
         self.max_size = cfg.pos_embed_max_size
         table = sincos_2d(cfg.hidden_size, cfg.pos_embed_max_size, cfg.sample_size // cfg.patch_size)
         self.register_buffer("pos_embed", table, persistent=True)
@@ -195,6 +196,26 @@ class SD3PatchEmbed(PatchEmbed):
         top = (self.max_size - grid[:, 0]) // 2
         left = (self.max_size - grid[:, 1]) // 2
         return self.pos_embed[0].index_select(0, (top + pos[:, 1]) * self.max_size + left + pos[:, 2])
+
+
+def aligned_condition_rows(batch: PackedLCU) -> Tensor:
+    """Rows of each sample's condition image, token for token with its target (same grid required):
+    what channel-concat and ControlNet-style conditioning add to the target tokens."""
+    rows, offset, target_grid = [], 0, {}
+    for (gh, gw), s, is_t in zip(batch.frame_shapes, batch.frame_sample, batch.frame_is_target):
+        if is_t:
+            target_grid[s] = (gh, gw)
+        else:
+            if (gh, gw) != target_grid[s]:
+                raise ValueError(f"sample {s}: condition grid {gh}x{gw} differs from the target's "
+                                 f"{target_grid[s][0]}x{target_grid[s][1]}; this conditioning adds them token "
+                                 f"for token, so they must have the same size")
+            rows.append(torch.arange(offset, offset + gh * gw))
+        offset += gh * gw
+    if len(rows) != batch.num_samples:
+        raise ValueError(f"every sample needs exactly one condition image here; got {len(rows)} for "
+                         f"{batch.num_samples} samples")
+    return torch.cat(rows).to(batch.device)
 
 
 class SD3Model(nn.Module):
@@ -233,7 +254,7 @@ class SD3Model(nn.Module):
         n_cond = [0] * batch.num_samples
         for s, is_t in zip(batch.frame_sample, batch.frame_is_target):
             n_cond[s] += not is_t
-        limit = 1 if self.editnet is not None else 0
+        limit = 1 if (self.editnet is not None or self.cfg.concat_condition) else 0
         bad = [b for b, n in enumerate(n_cond) if n > limit]
         if bad:
             raise ValueError(f"sample {bad[0]}: has {n_cond[bad[0]]} condition images; this model takes at most {limit}")
@@ -257,7 +278,11 @@ class SD3Model(nn.Module):
         txt = Segments.from_host(cu_from_lengths(batch.unit_lengths).tolist(), dev)
         layout = Interleave([img.host, txt.host], dev)
 
-        h = self.pos_embed(x.to(dtype)) + self.pos_embed.positions(batch, batch.target_index).to(dtype)
+        x_in = x.to(dtype)
+        if self.cfg.concat_condition:
+            c = self.cfg.in_channels * self.cfg.patch_size**2
+            x_in = torch.cat([x_in, batch.tokens.index_select(0, aligned_condition_rows(batch))[:, :c].to(dtype)], 1)
+        h = self.pos_embed(x_in) + self.pos_embed.positions(batch, batch.target_index).to(dtype)
         e = self.context_embedder(batch.text.to(dtype))
         temb = self.time_text_embed(t, batch.pooled.to(dtype))
         ctrl = None
@@ -298,6 +323,7 @@ class SD3Model(nn.Module):
         total = stack(n_img, n_txt) + 2 * sum(n_txt) * cfg.joint_attention_dim * d
         total += 2 * sum(n_img) * d * p2 * (cfg.in_channels + cfg.out_channels)
         if self.editnet is not None and n_cond is not None:
-            total += stack([a + c for a, c in zip(n_img, n_cond)], n_txt)
+            controlnet = cfg.control == "controlnet"  # a parallel branch over the target tokens only
+            total += stack(n_img if controlnet else [a + c for a, c in zip(n_img, n_cond)], n_txt)
             total += cfg.num_layers * 2 * d * d * (sum(n_img) + sum(n_txt)) + 2 * sum(n_cond) * d * p2 * cfg.in_channels
         return total

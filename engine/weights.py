@@ -105,7 +105,10 @@ def save_safetensors(sd: StateDict, path: str | os.PathLike, metadata: dict[str,
     tensors = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a weights file is for other users and services too
         save_file(tensors, tmp, metadata=metadata)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())

@@ -1,4 +1,5 @@
 import torch
+from PIL import Image, ImageDraw
 
 
 def randomise(module: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:
@@ -30,3 +31,15 @@ def tiny_ace_case(seed: int = 0):
     ]
     batch = pack(samples, 2, with_mask=True)
     return model, batch, batch.target_tokens(), torch.tensor([3.0, 700.0])
+
+
+def demo_scene(width: int = 96, height: int = 64, seed: int = 0) -> Image.Image:
+    """A small procedural scene (background, a red circle, a green square)."""
+    g = torch.Generator().manual_seed(seed)
+    img = Image.new("RGB", (width, height), (200, 220, 240))
+    d = ImageDraw.Draw(img)
+    d.rectangle([0, height * 2 // 3, width, height], fill=(90, 160, 90))
+    x = int(torch.randint(8, width // 2, (1,), generator=g))
+    d.ellipse([x, 12, x + 24, 36], fill=(220, 40, 40))
+    d.rectangle([width - 32, 24, width - 12, 44], fill=(40, 180, 60))
+    return img

@@ -193,3 +193,41 @@ def test_pixart_style_keys_are_remapped():
     assert torch.equal(w[:, :4], sd["x_embedder.proj.weight"]) and w[:, 4].abs().max() == 0  # mask channel: 0
     assert torch.equal(model.blocks[0].attn.k.weight, sd["blocks.0.attn.k.weight"])
     assert torch.equal(model.blocks[0].cross_attn.v.bias, sd["blocks.0.cross_attn.v.bias"])
+
+
+@pytest.mark.parametrize("variant", ["editnet", "controlnet", "concat"])
+def test_conditioning_variants_start_as_the_base_and_then_use_the_source(variant):
+    """OmniEdit table 7's three ways to condition one base: each starts as exactly the base model (zero init),
+    and once its new weights move, the source image changes the output; ControlNet-style leaves text alone."""
+    base_cfg = get_config("sd3-tiny-editnet", in_channels=3, out_channels=3, joint_attention_dim=12,
+                          pooled_projection_dim=8, editnet=False)
+    overrides = {"editnet": dict(editnet=True), "controlnet": dict(editnet=True, control="controlnet"),
+                 "concat": dict(editnet=False, concat_condition=True)}[variant]
+    base = randomise(build_model(base_cfg), 4, std=0.1).eval()
+    model = build_model(get_config("sd3-tiny-editnet", in_channels=3, out_channels=3, joint_attention_dim=12,
+                                   pooled_projection_dim=8, **overrides)).eval()
+    sd = base.state_dict()
+    if variant == "concat":  # the trainer's widening: zero weights for the source channels
+        from omniace.train.trainer import widen_patch_embedding
+        sd = widen_patch_embedding(sd, model)
+    load_into(model, sd, allow_missing=tuple(k for k in model.state_dict() if k.startswith("editnet.")))
+    if model.editnet is not None:
+        model.editnet.init_from_base(model.transformer_blocks)
+        assert len(model.editnet.txt_inject) == (0 if variant == "controlnet" else 1)
+    s = sd3_sample((6, 10), (6, 10), 5, 3)
+    b = pack([s], 2, with_mask=False)
+    t = torch.tensor([500.0])
+    with torch.no_grad():
+        b0 = pack([LCUSample([ConditionUnit("", [], s.units[0].text, s.units[0].pooled)], s.target)], 2,
+                  with_mask=False)
+        torch.testing.assert_close(model(b, b.target_tokens(), t), base(b0, b0.target_tokens(), t),
+                                   rtol=1e-5, atol=1e-5)
+        randomise(model.editnet if model.editnet is not None else model.pos_embed, 5, std=0.1)
+        out = model(b, b.target_tokens(), t)
+        s.units[0].images[0].latent += 1.0
+        b2 = pack([s], 2, with_mask=False)
+        assert not torch.allclose(out, model(b2, b2.target_tokens(), t))
+    if variant != "editnet":  # these add the source token for token: the sizes must agree
+        bad = pack([sd3_sample((6, 10), (8, 2), 5, 3)], 2, with_mask=False)
+        with pytest.raises(ValueError, match="condition grid 4x1 differs from the target's 3x5"):
+            model(bad, bad.target_tokens(), t)

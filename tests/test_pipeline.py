@@ -6,13 +6,13 @@ import pytest
 import torch
 from PIL import Image
 
-from omniace.engine.cli import demo_scene, main
+from omniace.engine.cli import main
 from omniace.engine.model import build_model, load_model, save_model
 from omniace.engine.pipeline import EditPipeline, EditSession
-from omniace.engine.sampler import DDIMSampler, FlowEulerSampler, guide
+from omniace.engine.sampler import DDIMSampler, FlowEulerSampler, guide, make_sampler
 from omniace.engine.weights import load_state_dict_file
 
-from helpers import randomise
+from helpers import demo_scene, randomise
 
 
 def test_ddim_schedule_matches_ace():
@@ -31,6 +31,10 @@ def test_samplers_are_exact_on_a_perfect_model():
     xt = float(alpha[t0]) * x0 + float(sigma[t0]) * noise
     eps = lambda x, t: (x - float(alpha[int(t[0])]) * x0) / float(sigma[int(t[0])])  # noqa: E731
     assert torch.allclose(s.sample(eps, xt, 1), x0, atol=1e-5)
+    x0_model = DDIMSampler(steps=10, prediction="x0")
+    assert torch.allclose(x0_model.sample(lambda x, t: x0, xt, 1), x0, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown prediction type 'v'"):
+        make_sampler("v", 10)
     f = FlowEulerSampler(steps=7, shift=3.0)
     assert torch.allclose(f.sample(lambda x, t: noise - x0, noise, 1), x0, atol=1e-5)
 
@@ -112,9 +116,16 @@ def test_checkpoints_roundtrip_and_refuse_pickled_code(tmp_path):
         load_state_dict_file(tmp_path / "evil.pth")
 
 
+def test_pretrained_needs_a_trained_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no trained weights there"):
+        EditPipeline.pretrained(tmp_path / "missing.safetensors")
+    save_model(build_model("ace-tiny"), tmp_path / "t.safetensors")
+    assert EditPipeline.pretrained(tmp_path / "t.safetensors").cfg.hidden_size == 64
+
+
 def test_cli(tmp_path, capsys):
-    main(["demo", "--out", str(tmp_path), "--steps", "2"])
-    assert (tmp_path / "demo_grid.png").is_file()
+    main(["demo", "--out", str(tmp_path), "--steps", "2", "--per-task", "1"])
+    assert (tmp_path / "demo_grid.png").is_file() and "object_swap" in capsys.readouterr().out
     main(["info", "--preset", "ace-0.6b-512", "--images", "2"])
     assert "611,030,688 parameters" in capsys.readouterr().out
     model = build_model("ace-tiny")

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from omniace.engine.config import get_config  # noqa: E402
 from omniace.engine.lcu import ConditionUnit, ImageInput, LCUSample, pack  # noqa: E402
 from omniace.engine.model import build_model, load_model  # noqa: E402
-from omniace.train.checkpoint import CheckpointManager  # noqa: E402
+from omniace.train.checkpoint import CheckpointManager, export_checkpoint  # noqa: E402
 from omniace.train.objective import Objective, target_sample_index, weighted_loss  # noqa: E402
 from omniace.train.omniedit_format import omniedit_schema  # noqa: E402
 from omniace.train.parallelize import set_trainable  # noqa: E402
@@ -79,6 +79,9 @@ def test_two_ranks_loss_falls_and_a_killed_run_resumes_bit_identically(corpus, t
     assert losses(killed) == curve  # the same loss, bit for bit, at every step
     a, b = load_file(whole / "model.safetensors"), load_file(killed / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the single-process export of a checkpoint's EMA weights is the trainer's own final export
+    c = load_file(export_checkpoint(CheckpointManager(whole / "checkpoints").latest(), tmp_path / "ema.safetensors"))
+    assert c.keys() == a.keys() and all(torch.equal(a[k], c[k]) for k in a)
 
 
 def _batch(seed: int, weights=(1.0, 0.0)):
@@ -144,6 +147,7 @@ def test_a_bare_omniedit_parquet_written_by_pyarrow_trains(tmp_path):
 
 
 def test_editnet_mode_trains_the_control_branch_only(tmp_path):
+    """SD3 family, flow objective, bf16 mixed precision (fp32 sharded weights): the base stays bit-equal."""
     torch.manual_seed(0)
     base = build_model("sd3-tiny-editnet")
     trainable = set_trainable(base, "editnet")
@@ -155,7 +159,7 @@ def test_editnet_mode_trains_the_control_branch_only(tmp_path):
     out = tmp_path / "run"
     run_trainer(["--data", str(corpus), "--out", str(out), "--preset", "sd3-tiny-editnet", "--mode", "editnet",
                  "--init", str(tmp_path / "init.safetensors"), "--steps", "2", "--lr", "1e-2", "--warmup", "1",
-                 "--decoder", "pil", "--token-budget", "400", "--no-activation-checkpointing"])
+                 "--decoder", "pil", "--token-budget", "400", "--no-activation-checkpointing", "--precision", "bf16"])
     got = load_file(out / "model.safetensors")
     frozen = [k for k in init if not k.startswith("editnet.")]
     assert all(torch.equal(got[k], init[k].float()) for k in frozen)
@@ -192,3 +196,27 @@ def test_learning_rate_schedule_and_config_checks():
         TrainConfig(mode="lora")
     with pytest.raises(ValueError, match="precision"):
         TrainConfig(precision="fp8")
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "flow"])
+def test_objective_noises_each_sample_at_its_own_level(prediction):
+    """x_t and the target follow each sample's own timestep; a perfect prediction has zero loss."""
+    x0 = torch.randn(9, 6)
+    sample_of = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 1])
+    obj = Objective(prediction)
+    nb = obj.noise(x0, sample_of, 2, torch.Generator().manual_seed(0))
+    noise = torch.randn(9, 6, generator=torch.Generator().manual_seed(0))  # the objective's first draw
+    for b in range(2):
+        rows = sample_of == b
+        t = nb.t[b]
+        if prediction == "flow":
+            s = t / 1000
+            torch.testing.assert_close(nb.x_t[rows], (1 - s) * x0[rows] + s * noise[rows])
+            torch.testing.assert_close(nb.target[rows], noise[rows] - x0[rows])
+        else:
+            a, s = obj.alpha[t], obj.sigma[t]
+            torch.testing.assert_close(nb.x_t[rows], a * x0[rows] + s * noise[rows])
+            torch.testing.assert_close(nb.target[rows], noise[rows] if prediction == "eps" else x0[rows])
+    assert obj.per_sample(nb.target, nb.target, sample_of, 2).abs().max() == 0
+    with pytest.raises(ValueError, match="unknown prediction type 'v'"):
+        Objective("v")

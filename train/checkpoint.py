@@ -14,9 +14,11 @@ import re
 import shutil
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
@@ -89,3 +91,63 @@ class CheckpointManager:
         dcp.load(state, checkpoint_id=str(path))
         loader_state = json.loads((path / f"loader_rank{rank}.json").read_text())
         return meta, loader_state
+
+
+def export_checkpoint(path: str | Path, out: str | Path, weights: str = "ema", dtype: str = "fp32") -> Path:
+    """Write one checkpoint's weights as a self-describing safetensors file, in a single process.
+
+    ``weights="ema"`` takes the EMA copy of every trainable parameter and the model's own values for the
+    frozen ones (what the trainer exports at the end); ``"model"`` the raw weights. Evaluating a run
+    mid-way, or a checkpoint of a run that was stopped, needs no process group and no resume.
+    """
+    from omniace.engine.config import config_from_dict, config_to_dict
+    from omniace.engine.model import build_model
+    from omniace.engine.weights import save_safetensors
+
+    if weights not in ("ema", "model"):
+        raise ValueError(f"weights {weights!r}; expected 'ema' or 'model'")
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"dtype {dtype!r}; expected one of {sorted(EXPORT_DTYPES)}")
+    path = Path(path)
+    if not (path / "meta.json").is_file():
+        raise FileNotFoundError(f"{path}: not a complete checkpoint (no meta.json)")
+    meta = json.loads((path / "meta.json").read_text())
+    cfg = config_from_dict(meta["model_config"])
+    with torch.device("meta"):
+        model = build_model(cfg)
+    sd = {k: torch.empty_like(v, device="cpu") for k, v in model.state_dict().items()}
+    state: dict = {"model": sd}
+    if weights == "ema":
+        reader = dcp.FileSystemReader(str(path))
+        names = {k.split(".", 1)[1] for k in reader.read_metadata().state_dict_metadata if k.startswith("ema.")}
+        state["ema"] = {k: torch.empty_like(sd[k]) for k in names}
+    dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    if weights == "ema":
+        sd.update(state["ema"])
+    save_safetensors({k: v.to(EXPORT_DTYPES[dtype]) if v.is_floating_point() else v for k, v in sd.items()}, out,
+                     metadata={"omniace_config": json.dumps(config_to_dict(cfg)), "step": str(meta["step"]),
+                               "weights": weights})
+    return Path(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m omniace.train.checkpoint",
+                                 description="export a training checkpoint's weights to safetensors")
+    ap.add_argument("checkpoint", help="a step_XXXXXXXX folder, or a run's checkpoints/ folder (its latest)")
+    ap.add_argument("out")
+    ap.add_argument("--weights", choices=["ema", "model"], default="ema")
+    ap.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    a = ap.parse_args(argv)
+    path = Path(a.checkpoint)
+    if not (path / "meta.json").exists():
+        latest = CheckpointManager(path).latest()
+        if latest is None:
+            raise SystemExit(f"{path}: no complete checkpoint there")
+        path = latest
+    print(f"wrote {export_checkpoint(path, a.out, a.weights, a.dtype)} from {path}")
+
+
+if __name__ == "__main__":
+    main()

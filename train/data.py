@@ -49,6 +49,7 @@ class DataConfig:
     max_history: int = 2
     family: str = "ace"  # ace: "{image} "-prefixed units with history and a mask channel; sd3: one unit, no mask
     drop_prompt: float = 0.0  # probability of an empty instruction (trains the unconditional branch of CFG)
+    condition: bool = True  # False: no source image, the target from the instruction alone (base pretraining)
 
     def __post_init__(self) -> None:
         if self.family not in ("ace", "sd3"):
@@ -250,7 +251,7 @@ class EditLoader:
     def tokens(self, row: dict) -> int:
         unit = self.cfg.patch_size * self.cfg.codec_factor
         per_image = (int(row["width"]) // unit) * (int(row["height"]) // unit)
-        return per_image * (2 + min(len(row.get("history") or []), self.cfg.history))
+        return per_image * (1 + self.cfg.condition + min(len(row.get("history") or []), self.cfg.history))
 
     def _weight(self, key, row: dict) -> float | None:
         """The row's importance weight, or None (reported as a bad row) if the row cannot be used."""
@@ -291,7 +292,8 @@ class EditLoader:
                                        [ImageInput(self._latent(images[f"history{i}"]))]))
         # the empty instruction is exactly the pipeline's negative prompt (no indicator either)
         text = "" if prompt is None else (f"{indicator_token(len(history))} {prompt}" if ace else prompt)
-        units.append(ConditionUnit(text, [ImageInput(self._latent(images["src"]), mask)]))
+        source = [ImageInput(self._latent(images["src"]), mask)] if self.cfg.condition else []
+        units.append(ConditionUnit(text, source))
         return LCUSample(units, ImageInput(self._latent(images["edited"]), mask))
 
     def _history(self, row: dict) -> list[dict]:

@@ -4,6 +4,7 @@ Both families see only the target tokens noised (condition frames stay clean in 
 loss on those tokens only:
 - ``eps`` (ACE): DDPM linear betas 1e-4..0.02 over 1000 steps, ``t ~ U{0..999}``,
   ``x_t = alpha_t x0 + sigma_t eps``, the model predicts ``eps``; the schedule is the DDIM sampler's.
+- ``x0``: the same noising, the model predicts the clean ``x0`` (the tiny pixel-space defaults).
 - ``flow`` (SD3): rectified flow with logit-normal ``sigma`` (SD3's default, mean 0, std 1),
   ``x_t = (1 - sigma) x0 + sigma n``, the model predicts ``n - x0`` at ``t = 1000 sigma``.
 
@@ -19,7 +20,7 @@ import torch
 from torch import Tensor
 
 from omniace.engine.lcu import PackedLCU
-from omniace.engine.sampler import DDIMSampler
+from omniace.engine.sampler import PREDICTIONS, DDIMSampler
 
 
 @dataclass
@@ -33,8 +34,8 @@ class Objective:
     """Draws the noise level and noise for a batch and scores a prediction, per sample."""
 
     def __init__(self, prediction: str):
-        if prediction not in ("eps", "flow"):
-            raise ValueError(f"unknown prediction type {prediction!r}; expected 'eps' or 'flow'")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction type {prediction!r}; expected one of {PREDICTIONS}")
         self.prediction = prediction
         sigma, alpha = DDIMSampler().schedule()
         self.sigma, self.alpha = sigma.float(), alpha.float()
@@ -44,11 +45,11 @@ class Objective:
         dev = x0.device
         noise = torch.randn(x0.shape, generator=gen, device=dev, dtype=torch.float32)
         x0 = x0.float()
-        if self.prediction == "eps":
+        if self.prediction in ("eps", "x0"):
             t = torch.randint(0, len(self.sigma), (num_samples,), generator=gen, device=dev)
             a = self.alpha.to(dev)[t][sample_of, None]
             s = self.sigma.to(dev)[t][sample_of, None]
-            return NoisedBatch(a * x0 + s * noise, t, noise)
+            return NoisedBatch(a * x0 + s * noise, t, noise if self.prediction == "eps" else x0)
         sig = torch.sigmoid(torch.randn(num_samples, generator=gen, device=dev))
         s = sig[sample_of, None]
         return NoisedBatch((1 - s) * x0 + s * noise, sig * 1000.0, noise - x0)

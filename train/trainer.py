@@ -35,7 +35,7 @@ from omniace.engine.pipeline import tiny_text_encoder
 from omniace.engine.text import indicator_table
 from omniace.engine.weights import load_into, load_state_dict_file, save_safetensors
 
-from .checkpoint import CheckpointManager
+from .checkpoint import EXPORT_DTYPES, CheckpointManager
 from .data import DataConfig, EditLoader
 from .importance import ImportanceConfig
 from .objective import Objective, target_sample_index, weighted_loss
@@ -71,10 +71,13 @@ class TrainConfig:
     ckpt_every: int = 200
     keep: int = 2
     log_every: int = 10
+    export_dtype: str = "fp32"  # the final safetensors: fp32 | fp16 | bf16 (fp16 halves a shipped default)
 
     def __post_init__(self) -> None:
         if self.mode not in TRAIN_MODES:
             raise ValueError(f"mode {self.mode!r}; expected one of {TRAIN_MODES}")
+        if self.export_dtype not in EXPORT_DTYPES:
+            raise ValueError(f"export_dtype {self.export_dtype!r}; expected one of {sorted(EXPORT_DTYPES)}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision {self.precision!r}; expected auto, bf16 or fp32")
         for name in ("steps", "ckpt_every", "log_every"):
@@ -135,6 +138,19 @@ def _init_distributed() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def widen_patch_embedding(sd: dict[str, Tensor], model) -> dict[str, Tensor]:
+    """A base checkpoint for channel-concat fine-tuning: the patch embedding gains zero weights for the
+    source channels, so training starts from exactly the base model (InstructPix2Pix's initialisation)."""
+    key = "pos_embed.proj.weight"
+    want = model.state_dict()[key].shape
+    w = sd[key]
+    if w.shape == want:
+        return sd
+    if w.shape[0] != want[0] or w.shape[1] * 2 != want[1]:
+        raise ValueError(f"{key}: checkpoint {tuple(w.shape)} cannot be widened to {tuple(want)}")
+    return {**sd, key: torch.cat([w, torch.zeros_like(w)], dim=1)}
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, log=print):
         self.cfg = cfg
@@ -170,7 +186,8 @@ class Trainer:
             list(cfg.data), token_budget=cfg.token_budget, patch_size=model_cfg.patch_size,
             codec_factor=model_cfg.codec_factor, seed=cfg.seed, decoder=cfg.decoder,
             importance=ImportanceConfig(cfg.importance_column, cfg.importance_threshold, cfg.importance),
-            family="ace" if self.is_ace else "sd3", drop_prompt=cfg.drop_prompt)
+            family="ace" if self.is_ace else "sd3", drop_prompt=cfg.drop_prompt,
+            condition=self.is_ace or model_cfg.editnet or model_cfg.concat_condition)
         self.loader = EditLoader(data_cfg, self.text.encode, self.rank, self.world, log=self.log)
         self.step = 0
         self.peak = peak_flops(self.device)
@@ -182,6 +199,8 @@ class Trainer:
         if self.cfg.init is None:
             return
         sd = load_state_dict_file(self.cfg.init)
+        if getattr(model.cfg, "concat_condition", False):
+            sd = widen_patch_embedding(sd, model)
         has_control = any(k.startswith("editnet.") for k in sd)
         control_keys = tuple(k for k in model.state_dict() if k.startswith("editnet."))
         load_into(model, sd, allow_missing=() if has_control else control_keys)
@@ -226,7 +245,9 @@ class Trainer:
             full.update(ema)
             meta = {"omniace_config": json.dumps(config_to_dict(self.model_cfg)), "step": str(self.step),
                     "ema_decay": str(self.cfg.ema_decay)}
-            save_safetensors({k: v.float() for k, v in full.items()}, path, metadata=meta)
+            dtype = EXPORT_DTYPES[self.cfg.export_dtype]
+            save_safetensors({k: v.to(dtype) if v.is_floating_point() else v for k, v in full.items()}, path,
+                             metadata=meta)
             self.log(f"exported EMA weights to {path}")
         dist.barrier()
 
