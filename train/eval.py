@@ -93,7 +93,7 @@ def _metrics(rows: list[tuple[float, float, bool, float, float, bool]]) -> TaskM
     return TaskMetrics(len(rows), *(float(x) for x in a.mean(axis=0)))
 
 
-def evaluate(pipe, samples: list[EvalSample], steps: int = 20, guidance: float = 3.0, seed: int = 0,
+def evaluate(pipe, samples: list[EvalSample], steps: int = 20, guidance: float = 1.5, seed: int = 0,
              log=print) -> tuple[EvalResult, list[Image.Image]]:
     """Edit every sample with ``pipe`` and score it; returns the result and the outputs in order."""
     per_task: dict[str, list] = {}
@@ -141,11 +141,11 @@ def write_grid(samples: list[EvalSample], outputs: list[Image.Image], path: str 
     grid.save(path)
 
 
-def run(pipe, out: str | Path, per_task: int = 8, steps: int = 20, guidance: float = 3.0, seed: int = 0,
-        grid_per_task: int = 1, name: str = "eval", log=print) -> EvalResult:
+def run(pipe, out: str | Path, per_task: int = 8, steps: int = 20, guidance: float = 1.5, seed: int = 0,
+        grid_per_task: int = 1, name: str = "eval", split_seed: int = HELD_OUT_SEED, log=print) -> EvalResult:
     """Evaluate on the held-out split, print the table, write ``{name}.json`` and ``{name}_grid.png``."""
     out = Path(out)
-    samples = held_out(per_task)
+    samples = held_out(per_task, seed=split_seed)
     result, outputs = evaluate(pipe, samples, steps=steps, guidance=guidance, seed=seed, log=log)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
@@ -166,13 +166,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="out/eval")
     ap.add_argument("--per-task", type=int, default=8)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--guidance", type=float, default=3.0)
+    ap.add_argument("--guidance", type=float, default=1.5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--grid-per-task", type=int, default=1)
+    ap.add_argument("--split-seed", type=int, default=HELD_OUT_SEED,
+                    help="generator seed of the split (tune sampling settings on another one, e.g. 20000)")
     a = ap.parse_args(argv)
     model = load_model(a.weights)
     pipe = EditPipeline(model, tiny_text_encoder(model.cfg), PixelCodec(model.cfg.codec_factor))
-    run(pipe, a.out, a.per_task, a.steps, a.guidance, a.seed, a.grid_per_task)
+    run(pipe, a.out, a.per_task, a.steps, a.guidance, a.seed, a.grid_per_task, split_seed=a.split_seed)
 
 
 if __name__ == "__main__":
