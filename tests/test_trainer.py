@@ -220,3 +220,17 @@ def test_objective_noises_each_sample_at_its_own_level(prediction):
     assert obj.per_sample(nb.target, nb.target, sample_of, 2).abs().max() == 0
     with pytest.raises(ValueError, match="unknown prediction type 'v'"):
         Objective("v")
+
+
+def test_a_checkpoint_whose_index_would_run_pickled_code_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    ckpt = tmp_path / "checkpoints" / "step_00000004"
+    ckpt.mkdir(parents=True)
+    (ckpt / "meta.json").write_text(json.dumps({"step": 4, "world_size": 1, "model_config": {"family": "ace"}}))
+    (ckpt / ".metadata").write_bytes(__import__("pickle").dumps({"x": Evil()}))
+    with pytest.raises(ValueError, match=r"refusing to load this checkpoint: its .metadata pickle references posix.system"):
+        export_checkpoint(ckpt, tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()

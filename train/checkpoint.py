@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -20,6 +21,35 @@ import torch.distributed.checkpoint as dcp
 
 EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+# DCP's ``.metadata`` is a plain pickle (torch reads it with pickle.load): before any load it is replayed
+# here with only the globals a DCP index holds, so a crafted checkpoint cannot run code
+_SAFE_GLOBALS = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+                 ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
+                 ("collections", "OrderedDict")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if module == "torch.distributed.checkpoint.metadata" or (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"{module}.{name}")
+
+
+def check_metadata(path: Path) -> None:
+    """Refuse a checkpoint whose DCP index would need arbitrary pickled code to load."""
+    meta = Path(path) / ".metadata"
+    if not meta.is_file():
+        raise FileNotFoundError(f"{path}: no DCP .metadata file")
+    try:
+        with open(meta, "rb") as f:
+            _MetadataUnpickler(f).load()
+    except (pickle.UnpicklingError, AttributeError, EOFError, ValueError) as err:
+        raise ValueError(f"{path}: refusing to load this checkpoint: its .metadata pickle references {err}, "
+                         f"which a DCP index never holds (loading it could execute code)") from None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -88,6 +118,7 @@ class CheckpointManager:
             raise ValueError(f"{path} was written by {meta['world_size']} ranks, this run has {world}: "
                              f"the data position is per rank, so resume with --nproc_per_node "
                              f"{meta['world_size']}")
+        check_metadata(path)
         dcp.load(state, checkpoint_id=str(path))
         loader_state = json.loads((path / f"loader_rank{rank}.json").read_text())
         return meta, loader_state
@@ -112,6 +143,7 @@ def export_checkpoint(path: str | Path, out: str | Path, weights: str = "ema", d
     if not (path / "meta.json").is_file():
         raise FileNotFoundError(f"{path}: not a complete checkpoint (no meta.json)")
     meta = json.loads((path / "meta.json").read_text())
+    check_metadata(path)
     cfg = config_from_dict(meta["model_config"])
     with torch.device("meta"):
         model = build_model(cfg)

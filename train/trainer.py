@@ -157,6 +157,7 @@ class Trainer:
         self.rank, self.world, self.device = _init_distributed()
         self.log = log if self.rank == 0 else (lambda msg: None)
         self.out = Path(cfg.out)
+        self.out.mkdir(parents=True, exist_ok=True)
         model_cfg = get_config(cfg.preset)
         self.model_cfg = model_cfg
         self.is_ace = isinstance(model_cfg, ACEConfig)
@@ -422,7 +423,6 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
     trainer = Trainer(cfg)
     try:
-        Path(cfg.out).mkdir(parents=True, exist_ok=True)
         trainer.fit()
     finally:
         trainer.close()
