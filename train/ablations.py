@@ -148,6 +148,16 @@ def markdown(doc: dict) -> str:
             copy = runs[0]["overall"]
         lines.append(f"| copy (source as output) | {copy['identity_l1']:.4f} | {copy['identity_l2']:.4f} | "
                      f"{copy['identity_success']:.1%} | |")
+        l1 = {name: _mean_sd([r["overall"]["l1"] for r in arm["runs"]]) for name, arm in res["arms"].items()}
+        if all(m > copy["identity_l1"] for m, _ in l1.values()):
+            lines += ["", f"At this budget every arm's L1 is still above copying the source ({copy['identity_l1']:.4f}): "
+                      "the table compares how far each arm got in the same steps, not where it would converge."]
+        (best, (m0, sd0)), *rest = sorted(l1.items(), key=lambda kv: kv[1][0])
+        if rest:
+            name1, (m1, sd1) = rest[0]
+            verdict = "more than" if m1 - m0 > sd0 + sd1 else "within"
+            lines += ["", f"Lowest L1: {best}; its lead over {name1} ({m1 - m0:.4f}) is {verdict} the two arms' "
+                      f"seed spreads combined ({sd0 + sd1:.4f})."]
         tasks = list(next(iter(res["arms"].values()))["runs"][0]["per_task"])
         lines += ["", "Success rate per task (mean over seeds):", "",
                   "| arm | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
@@ -162,29 +172,34 @@ def plot(doc: dict, path: Path) -> None:
     """Bars of the mean overall success and L1 per arm, one dot per seed (PIL, no plotting dependency)."""
     arms = [(study, name, arm) for study, res in doc["studies"].items() for name, arm in res["arms"].items()]
     row_h, left, width = 34, 330, 260
-    img = Image.new("RGB", (left + 2 * width + 60, 50 + row_h * len(arms)), "white")
+    img = Image.new("RGB", (left + 2 * width + 110, 50 + row_h * len(arms)), "white")
     d = ImageDraw.Draw(img)
     d.text((left, 8), "success rate (0-100%)", fill="black")
-    d.text((left + width + 30, 8), "L1 vs target (0-0.2)", fill="black")
+    d.text((left + width + 50, 8), "L1 vs target (0-0.2; red: copying the source)", fill="black")
     for i, (study, name, arm) in enumerate(arms):
         y = 40 + i * row_h
         d.text((8, y + 6), f"[{study}] {name}"[:52], fill="black")
         for col, (key, scale, color) in enumerate([("success", 1.0, (60, 120, 200)), ("l1", 0.2, (200, 110, 60))]):
-            x0 = left + col * (width + 30)
+            x0 = left + col * (width + 50)
             vals = [r["overall"][key] for r in arm["runs"]]
             m = statistics.fmean(vals)
             d.rectangle([x0, y, x0 + int(width * min(1.0, m / scale)), y + row_h - 10], fill=color)
             for v in vals:
                 x = x0 + int(width * min(1.0, v / scale))
                 d.ellipse([x - 3, y + 9, x + 3, y + 15], fill="black")
-            d.text((x0 + 4, y + 6), f"{m:.0%}" if key == "success" else f"{m:.3f}", fill="white")
+            if key == "l1":  # the copy-the-source baseline as a red tick
+                xc = x0 + int(width * min(1.0, arm["runs"][0]["overall"]["identity_l1"] / scale))
+                d.line([xc, y - 3, xc, y + row_h - 7], fill=(200, 0, 0), width=2)
+            label = f"{m:.0%}" if key == "success" else f"{m:.3f}"
+            d.text((x0 + int(width * min(1.0, m / scale)) + 8, y + 6), label, fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m omniace.train.ablations", description=__doc__.splitlines()[0])
-    ap.add_argument("--corpus", type=Path, required=True)
+    ap.add_argument("--corpus", type=Path, help="OmniEdit Parquet corpus (required unless --render)")
+    ap.add_argument("--render", action="store_true", help="only re-render the .md and .png from the .json")
     ap.add_argument("--out", type=Path, default=Path("runs/ablations"))
     ap.add_argument("--docs", type=Path, default=Path("docs"))
     ap.add_argument("--study", choices=[*STUDIES, "all"], default="all")
@@ -198,17 +213,27 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--per-task", type=int, default=6)
     ap.add_argument("--sample-steps", type=int, default=10)  # the demo's settings (chosen on a validation split)
     ap.add_argument("--guidance", type=float, default=1.5)
+    ap.add_argument("--tag", default="", help="keep these results beside earlier ones: the study is stored as "
+                    "'<study> (<tag>)' in the docs, e.g. a longer budget")
     a = ap.parse_args(argv)
+    doc_path = a.docs / "ablations.json"
+    if a.render:
+        doc = json.loads(doc_path.read_text())
+        (a.docs / "ablations.md").write_text(markdown(doc) + "\n")
+        plot(doc, a.docs / "ablations.png")
+        print(f"rendered {a.docs / 'ablations.md'} and {a.docs / 'ablations.png'} from {doc_path}")
+        return
+    if a.corpus is None:
+        ap.error("--corpus is required")
     import torch
 
     studies = list(STUDIES) if a.study == "all" else [a.study]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}
-    doc_path = a.docs / "ablations.json"
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items() if k != "render"}
     doc = json.loads(doc_path.read_text()) if doc_path.exists() else {"studies": {}}
     settings = {**settings, "date": time.strftime("%Y-%m-%d"), "device": device, "torch": torch.__version__}
     for study in studies:
-        doc["studies"][study] = run_study(study, a, settings)
+        doc["studies"][f"{study} ({a.tag})" if a.tag else study] = run_study(study, a, settings)
         a.docs.mkdir(parents=True, exist_ok=True)
         doc_path.write_text(json.dumps(doc, indent=1) + "\n")
         (a.docs / "ablations.md").write_text(markdown(doc) + "\n")
