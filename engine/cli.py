@@ -46,7 +46,9 @@ def cmd_edit(args: argparse.Namespace) -> None:
     images = [Image.open(p).convert("RGB") for p in args.image]
     masks = [Image.open(p) for p in args.mask] if args.mask else None
     size = tuple(int(v) for v in args.size.split("x")) if args.size else None
-    out = pipe.edit(images or None, args.instruction, masks=masks, steps=args.steps, guidance=args.guidance,
+    # the embedded default was tuned at guidance 1.5 on a validation split; ACE's own default is 4.5
+    guidance = args.guidance if args.guidance is not None else (4.5 if args.weights else 1.5)
+    out = pipe.edit(images or None, args.instruction, masks=masks, steps=args.steps, guidance=guidance,
                     seed=args.seed, size=size)[0]
     out.save(args.out)
     print(f"wrote {args.out}")
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vae")
     p.add_argument("--size", help="WIDTHxHEIGHT for text-to-image")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=4.5)
+    p.add_argument("--guidance", type=float, default=None, help="default: 4.5 with --weights, else 1.5")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_edit)
     p = sub.add_parser("info", help="parameters and FLOPs per denoising step of a preset")
