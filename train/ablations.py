@@ -142,7 +142,11 @@ def markdown(doc: dict) -> str:
             cells = []
             for key in ("l1", "l2", "success"):
                 m, sd = _mean_sd([r["overall"][key] for r in runs])
-                cells.append(f"{m:.1%} +- {sd:.1%}" if key == "success" else f"{m:.4f} +- {sd:.4f}")
+                spread = len(runs) > 1
+                if key == "success":
+                    cells.append(f"{m:.1%} +- {sd:.1%}" if spread else f"{m:.1%}")
+                else:
+                    cells.append(f"{m:.4f} +- {sd:.4f}" if spread else f"{m:.4f}")
             loss = _mean_sd([r["final_train_loss"] for r in runs])
             lines.append(f"| {name} | {' | '.join(cells)} | {loss[0]:.4f} |")
             copy = runs[0]["overall"]
@@ -155,9 +159,13 @@ def markdown(doc: dict) -> str:
         (best, (m0, sd0)), *rest = sorted(l1.items(), key=lambda kv: kv[1][0])
         if rest:
             name1, (m1, sd1) = rest[0]
-            verdict = "more than" if m1 - m0 > sd0 + sd1 else "within"
-            lines += ["", f"Lowest L1: {best}; its lead over {name1} ({m1 - m0:.4f}) is {verdict} the two arms' "
-                      f"seed spreads combined ({sd0 + sd1:.4f})."]
+            if len(s["seeds"]) < 2:
+                lines += ["", f"Lowest L1: {best}, ahead of {name1} by {m1 - m0:.4f}; with one seed there is no "
+                          "spread to weigh the lead against."]
+            else:
+                verdict = "more than" if m1 - m0 > sd0 + sd1 else "within"
+                lines += ["", f"Lowest L1: {best}; its lead over {name1} ({m1 - m0:.4f}) is {verdict} the two "
+                          f"arms' seed spreads combined ({sd0 + sd1:.4f})."]
         tasks = list(next(iter(res["arms"].values()))["runs"][0]["per_task"])
         lines += ["", "Success rate per task (mean over seeds):", "",
                   "| arm | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
