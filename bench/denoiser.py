@@ -15,6 +15,7 @@ import torch
 from omniace.engine import build_model, get_config
 from omniace.engine.config import ACEConfig
 from omniace.engine.lcu import ConditionUnit, ImageInput, LCUSample, pack
+from omniace.engine.model import forward_flops
 from omniace.kernels import use_backend
 
 from .hardware import Hardware
@@ -58,20 +59,6 @@ def _batch(cfg, resolution: int, conds: int, samples: int, device: torch.device)
     return batch
 
 
-def _flops(model, batch, ace: bool) -> float:
-    if ace:
-        frames, texts = [], []
-        for b in range(len(batch.target_sizes)):
-            idx = [i for i, s in enumerate(batch.frame_sample) if s == b]
-            frames.append([batch.frame_shapes[i][0] * batch.frame_shapes[i][1] for i in idx])
-            texts.append([batch.unit_lengths[batch.frame_unit[i]] for i in idx])
-        return model.flops(frames, texts)
-    p = batch.patch_size
-    n_img = [(h // p) * (w // p) for h, w in batch.target_sizes]
-    n_txt = [sum(batch.unit_lengths[u] for u in units) for units in batch.sample_units]
-    return model.flops(n_img, n_txt, n_img)
-
-
 def run_denoiser(small: bool, dtype: torch.dtype, hw: Hardware, device: torch.device, compile_: bool,
                  warmup: int, rep: int, log: Callable[[str], None] = print) -> list[StepRow]:
     rows: list[StepRow] = []
@@ -80,13 +67,12 @@ def run_denoiser(small: bool, dtype: torch.dtype, hw: Hardware, device: torch.de
         providers += [p + "+compile" for p in providers]
     for preset, (res, conds, samples) in (CPU_CASES if small else GPU_CASES).items():
         cfg = get_config(preset)
-        ace = isinstance(cfg, ACEConfig)
         torch.manual_seed(0)
         model = build_model(cfg).to(device=device, dtype=dtype)
         batch = _batch(cfg, res, conds, samples, device)
         x = batch.target_tokens().to(dtype)
         t = torch.full((samples,), 500.0, device=device)
-        flops = _flops(model, batch, ace)
+        flops = forward_flops(model, batch)
         tokens = int(batch.tokens.shape[0])
         log(f"  {preset}: {tokens} image tokens, {flops / 1e9:,.0f} GFLOP per forward")
         for mode in ("inference", "training"):

@@ -8,6 +8,7 @@ import torch
 from safetensors import safe_open
 
 from .config import ACEConfig, SD3Config, config_from_dict, config_to_dict, get_config
+from .lcu import PackedLCU
 from .weights import load_into, load_state_dict_file, save_safetensors
 
 
@@ -21,6 +22,18 @@ def build_model(cfg: ACEConfig | SD3Config | str) -> torch.nn.Module:
     from .sd3 import SD3Model
 
     return SD3Model(cfg)
+
+
+def forward_flops(model: torch.nn.Module, batch: PackedLCU) -> int:
+    """Matmul FLOPs of one forward of ``model`` over ``batch`` (the models' own formulas)."""
+    frames: list[list[int]] = [[] for _ in range(batch.num_samples)]
+    texts: list[list[int]] = [[] for _ in range(batch.num_samples)]
+    for s, u, (gh, gw) in zip(batch.frame_sample, batch.frame_unit, batch.frame_shapes):
+        frames[s].append(gh * gw)
+        texts[s].append(batch.unit_lengths[u])
+    if isinstance(model.cfg, ACEConfig):
+        return model.flops(frames, texts)
+    return model.flops([f[0] for f in frames], [t[0] for t in texts], [sum(f[1:]) for f in frames])
 
 
 def count_parameters(model: torch.nn.Module) -> int:

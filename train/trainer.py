@@ -29,8 +29,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from omniace.engine.config import ACEConfig, config_to_dict, get_config
-from omniace.engine.lcu import PackedLCU
-from omniace.engine.model import build_model
+from omniace.engine.model import build_model, forward_flops
 from omniace.engine.pipeline import tiny_text_encoder
 from omniace.engine.text import indicator_table
 from omniace.engine.weights import load_into, load_state_dict_file, save_safetensors
@@ -108,18 +107,6 @@ def peak_flops(device: torch.device) -> float | None:
         if key in name:
             return tflops * 1e12
     return None
-
-
-def forward_flops(model, batch: PackedLCU) -> int:
-    """Matmul FLOPs of one forward over ``batch`` (the models' own formulas)."""
-    frames: list[list[int]] = [[] for _ in range(batch.num_samples)]
-    texts: list[list[int]] = [[] for _ in range(batch.num_samples)]
-    for s, u, (gh, gw) in zip(batch.frame_sample, batch.frame_unit, batch.frame_shapes):
-        frames[s].append(gh * gw)
-        texts[s].append(batch.unit_lengths[u])
-    if isinstance(model.cfg, ACEConfig):
-        return model.flops(frames, texts)
-    return model.flops([f[0] for f in frames], [t[0] for t in texts], [sum(f[1:]) for f in frames])
 
 
 def _init_distributed() -> tuple[int, int, torch.device]:
