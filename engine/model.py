@@ -40,8 +40,17 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def save_weights(sd: dict[str, torch.Tensor], cfg: ACEConfig | SD3Config, path: str | Path,
+                 dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None) -> None:
+    """A self-describing safetensors file: the config rides in the ``omniace_config`` metadata that
+    :func:`load_model` reads; ``dtype`` casts the floating tensors."""
+    if dtype is not None:
+        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    save_safetensors(sd, path, metadata={**(metadata or {}), "omniace_config": json.dumps(config_to_dict(cfg))})
+
+
 def save_model(model: torch.nn.Module, path: str | Path) -> None:
-    save_safetensors(model.state_dict(), path, metadata={"omniace_config": json.dumps(config_to_dict(model.cfg))})
+    save_weights(model.state_dict(), model.cfg, path)
 
 
 def load_model(path: str | Path, cfg: ACEConfig | SD3Config | str | None = None) -> torch.nn.Module:

@@ -131,9 +131,8 @@ def export_checkpoint(path: str | Path, out: str | Path, weights: str = "ema", d
     frozen ones (what the trainer exports at the end); ``"model"`` the raw weights. Evaluating a run
     mid-way, or a checkpoint of a run that was stopped, needs no process group and no resume.
     """
-    from omniace.engine.config import config_from_dict, config_to_dict
-    from omniace.engine.model import build_model
-    from omniace.engine.weights import save_safetensors
+    from omniace.engine.config import config_from_dict
+    from omniace.engine.model import build_model, save_weights
 
     if weights not in ("ema", "model"):
         raise ValueError(f"weights {weights!r}; expected 'ema' or 'model'")
@@ -156,9 +155,7 @@ def export_checkpoint(path: str | Path, out: str | Path, weights: str = "ema", d
     dcp.load(state, checkpoint_id=str(path), no_dist=True)
     if weights == "ema":
         sd.update(state["ema"])
-    save_safetensors({k: v.to(EXPORT_DTYPES[dtype]) if v.is_floating_point() else v for k, v in sd.items()}, out,
-                     metadata={"omniace_config": json.dumps(config_to_dict(cfg)), "step": str(meta["step"]),
-                               "weights": weights})
+    save_weights(sd, cfg, out, EXPORT_DTYPES[dtype], {"step": str(meta["step"]), "weights": weights})
     return Path(out)
 
 

@@ -29,10 +29,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 from omniace.engine.config import ACEConfig, config_to_dict, get_config
-from omniace.engine.model import build_model, forward_flops
+from omniace.engine.model import build_model, forward_flops, save_weights
 from omniace.engine.pipeline import tiny_text_encoder
 from omniace.engine.text import indicator_table
-from omniace.engine.weights import load_into, load_state_dict_file, save_safetensors
+from omniace.engine.weights import load_into, load_state_dict_file
 
 from .checkpoint import EXPORT_DTYPES, CheckpointManager
 from .data import DataConfig, EditLoader
@@ -231,11 +231,8 @@ class Trainer:
         ema = {n: t.full_tensor().cpu() if hasattr(t, "full_tensor") else t.cpu() for n, t in self.ema.items()}
         if self.rank == 0:
             full.update(ema)
-            meta = {"omniace_config": json.dumps(config_to_dict(self.model_cfg)), "step": str(self.step),
-                    "ema_decay": str(self.cfg.ema_decay)}
-            dtype = EXPORT_DTYPES[self.cfg.export_dtype]
-            save_safetensors({k: v.to(dtype) if v.is_floating_point() else v for k, v in full.items()}, path,
-                             metadata=meta)
+            save_weights(full, self.model_cfg, path, EXPORT_DTYPES[self.cfg.export_dtype],
+                         {"step": str(self.step), "ema_decay": str(self.cfg.ema_decay)})
             self.log(f"exported EMA weights to {path}")
         dist.barrier()
 
