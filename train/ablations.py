@@ -65,22 +65,18 @@ def launch(args: list[str], nproc: int, log_path: Path) -> None:
 
 
 def evaluate_weights(path: Path, per_task: int, steps: int, guidance: float) -> dict:
-    from omniace.engine.codec import PixelCodec
-    from omniace.engine.model import load_model
-    from omniace.engine.pipeline import EditPipeline, tiny_text_encoder
+    from omniace.engine.pipeline import EditPipeline
 
     from .eval import evaluate, held_out
 
-    model = load_model(path)
-    pipe = EditPipeline(model, tiny_text_encoder(model.cfg), PixelCodec(model.cfg.codec_factor))
-    result, _ = evaluate(pipe, held_out(per_task), steps=steps, guidance=guidance, seed=0)
+    result, _ = evaluate(EditPipeline.pretrained(path), held_out(per_task), steps=steps, guidance=guidance, seed=0)
     return result.to_dict()
 
 
-def train_args(a: argparse.Namespace, preset: str, seed: int, out: Path) -> list[str]:
-    return ["--data", str(a.corpus), "--out", str(out), "--preset", preset, "--steps", str(a.steps),
+def train_args(a: argparse.Namespace, preset: str, seed: int, out: Path, steps: int) -> list[str]:
+    return ["--data", str(a.corpus), "--out", str(out), "--preset", preset, "--steps", str(steps),
             "--lr", str(a.lr), "--warmup", str(a.warmup), "--token-budget", str(a.token_budget),
-            "--ckpt-every", str(a.steps), "--log-every", "50", "--decoder", "pil", "--seed", str(seed)]
+            "--ckpt-every", str(steps), "--log-every", "50", "--decoder", "pil", "--seed", str(seed)]
 
 
 def run_study(study: str, a: argparse.Namespace, settings: dict, log=print) -> dict:
@@ -91,10 +87,7 @@ def run_study(study: str, a: argparse.Namespace, settings: dict, log=print) -> d
         base = base_dir / "model.safetensors"
         if not base.exists():
             log(f"[{study}] pretraining the sd3-small base ({a.base_steps} steps, no source image)")
-            args = train_args(a, "sd3-small", 0, base_dir)
-            args[args.index("--steps") + 1] = str(a.base_steps)
-            args[args.index("--ckpt-every") + 1] = str(a.base_steps)
-            launch(args, a.nproc, base_dir / "train.log")
+            launch(train_args(a, "sd3-small", 0, base_dir, a.base_steps), a.nproc, base_dir / "train.log")
         results["base"] = {"preset": "sd3-small", "steps": a.base_steps}
     for arm in STUDIES[study]:
         runs = []
@@ -102,7 +95,7 @@ def run_study(study: str, a: argparse.Namespace, settings: dict, log=print) -> d
             run_dir = a.out / study / f"{arm.slug}-seed{seed}"
             weights = run_dir / "model.safetensors"
             if not weights.exists():  # a finished run is reused: rerunning the script only re-evaluates
-                args = train_args(a, arm.preset, seed, run_dir) + arm.args
+                args = train_args(a, arm.preset, seed, run_dir, a.steps) + arm.args
                 if arm.needs_base:
                     args += ["--init", str(base)]
                 launch(args, a.nproc, run_dir / "train.log")

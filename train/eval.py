@@ -93,8 +93,8 @@ def _metrics(rows: list[tuple[float, float, bool, float, float, bool]]) -> TaskM
     return TaskMetrics(len(rows), *(float(x) for x in a.mean(axis=0)))
 
 
-def evaluate(pipe, samples: list[EvalSample], steps: int = 20, guidance: float = 1.5, seed: int = 0,
-             log=print) -> tuple[EvalResult, list[Image.Image]]:
+def evaluate(pipe, samples: list[EvalSample], steps: int = 20, guidance: float = 1.5,
+             seed: int = 0) -> tuple[EvalResult, list[Image.Image]]:
     """Edit every sample with ``pipe`` and score it; returns the result and the outputs in order."""
     per_task: dict[str, list] = {}
     outputs = []
@@ -146,7 +146,7 @@ def run(pipe, out: str | Path, per_task: int = 8, steps: int = 20, guidance: flo
     """Evaluate on the held-out split, print the table, write ``{name}.json`` and ``{name}_grid.png``."""
     out = Path(out)
     samples = held_out(per_task, seed=split_seed)
-    result, outputs = evaluate(pipe, samples, steps=steps, guidance=guidance, seed=seed, log=log)
+    result, outputs = evaluate(pipe, samples, steps=steps, guidance=guidance, seed=seed)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     shown = [i for i in range(len(samples)) if i % per_task < grid_per_task]
@@ -157,9 +157,7 @@ def run(pipe, out: str | Path, per_task: int = 8, steps: int = 20, guidance: flo
 
 
 def main(argv: list[str] | None = None) -> None:
-    from omniace.engine.codec import PixelCodec
-    from omniace.engine.model import load_model
-    from omniace.engine.pipeline import EditPipeline, tiny_text_encoder
+    from omniace.engine.pipeline import EditPipeline
 
     ap = argparse.ArgumentParser(prog="python -m omniace.train.eval", description=__doc__.splitlines()[0])
     ap.add_argument("--weights", required=True, help="a self-describing safetensors file (the trainer's export)")
@@ -172,8 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--split-seed", type=int, default=HELD_OUT_SEED,
                     help="generator seed of the split (tune sampling settings on another one, e.g. 20000)")
     a = ap.parse_args(argv)
-    model = load_model(a.weights)
-    pipe = EditPipeline(model, tiny_text_encoder(model.cfg), PixelCodec(model.cfg.codec_factor))
+    pipe = EditPipeline.pretrained(a.weights)
     run(pipe, a.out, a.per_task, a.steps, a.guidance, a.seed, a.grid_per_task, split_seed=a.split_seed)
 
 
