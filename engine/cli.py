@@ -7,9 +7,9 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from .config import ACEConfig, PRESETS, get_config
+from .imageio import decode_image
 from .model import build_model, count_parameters
 
 
@@ -43,8 +43,8 @@ def cmd_edit(args: argparse.Namespace) -> None:
         pipe = EditPipeline.pretrained()
     else:
         pipe = EditPipeline.tiny("sd3")  # no trained SD3 default ships: an untrained tiny EditNet
-    images = [Image.open(p).convert("RGB") for p in args.image]
-    masks = [Image.open(p) for p in args.mask] if args.mask else None
+    images = [decode_image(p, f"--image {p}") for p in args.image]
+    masks = [decode_image(p, f"--mask {p}") for p in args.mask] if args.mask else None
     size = tuple(int(v) for v in args.size.split("x")) if args.size else None
     # the embedded default was tuned at guidance 1.5 on a validation split; ACE's own default is 4.5
     guidance = args.guidance if args.guidance is not None else (4.5 if args.weights else 1.5)

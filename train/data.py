@@ -12,7 +12,6 @@ once per kind; it never stops the run and never disappears silently.
 """
 from __future__ import annotations
 
-import io
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from torch import Tensor
 
 from omniace import require
 from omniace.engine.codec import PixelCodec
+from omniace.engine.imageio import decode_rgb_array
 from omniace.engine.lcu import ConditionUnit, ImageInput, LCUSample, PackedLCU, indicator_token, pack
 from omniace.engine.pipeline import mask_to_latent, to_tensor
 
@@ -151,10 +151,8 @@ class PILDecoder:
         out = []
         for b in blobs:
             try:
-                img = Image.open(io.BytesIO(b))
-                img.load()
-                out.append(np.asarray(img.convert("RGB")))
-            except Exception:  # noqa: BLE001 - any undecodable payload is a corrupt record
+                out.append(decode_rgb_array(b))
+            except (ValueError, TypeError):  # an undecodable or missing payload is a corrupt record
                 out.append(None)
         return out
 
@@ -230,8 +228,10 @@ class EditLoader:
     """
 
     def __init__(self, cfg: DataConfig, text_encode: Callable[[list[str]], list], rank: int = 0,
-                 world: int = 1, log: Callable[[str], None] = print):
+                 world: int = 1, log: Callable[[str], None] = print,
+                 on_skip: Callable[[dict], None] | None = None):
         self.cfg = cfg
+        self.on_skip = on_skip
         self.text_encode = text_encode
         self.log = log
         self.stats: dict[str, int] = {"records": 0, "corrupt_image": 0, "bad_row": 0, "zero_weight": 0}
@@ -242,11 +242,14 @@ class EditLoader:
         self.buckets: dict[str, list[tuple[tuple[int, int, int], dict]]] = {}
         self.batches_yielded = 0
 
-    def _report(self, kind: str, msg: str) -> None:
+    def _report(self, kind: str, record_id: str, reason: str) -> None:
+        """Count a skipped record; ``on_skip`` (the trainer's skipped.jsonl) gets every one of them."""
         self.stats[kind] = self.stats.get(kind, 0) + 1
+        if self.on_skip is not None:
+            self.on_skip({"id": str(record_id), "kind": kind, "reason": reason})
         if kind not in self._warned:
             self._warned.add(kind)
-            self.log(f"data: skipping a record ({kind}): {msg}; further ones are only counted in stats")
+            self.log(f"data: skipping a record ({kind}): {record_id}: {reason}; further ones are only counted in stats")
 
     def tokens(self, row: dict) -> int:
         unit = self.cfg.patch_size * self.cfg.codec_factor
@@ -264,7 +267,7 @@ class EditLoader:
                 raise ValueError("missing image or prompt")
             return importance_weight(row, self.cfg.importance)
         except (KeyError, TypeError, ValueError) as err:
-            self._report("bad_row", f"{row.get('omni_edit_id', key)}: {err}")
+            self._report("bad_row", row.get("omni_edit_id", key), str(err))
             return None
 
     def _sample(self, key, row: dict, images: dict[str, np.ndarray]) -> LCUSample | None:
@@ -273,7 +276,7 @@ class EditLoader:
         for name, arr in images.items():
             if arr is None or arr.shape[:2] != (h, w):
                 got = "undecodable" if arr is None else f"{arr.shape[1]}x{arr.shape[0]}"
-                self._report("corrupt_image", f"{row['omni_edit_id']}: {name} is {got}, expected {w}x{h}")
+                self._report("corrupt_image", row["omni_edit_id"], f"{name} is {got}, expected {w}x{h}")
                 return None
         rng = random.Random(f"{self.cfg.seed}:{row['omni_edit_id']}")
         prompts = row["edited_prompt_list"]

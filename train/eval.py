@@ -13,7 +13,6 @@ and ``eval_grid.png`` (source | instruction | output | target, one row per sampl
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import textwrap
 import time
@@ -22,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from omniace.engine.imageio import decode_image
 
 from .scorer import score
 from .synthetic import TASKS, generate
@@ -76,7 +77,7 @@ def held_out(per_task: int, seed: int = HELD_OUT_SEED, short_sides: tuple[int, .
         for rec in generate(per_task, seed=seed + 1000 * t, short_sides=short_sides, failure_rate=0.0,
                             multi_turn=0.0, tasks=(task,)):
             def img(col):
-                return Image.open(io.BytesIO(rec[col]["bytes"])).convert("RGB") if rec.get(col) else None
+                return decode_image(rec[col]["bytes"], f"{rec['omni_edit_id']} {col}") if rec.get(col) else None
 
             mask = img("mask_img")
             out.append(EvalSample(task, rec["edited_prompt_list"][0], img("src_img"), img("edited_img"),
