@@ -5,11 +5,16 @@ Layout under ``root``: ``step_00000100/`` holds the DCP shards of the model, opt
 Every rank writes into ``step_00000100.tmp/``; only when all have finished does rank 0 write
 ``meta.json`` and rename the folder, so a crash mid-save leaves a ``.tmp`` folder that is never loaded
 (and is removed by the next save) while the last complete checkpoint stays intact.
+
+Loading never executes pickled code: DCP's index and its non-tensor entries are pickles, which stock
+``dcp.load`` reads with ``pickle.load`` and ``torch.load(weights_only=False)``; :func:`dcp_load` reads the
+index with an allow-list of the exact DCP classes and the entries with ``weights_only=True``.
 """
 from __future__ import annotations
 
 import json
 import os
+import pathlib
 import pickle
 import re
 import shutil
@@ -23,33 +28,129 @@ EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfl
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
-# DCP's ``.metadata`` is a plain pickle (torch reads it with pickle.load): before any load it is replayed
-# here with only the globals a DCP index holds, so a crafted checkpoint cannot run code
-_SAFE_GLOBALS = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
-                 ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
-                 ("collections", "OrderedDict")}
+def _dcp_classes() -> dict[tuple[str, str], object]:
+    """The exact objects a DCP index pickle may name, keyed by (module, qualified name) as pickled."""
+    from torch.distributed.checkpoint import filesystem, metadata
+    from torch.serialization import _get_layout
+
+    allowed: dict[tuple[str, str], object] = {
+        (metadata.__name__, name): getattr(metadata, name)
+        for name in ("Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata", "BytesStorageMetadata",
+                     "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING")}
+    allowed[(filesystem.__name__, "_StorageInfo")] = filesystem._StorageInfo
+    allowed[("torch", "Size")] = torch.Size
+    allowed[("torch.serialization", "_get_layout")] = _get_layout  # str -> one of torch's layout constants
+    allowed[("pathlib", "PosixPath")] = pathlib.PosixPath  # StorageMeta.checkpoint_id
+    allowed.update({("torch", name): value for name, value in vars(torch).items() if isinstance(value, torch.dtype)})
+    return allowed
 
 
-class _MetadataUnpickler(pickle.Unpickler):
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles only the exact classes in ``allowed``; every other global is refused before it is resolved.
+
+    ``find_class`` is the single door through which a pickle reaches code (GLOBAL, STACK_GLOBAL, INST, OBJ
+    and the EXT opcodes all pass through it; PERSID has no handler). Looking the (module, name) pair up in a
+    dict, instead of importing the module and resolving the name, means a dotted name (``os.system`` inside
+    an allowed module, which protocol 4 would resolve attribute by attribute) or any other attribute of an
+    allowed module is never resolved at all.
+    """
+
+    def __init__(self, file, allowed: dict[tuple[str, str], object]):
+        super().__init__(file)
+        self.allowed = allowed
+
     def find_class(self, module: str, name: str):
-        if module == "torch.distributed.checkpoint.metadata" or (module, name) in _SAFE_GLOBALS:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        raise pickle.UnpicklingError(f"{module}.{name}")
+        try:
+            return self.allowed[(module, name)]
+        except (KeyError, TypeError):  # TypeError: an unhashable key pushed by a crafted stream
+            raise pickle.UnpicklingError(f"{module}.{name}") from None
 
 
-def check_metadata(path: Path) -> None:
-    """Refuse a checkpoint whose DCP index would need arbitrary pickled code to load."""
+def read_dcp_metadata(path: Path):
+    """Read a DCP checkpoint's ``.metadata`` index without executing code, and check it.
+
+    Args: ``path``, a DCP checkpoint folder. Returns the ``torch.distributed.checkpoint.metadata.Metadata``.
+    Raises ``FileNotFoundError`` without a ``.metadata`` file, ``ValueError`` when the pickle names any global
+    outside the DCP index classes (torch itself would import and call it: code execution), is not a
+    ``Metadata``, or points a shard outside the folder (``../`` in a storage path).
+    """
+    from torch.distributed.checkpoint.metadata import Metadata
+
     meta = Path(path) / ".metadata"
     if not meta.is_file():
         raise FileNotFoundError(f"{path}: no DCP .metadata file")
     try:
         with open(meta, "rb") as f:
-            _MetadataUnpickler(f).load()
-    except (pickle.UnpicklingError, AttributeError, EOFError, ValueError) as err:
+            md = RestrictedUnpickler(f, _dcp_classes()).load()
+    except pickle.UnpicklingError as err:
         raise ValueError(f"{path}: refusing to load this checkpoint: its .metadata pickle references {err}, "
                          f"which a DCP index never holds (loading it could execute code)") from None
+    except Exception as err:  # noqa: BLE001 - a restricted load that fails any other way is a refusal too
+        raise ValueError(f"{path}: refusing to load this checkpoint: its .metadata is not a readable DCP index "
+                         f"({type(err).__name__}: {err})") from None
+    if not isinstance(md, Metadata):
+        raise ValueError(f"{path}: refusing to load this checkpoint: its .metadata holds a {type(md).__name__}, "
+                         f"not a DCP Metadata index")
+    for index, info in (md.storage_data or {}).items():
+        rel = getattr(info, "relative_path", None)
+        if not isinstance(rel, str) or not rel or Path(rel).name != rel or rel in (".", ".."):
+            raise ValueError(f"{path}: refusing to load this checkpoint: entry {getattr(index, 'fqn', index)!r} "
+                             f"reads {rel!r}, not a file inside the checkpoint folder")
+    return md
+
+
+def _safe_reader_and_planner(path: Path):
+    """A FileSystemReader and load planner that unpickle nothing beyond data.
+
+    Stock DCP reads ``.metadata`` with ``pickle.load`` and every non-tensor entry (optimizer hyper-parameters)
+    with ``torch.load(weights_only=False)``: both would run code from a crafted checkpoint. Here the index
+    goes through :func:`read_dcp_metadata` and the entries through ``torch.load(weights_only=True)``.
+    """
+    from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            if kwargs.get("rank") is not None:
+                raise ValueError(f"{path}: per-rank DCP metadata files are not supported")
+            md = read_dcp_metadata(Path(self.path))
+            if getattr(md, "storage_meta", None) is None:
+                md.storage_meta = StorageMeta()
+            md.storage_meta.load_id = self.load_id
+            return md
+
+    class SafePlanner(DefaultLoadPlanner):
+        # DefaultLoadPlanner.load_bytes with weights_only=True: the same placement, no pickled code
+        def load_bytes(self, read_item, value) -> None:
+            from torch.distributed.checkpoint._traverse import set_element
+
+            fqn = read_item.dest_index.fqn
+            try:
+                obj = torch.load(value, weights_only=True)
+            except Exception as err:  # noqa: BLE001 - weights_only refused it: name the entry, never fall back
+                raise ValueError(f"{path}: refusing to load this checkpoint: entry {fqn!r} needs pickled code "
+                                 f"to load ({type(err).__name__}: {str(err).splitlines()[0][:160]})") from None
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[fqn], obj)
+            else:
+                self.state_dict[fqn] = obj
+
+    return SafeReader(str(path)), SafePlanner()
+
+
+def dcp_load(state: dict, path: Path, no_dist: bool = False) -> None:
+    """``torch.distributed.checkpoint.load`` of ``path`` into ``state`` in place, through the safe reader."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    read_dcp_metadata(path)  # refuse before any collective or file read starts
+    reader, planner = _safe_reader_and_planner(path)
+    try:
+        dcp.load(state, storage_reader=reader, planner=planner, no_dist=no_dist)
+    except CheckpointException as err:  # DCP wraps each rank's error: surface a refusal as itself
+        refusals = [exc for exc, _ in err.failures.values() if isinstance(exc, ValueError)]
+        if refusals:
+            raise refusals[0] from None
+        raise
 
 
 def _fsync_dir(path: Path) -> None:
@@ -118,8 +219,7 @@ class CheckpointManager:
             raise ValueError(f"{path} was written by {meta['world_size']} ranks, this run has {world}: "
                              f"the data position is per rank, so resume with --nproc_per_node "
                              f"{meta['world_size']}")
-        check_metadata(path)
-        dcp.load(state, checkpoint_id=str(path))
+        dcp_load(state, path)
         loader_state = json.loads((path / f"loader_rank{rank}.json").read_text())
         return meta, loader_state
 
@@ -142,17 +242,16 @@ def export_checkpoint(path: str | Path, out: str | Path, weights: str = "ema", d
     if not (path / "meta.json").is_file():
         raise FileNotFoundError(f"{path}: not a complete checkpoint (no meta.json)")
     meta = json.loads((path / "meta.json").read_text())
-    check_metadata(path)
+    index = read_dcp_metadata(path)
     cfg = config_from_dict(meta["model_config"])
     with torch.device("meta"):
         model = build_model(cfg)
     sd = {k: torch.empty_like(v, device="cpu") for k, v in model.state_dict().items()}
     state: dict = {"model": sd}
     if weights == "ema":
-        reader = dcp.FileSystemReader(str(path))
-        names = {k.split(".", 1)[1] for k in reader.read_metadata().state_dict_metadata if k.startswith("ema.")}
+        names = {k.split(".", 1)[1] for k in index.state_dict_metadata if k.startswith("ema.")}
         state["ema"] = {k: torch.empty_like(sd[k]) for k in names}
-    dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    dcp_load(state, path, no_dist=True)
     if weights == "ema":
         sd.update(state["ema"])
     save_weights(sd, cfg, out, EXPORT_DTYPES[dtype], {"step": str(meta["step"]), "weights": weights})
