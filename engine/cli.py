@@ -71,7 +71,7 @@ def _float(text: str, name: str) -> float:
 
 STEPS = _arg(lambda t: _int(t, "steps", 1))
 SEED = _arg(lambda t: _int(t, "seed", 0))
-COUNT = _arg(lambda t: _int(t, "count", 1))
+PER_TASK = _arg(lambda t: _int(t, "per-task", 1))
 IMAGES = _arg(lambda t: _int(t, "images", 0))
 GUIDANCE = _arg(lambda t: _float(t, "guidance"))
 SIZE = _arg(_size)
@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="edit held-out scenes of every task with the embedded trained default")
     p.add_argument("--out", default="out", help="folder for demo.json and demo_grid.png")
     p.add_argument("--weights", help="another trainer export (default: the embedded ace-small)")
-    p.add_argument("--per-task", type=COUNT, default=4)
+    p.add_argument("--per-task", type=PER_TASK, default=4)
     # chosen on a validation split (generator seed 20000), not on the held-out one the demo reports
     p.add_argument("--steps", type=STEPS, default=10)
     p.add_argument("--guidance", type=GUIDANCE, default=1.5)

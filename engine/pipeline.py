@@ -84,9 +84,10 @@ def check_output_path(path: str | os.PathLike, inputs: Sequence[str | os.PathLik
         if suffix not in suffixes:
             raise ValueError(f"{what} {str(p)!r} must end in {' or '.join(suffixes)}")
     else:
-        fmt = _image_suffixes().get(suffix)
+        writable = _image_suffixes()
+        fmt = writable.get(suffix)
         if fmt is None:
-            common = [e for e in (".png", ".jpg", ".webp", ".bmp", ".tiff") if e in _image_suffixes()]
+            common = [e for e in (".png", ".jpg", ".webp", ".bmp", ".tiff") if e in writable]
             raise ValueError(f"{what} {str(p)!r} has {'no' if not suffix else 'the unknown'} image extension "
                              f"{suffix!r}; expected a file name ending in one PIL can write, such as "
                              f"{', '.join(common)}")

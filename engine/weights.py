@@ -186,7 +186,7 @@ def save_safetensors(sd: StateDict, path: str | os.PathLike, metadata: dict[str,
     os.umask(umask)
     try:
         save_file(tensors, tmp, metadata=metadata or None)
-        # after save_file: safetensors >= 0.8 writes a new file in place of tmp, which keeps mkstemp's 0600
+        # after save_file, not before: safetensors >= 0.8 writes tmp anew and a mode set earlier is lost (0600)
         os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())

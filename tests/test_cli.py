@@ -58,7 +58,7 @@ def no_model(monkeypatch):
     (["edit", "--instruction", "x", "--guidance", "nan"], "argument --guidance: guidance must be a finite number, "
                                                           "got nan"),
     (["edit", "--instruction", "x", "--seed", "-1"], "seed must be an integer >= 0, got -1"),
-    (["demo", "--per-task", "0"], "count must be an integer >= 1, got 0"),
+    (["demo", "--per-task", "0"], "argument --per-task: per-task must be an integer >= 1, got 0"),
     (["info", "--resolution", "512x"], "resolution '512x' is not WIDTHxHEIGHT"),
     (["info", "--resolution", "big"], "resolution 'big' is neither a side nor WIDTHxHEIGHT"),
 ])
