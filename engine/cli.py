@@ -1,16 +1,81 @@
-"""The ``omniace`` console script: ``demo``, ``edit``, ``info``, ``convert``."""
+"""The ``omniace`` console script: ``demo``, ``edit``, ``info``, ``convert``.
+
+A user error (a bad argument, an unreadable file, a refused output path, a non-finite latent) prints one
+line ``omniace: error: ...`` on stderr and exits with status 2, with no traceback; ``--debug`` shows it.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from .config import ACEConfig, PRESETS, get_config
 from .imageio import decode_image
+from .lcu import MAX_INDICATORS
 from .model import build_model, count_parameters
+from .sampler import check_finite, check_int
+
+# what a user can cause: bad values and files (ValueError, OSError), a missing extra (ImportError),
+# a model that overflowed (FloatingPointError). Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError, ImportError, FloatingPointError)
+
+
+def _arg(check: Callable[[str], object]) -> Callable[[str], object]:
+    """An argparse ``type=``: ``check``'s ValueError becomes argparse's one-line usage error (exit 2)."""
+    def convert(text: str) -> object:
+        try:
+            return check(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    convert.__name__ = check.__name__
+    return convert
+
+
+def _int(text: str, name: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {text!r}") from None
+    return check_int(value, name, minimum)
+
+
+def _size(text: str, name: str = "size") -> tuple[int, int]:
+    """``WIDTHxHEIGHT`` (``x`` or ``X``) in positive integer pixels."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"{name} {text!r} is not WIDTHxHEIGHT in positive integer pixels, e.g. 512x384")
+    return int(parts[0]), int(parts[1])
+
+
+def _resolution(text: str) -> tuple[int, int]:
+    """A side (square) or ``WIDTHxHEIGHT``."""
+    if text.strip().isdigit() and int(text) > 0:
+        return int(text), int(text)
+    if "x" not in text.lower():
+        raise ValueError(f"resolution {text!r} is neither a side nor WIDTHxHEIGHT in positive integer pixels, "
+                         f"e.g. 512 or 512x384")
+    return _size(text, "resolution")
+
+
+def _float(text: str, name: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{name} must be a finite number, got {text!r}") from None
+    return check_finite(value, name)
+
+
+STEPS = _arg(lambda t: _int(t, "steps", 1))
+SEED = _arg(lambda t: _int(t, "seed", 0))
+PER_TASK = _arg(lambda t: _int(t, "per-task", 1))
+IMAGES = _arg(lambda t: _int(t, "images", 0))
+GUIDANCE = _arg(lambda t: _float(t, "guidance"))
+SIZE = _arg(_size)
+RESOLUTION = _arg(_resolution)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -18,12 +83,15 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     from .pipeline import EditPipeline
 
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {args.out!r} is a file; expected a folder for the demo's table and grid")
     pipe = EditPipeline.pretrained(args.weights)
     print(f"omniace demo: {count_parameters(pipe.model):,}-parameter {type(pipe.cfg).__name__[:-6]} model trained "
           f"on the synthetic OmniEdit-style corpus, editing held-out scenes ({args.per_task} per task, "
           f"{args.steps} DDIM steps, guidance {args.guidance}) on {torch.get_num_threads()} CPU thread(s)")
     t0 = time.perf_counter()
-    run(pipe, Path(args.out), per_task=args.per_task, steps=args.steps, guidance=args.guidance, seed=args.seed,
+    run(pipe, out, per_task=args.per_task, steps=args.steps, guidance=args.guidance, seed=args.seed,
         grid_per_task=min(2, args.per_task), name="demo")
     print(f"done in {time.perf_counter() - t0:.1f}s; 'copy' columns score the unedited source as the output")
 
@@ -31,27 +99,35 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_edit(args: argparse.Namespace) -> None:
     from .codec import AutoencoderKLCodec
     from .model import load_model
-    from .pipeline import EditPipeline
+    from .pipeline import EditPipeline, check_output_path
     from .text import T5TextEncoder
 
+    # every check a user can fail comes before the model is loaded
+    if args.weights and (args.text_encoder is None or args.vae is None):
+        raise ValueError(f"--weights {args.weights!r} needs --text-encoder and --vae folders")
+    if args.size and args.image:
+        raise ValueError(f"--size {args.size[0]}x{args.size[1]} is for text-to-image; an edit keeps the size "
+                         f"of its first --image")
+    if not args.image and not args.size:
+        raise ValueError("text-to-image (no --image) needs --size WIDTHxHEIGHT")
+    out, created = check_output_path(args.out, inputs=args.image + args.mask, force=args.force)
+    if created is not None:
+        print(f"created folder {created}")
+    images = [decode_image(p, f"--image {p}") for p in args.image]
+    masks = [decode_image(p, f"--mask {p}").convert("L") for p in args.mask]
     if args.weights:
         model = load_model(args.weights)
-        if args.text_encoder is None or args.vae is None:
-            raise SystemExit("--weights needs --text-encoder and --vae folders")
         pipe = EditPipeline(model, T5TextEncoder(args.text_encoder), AutoencoderKLCodec(args.vae))
     elif args.family == "ace":
         pipe = EditPipeline.pretrained()
     else:
         pipe = EditPipeline.tiny("sd3")  # no trained SD3 default ships: an untrained tiny EditNet
-    images = [decode_image(p, f"--image {p}") for p in args.image]
-    masks = [decode_image(p, f"--mask {p}") for p in args.mask] if args.mask else None
-    size = tuple(int(v) for v in args.size.split("x")) if args.size else None
     # the embedded default was tuned at guidance 1.5 on a validation split; ACE's own default is 4.5
     guidance = args.guidance if args.guidance is not None else (4.5 if args.weights else 1.5)
-    out = pipe.edit(images or None, args.instruction, masks=masks, steps=args.steps, guidance=guidance,
-                    seed=args.seed, size=size)[0]
-    out.save(args.out)
-    print(f"wrote {args.out}")
+    result = pipe.edit(images or None, args.instruction, masks=masks, steps=args.steps, guidance=guidance,
+                       seed=args.seed, size=args.size, truncate=args.truncate)[0]
+    result.save(out)
+    print(f"wrote {out}")
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -59,7 +135,9 @@ def cmd_info(args: argparse.Namespace) -> None:
     with torch.device("meta"):
         model = build_model(cfg)
     f = cfg.codec_factor * cfg.patch_size
-    w, h = (int(v) for v in args.resolution.split("x")) if "x" in args.resolution else (int(args.resolution),) * 2
+    w, h = args.resolution
+    if isinstance(cfg, ACEConfig) and args.images > MAX_INDICATORS - 1:
+        raise ValueError(f"--images {args.images}: an ACE request takes at most {MAX_INDICATORS - 1} condition images")
     n_img = (h // f) * (w // f)
     if isinstance(cfg, ACEConfig):
         frames = [[n_img] * (1 + args.images)]
@@ -74,51 +152,82 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"  forward FLOPs per denoising step (one CFG branch): {flops / 1e9:,.2f} GFLOP")
 
 
+def cmd_convert(args: argparse.Namespace) -> None:
+    from .pipeline import check_output_path
+    from .weights import convert
+
+    dst, created = check_output_path(args.dst, inputs=[args.src], force=args.force, suffixes=(".safetensors",),
+                                     what="destination")
+    if created is not None:
+        print(f"created folder {created}")
+    n = convert(args.src, dst, args.family)
+    print(f"wrote {n} tensors to {dst}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .weights import FAMILIES
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    ap = argparse.ArgumentParser(prog="omniace", description="instruction-based image editing engine")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("bench", help="op and denoiser benchmarks (omniace bench --help)")
+    p = sub.add_parser("demo", parents=[common],
+                       help="edit held-out scenes of every task with the embedded trained default")
+    p.add_argument("--out", default="out", help="folder for demo.json and demo_grid.png")
+    p.add_argument("--weights", help="another trainer export (default: the embedded ace-small)")
+    p.add_argument("--per-task", type=PER_TASK, default=4)
+    # chosen on a validation split (generator seed 20000), not on the held-out one the demo reports
+    p.add_argument("--steps", type=STEPS, default=10)
+    p.add_argument("--guidance", type=GUIDANCE, default=1.5)
+    p.add_argument("--seed", type=SEED, default=0)
+    p.set_defaults(fn=cmd_demo)
+    p = sub.add_parser("edit", parents=[common], help="edit an image following an instruction")
+    p.add_argument("--image", action="append", default=[])
+    p.add_argument("--mask", action="append", default=[], help="white = edit; the size or aspect of its --image")
+    p.add_argument("--instruction", required=True)
+    p.add_argument("--out", default="edited.png", help="image file; its extension picks the format")
+    p.add_argument("--force", action="store_true", help="allow --out to overwrite an input image")
+    p.add_argument("--family", choices=["ace", "sd3"], default="ace")
+    p.add_argument("--weights")
+    p.add_argument("--text-encoder")
+    p.add_argument("--vae")
+    p.add_argument("--size", type=SIZE, help="WIDTHxHEIGHT for text-to-image")
+    p.add_argument("--steps", type=STEPS, default=20)
+    p.add_argument("--guidance", type=GUIDANCE, default=None, help="default: 4.5 with --weights, else 1.5")
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--no-truncate", dest="truncate", action="store_false",
+                   help="refuse an instruction longer than the text encoder keeps (default: cut it, warn)")
+    p.set_defaults(fn=cmd_edit)
+    p = sub.add_parser("info", parents=[common], help="parameters and FLOPs per denoising step of a preset")
+    p.add_argument("--preset", default="ace-0.6b-512", choices=sorted(PRESETS))
+    p.add_argument("--resolution", type=RESOLUTION, default="512", help="side or WIDTHxHEIGHT in pixels")
+    p.add_argument("--images", type=IMAGES, default=1, help="condition images")
+    p.set_defaults(fn=cmd_info)
+    p = sub.add_parser("convert", parents=[common], help="convert a checkpoint to safetensors")
+    p.add_argument("src")
+    p.add_argument("dst", help="a .safetensors file")
+    p.add_argument("--family", choices=FAMILIES, default="ace")
+    p.add_argument("--force", action="store_true", help="allow dst to replace src")
+    p.set_defaults(fn=cmd_convert)
+    return ap
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # the bench CLI owns its own arguments
         from omniace.bench.cli import main as bench_main
 
         raise SystemExit(bench_main(argv[1:]))
-    ap = argparse.ArgumentParser(prog="omniace", description="instruction-based image editing engine")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("bench", help="op and denoiser benchmarks (omniace bench --help)")
-    p = sub.add_parser("demo", help="edit held-out scenes of every task with the embedded trained default")
-    p.add_argument("--out", default="out")
-    p.add_argument("--weights", help="another trainer export (default: the embedded ace-small)")
-    p.add_argument("--per-task", type=int, default=4)
-    # chosen on a validation split (generator seed 20000), not on the held-out one the demo reports
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--guidance", type=float, default=1.5)
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(fn=cmd_demo)
-    p = sub.add_parser("edit", help="edit an image following an instruction")
-    p.add_argument("--image", action="append", default=[])
-    p.add_argument("--mask", action="append", default=[])
-    p.add_argument("--instruction", required=True)
-    p.add_argument("--out", default="edited.png")
-    p.add_argument("--family", choices=["ace", "sd3"], default="ace")
-    p.add_argument("--weights")
-    p.add_argument("--text-encoder")
-    p.add_argument("--vae")
-    p.add_argument("--size", help="WIDTHxHEIGHT for text-to-image")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=None, help="default: 4.5 with --weights, else 1.5")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(fn=cmd_edit)
-    p = sub.add_parser("info", help="parameters and FLOPs per denoising step of a preset")
-    p.add_argument("--preset", default="ace-0.6b-512", choices=sorted(PRESETS))
-    p.add_argument("--resolution", default="512", help="side or WIDTHxHEIGHT in pixels")
-    p.add_argument("--images", type=int, default=1, help="condition images")
-    p.set_defaults(fn=cmd_info)
-    p = sub.add_parser("convert", help="convert a checkpoint to safetensors")
-    p.add_argument("src")
-    p.add_argument("dst")
-    p.add_argument("--family", choices=["ace", "sd3", "none"], default="ace")
-    p.set_defaults(fn=lambda a: __import__("omniace.engine.weights", fromlist=["main"]).main(
-        [a.src, a.dst, "--family", a.family]))
-    args = ap.parse_args(argv)
-    args.fn(args)
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except USER_ERRORS as err:
+        if args.debug:
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"omniace: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -5,11 +5,10 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from .config import ACEConfig, SD3Config, config_from_dict, config_to_dict, get_config
 from .lcu import PackedLCU
-from .weights import load_into, load_state_dict_file, save_safetensors
+from .weights import load_into, load_state_dict_file, read_safetensors_metadata, save_safetensors
 
 
 def build_model(cfg: ACEConfig | SD3Config | str) -> torch.nn.Module:
@@ -54,13 +53,11 @@ def save_model(model: torch.nn.Module, path: str | Path) -> None:
 
 
 def load_model(path: str | Path, cfg: ACEConfig | SD3Config | str | None = None) -> torch.nn.Module:
-    """Load a checkpoint; the config comes from ``cfg`` or the file's ``omniace_config`` metadata."""
+    """Load a checkpoint; the config comes from ``cfg`` or the file's ``omniace_config`` metadata.
+
+    Raises ValueError naming the file if it is truncated or corrupt."""
     if cfg is None:
-        if str(path).endswith(".safetensors"):
-            with safe_open(str(path), "pt") as f:
-                meta = (f.metadata() or {}).get("omniace_config")
-        else:
-            meta = None
+        meta = read_safetensors_metadata(path).get("omniace_config") if str(path).endswith(".safetensors") else None
         if meta is None:
             raise ValueError(f"{path}: no omniace_config metadata; pass the model config or preset name")
         cfg = config_from_dict(json.loads(meta))

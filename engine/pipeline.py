@@ -1,7 +1,11 @@
 """The user API: ``EditPipeline.edit(images, instruction, ...)`` and multi-turn ``EditSession``."""
 from __future__ import annotations
 
+import io
+import os
 import re
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,9 +17,10 @@ from torch import Tensor
 
 from .codec import PixelCodec
 from .config import ACEConfig, SD3Config, get_config
-from .lcu import ConditionUnit, ImageInput, LCUSample, indicator_indices, indicator_token, pack, unpatchify
+from .lcu import (MAX_INDICATORS, ConditionUnit, ImageInput, LCUSample, indicator_indices, indicator_token, pack,
+                  unpatchify)
 from .model import build_model
-from .sampler import guide, initial_noise, make_sampler
+from .sampler import check_guidance, check_int, guide, initial_noise, make_sampler
 from .text import TinyTextEncoder, indicator_table
 
 
@@ -31,15 +36,83 @@ def to_pil(image: Tensor) -> Image.Image:
     return Image.fromarray(arr)
 
 
-def mask_to_latent(mask: Image.Image | Tensor, h: int, w: int) -> Tensor:
-    """A user mask (white = edit) binarised at > 128 and resized nearest-exact to the latent grid.
+def check_mask_size(mask_size: tuple[int, int], image_size: tuple[int, int], what: str = "mask") -> None:
+    """A mask fits its image if it has the same size, or the same aspect ratio within one pixel of
+    rounding (it is then resized); otherwise ValueError naming ``what`` and both (width, height) sizes."""
+    (mw, mh), (iw, ih) = mask_size, image_size
+    # |mh - mw * ih / iw| <= 1 or |mw - mh * iw / ih| <= 1, in integers
+    if abs(mw * ih - mh * iw) > max(iw, ih):
+        raise ValueError(f"{what} is {mw}x{mh} but its image is {iw}x{ih}; expected a mask of the image's size "
+                         f"or of its aspect ratio")
 
+
+def mask_to_latent(mask: Image.Image | Tensor, h: int, w: int, image_size: tuple[int, int] | None = None,
+                   what: str = "mask") -> Tensor:
+    """A user mask (white = edit) binarised at > 128 and resized nearest-exact to the latent grid ``[h, w]``.
+
+    ``mask`` is a PIL image (converted to L) or a ``[H, W]`` tensor of 0..255. With ``image_size``
+    (width, height) of its image, a mask of another aspect ratio is refused (:func:`check_mask_size`).
     A mask with no set pixel becomes all ones (edit everywhere), as in ACE.
     """
     m = torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32)) if isinstance(mask, Image.Image) else mask
+    if image_size is not None:
+        check_mask_size((m.shape[-1], m.shape[-2]), image_size, what)
     m = (m.float().reshape(1, 1, *m.shape[-2:]) > 128).float()
     m = F.interpolate(m, size=(h, w), mode="nearest-exact")[0, 0]
     return m if m.any() else torch.ones_like(m)
+
+
+def _image_suffixes() -> dict[str, str]:
+    """File extensions PIL has a writer for -> format name."""
+    Image.init()
+    return {ext: fmt for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
+
+
+def check_output_path(path: str | os.PathLike, inputs: Sequence[str | os.PathLike] = (), force: bool = False,
+                      suffixes: Sequence[str] | None = None, what: str = "--out") -> tuple[Path, Path | None]:
+    """Check where an output will go before any work; returns ``(path, folder created or None)``.
+
+    ``path`` must not be a folder; its extension must be one of ``suffixes``, or by default one PIL can
+    write an RGB image as. Its folder is created if missing. It may be one of ``inputs`` only with
+    ``force``. Raises ValueError naming ``what``, the path and the expected form.
+    """
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{what} {str(p)!r} is a folder; expected a file path such as {str(p / 'edited.png')!r}")
+    suffix = p.suffix.lower()
+    if suffixes is not None:
+        if suffix not in suffixes:
+            raise ValueError(f"{what} {str(p)!r} must end in {' or '.join(suffixes)}")
+    else:
+        writable = _image_suffixes()
+        fmt = writable.get(suffix)
+        if fmt is None:
+            common = [e for e in (".png", ".jpg", ".webp", ".bmp", ".tiff") if e in writable]
+            raise ValueError(f"{what} {str(p)!r} has {'no' if not suffix else 'the unknown'} image extension "
+                             f"{suffix!r}; expected a file name ending in one PIL can write, such as "
+                             f"{', '.join(common)}")
+        try:  # some writers take no RGB image (.xbm, .msp) or need a plugin (.wmf, .h5)
+            Image.new("RGB", (8, 8)).save(io.BytesIO(), format=fmt)
+        except Exception as err:
+            raise ValueError(f"{what} {str(p)!r}: PIL cannot write an RGB image as {fmt} ({err}); "
+                             f"use .png, .jpg or .webp") from None
+    for src in inputs:
+        same = p.exists() and Path(src).exists() and os.path.samefile(p, src)
+        if same and not force:
+            raise ValueError(f"{what} {str(p)!r} is the input {str(src)!r}; refusing to overwrite it without force "
+                             f"(--force)")
+    parent, created = p.parent, None
+    if not parent.is_dir():
+        if parent.exists():
+            raise ValueError(f"{what} {str(p)!r}: {str(parent)!r} is a file, not a folder")
+        try:
+            parent.mkdir(parents=True)
+        except OSError as err:
+            raise ValueError(f"{what} {str(p)!r}: cannot create the folder {str(parent)!r} ({err.strerror})") from None
+        created = parent
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"{what} {str(p)!r}: the folder {str(parent)!r} is not writable")
+    return p, created
 
 
 DEFAULT_WEIGHTS = Path(__file__).parent / "assets" / "ace-small-edit.safetensors"
@@ -57,7 +130,25 @@ def tiny_text_encoder(cfg: ACEConfig | SD3Config) -> TinyTextEncoder:
 class Turn:
     instruction: str  # with indicators already renamed to sample-global indices
     images: list[Image.Image]
-    masks: list[Image.Image | None]
+    masks: list[Image.Image | Tensor | None]
+
+
+def turn_inputs(images: Image.Image | Sequence[Image.Image] | None,
+                masks: Image.Image | Tensor | Sequence | None) -> tuple[list[Image.Image], list]:
+    """One turn's images and masks as two lists of equal length (missing masks are None).
+
+    Raises ValueError for more masks than images (a mask would have no image to go with).
+    """
+    images = [] if images is None else [images] if isinstance(images, Image.Image) else list(images)
+    masks = [masks] if isinstance(masks, (Image.Image, Tensor)) else list(masks or [])
+    if len(masks) > len(images):
+        raise ValueError(f"{len(masks)} masks for {len(images)} images; expected at most one mask per image")
+    return images, masks + [None] * (len(images) - len(masks))
+
+
+def renumber(instruction: str, offset: int) -> str:
+    """Shift every image indicator of ``instruction`` by ``offset`` (``{image1}`` + 2 -> ``{image3}``)."""
+    return re.sub(r"\{image(\d*)\}", lambda m: indicator_token(int(m.group(1) or 0) + offset), instruction)
 
 
 class EditPipeline:
@@ -107,40 +198,73 @@ class EditPipeline:
     def multiple(self) -> int:
         return self.cfg.patch_size * self.cfg.codec_factor
 
-    def _latent(self, image: Image.Image) -> Tensor:
+    def _check_image(self, image: object, what: str) -> None:
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"{what} must be a PIL image, got {type(image).__name__}")
         w, h = image.size
-        m = self.multiple
-        if w % m or h % m:
-            raise ValueError(f"image size {w}x{h} is not a multiple of patch x codec factor = {m} pixels; "
-                             f"resize or crop it first")
-        return self.codec.encode(to_tensor(image))
+        if w % self.multiple or h % self.multiple:
+            raise ValueError(f"{what}: image size {w}x{h} is not a multiple of patch x codec factor = "
+                             f"{self.multiple} pixels; resize or crop it first")
+
+    def _check_request(self, history: list[Turn], current: Turn, size: tuple[int, int] | None, seed: int,
+                       negative: str) -> None:
+        """Every argument of :meth:`run` except the sampler's, before any model work."""
+        check_int(seed, "seed", 0, 2**63 - 1)
+        if not isinstance(negative, str):
+            raise TypeError(f"negative must be a str, got {type(negative).__name__}")
+        for i, turn in enumerate(history + [current]):
+            where = "" if turn is current else f"history turn {i}: "
+            if not isinstance(turn.instruction, str):
+                raise TypeError(f"{where}instruction must be a str, got {type(turn.instruction).__name__}")
+            if len(turn.masks) != len(turn.images):
+                raise ValueError(f"{where}{len(turn.masks)} masks for {len(turn.images)} images")
+            for j, (img, mask) in enumerate(zip(turn.images, turn.masks)):
+                self._check_image(img, f"{where}image {j}")
+                if mask is None:
+                    continue
+                if not self.is_ace:
+                    raise ValueError("masks are used by the ACE family only")
+                msize = mask.size if isinstance(mask, Image.Image) else (mask.shape[-1], mask.shape[-2])
+                check_mask_size(msize, img.size, f"{where}mask {j} (for image {j})")
+        if current.images:
+            if size is not None:
+                w, h = current.images[0].size
+                raise ValueError(f"size={size!r} is for text-to-image; an edit keeps the size of its first "
+                                 f"image ({w}x{h})")
+            return
+        if size is None:
+            raise ValueError("text-to-image needs size=(width, height)")
+        if not isinstance(size, (tuple, list)) or len(size) != 2:
+            raise ValueError(f"size must be (width, height) in pixels, got {size!r}")
+        w, h = check_int(size[0], "size width", 1), check_int(size[1], "size height", 1)
+        if w % self.multiple or h % self.multiple:
+            raise ValueError(f"size {w}x{h} is not a multiple of {self.multiple} pixels")
 
     def _unit(self, turn: Turn) -> ConditionUnit:
         images = []
         for img, mask in zip(turn.images, turn.masks):
-            lat = self._latent(img)
-            images.append(ImageInput(lat, None if mask is None or not self.is_ace else mask_to_latent(mask, *lat.shape[1:])))
+            lat = self.codec.encode(to_tensor(img))
+            images.append(ImageInput(lat, None if mask is None else mask_to_latent(mask, *lat.shape[1:])))
         return ConditionUnit(turn.instruction, images)
-
-    def _encode(self, texts: list[str]) -> list[Tensor]:
-        return [e.tokens for e in self.text_encoder.encode(texts)]
 
     @torch.no_grad()
     def run(self, history: list[Turn], current: Turn, size: tuple[int, int] | None, steps: int,
-            guidance: float, rescale: float, seed: int, negative: str) -> Image.Image:
+            guidance: float, rescale: float, seed: int, negative: str, truncate: bool = True) -> Image.Image:
+        """One request: ``history`` turns (instructions renamed to global indicators) and the ``current``
+        one. Every argument is checked before any model work (ValueError/TypeError naming it); a
+        non-finite latent stops sampling with FloatingPointError naming the step."""
+        sampler = make_sampler(self.cfg.prediction, steps)
+        check_guidance(guidance, rescale)
+        self._check_request(history, current, size, seed, negative)
         units = [self._unit(t) for t in history] + [self._unit(current)]
         if units[-1].images:  # editing: the target takes the size (and mask) of the first current image
             first = units[-1].images[0]
             target = ImageInput(torch.zeros_like(first.latent), first.mask)
         else:
-            if size is None:
-                raise ValueError("text-to-image needs size=(width, height)")
             w, h = size
-            if w % self.multiple or h % self.multiple:
-                raise ValueError(f"size {w}x{h} is not a multiple of {self.multiple} pixels")
             f = self.codec.factor
             target = ImageInput(torch.zeros(self.codec.latent_channels, h // f, w // f))
-        encs = self.text_encoder.encode([u.instruction for u in units] + [negative])
+        encs = self.text_encoder.encode([u.instruction for u in units] + [negative], truncate=truncate)
         for u, e in zip(units, encs):
             u.text, u.pooled = e.tokens, e.pooled
         neg_units = [ConditionUnit(u.instruction, u.images, u.text, u.pooled) for u in units[:-1]]
@@ -161,7 +285,6 @@ class EditPipeline:
                 return out
             return guide(out[:n1], out[n1:], guidance, rescale, cu[:2])
 
-        sampler = make_sampler(self.cfg.prediction, steps)
         (h, w), patch = batch.target_sizes[0], self.cfg.patch_size
         x = initial_noise([(h, w)], patch, seed, self.codec.latent_channels).to(self.device)
         x = sampler.sample(denoise, x, 1)
@@ -169,22 +292,31 @@ class EditPipeline:
         return to_pil(self.codec.decode(latent))
 
     def edit(self, images: Image.Image | list[Image.Image] | None, instruction: str,
-             masks: Image.Image | list | None = None, steps: int = 20, guidance: float = 4.5,
+             masks: Image.Image | Tensor | list | None = None, steps: int = 20, guidance: float = 4.5,
              rescale: float = 0.5, seed: int = 0, negative: str = "",
-             size: tuple[int, int] | None = None) -> list[Image.Image]:
+             size: tuple[int, int] | None = None, truncate: bool = True) -> list[Image.Image]:
         """Edit ``images`` (the first is the one edited) following ``instruction``; returns ``[PIL]``.
 
         With no images, generates an image of ``size`` (width, height). ``masks`` (white = edit) go with
-        the images in order (ACE family). ``{image}``, ``{image1}`` ... name the images.
+        the images in order (ACE family); each has its image's size, or its aspect ratio (then resized).
+        ``{image}``, ``{image1}`` ... name the images. ``steps``: an int >= 1; ``guidance``: finite;
+        ``rescale``: in [0, 1]; ``seed``: an int >= 0. Text past the encoder's limit is cut with a
+        warning, or refused if not ``truncate``. Raises ValueError/TypeError naming a bad argument
+        before any model work, FloatingPointError if the latent turns NaN/inf (naming the step).
         """
-        images = [] if images is None else ([images] if isinstance(images, Image.Image) else list(images))
-        masks = [masks] if isinstance(masks, Image.Image) else list(masks or [])
-        if len(masks) > len(images):
-            raise ValueError(f"{len(masks)} masks for {len(images)} images")
-        masks += [None] * (len(images) - len(masks))
-        if masks and any(m is not None for m in masks) and not self.is_ace:
-            raise ValueError("masks are used by the ACE family only")
-        return [self.run([], Turn(instruction, images, masks), size, steps, guidance, rescale, seed, negative)]
+        images, masks = turn_inputs(images, masks)
+        return [self.run([], Turn(instruction, images, masks), size, steps, guidance, rescale, seed, negative,
+                         truncate)]
+
+
+def _n_images(turns: list[Turn]) -> int:
+    return sum(len(t.images) for t in turns)
+
+
+def _drop_turns(turns: list[Turn], n: int) -> list[Turn]:
+    """``turns`` without its first ``n``, the indicators of the rest renumbered to start at ``{image}``."""
+    shift = _n_images(turns[:n])
+    return [Turn(renumber(t.instruction, -shift), t.images, t.masks) for t in turns[n:]]
 
 
 class EditSession:
@@ -192,39 +324,63 @@ class EditSession:
 
     Each turn's ``{image}``, ``{image1}`` ... name that turn's own images; they are renamed to their
     index in the whole context (``{imageN}``), since history images come first in frame order.
+    The model takes at most ``MAX_INDICATORS - 1`` (9) condition images per request: when a turn would
+    exceed that, the oldest turns leave the history with a warning (the rest are renumbered).
+    ``max_history`` (an int >= 0) keeps at most that many turns in the history, without a warning.
     """
 
-    def __init__(self, pipe: EditPipeline):
+    def __init__(self, pipe: EditPipeline, max_history: int | None = None):
         if not pipe.is_ace:
             raise ValueError("multi-turn sessions need the ACE family (the SD3 EditNet takes one unit)")
         self.pipe = pipe
+        self.max_history = None if max_history is None else check_int(max_history, "max_history", 0)
         self.history: list[Turn] = []
         self.last: Image.Image | None = None
+        self.turns = 0  # turns done, including text-to-image turns (which leave no history)
 
-    def _n_images(self) -> int:
-        return sum(len(t.images) for t in self.history)
-
-    def rename(self, instruction: str, n_local: int) -> str:
-        offset = self._n_images()
+    def rename(self, instruction: str, n_local: int, offset: int | None = None) -> str:
+        """``instruction``'s local indicators shifted by ``offset`` (default: the history's images)."""
         for token, idx in indicator_indices(instruction):
             if idx >= n_local:
-                raise ValueError(f"turn {len(self.history)}: instruction names {token} but the turn has "
+                raise ValueError(f"turn {self.turns}: instruction names {token} but the turn has "
                                  f"{n_local} image(s)")
-        return re.sub(r"\{image(\d*)\}", lambda m: indicator_token(offset + int(m.group(1) or 0)), instruction)
+        return renumber(instruction, _n_images(self.history) if offset is None else offset)
 
-    def edit(self, instruction: str, images: list[Image.Image] | None = None,
-             masks: list | None = None, **kw) -> Image.Image:
-        """One turn; ``images`` defaults to the previous output. Returns the new image."""
+    def _fitting_history(self, n_new: int) -> list[Turn]:
+        """The history to send with a turn of ``n_new`` images: the oldest turns dropped until the
+        indicator table holds every condition image."""
+        limit = MAX_INDICATORS - 1
+        if n_new > limit:
+            raise ValueError(f"turn {self.turns}: {n_new} images; at most {limit} condition images fit the "
+                             f"model's image-indicator table")
+        start = 0
+        while _n_images(self.history[start:]) + n_new > limit:
+            start += 1
+        if start:
+            warnings.warn(f"EditSession turn {self.turns}: dropped the oldest {start} turn(s) from the history: "
+                          f"with them the request would have {_n_images(self.history) + n_new} condition images, "
+                          f"the model takes at most {limit} (pass max_history to choose how many turns to keep)",
+                          stacklevel=3)
+        return _drop_turns(self.history, start)
+
+    def edit(self, instruction: str, images: Image.Image | list[Image.Image] | None = None,
+             masks: Image.Image | Tensor | list | None = None, *, steps: int = 20, guidance: float = 4.5,
+             rescale: float = 0.5, seed: int = 0, negative: str = "", size: tuple[int, int] | None = None,
+             truncate: bool = True) -> Image.Image:
+        """One turn; ``images`` defaults to the previous output. Returns the new image.
+
+        Arguments and errors as :meth:`EditPipeline.edit`. The history changes only when the turn succeeds.
+        """
         if images is None:
             images = [] if self.last is None else [self.last]
-        masks = list(masks or []) + [None] * (len(images) - len(masks or []))
-        turn = Turn(self.rename(instruction, len(images)), list(images), masks)
-        out = self.pipe.run(self.history, turn, kw.pop("size", None), kw.pop("steps", 20),
-                            kw.pop("guidance", 4.5), kw.pop("rescale", 0.5), kw.pop("seed", 0),
-                            kw.pop("negative", ""))
-        if kw:
-            raise TypeError(f"unexpected arguments {sorted(kw)}")
-        if turn.images:
-            self.history.append(turn)
+        images, masks = turn_inputs(images, masks)
+        history = self._fitting_history(len(images))
+        turn = Turn(self.rename(instruction, len(images), _n_images(history)), images, masks)
+        out = self.pipe.run(history, turn, size, steps, guidance, rescale, seed, negative, truncate)
+        history = history + [turn] if turn.images else history
+        if self.max_history is not None:
+            history = _drop_turns(history, max(0, len(history) - self.max_history))
+        self.history = history
+        self.turns += 1
         self.last = out
         return out

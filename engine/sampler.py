@@ -7,6 +7,8 @@ rescale (Lin et al.) computed per sample over that sample's own tokens (no paddi
 """
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,6 +21,41 @@ from .lcu import patchify
 DenoiseFn = Callable[[Tensor, Tensor], Tensor]
 
 
+def check_int(value: object, name: str, minimum: int, maximum: int | None = None) -> int:
+    """``value`` as an ``int`` in ``[minimum, maximum]``; otherwise ValueError naming ``name``, the value and
+    the expected range (bools and floats are refused: ``steps=2.5`` is a mistake, not a request)."""
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not ok or value < minimum or (maximum is not None and value > maximum):
+        expected = f"an integer >= {minimum}" if maximum is None else f"an integer in [{minimum}, {maximum}]"
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return int(value)
+
+
+def check_finite(value: object, name: str, minimum: float | None = None, maximum: float | None = None) -> float:
+    """``value`` as a finite ``float`` in ``[minimum, maximum]``; otherwise ValueError naming ``name``.
+
+    NaN or inf guidance would reach every latent and decode to a black image without any error.
+    """
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        limits = " and ".join(f"{op} {v}" for op, v in ((">=", minimum), ("<=", maximum)) if v is not None)
+        raise ValueError(f"{name} must be a finite number{' ' + limits if limits else ''}, got {value!r}")
+    return float(value)
+
+
+def check_guidance(guidance: float, rescale: float) -> None:
+    """CFG scale: any finite number; guidance rescale (Lin et al.'s phi): a blend weight in [0, 1]."""
+    check_finite(guidance, "guidance")
+    check_finite(rescale, "rescale", 0.0, 1.0)
+
+
+def check_latent(x: Tensor, sampler: object, step: int, steps: int) -> None:
+    """Stop sampling at the first non-finite latent (one host sync per step), naming the step."""
+    if not bool(torch.isfinite(x).all()):
+        raise FloatingPointError(f"{type(sampler).__name__}: the latent is not finite (NaN or inf) after step "
+                                 f"{step} of {steps}; the model or its inputs overflowed, sampling stopped")
+
+
 def initial_noise(target_sizes: list[tuple[int, int]], patch_size: int, seed: int, channels: int) -> Tensor:
     """Packed target-token noise (CPU); sample b draws from ``torch.Generator().manual_seed(seed + b)``."""
     rows = []
@@ -29,7 +66,11 @@ def initial_noise(target_sizes: list[tuple[int, int]], patch_size: int, seed: in
 
 
 def guide(cond: Tensor, uncond: Tensor, guidance: float, rescale: float, cu_host: list[int]) -> Tensor:
-    """CFG ``u + g (c - u)``, then per-sample guidance rescale toward the conditional std."""
+    """CFG ``u + g (c - u)``, then per-sample guidance rescale toward the conditional std.
+
+    Raises ValueError for a non-finite ``guidance`` or a ``rescale`` outside [0, 1].
+    """
+    check_guidance(guidance, rescale)
     out = uncond + guidance * (cond - uncond)
     if rescale <= 0:
         return out
@@ -55,6 +96,13 @@ class DDIMSampler:
     beta_end: float = 0.02
     prediction: str = "eps"
 
+    def __post_init__(self) -> None:
+        check_int(self.num_train_steps, "num_train_steps", 1)
+        # more steps than training steps would repeat timesteps
+        check_int(self.steps, "steps", 1, self.num_train_steps)
+        if self.prediction not in ("eps", "x0"):
+            raise ValueError(f"DDIMSampler prediction {self.prediction!r}; expected 'eps' or 'x0'")
+
     def schedule(self) -> tuple[Tensor, Tensor]:
         """(sigma, alpha) per training step, with sigma² + alpha² = 1 (alpha = sqrt(alphas_cumprod))."""
         betas = torch.linspace(self.beta_start, self.beta_end, self.num_train_steps, dtype=torch.float32)
@@ -66,6 +114,7 @@ class DDIMSampler:
         return torch.arange(n - 1, -1, -n / self.steps).clamp(0, n - 1).round().long()
 
     def sample(self, denoise: DenoiseFn, x: Tensor, num_samples: int) -> Tensor:
+        """Denoise ``x [L_tgt, C*p*p]`` over ``steps`` steps; FloatingPointError at a non-finite latent."""
         sigma, alpha = self.schedule()
         ts = self.timesteps()
         for i, t in enumerate(ts.tolist()):
@@ -75,6 +124,7 @@ class DDIMSampler:
             s_next = float(sigma[int(ts[i + 1])]) if i + 1 < len(ts) else 0.0
             eps_hat = (x - (1 - s * s) ** 0.5 * x0) / s
             x = (1 - s_next * s_next) ** 0.5 * x0 + s_next * eps_hat
+            check_latent(x, self, i + 1, self.steps)
         return x
 
 
@@ -86,16 +136,23 @@ class FlowEulerSampler:
     steps: int = 28
     shift: float = 3.0
 
+    def __post_init__(self) -> None:
+        check_int(self.steps, "steps", 1)
+        if check_finite(self.shift, "shift") <= 0:  # shift 0 makes every sigma 0: pure noise out
+            raise ValueError(f"shift must be a finite number > 0, got {self.shift!r}")
+
     def sigmas(self) -> Tensor:
         s = torch.linspace(1.0, 0.0, self.steps + 1, dtype=torch.float64)
         return self.shift * s / (1 + (self.shift - 1) * s)
 
     def sample(self, denoise: DenoiseFn, x: Tensor, num_samples: int) -> Tensor:
+        """Integrate ``x [L_tgt, C*p*p]`` from noise; FloatingPointError at a non-finite latent."""
         sig = self.sigmas().tolist()
         for i in range(self.steps):
             t = torch.full((num_samples,), sig[i] * 1000.0, dtype=torch.float32, device=x.device)
             v = denoise(x, t)
             x = x + (sig[i + 1] - sig[i]) * v
+            check_latent(x, self, i + 1, self.steps)
         return x
 
 
@@ -103,6 +160,7 @@ PREDICTIONS = ("eps", "x0", "flow")
 
 
 def make_sampler(prediction: str, steps: int, shift: float = 3.0) -> DDIMSampler | FlowEulerSampler:
+    """The sampler for a model's prediction type; ValueError for a bad type, ``steps`` or ``shift``."""
     if prediction in ("eps", "x0"):
         return DDIMSampler(steps=steps, prediction=prediction)
     if prediction == "flow":

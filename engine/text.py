@@ -1,10 +1,13 @@
 """Text encoders: a small built-in byte-level encoder for the tiny default, T5 from a local folder.
 
 An encoder maps instructions to per-instruction token states ``[L_i, Y]`` (only valid rows) and, for
-the SD3 family, a pooled vector ``[P]``.
+the SD3 family, a pooled vector ``[P]``: ``encode(texts, truncate=True) -> list[EncodedText]``. Text past
+the encoder's limit is cut with a :class:`TruncationWarning` naming the dropped tail, or refused with a
+ValueError when ``truncate=False``: two instructions that differ only past the limit give the same image.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +22,22 @@ from omniace import require
 class EncodedText:
     tokens: Tensor  # [L, Y]
     pooled: Tensor | None = None  # [P]
+
+
+class TruncationWarning(UserWarning):
+    """An instruction was longer than its text encoder keeps; the warning names the dropped tail."""
+
+
+def overflow(text: str, dropped: str, length: str, truncate: bool) -> None:
+    """Report an instruction cut at the encoder's limit: warn (``truncate``) or raise ValueError.
+
+    ``length`` says how long the text is and what the encoder keeps, e.g. ``"80 UTF-8 bytes; ... keeps 63"``.
+    """
+    head = text if len(text) <= 40 else text[:37] + "..."
+    if not truncate:
+        raise ValueError(f"instruction {head!r} is {length}: it would drop {dropped!r}; shorten it "
+                         f"(or allow truncation)")
+    warnings.warn(f"instruction {head!r} is {length}: dropped {dropped!r}", TruncationWarning, stacklevel=3)
 
 
 class TinyTextEncoder(nn.Module):
@@ -39,15 +58,24 @@ class TinyTextEncoder(nn.Module):
             self.pool = nn.Linear(dim, pooled_dim) if pooled_dim else None
         self.eval()
 
-    def tokenize(self, text: str) -> list[int]:
-        ids = [b + self.OFFSET for b in text.encode("utf-8")][: self.max_len - 1]
-        return ids + [self.EOS]
+    def tokenize(self, text: str, truncate: bool = True) -> list[int]:
+        """UTF-8 bytes (+ OFFSET) and EOS: at most ``max_len`` ids. Longer text keeps its first
+        ``max_len - 1`` bytes (as the default was trained), with a warning, or ValueError if not ``truncate``."""
+        data = text.encode("utf-8")
+        keep = self.max_len - 1
+        if len(data) > keep:
+            # a character the limit cuts through counts as dropped (the model still sees its first bytes)
+            kept_chars = len(data[:keep].decode("utf-8", errors="ignore"))
+            overflow(text, text[kept_chars:], f"{len(data)} UTF-8 bytes; the byte-level text encoder keeps {keep}",
+                     truncate)
+        return [b + self.OFFSET for b in data[:keep]] + [self.EOS]
 
     @torch.no_grad()
-    def forward(self, texts: list[str]) -> list[EncodedText]:
+    def forward(self, texts: list[str], truncate: bool = True) -> list[EncodedText]:
+        """``texts`` -> per text ``tokens [L, dim]`` (L <= max_len) and, with ``pooled_dim``, ``pooled``."""
         out = []
         for text in texts:
-            ids = torch.tensor(self.tokenize(text))[None]
+            ids = torch.tensor(self.tokenize(text, truncate))[None]
             h = self.embed(ids) + self.pos[: ids.shape[1]]
             h = self.norm(self.layer(h))[0]
             pooled = self.pool(h.mean(0)) if self.pool is not None else None
@@ -70,7 +98,12 @@ class T5TextEncoder:
         self.pooled_dim = None
 
     @torch.no_grad()
-    def encode(self, texts: list[str]) -> list[EncodedText]:
+    def encode(self, texts: list[str], truncate: bool = True) -> list[EncodedText]:
+        """``texts`` -> per text ``tokens [L, d_model]`` float32, L <= max_len (EOS included)."""
+        for text, ids in zip(texts, self.tokenizer(texts, truncation=False)["input_ids"]):
+            if len(ids) > self.max_len:  # truncation keeps max_len - 1 tokens and the EOS
+                dropped = self.tokenizer.decode(ids[self.max_len - 1:], skip_special_tokens=True)
+                overflow(text, dropped, f"{len(ids)} T5 tokens; T5TextEncoder keeps {self.max_len}", truncate)
         tok = self.tokenizer(texts, max_length=self.max_len, padding="max_length", truncation=True,
                              return_tensors="pt").to(self.device)
         states = self.model(**tok).last_hidden_state.float()

@@ -5,8 +5,9 @@ checkpoint to safetensors (after the family's key remap).
 """
 from __future__ import annotations
 
-import argparse
 import os
+import pickle
+import sys
 import tempfile
 from pathlib import Path
 
@@ -14,13 +15,36 @@ import torch
 from torch import Tensor, nn
 
 StateDict = dict[str, Tensor]
+FAMILIES = ("ace", "sd3", "none")  # key remaps of convert(); "none" keeps the keys
+
+
+def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The header metadata of a ``.safetensors`` file; ValueError naming the file if it is not one."""
+    from safetensors import safe_open
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), "pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as err:  # SafetensorError: header too small/large, incomplete metadata, ...
+        raise _unreadable(path, err) from None
+
+
+def _unreadable(path: str | os.PathLike, err: BaseException) -> ValueError:
+    reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else "no detail"
+    return ValueError(f"{path}: not a readable checkpoint, it may be truncated or corrupt "
+                      f"({type(err).__name__}: {reason})")
 
 
 def load_state_dict_file(path: str | os.PathLike) -> StateDict:
     """Read a ``.safetensors`` file, or a ``.pth``/``.pt``/``.bin`` with ``torch.load(weights_only=True)``.
 
-    An optional top-level ``state_dict`` (or ``model``/``ema``) wrapper is unwrapped. A file that would
-    need pickled code to load is refused with an error naming it.
+    An optional top-level ``state_dict`` (or ``model``/``ema``) wrapper is unwrapped. Tied weights that
+    :func:`save_safetensors` stored once come back under every name (``metadata[alias] = kept``, the
+    convention of ``safetensors.torch.save_model``), as one shared tensor.
+    Raises FileNotFoundError for a missing file and ValueError naming the file for a truncated or corrupt
+    one, or one that would need pickled code to load.
     """
     path = Path(path)
     if not path.is_file():
@@ -28,14 +52,28 @@ def load_state_dict_file(path: str | os.PathLike) -> StateDict:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        meta = read_safetensors_metadata(path)
+        try:
+            sd = load_file(str(path))
+        except Exception as err:
+            raise _unreadable(path, err) from None
+        for alias, kept in meta.items():
+            if kept in sd and alias not in sd:
+                sd[alias] = sd[kept]
+        return sd
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as err:  # weights_only refuses arbitrary pickled objects
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" not in str(err):  # a garbled pickle stream, not a refused object
+            raise _unreadable(path, err) from None
+        # torch's weights-only unpickler says the same for a refused object and for bytes it cannot parse
         raise ValueError(
-            f"{path}: cannot be loaded without executing pickled code ({type(err).__name__}: "
-            f"{str(err).splitlines()[0][:200]}); convert it to safetensors with a trusted tool first"
+            f"{path}: cannot be loaded without executing pickled code, or is truncated or corrupt "
+            f"({type(err).__name__}: {str(err.__context__ or err).strip().splitlines()[0][:200]}); if you trust "
+            f"it, convert it to safetensors with a trusted tool first"
         ) from err
+    except Exception as err:  # a truncated zip (OSError, RuntimeError), an empty file (EOFError), garbage ...
+        raise _unreadable(path, err) from None
     for key in ("state_dict", "model", "ema"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
@@ -96,20 +134,60 @@ def load_into(model: nn.Module, sd: StateDict, allow_missing: tuple[str, ...] = 
     model.load_state_dict(sd, strict=False)
 
 
+def untie(sd: StateDict) -> tuple[StateDict, dict[str, str]]:
+    """Contiguous CPU copies of ``sd`` that safetensors can write (it refuses tensors sharing memory).
+
+    A name whose tensor is exactly another's (tied weights: same storage, offset, shape, stride, dtype)
+    is dropped and recorded in the returned ``{alias: kept}``, the first name keeping the data, as
+    ``safetensors.torch.save_model`` and transformers do. Other overlapping views are copied.
+    """
+    out: StateDict = {}
+    aliases: dict[str, str] = {}
+    owner: dict[tuple, str] = {}
+    for name, v in sd.items():
+        v = v.detach()
+        key = (v.device, v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.stride(), v.dtype)
+        if v.numel() and key in owner:
+            aliases[name] = owner[key]
+            continue
+        owner[key] = name
+        out[name] = v.contiguous().cpu()
+    spans: dict[int, list[tuple[int, int]]] = {}  # storage -> byte ranges of the tensors kept as they are
+    for name, t in out.items():
+        start, storage = t.data_ptr(), t.untyped_storage().data_ptr()
+        end = start + t.numel() * t.element_size()
+        if any(a < end and start < b for a, b in spans.get(storage, [])):
+            out[name] = t.clone()  # a different view overlapping a kept one: store its own copy
+        elif t.numel():
+            spans.setdefault(storage, []).append((start, end))
+    return out, aliases
+
+
 def save_safetensors(sd: StateDict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
-    """Write safetensors atomically: a temporary file in the same folder, fsync, then rename."""
+    """Write safetensors atomically: a temporary file in the same folder, fsync, then rename.
+
+    The file gets the mode ``0o666 & ~umask`` (readable by other users and services). Tied weights are
+    stored once, with their other names in the metadata (:func:`untie`); :func:`load_state_dict_file`
+    restores them. Raises ValueError if an alias name is already a metadata key.
+    """
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+    tensors, aliases = untie(sd)
+    metadata = dict(metadata or {})
+    clash = sorted(set(aliases) & set(metadata))
+    if clash:
+        raise ValueError(f"tied tensor names {clash} are also metadata keys; rename them to save the file")
+    metadata.update(aliases)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
     try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a weights file is for other users and services too
-        save_file(tensors, tmp, metadata=metadata)
+        save_file(tensors, tmp, metadata=metadata or None)
+        # after save_file, not before: safetensors >= 0.8 writes tmp anew and a mode set earlier is lost (0600)
+        os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -119,7 +197,11 @@ def save_safetensors(sd: StateDict, path: str | os.PathLike, metadata: dict[str,
         raise
 
 
-def convert(src: str, dst: str, family: str = "ace") -> int:
+def convert(src: str | os.PathLike, dst: str | os.PathLike, family: str = "ace") -> int:
+    """Convert checkpoint ``src`` to safetensors ``dst`` after the family's key remap (``"ace"``,
+    ``"sd3"`` or ``"none"``: no remap); returns the number of tensor names written (aliases included)."""
+    if family not in FAMILIES:
+        raise ValueError(f"family {family!r}; expected one of {FAMILIES}")
     sd = load_state_dict_file(src)
     if family == "ace":
         sd = remap_ace_keys(sd, x_embed_in_channels=sd["x_embedder.proj.weight"].shape[1] + 1
@@ -130,13 +212,10 @@ def convert(src: str, dst: str, family: str = "ace") -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Convert a checkpoint to safetensors (pickle-free load).")
-    ap.add_argument("src")
-    ap.add_argument("dst")
-    ap.add_argument("--family", choices=["ace", "sd3", "none"], default="ace")
-    args = ap.parse_args(argv)
-    n = convert(args.src, args.dst, args.family)
-    print(f"wrote {n} tensors to {args.dst}")
+    """``python -m omniace.engine.weights SRC DST [--family F]``: the same command as ``omniace convert``."""
+    from .cli import main as cli_main
+
+    cli_main(["convert", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,199 @@
+"""The ``omniace`` CLI: user errors are one line on stderr with exit code 2; outputs are checked first."""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from omniace.engine import weights
+from omniace.engine.cli import main
+from omniace.engine.pipeline import EditPipeline
+from omniace.engine.weights import load_state_dict_file, save_safetensors
+
+from helpers import demo_scene
+
+
+def run(argv, capsys):
+    """``main(argv)`` -> (exit code, stdout, stderr)."""
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as exit:
+        code = exit.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_user_error(code, err, message):
+    assert code == 2 and "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0], err
+
+
+@pytest.fixture
+def src(tmp_path):
+    path = tmp_path / "in.png"
+    demo_scene(32, 32).save(path)
+    return path
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fails the test if the CLI loads a model (the checks must come first)."""
+    def fail(*a, **k):
+        raise AssertionError("a model was loaded before the arguments were checked")
+    monkeypatch.setattr(EditPipeline, "pretrained", fail)
+    monkeypatch.setattr(EditPipeline, "tiny", fail)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["edit", "--instruction", "x", "--size", "64"], "argument --size: size '64' is not WIDTHxHEIGHT"),  # unpacking
+    (["edit", "--instruction", "x", "--size", "64x"], "size '64x' is not WIDTHxHEIGHT in positive integer pixels"),
+    (["edit", "--instruction", "x", "--size", "0x64"], "size '0x64' is not WIDTHxHEIGHT"),
+    (["edit", "--instruction", "x", "--steps", "0"], "argument --steps: steps must be an integer >= 1, got 0"),
+    (["edit", "--instruction", "x", "--steps", "ten"], "steps must be an integer >= 1, got 'ten'"),
+    (["edit", "--instruction", "x", "--guidance", "nan"], "argument --guidance: guidance must be a finite number, "
+                                                          "got nan"),
+    (["edit", "--instruction", "x", "--seed", "-1"], "seed must be an integer >= 0, got -1"),
+    (["demo", "--per-task", "0"], "argument --per-task: per-task must be an integer >= 1, got 0"),
+    (["info", "--resolution", "512x"], "resolution '512x' is not WIDTHxHEIGHT"),
+    (["info", "--resolution", "big"], "resolution 'big' is neither a side nor WIDTHxHEIGHT"),
+])
+def test_bad_arguments_are_one_line_errors(args, message, capsys, no_model):
+    code, _, err = run(args, capsys)
+    assert_user_error(code, err, message)
+
+
+@pytest.mark.parametrize("out, message", [
+    ("result", "--out '{d}/result' has no image extension ''; expected a file name ending in one PIL can write, "
+               "such as .png"),
+    ("result.foo", "has the unknown image extension '.foo'"),
+    ("result.xbm", "PIL cannot write an RGB image as XBM"),
+    ("", "--out '{d}' is a folder; expected a file path such as '{d}/edited.png'"),
+    ("in.png", "--out '{d}/in.png' is the input '{d}/in.png'; refusing to overwrite it without force (--force)"),
+    ("in.png/o.png", "'{d}/in.png' is a file, not a folder"),
+])
+def test_out_is_checked_before_any_work(out, message, src, capsys, no_model):
+    d = src.parent
+    code, _, err = run(["edit", "--image", str(src), "--instruction", "{image} x", "--out", str(d / out)], capsys)
+    assert_user_error(code, err, message.format(d=d))
+    assert err.startswith(f"omniace: error: --out '{d}")
+
+
+def test_out_folder_is_created_and_force_overwrites_the_input(src, capsys):
+    out = src.parent / "missing" / "dir" / "o.png"
+    code, stdout, _ = run(["edit", "--image", str(src), "--instruction", "{image} make it blue", "--steps", "1",
+                           "--out", str(out)], capsys)
+    assert code == 0 and f"created folder {out.parent}" in stdout and Image.open(out).size == (32, 32)
+    before = src.read_bytes()
+    code, _, _ = run(["edit", "--image", str(src), "--instruction", "{image} make it blue", "--steps", "1",
+                      "--out", str(src), "--force"], capsys)
+    assert code == 0 and src.read_bytes() != before
+
+
+def test_size_takes_an_upper_case_x(tmp_path, capsys):
+    out = tmp_path / "t2i.png"
+    code, _, _ = run(["edit", "--instruction", "a red ball", "--size", "64X48", "--steps", "1", "--out", str(out)],
+                     capsys)
+    assert code == 0 and Image.open(out).size == (64, 48)
+
+
+def test_edit_refusals_name_the_value(src, capsys, no_model):
+    code, _, err = run(["edit", "--image", str(src), "--instruction", "x", "--size", "64x64"], capsys)
+    assert_user_error(code, err, "--size 64x64 is for text-to-image; an edit keeps the size of its first --image")
+    code, _, err = run(["edit", "--instruction", "x"], capsys)
+    assert_user_error(code, err, "text-to-image (no --image) needs --size WIDTHxHEIGHT")
+    code, _, err = run(["edit", "--image", str(src), "--instruction", "x", "--weights", "w.safetensors"], capsys)
+    assert_user_error(code, err, "--weights 'w.safetensors' needs --text-encoder and --vae folders")
+    (src.parent / "bad.png").write_bytes(b"not a png")
+    code, _, err = run(["edit", "--image", str(src.parent / "bad.png"), "--instruction", "x"], capsys)
+    assert_user_error(code, err, f"--image {src.parent / 'bad.png'}: cannot decode")
+
+
+def test_mask_and_instruction_errors_write_nothing(tmp_path, capsys):
+    demo_scene(64, 64).save(tmp_path / "in.png")
+    Image.new("L", (16, 128), 255).save(tmp_path / "mask.png")
+    out = tmp_path / "o.png"
+    code, _, err = run(["edit", "--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"),
+                        "--instruction", "{image} x", "--out", str(out)], capsys)
+    assert_user_error(code, err, "mask 0 (for image 0) is 16x128 but its image is 64x64")
+    code, _, err = run(["edit", "--image", str(tmp_path / "in.png"), "--instruction", "{image} " + "y" * 60 + " tail",
+                        "--no-truncate", "--out", str(out)], capsys)
+    assert_user_error(code, err, "byte-level text encoder keeps 63: it would drop 'yyyyy tail'")
+    assert not out.exists()
+
+
+def test_a_nan_model_writes_nothing(src, capsys, monkeypatch):
+    def nan_pipeline(*a, **k):
+        p = EditPipeline.tiny("ace")
+        with torch.no_grad():
+            p.model.final_layer.linear.bias.fill_(math.inf)
+        return p
+    monkeypatch.setattr(EditPipeline, "pretrained", nan_pipeline)
+    out = src.parent / "o.png"
+    code, _, err = run(["edit", "--image", str(src), "--instruction", "{image} x", "--steps", "2",
+                        "--out", str(out)], capsys)
+    assert_user_error(code, err, "DDIMSampler: the latent is not finite (NaN or inf) after step 1 of 2")
+    assert not out.exists()
+
+
+def test_debug_shows_the_traceback(src, no_model):
+    with pytest.raises(ValueError, match="has no image extension"):
+        main(["edit", "--image", str(src), "--instruction", "x", "--out", str(src.parent / "result"), "--debug"])
+
+
+def test_info_and_demo_refusals(tmp_path, capsys):
+    code, _, err = run(["info", "--preset", "ace-tiny", "--images", "12"], capsys)
+    assert_user_error(code, err, "--images 12: an ACE request takes at most 9 condition images")
+    code, out, _ = run(["info", "--preset", "ace-tiny", "--resolution", "64X32", "--images", "0"], capsys)
+    assert code == 0 and "64x32 with 0 condition image(s): 32 image tokens" in out
+    (tmp_path / "file").write_text("x")
+    code, _, err = run(["demo", "--out", str(tmp_path / "file")], capsys)
+    assert_user_error(code, err, f"--out '{tmp_path / 'file'}' is a file; expected a folder")
+
+
+def test_convert_checks_its_paths_and_files(tmp_path, capsys):
+    sd = {"a": torch.randn(3, 2)}
+    sd["b"] = sd["a"]  # tied: safetensors alone refuses "Some tensors share memory"
+    torch.save(sd, tmp_path / "tied.pth")
+    code, out, _ = run(["convert", str(tmp_path / "tied.pth"), str(tmp_path / "tied.safetensors"),
+                        "--family", "none"], capsys)
+    back = load_state_dict_file(tmp_path / "tied.safetensors")
+    assert code == 0 and "wrote 2 tensors" in out and back["b"] is back["a"] and torch.equal(back["a"], sd["a"])
+    code, _, err = run(["convert", str(tmp_path / "tied.pth"), str(tmp_path / "out.pth")], capsys)
+    assert_user_error(code, err, f"destination '{tmp_path / 'out.pth'}' must end in .safetensors")
+    st = tmp_path / "tied.safetensors"
+    code, _, err = run(["convert", str(st), str(st), "--family", "none"], capsys)
+    assert_user_error(code, err, "is the input")
+    (tmp_path / "cut.safetensors").write_bytes(st.read_bytes()[:40])
+    code, _, err = run(["convert", str(tmp_path / "cut.safetensors"), str(tmp_path / "x.safetensors")], capsys)
+    assert_user_error(code, err, f"{tmp_path / 'cut.safetensors'}: not a readable checkpoint")
+    code, _, err = run(["convert", str(tmp_path / "none.pth"), str(tmp_path / "x.safetensors")], capsys)
+    assert_user_error(code, err, f"checkpoint '{tmp_path / 'none.pth'}' does not exist")
+    with pytest.raises(SystemExit) as exit:  # python -m omniace.engine.weights is the same command
+        weights.main([str(tmp_path / "cut.safetensors"), str(tmp_path / "x.safetensors")])
+    assert exit.value.code == 2 and not (tmp_path / "x.safetensors").exists()
+
+
+def test_convert_output_is_world_readable(tmp_path, capsys):
+    old = os.umask(0o022)
+    try:
+        save_safetensors({"w": torch.ones(2)}, tmp_path / "a.safetensors")
+        code, _, _ = run(["convert", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"),
+                          "--family", "none"], capsys)
+    finally:
+        os.umask(old)
+    assert code == 0 and os.stat(tmp_path / "b.safetensors").st_mode & 0o777 == 0o644
+
+
+def test_the_console_script_prints_no_traceback(tmp_path):
+    demo_scene(32, 32).save(tmp_path / "in.png")
+    proc = subprocess.run([sys.executable, "-m", "omniace.engine.cli", "edit", "--image", str(tmp_path / "in.png"),
+                           "--instruction", "x", "--out", str(tmp_path / "result")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == f"omniace: error: --out '{tmp_path / 'result'}' has no image extension ''; expected a " \
+                          f"file name ending in one PIL can write, such as .png, .jpg, .webp, .bmp, .tiff\n"

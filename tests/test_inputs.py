@@ -1,0 +1,308 @@
+"""User-facing inputs of the engine: sampler arguments, text truncation, masks, sessions, weights files."""
+import math
+import os
+import warnings
+
+import pytest
+import torch
+from PIL import Image
+
+from omniace.engine.lcu import MAX_INDICATORS
+from omniace.engine.model import build_model, load_model, save_model
+from omniace.engine.pipeline import EditPipeline, EditSession, mask_to_latent
+from omniace.engine.sampler import DDIMSampler, FlowEulerSampler, guide, make_sampler
+from omniace.engine.text import TinyTextEncoder, TruncationWarning
+from omniace.engine.weights import convert, load_state_dict_file, save_safetensors
+
+from helpers import demo_scene, randomise
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    p = EditPipeline.tiny("ace")
+    randomise(p.model, 5, std=0.05)
+    return p
+
+
+@pytest.fixture
+def no_model_work(pipe, monkeypatch):
+    """Fails the test if the pipeline encodes an image or runs its model."""
+    def fail(*a, **k):
+        raise AssertionError("model work started before the arguments were checked")
+    monkeypatch.setattr(pipe.codec, "encode", fail)
+    monkeypatch.setattr(pipe.text_encoder, "encode", fail)
+    return pipe
+
+
+# item 2: sampler arguments -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: make_sampler("eps", 0), r"steps must be an integer in \[1, 1000\], got 0"),  # ZeroDivisionError
+    (lambda: make_sampler("flow", 0), "steps must be an integer >= 1, got 0"),  # pure noise
+    (lambda: make_sampler("x0", -1), r"steps must be an integer in \[1, 1000\], got -1"),  # a torch error
+    (lambda: make_sampler("eps", 2.5), r"got 2.5"),
+    (lambda: make_sampler("flow", True), "got True"),
+    (lambda: DDIMSampler(steps=1001), r"steps must be an integer in \[1, 1000\], got 1001"),
+    (lambda: FlowEulerSampler(steps=4, shift=math.nan), "shift must be a finite number, got nan"),
+    (lambda: FlowEulerSampler(steps=4, shift=0.0), "shift must be a finite number > 0, got 0.0"),
+    (lambda: DDIMSampler(prediction="v"), "prediction 'v'"),
+])
+def test_samplers_refuse_bad_arguments(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_guide_refuses_non_finite_guidance():
+    c, u = torch.randn(6, 3), torch.randn(6, 3)
+    with pytest.raises(ValueError, match="guidance must be a finite number, got nan"):
+        guide(c, u, math.nan, 0.5, [0, 6])
+    with pytest.raises(ValueError, match=r"rescale must be a finite number >= 0.0 and <= 1.0, got inf"):
+        guide(c, u, 4.5, math.inf, [0, 6])
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"steps": 0}, r"steps must be an integer in \[1, 1000\], got 0"),
+    ({"steps": -1}, "got -1"),
+    ({"guidance": math.nan}, "guidance must be a finite number, got nan"),  # an all-black PNG today
+    ({"guidance": -math.inf}, "guidance must be a finite number, got -inf"),
+    ({"rescale": math.nan}, "rescale must be a finite number >= 0.0 and <= 1.0, got nan"),
+    ({"seed": -3}, r"seed must be an integer in \[0, 9223372036854775807\], got -3"),
+    ({"size": (64, 64)}, r"size=\(64, 64\) is for text-to-image; an edit keeps the size of its first image \(32x32\)"),
+    ({"negative": None}, "negative must be a str, got NoneType"),
+])
+def test_edit_checks_arguments_before_model_work(no_model_work, kw, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        no_model_work.edit(demo_scene(32, 32), "{image} make it blue", **kw)
+
+
+def test_text_to_image_size_is_checked(no_model_work):
+    with pytest.raises(ValueError, match=r"size height must be an integer >= 1, got 0"):
+        no_model_work.edit(None, "a red ball", size=(64, 0))
+    with pytest.raises(ValueError, match=r"size must be \(width, height\) in pixels, got 64"):
+        no_model_work.edit(None, "a red ball", size=64)
+
+
+def test_sd3_steps_zero_is_refused():
+    with pytest.raises(ValueError, match="steps must be an integer >= 1, got 0"):
+        EditPipeline.tiny("sd3").edit(demo_scene(32, 32), "make it night", steps=0)
+
+
+def test_non_finite_latent_stops_sampling_naming_the_step():
+    x = torch.randn(8, 4)
+    calls = []
+
+    def nan_at_second_step(x, t):
+        calls.append(1)
+        return x * (math.nan if len(calls) == 2 else 0.5)
+
+    with pytest.raises(FloatingPointError, match="DDIMSampler: the latent is not finite .* after step 2 of 5"):
+        DDIMSampler(steps=5, prediction="x0").sample(nan_at_second_step, x, 1)
+    assert len(calls) == 2  # stopped there
+    with pytest.raises(FloatingPointError, match="FlowEulerSampler: .* after step 1 of 3"):
+        FlowEulerSampler(steps=3).sample(lambda x, t: torch.full_like(x, math.inf), x, 1)
+
+
+def test_nan_model_raises_instead_of_a_black_image():
+    p = EditPipeline.tiny("ace")
+    with torch.no_grad():
+        p.model.final_layer.linear.weight.fill_(math.nan)
+    with pytest.raises(FloatingPointError, match="after step 1 of 2"):
+        p.edit(demo_scene(32, 32), "{image} make it blue", steps=2)
+
+
+# item 3: truncation --------------------------------------------------------------------------------
+
+def test_byte_encoder_warns_or_refuses_naming_the_dropped_text():
+    enc = TinyTextEncoder(16, max_len=16)  # keeps 15 bytes + EOS
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # text that fits: no warning
+        assert enc.tokenize("fifteen bytes!!") == [b + 2 for b in b"fifteen bytes!!"] + [1]
+    with pytest.warns(TruncationWarning, match=r"is 19 UTF-8 bytes; the byte-level text encoder keeps 15: "
+                                               r"dropped 'fXYZ'"):
+        ids = enc.tokenize("0123456789abcdefXYZ")
+    assert ids == [b + 2 for b in b"0123456789abcde"] + [1]  # what the model sees is unchanged
+    with pytest.raises(ValueError, match="it would drop 'fXYZ'"):
+        enc.encode(["0123456789abcdefXYZ"], truncate=False)
+    # a multi-byte character cut by the limit counts as dropped; the model keeps today's 15 bytes
+    text = "é" * 9  # 18 bytes
+    with pytest.warns(TruncationWarning, match="dropped 'éé'"):
+        assert enc.tokenize(text) == [b + 2 for b in text.encode()[:15]] + [1]
+
+
+def test_long_instructions_warn_in_the_pipeline(pipe):
+    base = "{image} make the red circle blue and the green square large, so"
+    assert len(base.encode()) == pipe.text_encoder.max_len - 1 == 63
+    a, b = base + " at dawn", base + " at dusk"  # differ only past byte 63: the same image
+    with pytest.warns(TruncationWarning, match="is 71 UTF-8 bytes; the byte-level text encoder keeps 63: "
+                                               "dropped ' at dawn'"):
+        out_a = pipe.edit(demo_scene(32, 32), a, steps=1)[0]
+    with pytest.warns(TruncationWarning, match="dropped ' at dusk'"):
+        out_b = pipe.edit(demo_scene(32, 32), b, steps=1)[0]
+    assert out_a.tobytes() == out_b.tobytes()
+    with pytest.raises(ValueError, match="it would drop ' at dawn'"):
+        pipe.edit(demo_scene(32, 32), a, steps=1, truncate=False)
+    with pytest.raises(ValueError, match="would drop 'x'"):  # the negative prompt too
+        pipe.edit(demo_scene(32, 32), "{image} blue", negative="n" * 63 + "x", steps=1, truncate=False)
+
+
+def test_t5_encoder_truncation(tmp_path):
+    pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    from omniace.engine.text import T5TextEncoder
+
+    words = ["<pad>", "</s>", "<unk>"] + [f"w{i}" for i in range(20)]
+    tk = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tk.post_processor = tokenizers.processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(tmp_path)
+    T5EncoderModel(T5Config(vocab_size=len(words), d_model=16, d_kv=4, d_ff=32, num_layers=1,
+                            num_heads=2)).save_pretrained(tmp_path)
+    enc = T5TextEncoder(tmp_path, max_len=6, dtype=torch.float32)  # 5 words + EOS
+    with pytest.warns(TruncationWarning, match="is 9 T5 tokens; T5TextEncoder keeps 6: dropped 'w6 w7 w8'"):
+        out = enc.encode(["w1 w2 w3", "w1 w2 w3 w4 w5 w6 w7 w8"])
+    assert [o.tokens.shape[0] for o in out] == [4, 6]
+    with pytest.raises(ValueError, match="it would drop 'w7'"):
+        enc.encode(["w1 w2 w3 w4 w5 w6 w7"], truncate=False)
+
+
+# item 7: masks that do not fit their image ---------------------------------------------------------
+
+def test_mask_of_another_aspect_ratio_is_refused(no_model_work):
+    with pytest.raises(ValueError, match=r"mask 0 \(for image 0\) is 16x128 but its image is 64x64"):
+        no_model_work.edit(demo_scene(64, 64), "{image} x", masks=Image.new("L", (16, 128), 255))
+    with pytest.raises(ValueError, match=r"mask 1 \(for image 1\) is 50x32 but its image is 96x64"):
+        no_model_work.edit([demo_scene(32, 32), demo_scene(96, 64)], "{image} x",
+                           masks=[None, Image.new("L", (50, 32))])
+    with pytest.raises(ValueError, match="mask is 8x8 but its image is 64x32"):
+        mask_to_latent(torch.zeros(8, 8), 8, 16, image_size=(64, 32))
+    with pytest.raises(ValueError, match="2 masks for 1 images"):
+        no_model_work.edit(demo_scene(32, 32), "{image} x", masks=[None, None])
+
+
+def test_mask_of_the_same_aspect_ratio_is_resized(pipe):
+    big = Image.new("L", (64, 64), 0)
+    big.paste(255, (0, 0, 32, 16))
+    small = big.resize((32, 32), Image.NEAREST)
+    src = demo_scene(64, 64)
+    want = pipe.edit(src, "{image} paint it", masks=big, steps=1, guidance=1.0)[0]
+    assert pipe.edit(src, "{image} paint it", masks=small, steps=1, guidance=1.0)[0].tobytes() == want.tobytes()
+    # 96x64 at 32 px high is 48 px wide; 49 is within one pixel of rounding
+    assert mask_to_latent(Image.new("L", (49, 32), 255), 16, 24, image_size=(96, 64)).shape == (16, 24)
+
+
+# item 8: sessions past nine turns ------------------------------------------------------------------
+
+def test_session_keeps_working_past_nine_turns(pipe):
+    s = EditSession(pipe)
+    img = demo_scene(32, 32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for turn in range(12):
+            img = s.edit("{image} a bit bluer", images=[img] if turn == 0 else None, steps=1, guidance=1.0)
+    dropped = [str(w.message) for w in caught if "dropped the oldest" in str(w.message)]
+    # turn 9 (the tenth) would need 10 condition images: one turn leaves, then one per turn
+    assert len(dropped) == 3 and dropped[0].startswith("EditSession turn 9: dropped the oldest 1 turn(s)")
+    assert "10 condition images, the model takes at most 9" in dropped[0]
+    assert len(s.history) == MAX_INDICATORS - 1 and s.turns == 12 and s.last is img
+    # the remaining history is renumbered from {image}
+    assert [t.instruction for t in s.history[:3]] == ["{image} a bit bluer", "{image1} a bit bluer",
+                                                      "{image2} a bit bluer"]
+
+
+def test_session_max_history_and_multi_image_turns(pipe):
+    s = EditSession(pipe, max_history=2)
+    a, b = demo_scene(32, 32, seed=1), demo_scene(32, 32, seed=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # dropping what max_history asks for is not warned about
+        for _ in range(4):
+            s.edit("{image} bluer", images=[a], steps=1, guidance=1.0)
+    assert len(s.history) == 2 and s.history[1].instruction == "{image1} bluer"
+    # a three-image turn on a full history of nine images drops the three oldest one-image turns
+    s = EditSession(pipe)
+    for _ in range(9):
+        s.edit("{image} x", images=[a], steps=1, guidance=1.0)
+    with pytest.warns(UserWarning, match="dropped the oldest 3 turn"):
+        s.edit("{image} with {image2}", images=[a, b, a], steps=1, guidance=1.0)
+    assert len(s.history) == 7 and s.history[-1].instruction == "{image6} with {image8}"
+    with pytest.raises(ValueError, match="turn 10: 10 images; at most 9 condition images"):
+        s.edit("{image}", images=[a] * 10, steps=1)
+    with pytest.raises(ValueError, match="max_history must be an integer >= 0, got -1"):
+        EditSession(pipe, max_history=-1)
+
+
+def test_failed_turn_leaves_the_session_unchanged(pipe):
+    s = EditSession(pipe)
+    first = s.edit("{image} x", images=[demo_scene(32, 32)], steps=1, guidance=1.0)
+    with pytest.raises(ValueError, match=r"mask 0 \(for image 0\) is 16x128 but its image is 32x32"):
+        s.edit("{image} y", masks=[Image.new("L", (16, 128))], steps=1)
+    with pytest.raises(ValueError, match="guidance must be a finite number"):
+        s.edit("{image} y", steps=1, guidance=math.nan)
+    assert len(s.history) == 1 and s.turns == 1 and s.last is first
+
+
+# items 4 and 5: weights files ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_weights_files_follow_the_umask(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        save_safetensors({"w": torch.ones(2)}, tmp_path / "a.safetensors")
+        save_model(build_model("ace-tiny"), tmp_path / "m.safetensors")
+        torch.save({"w": torch.ones(2)}, tmp_path / "w.pth")
+        convert(tmp_path / "w.pth", tmp_path / "c.safetensors", family="none")
+    finally:
+        os.umask(old)
+    for name in ("a", "m", "c"):
+        assert oct(os.stat(tmp_path / f"{name}.safetensors").st_mode & 0o777) == oct(mode), name
+
+
+def test_tied_weights_are_stored_once_and_restored(tmp_path):
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(10, 4)
+            self.head = torch.nn.Linear(4, 10, bias=False)
+            self.head.weight = self.embed.weight
+
+    model = Tied()
+    torch.save(model.state_dict(), tmp_path / "tied.pth")
+    assert convert(tmp_path / "tied.pth", tmp_path / "tied.safetensors", family="none") == 2
+    sd = load_state_dict_file(tmp_path / "tied.safetensors")
+    assert sorted(sd) == ["embed.weight", "head.weight"] and sd["head.weight"] is sd["embed.weight"]
+    assert torch.equal(sd["embed.weight"], model.embed.weight)
+    # a tensor named three times, and two views of one buffer that overlap but differ
+    w, buf = torch.randn(3, 2), torch.randn(8)
+    save_safetensors({"a": w, "b": w, "c": w, "lo": buf[:6], "hi": buf[2:]}, tmp_path / "v.safetensors")
+    sd = load_state_dict_file(tmp_path / "v.safetensors")
+    assert sd["b"] is sd["a"] and sd["c"] is sd["a"]
+    assert torch.equal(sd["lo"], buf[:6]) and torch.equal(sd["hi"], buf[2:])
+
+
+def _damaged(path, how):
+    data = path.read_bytes()
+    path.write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "garbage": b"\xff" * 16 + data[16:]}[how])
+    return path
+
+
+@pytest.mark.parametrize("how", ["truncated", "empty", "garbage"])
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_corrupt_weights_files_are_refused_naming_them(tmp_path, how, suffix):
+    path = tmp_path / f"w{suffix}"
+    sd = {"w": torch.randn(64, 64)}
+    save_safetensors(sd, path) if suffix == ".safetensors" else torch.save(sd, path)
+    _damaged(path, how)
+    # torch's weights-only unpickler cannot tell a refused object from unparsable bytes
+    message = "cannot be loaded without executing pickled code, or is" if (suffix, how) == (".pth", "garbage") \
+        else "not a readable checkpoint, it may be"
+    with pytest.raises(ValueError, match=f"{path}: {message} truncated or corrupt"):
+        load_state_dict_file(path)
+
+
+def test_load_model_refuses_a_truncated_export(tmp_path):
+    save_model(build_model("ace-tiny"), tmp_path / "m.safetensors")
+    path = _damaged(tmp_path / "m.safetensors", "truncated")
+    with pytest.raises(ValueError, match="m.safetensors: not a readable checkpoint"):
+        load_model(path)
