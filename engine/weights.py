@@ -6,6 +6,7 @@ checkpoint to safetensors (after the family's key remap).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -96,6 +97,26 @@ def load_into(model: nn.Module, sd: StateDict, allow_missing: tuple[str, ...] = 
     model.load_state_dict(sd, strict=False)
 
 
+def _sort_metadata(path: str) -> None:
+    """Rewrite a safetensors header with its ``__metadata__`` keys sorted, in place.
+
+    safetensors serialises the metadata from a Rust HashMap, in an order that changes from call to call,
+    so equal weights gave unequal files. The sorted header has the same length (the same strings, compact
+    JSON as serde writes it), so the tensor data does not move.
+    """
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        if len(header.get("__metadata__") or {}) < 2:
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > n:
+            raise RuntimeError(f"{path}: the sorted safetensors header is {len(text)} bytes, the written one {n}")
+        f.seek(8)
+        f.write(text.ljust(n))
+
+
 def save_safetensors(sd: StateDict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
     """Write safetensors atomically: a temporary file in the same folder, fsync, then rename."""
     from safetensors.torch import save_file
@@ -110,6 +131,7 @@ def save_safetensors(sd: StateDict, path: str | os.PathLike, metadata: dict[str,
     try:
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a weights file is for other users and services too
         save_file(tensors, tmp, metadata=metadata)
+        _sort_metadata(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

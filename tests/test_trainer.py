@@ -1,11 +1,16 @@
-"""The torchrun FSDP2 trainer on CPU (gloo): loss falls, kill-and-resume is bit-identical, lambda = 0 gives no
-gradient, a bare OmniEdit file trains, EditNet mode keeps the base frozen, a non-finite loss stops cleanly."""
+"""The torchrun FSDP2 trainer on CPU (gloo): loss falls, kill-and-resume and SIGTERM-and-resume are bit-identical
+(metrics, skipped records, weights), a killed launcher takes its workers with it, one run per output folder,
+a resume with another configuration is refused, lambda = 0 gives no gradient, a bare OmniEdit file trains,
+EditNet mode keeps the base frozen, a non-finite loss stops cleanly with one error line."""
 import io
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,18 +27,32 @@ from omniace.engine.lcu import ConditionUnit, ImageInput, LCUSample, pack  # noq
 from omniace.engine.model import build_model, load_model  # noqa: E402
 from omniace.train.checkpoint import CheckpointManager, export_checkpoint  # noqa: E402
 from omniace.train.objective import Objective, target_sample_index, weighted_loss  # noqa: E402
-from omniace.train.omniedit_format import omniedit_schema  # noqa: E402
+from omniace.engine.weights import save_safetensors  # noqa: E402
+from omniace.train.omniedit_format import omniedit_schema, write_shard  # noqa: E402
 from omniace.train.parallelize import set_trainable  # noqa: E402
+from omniace.train.resume_check import ConfigMismatchError, compare, signature  # noqa: E402
+from omniace.train.runlock import LOCK_FILE, RunLock, RunLockedError  # noqa: E402
+from omniace.train.runlog import TIMING_KEYS  # noqa: E402
 from omniace.train.synthetic import write_corpus  # noqa: E402
-from omniace.train.trainer import TrainConfig, lr_at  # noqa: E402
+from omniace.train.trainer import TrainConfig, lr_at, main  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+# the fields of a metrics record that a resumed run must repeat exactly (the others follow the wall clock)
+EXACT_KEYS = ("step", "loss", "lr", "grad_norm", "loss_per_task", "data")
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
+    """160 synthetic pairs in 4 shards; in each, 2 kept rows (o_score >= 9) have an undecodable edited image and
+    2 rows a size that is not a multiple of the patch, so runs skip records of both kinds."""
     d = tmp_path_factory.mktemp("train_corpus")
-    write_corpus(d, 160, shard_size=40, log=lambda m: None, seed=11, fmt="png")
+    for shard in write_corpus(d, 160, shard_size=40, log=lambda m: None, seed=11, fmt="png"):
+        rows = pq.read_table(shard).to_pylist()
+        for row in [r for r in rows if r["o_score"] >= 9][:2]:
+            row["edited_img"] = {"bytes": b"not an image", "path": "broken.png"}
+        for row in rows[-2:]:
+            row["width"] -= 3
+        write_shard(rows, shard)
     return d
 
 
@@ -51,37 +70,151 @@ def run_trainer(args: list[str], nproc: int = 1, check: bool = True) -> subproce
     return proc
 
 
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 def losses(run: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in jsonl(run / "metrics.jsonl")]
 
 
-def test_two_ranks_loss_falls_and_a_killed_run_resumes_bit_identically(corpus, tmp_path):
-    args = ["--data", str(corpus), "--steps", "16", "--lr", "3e-3", "--warmup", "2", "--log-every", "1",
-            "--ckpt-every", "4", "--decoder", "pil", "--token-budget", "500"]
+def exact_records(run: Path) -> list[dict]:
+    records = jsonl(run / "metrics.jsonl")
+    assert all(set(r) == {*EXACT_KEYS, *TIMING_KEYS} for r in records)  # no field escapes the comparison
+    return [{k: r[k] for k in EXACT_KEYS} for r in records]
+
+
+def _stat(pid: int) -> list[str] | None:
+    try:  # the fields after "(comm)": state, ppid, ...
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def workers(launcher: int) -> dict[int, int]:
+    """{rank: pid} of the processes the launcher started (torchrun puts each in a session of its own)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (st := _stat(int(entry.name))) and int(st[1]) == launcher:
+            env = (entry / "environ").read_bytes().split(b"\0")
+            rank = next(int(v[5:]) for v in env if v.startswith(b"RANK="))
+            found[rank] = int(entry.name)
+    return found
+
+
+def assert_all_end(pids, timeout: float = 30.0) -> None:
+    def alive(pid):
+        st = _stat(pid)
+        return st is not None and st[0] not in "ZX"  # a zombie has ended, only not been reaped
+
+    deadline = time.monotonic() + timeout
+    while any(map(alive, pids)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    survivors = [p for p in pids if alive(p)]
+    for p in survivors:  # never leave one training in the background
+        os.kill(p, signal.SIGKILL)
+    assert not survivors, f"worker(s) {survivors} outlived their launcher"
+
+
+def launch(args: list[str], on_line) -> tuple[subprocess.Popen, str]:
+    """A two-rank torchrun in its own session; ``on_line(proc, line)`` sees each output line, True stops reading."""
+    proc = subprocess.Popen(trainer_cmd(2) + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=ENV, start_new_session=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if on_line(proc, line):
+            break
+    return proc, "".join(lines)
+
+
+def stopped_at(output: str, ranks: str) -> int:
+    m = re.search(r"stopped by SIGTERM at step (\d+) \(received by ranks? ([\d, ]+)\): checkpoint (\S+); rerun",
+                  output)
+    assert m and m[2] == ranks, output[-3000:]
+    assert Path(m[3]).name == f"step_{int(m[1]):08d}" and (Path(m[3]) / "meta.json").is_file()
+    return int(m[1])
+
+
+def test_two_ranks_loss_falls_and_killed_or_preempted_runs_resume_bit_identically(corpus, tmp_path):
+    """--ckpt-every 3 with --log-every 2: the checkpoints fall inside open log windows."""
+    args = ["--data", str(corpus), "--steps", "16", "--lr", "3e-3", "--warmup", "2", "--log-every", "2",
+            "--ckpt-every", "3", "--decoder", "pil", "--token-budget", "500"]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     run_trainer(args + ["--out", str(whole)], nproc=2)
     curve = losses(whole)
-    assert len(curve) == 16
-    assert sum(curve[-4:]) / 4 < sum(curve[:4]) / 4 - 0.02, curve
+    assert len(curve) == 8
+    assert sum(curve[-2:]) / 2 < sum(curve[:2]) / 2 - 0.02, curve
+    reference = exact_records(whole)
+    assert [r["step"] for r in reference] == list(range(2, 17, 2))
+    # every skipped record is in skipped.jsonl (not only the first of each kind), and the totals agree
+    skipped = jsonl(whole / "skipped.jsonl")
+    totals = reference[-1]["data"]
+    kinds = {k: sum(r["kind"] == k for r in skipped) for k in ("corrupt_image", "bad_row")}
+    assert kinds == {k: totals[k] for k in kinds} and min(kinds.values()) >= 2, (kinds, totals)
+    assert all(r["id"] and r["reason"] and r["rank"] in (0, 1) and 1 <= r["step"] <= 16 for r in skipped)
+    assert [r["data"]["records"] for r in reference] == sorted(r["data"]["records"] for r in reference)
 
-    # SIGKILL the whole torchrun group as soon as the step-4 checkpoint is complete (no clean shutdown)
-    proc = subprocess.Popen(trainer_cmd(2) + args + ["--out", str(killed)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=ENV, start_new_session=True)
-    for line in proc.stdout:
-        if "checkpoint:" in line and "step_00000004" in line:
+    # 1. SIGKILL torchrun's process group once the step-3 checkpoint is complete: its workers, in sessions of
+    # their own, must die with it (or they would go on writing into the folder a resumed run uses)
+    pids = []
+
+    def kill_at_3(proc, line):
+        if "checkpoint:" in line and "step_00000003" in line:
+            pids.extend(workers(proc.pid).values())
             os.killpg(proc.pid, signal.SIGKILL)
-            break
+            return True
+
+    proc, _ = launch(args + ["--out", str(killed)], kill_at_3)
     proc.wait(timeout=120)
     assert proc.returncode != 0, "the run finished before it could be killed"
+    assert len(pids) == 2
+    assert_all_end(pids)
     assert not (killed / "model.safetensors").exists()
+
+    # 2. resume; a scheduler's SIGTERM reaches rank 1 only: both ranks checkpoint at the next step and exit 0
+    def term_rank1(proc, line):
+        if line.startswith("step 6 |"):
+            os.kill(workers(proc.pid)[1], signal.SIGTERM)
+
+    proc, out = launch(args + ["--out", str(killed)], term_rank1)
+    assert proc.wait(timeout=120) == 0, out[-3000:]
+    assert "resumed from" in out and "lock: took over" in out  # the killed run's lock was stale
+    first = stopped_at(out, "1")
+    assert 6 < first < 16 and not (killed / "model.safetensors").exists()
+
+    # 3. resume; SIGTERM to torchrun, which forwards it to every worker
+    pids = []
+
+    def term_launcher(proc, line):
+        if line.startswith(f"step {first - first % 2 + 4} |"):  # the second log line after the resume
+            pids.extend(workers(proc.pid).values())
+            proc.send_signal(signal.SIGTERM)
+
+    proc, out = launch(args + ["--out", str(killed)], term_launcher)
+    proc.wait(timeout=120)
+    second = stopped_at(out, "0, 1")
+    assert first < second < 16
+    assert_all_end(pids)
+
+    # 4. resume to the end: the same records (bit for bit), the same skipped records, the same bytes
     resumed = run_trainer(args + ["--out", str(killed)], nproc=2)
-    assert "resumed from" in resumed.stdout
-    assert losses(killed) == curve  # the same loss, bit for bit, at every step
-    a, b = load_file(whole / "model.safetensors"), load_file(killed / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert f"resumed from {killed / 'checkpoints' / f'step_{second:08d}'}" in resumed.stdout
+    assert exact_records(killed) == reference
+    assert (killed / "skipped.jsonl").read_text() == (whole / "skipped.jsonl").read_text()
+    assert (killed / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
+    a = load_file(whole / "model.safetensors")
     # the single-process export of a checkpoint's EMA weights is the trainer's own final export
     c = load_file(export_checkpoint(CheckpointManager(whole / "checkpoints").latest(), tmp_path / "ema.safetensors"))
     assert c.keys() == a.keys() and all(torch.equal(a[k], c[k]) for k in a)
+
+    # 5. a resume with another seed and lr is refused before any work, with one message for both ranks
+    bad = run_trainer(args + ["--out", str(killed), "--steps", "20", "--seed", "5", "--lr", "1e-3"], nproc=2,
+                      check=False)
+    text = bad.stdout + bad.stderr
+    assert bad.returncode != 0 and text.count("omniace-train: error") == 1, text[-3000:]
+    assert "lr: checkpoint 0.003, this run 0.001" in text and "seed: checkpoint 0, this run 5" in text
+    assert "--allow-config-change lr,seed" in text and not (killed / "checkpoints" / "step_00000017").exists()
 
 
 def _batch(seed: int, weights=(1.0, 0.0)):
