@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from PIL import Image
 pytest.importorskip("pyarrow")
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
+from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from omniace.engine.config import get_config  # noqa: E402
@@ -102,7 +104,8 @@ def workers(launcher: int) -> dict[int, int]:
     return found
 
 
-def assert_all_end(pids, timeout: float = 30.0) -> None:
+def assert_all_end(pids, timeout: float = 5.0) -> None:
+    """The kernel kills a worker whose launcher died at once; an orphan would train on for many seconds."""
     def alive(pid):
         st = _stat(pid)
         return st is not None and st[0] not in "ZX"  # a zombie has ended, only not been reaped
@@ -170,7 +173,7 @@ def test_two_ranks_loss_falls_and_killed_or_preempted_runs_resume_bit_identicall
     assert proc.returncode != 0, "the run finished before it could be killed"
     assert len(pids) == 2
     assert_all_end(pids)
-    assert not (killed / "model.safetensors").exists()
+    assert not (killed / "model.safetensors").exists(), "the killed run's workers went on and finished it"
 
     # 2. resume; a scheduler's SIGTERM reaches rank 1 only: both ranks checkpoint at the next step and exit 0
     def term_rank1(proc, line):
@@ -269,14 +272,26 @@ def test_a_bare_omniedit_parquet_written_by_pyarrow_trains(tmp_path):
     rows = [{"omni_edit_id": f"id{i}", "task": "attribute_modification", "src_img": png((200, 10 * i, 0)),
              "edited_img": png((0, 10 * i, 200)), "edited_prompt_list": ["make it blue"], "width": 64, "height": 48,
              "sc_score_1": 9, "sc_score_2": 10, "sc_reasoning": "ok", "pq_score": 10, "pq_reasoning": "ok",
-             "o_score": 9.5} for i in range(6)]
+             "o_score": 9.5} for i in range(9)]
+    for row in rows[6:8]:  # undecodable edited images
+        row["edited_img"] = {"bytes": b"\x89PNG garbage", "path": "x.png"}
+    rows[8]["width"] = 60  # not a multiple of the 8-pixel patch
     pq.write_table(pa.Table.from_pylist(rows, schema=omniedit_schema(extras=False)), tmp_path / "omniedit.parquet")
     out = tmp_path / "run"
-    run_trainer(["--data", str(tmp_path / "omniedit.parquet"), "--out", str(out), "--steps", "3", "--log-every", "1",
-                 "--decoder", "pil", "--token-budget", "200"])
+    proc = run_trainer(["--data", str(tmp_path / "omniedit.parquet"), "--out", str(out), "--steps", "3",
+                        "--log-every", "1", "--decoder", "pil", "--token-budget", "200", "--warmup", "5"])
     assert len(losses(out)) == 3
     model = load_model(out / "model.safetensors")
     assert model.cfg == get_config("ace-tiny")
+    assert "warning: --warmup 5 is longer than --steps 3" in proc.stdout and "decoder pil" in proc.stdout
+    assert re.search(r"step 3 \| .* \| [\d.]+ s/step \| ETA 0:00:00 \|", proc.stdout)
+    # every skipped record is logged with its id and reason; the totals in metrics.jsonl count the same
+    skipped = jsonl(out / "skipped.jsonl")
+    assert {(r["id"], r["kind"]) for r in skipped} == {("id6", "corrupt_image"), ("id7", "corrupt_image"),
+                                                      ("id8", "bad_row")}
+    assert any("60x48" in r["reason"] for r in skipped if r["id"] == "id8")
+    data = jsonl(out / "metrics.jsonl")[-1]["data"]
+    assert data["corrupt_image"] + data["bad_row"] == len(skipped) and data["bad_row"] >= 1
 
 
 def test_editnet_mode_trains_the_control_branch_only(tmp_path):
@@ -304,10 +319,14 @@ def test_a_nonfinite_loss_stops_the_run_with_the_last_checkpoint_intact(corpus, 
     proc = run_trainer(["--data", str(corpus), "--out", str(out), "--steps", "6", "--lr", "1e30", "--warmup", "0",
                         "--grad-clip", "1e30", "--ckpt-every", "1", "--decoder", "pil", "--token-budget", "300"],
                        check=False)
-    assert proc.returncode != 0
-    assert "FloatingPointError" in proc.stderr and "stopped before updating the weights" in proc.stderr
+    assert proc.returncode == 1
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("omniace-train")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]  # one readable line
+    assert re.match(r"omniace-train: error: FloatingPointError: step \d+: the (loss|gradient norm) is not finite "
+                    r"\(rank 0: (nan|-?inf) \(samples \['", errors[0]), errors[0]
+    assert "stopped before updating the weights" in errors[0]
     last = CheckpointManager(out / "checkpoints").latest()
-    assert last is not None and f"Last good checkpoint: {last}" in proc.stderr
+    assert last is not None and f"Last good checkpoint: {last}" in errors[0]
     assert not (out / "model.safetensors").exists()
 
 
@@ -329,6 +348,44 @@ def test_learning_rate_schedule_and_config_checks():
         TrainConfig(mode="lora")
     with pytest.raises(ValueError, match="precision"):
         TrainConfig(precision="fp8")
+    (warning,) = TrainConfig(warmup=200, steps=100).warnings()
+    assert "--warmup 200 is longer than --steps 100" in warning and "ends at 50% of it" in warning
+    assert TrainConfig(warmup=100, steps=100).warnings() == []  # reaches --lr at the last step
+    with pytest.raises(ValueError, match=r"allow_config_change \['sed'\]: expected names among \[.*'seed'"):
+        TrainConfig(allow_config_change=["sed"])
+    with pytest.raises(ValueError, match=r"allow_config_change \['preset'\]"):
+        TrainConfig(allow_config_change=["seed", "preset"])
+
+
+def test_help_documents_every_flag_with_its_default(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # argparse wraps at hyphens too ("ace-\ntiny")
+    with pytest.raises(SystemExit) as exit:
+        main(["--help"])
+    assert exit.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # undo argparse's wrapping
+    for f in fields(TrainConfig):
+        assert f"--{f.name.replace('_', '-')}" in text
+        help = " ".join(f.metadata["help"].split())
+        if f.name == "data":
+            assert help in text and "(required)" in help
+        else:
+            default = f.default_factory() if f.default is MISSING else f.default
+            assert f"{help} (default: {default})" in text, f.name
+    assert "--debug on an error, show the full traceback" in text
+
+
+def test_equal_weights_give_byte_identical_safetensors(tmp_path):
+    """safetensors writes its metadata from a hash map (another order per call); the writer sorts it."""
+    sd = {"b": torch.arange(6.0).reshape(2, 3), "a": torch.ones(3, dtype=torch.bfloat16)}
+    meta = {**{f"key{i}": f"value {i}" for i in range(8)}, "omniace_config": json.dumps({"é": '"q"\n'})}
+    for name in ("x", "y", "z"):
+        save_safetensors(sd, tmp_path / f"{name}.safetensors", metadata=meta)
+    x = (tmp_path / "x.safetensors").read_bytes()
+    assert (tmp_path / "y.safetensors").read_bytes() == x == (tmp_path / "z.safetensors").read_bytes()
+    with safe_open(tmp_path / "x.safetensors", "pt") as f:
+        assert f.metadata() == meta
+    back = load_file(tmp_path / "x.safetensors")
+    assert all(torch.equal(back[k], sd[k]) for k in sd)
 
 
 @pytest.mark.parametrize("prediction", ["eps", "x0", "flow"])
@@ -367,3 +424,96 @@ def test_a_checkpoint_whose_index_would_run_pickled_code_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"refusing to load this checkpoint: its .metadata pickle references posix.system"):
         export_checkpoint(ckpt, tmp_path / "out.safetensors")
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_one_run_per_output_folder(tmp_path):
+    """A second run on a held folder stops at once, before it writes anything, naming the holder in one line."""
+    out = tmp_path / "run"
+    with RunLock(out):
+        holder = rf"host {re.escape(socket.gethostname())}, pid {os.getpid()}, since \d{{4}}-"
+        with pytest.raises(RunLockedError, match=rf"{re.escape(str(out))} is in use by another training run "
+                                                 rf"\({holder}"):
+            RunLock(out).acquire()
+        args = ["--data", str(tmp_path / "nowhere"), "--out", str(out)]  # the lock is checked before the data
+        proc = run_trainer(args, check=False)
+        errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("omniace-train")]
+        assert proc.returncode == 1 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert re.match(rf"omniace-train: error: RunLockedError: .*\({holder}", errors[0]), errors[0]
+        assert os.listdir(out) == [LOCK_FILE]
+        debug = run_trainer(args + ["--debug"], check=False)
+        assert debug.returncode == 1 and "Traceback" in debug.stderr and "RunLockedError" in debug.stderr
+    assert (out / LOCK_FILE).read_text() == ""  # released: nobody holds it
+    with RunLock(out) as lock:
+        assert lock.previous is None
+
+
+def test_a_dead_or_silent_holder_does_not_block(tmp_path):
+    code = ("import sys, time; from omniace.train.runlock import RunLock; RunLock(sys.argv[1]).acquire(); "
+            "print('held', flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=ENV)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(RunLockedError, match=rf"pid {holder.pid}, since .*it holds the lock"):
+            RunLock(tmp_path).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    with RunLock(tmp_path) as lock:  # its record stays behind; the kernel released its lock: stale
+        assert lock.previous is not None and lock.previous.pid == holder.pid
+    # a holder on another host (flock may not reach across hosts) counts while its heartbeat is fresh
+    path = tmp_path / LOCK_FILE
+    path.write_text(json.dumps({"host": "node-7", "pid": 4242, "since": "2026-01-01T00:00:00+00:00"}))
+    with pytest.raises(RunLockedError, match=r"host node-7, pid 4242, since 2026-01-01T00:00:00\+00:00; its "
+                                             r"heartbeat is \d+ s old"):
+        RunLock(tmp_path).acquire()
+    os.utime(path, (time.time() - 600, time.time() - 600))
+    with RunLock(tmp_path, heartbeat_s=0.05) as lock:
+        assert lock.previous.host == "node-7"
+        time.sleep(0.3)
+        assert time.time() - path.stat().st_mtime < 0.3  # this run's heartbeat
+
+
+def test_resume_config_check_names_each_difference():
+    cfg = asdict(TrainConfig(data=["corpus"]))
+    model = {"family": "ace", "depth": 2, "prediction": "eps"}
+    recorded = signature(cfg, 2, model)
+    # legitimately changed on resume: the schedule's length, the intervals
+    assert compare(recorded, signature({**cfg, "steps": 99, "log_every": 1, "keep": 5}, 2, model), [], "c") == []
+    # a relative and an absolute spelling of the same folder agree
+    assert compare(recorded, signature({**cfg, "data": [str(Path("corpus").resolve())]}, 2, model), [], "c") == []
+    other = signature({**cfg, "data": ["other"], "seed": 3, "drop_prompt": 0.0}, 2, model)
+    with pytest.raises(ConfigMismatchError) as err:
+        compare(recorded, other, ["drop_prompt"], "ckpt/step_00000004")
+    msg = str(err.value)
+    assert msg.startswith("ckpt/step_00000004 was written by a run with another configuration: ")
+    assert (f"data: checkpoint ['{Path('corpus').resolve()}'], this run ['{Path('other').resolve()}']; "
+            f"seed: checkpoint 0, this run 3.") in msg
+    assert "drop_prompt" not in msg and "--allow-config-change data,seed to resume anyway" in msg
+    assert compare(recorded, other, ["data", "seed", "drop_prompt"], "c") == ["data", "drop_prompt", "seed"]
+    # the preset, the model's shapes and the world size cannot be allowed
+    with pytest.raises(ConfigMismatchError) as err:
+        compare(recorded, signature({**cfg, "preset": "ace-small"}, 4, {**model, "depth": 6}), ["seed"], "c")
+    msg = str(err.value)
+    assert "preset: checkpoint 'ace-tiny', this run 'ace-small' (cannot change on resume" in msg
+    assert "world_size: checkpoint 2, this run 4" in msg and "--nproc_per_node 2" in msg
+    assert "model_config" not in msg and "--allow-config-change" not in msg  # implied by the preset
+    with pytest.raises(ConfigMismatchError, match=r"model_config.depth: checkpoint 2, this run 6 \(cannot change"):
+        compare(recorded, signature(cfg, 2, {**model, "depth": 6}), [], "c")  # the preset's definition changed
+
+
+def test_a_resume_with_other_data_and_preset_is_refused_unless_allowed(corpus, tmp_path):
+    out, other = tmp_path / "run", tmp_path / "other"
+    other.mkdir()
+    (other / "part.parquet").write_bytes((corpus / "part-00002.parquet").read_bytes())
+    common = ["--out", str(out), "--steps", "4", "--log-every", "1", "--ckpt-every", "2", "--decoder", "pil",
+              "--token-budget", "300"]
+    run_trainer(["--data", str(corpus), "--stop-at", "2"] + common)
+    bad = run_trainer(["--data", str(other), "--preset", "sd3-tiny-editnet"] + common, check=False)
+    errors = [ln for ln in bad.stderr.splitlines() if ln.startswith("omniace-train")]
+    assert bad.returncode == 1 and len(errors) == 1 and "Traceback" not in bad.stderr, bad.stderr[-3000:]
+    assert f"data: checkpoint ['{corpus.resolve()}'], this run ['{other.resolve()}']" in errors[0]
+    assert "preset: checkpoint 'ace-tiny', this run 'sd3-tiny-editnet' (cannot change on resume" in errors[0]
+    # allowed, other data starts from its beginning (positions in the old shards mean nothing there)
+    ok = run_trainer(["--data", str(other), "--allow-config-change", "data"] + common)
+    assert "the new data starts at its beginning" in ok.stdout and "allowed changes: data" in ok.stdout
+    assert [r["step"] for r in jsonl(out / "metrics.jsonl")] == [1, 2, 3, 4] and (out / "model.safetensors").exists()
