@@ -63,8 +63,8 @@ class TrainConfig:
                                   "one run at a time (run.lock)")
     preset: str = _opt("ace-tiny", "model preset (omniace.engine.config)")
     init: str | None = _opt(None, "safetensors to start from (the base model for --mode editnet)")
-    mode: str = _opt("full", f"what trains: one of {TRAIN_MODES} (editnet: only the control branch, the base "
-                             f"frozen)")
+    mode: str = _opt("full", f"what trains: {' | '.join(TRAIN_MODES)} (editnet: the control branch only, the "
+                             f"base frozen)")
     steps: int = _opt(1000, "length of the schedule (optimizer updates)")
     stop_at: int | None = _opt(None, "end this run (with a checkpoint) at this step: time-limited jobs")
     lr: float = _opt(1e-3, "peak learning rate")
@@ -508,7 +508,7 @@ def _print_error(err: BaseException, shared: bool) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """The ``omniace-train`` entry point: exit 0 when done or stopped by SIGTERM (resumable), 1 on an error
-    (one line on stderr; ``--debug`` re-raises), 2 on bad arguments."""
+    (one line on stderr; ``--debug`` re-raises), 2 on bad arguments, 130 on Ctrl-C."""
     ns = vars(build_parser().parse_args(argv))
     debug = ns.pop("debug")
     if launched_by_torchrun():  # torchrun puts each worker in its own session: end with the launcher
@@ -529,6 +529,12 @@ def main(argv: list[str] | None = None) -> None:
             raise
         _print_error(err, shared=isinstance(err, _SAME_ON_EVERY_RANK))
         sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C; torchrun forwards it to every rank
+        if debug:
+            raise
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("omniace-train: interrupted (the last checkpoint is intact; rerun to resume)", file=sys.stderr)
+        sys.exit(130)
     finally:
         if trainer is not None:
             trainer.close()
