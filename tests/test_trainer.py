@@ -99,8 +99,9 @@ def workers(launcher: int) -> dict[int, int]:
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and (st := _stat(int(entry.name))) and int(st[1]) == launcher:
             env = (entry / "environ").read_bytes().split(b"\0")
-            rank = next(int(v[5:]) for v in env if v.startswith(b"RANK="))
-            found[rank] = int(entry.name)
+            rank = next((int(v[5:]) for v in env if v.startswith(b"RANK=")), None)
+            if rank is not None:
+                found[rank] = int(entry.name)
     return found
 
 

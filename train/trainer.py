@@ -455,9 +455,13 @@ class Trainer:
         self.lock.release()
 
 
+def _env_rank() -> int:
+    return int(os.environ.get("RANK", "0"))  # known before (and after) the process group
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
-        if os.environ.get("RANK", "0") != "0":  # every torchrun rank parses the same argv: rank 0 says it once
+        if _env_rank() != 0:  # every torchrun rank parses the same argv: rank 0 says it once
             self.exit(2)
         super().error(message)
 
@@ -499,7 +503,7 @@ _SAME_ON_EVERY_RANK = (RunLockedError, ConfigMismatchError, FloatingPointError)
 
 
 def _print_error(err: BaseException, shared: bool) -> None:
-    rank = int(os.environ.get("RANK", "0"))
+    rank = _env_rank()
     if rank == 0:
         print(f"omniace-train: error: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
     elif not shared:  # possibly this rank's own failure: one line, so the cause is not lost
@@ -532,7 +536,7 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:  # Ctrl-C; torchrun forwards it to every rank
         if debug:
             raise
-        if int(os.environ.get("RANK", "0")) == 0:
+        if _env_rank() == 0:
             print("omniace-train: interrupted (the last checkpoint is intact; rerun to resume)", file=sys.stderr)
         sys.exit(130)
     finally:
