@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import MISSING, asdict, fields
 from pathlib import Path
@@ -461,15 +462,22 @@ def test_a_dead_or_silent_holder_does_not_block(tmp_path):
         holder.wait()
     with RunLock(tmp_path) as lock:  # its record stays behind; the kernel released its lock: stale
         assert lock.previous is not None and lock.previous.pid == holder.pid
-    # a holder on another host (flock may not reach across hosts) counts while its heartbeat is fresh
+    # a record from another host (where flock may not reach across hosts): a live holder keeps beating
     path = tmp_path / LOCK_FILE
     path.write_text(json.dumps({"host": "node-7", "pid": 4242, "since": "2026-01-01T00:00:00+00:00"}))
+    os.utime(path, (time.time() - 1, time.time() - 1))
+    beats = threading.Timer(0.3, os.utime, (path,))
+    beats.start()
+    waited = []
     with pytest.raises(RunLockedError, match=r"host node-7, pid 4242, since 2026-01-01T00:00:00\+00:00; its "
-                                             r"heartbeat is \d+ s old"):
-        RunLock(tmp_path).acquire()
-    os.utime(path, (time.time() - 600, time.time() - 600))
-    with RunLock(tmp_path, heartbeat_s=0.05) as lock:
-        assert lock.previous.host == "node-7"
+                                             r"heartbeat goes on"):
+        RunLock(tmp_path, stale_after_s=30, log=waited.append).acquire()
+    beats.join()
+    assert waited and "waiting up to" in waited[0]
+    # ... a dead one goes silent: its record is taken over once stale (a requeued run waits, then starts)
+    start = time.monotonic()
+    with RunLock(tmp_path, heartbeat_s=0.05, stale_after_s=0.5) as lock:
+        assert lock.previous.host == "node-7" and time.monotonic() - start < 5
         time.sleep(0.3)
         assert time.time() - path.stat().st_mtime < 0.3  # this run's heartbeat
 

@@ -4,8 +4,10 @@
 Lustre mounted with ``-o flock``, GPFS) releases it when the holder dies, however it dies, so a dead run
 never blocks the next one. The file names the holder (host, pid, since) for the message a second run gets,
 and a heartbeat (the file's mtime, touched every ``HEARTBEAT_S``) covers file systems whose flock is local
-to each host or missing: a lock file written by another host whose heartbeat is fresh counts as held even
-where flock succeeded. The file is never deleted (deleting a flock file lets two runs lock two inodes).
+to each host or missing: a record left by another host is watched until its heartbeat is ``STALE_AFTER_S``
+old (a live holder beats again before that, and the new run stops) - a run requeued on another node after
+a hard kill waits at most that long. The file is never deleted (deleting a flock file lets two runs lock
+two inodes).
 """
 from __future__ import annotations
 
@@ -66,9 +68,11 @@ class RunLock:
     Raises :class:`RunLockedError` naming the holder when another live run has the folder.
     """
 
-    def __init__(self, folder: str | Path, heartbeat_s: float = HEARTBEAT_S, stale_after_s: float = STALE_AFTER_S):
+    def __init__(self, folder: str | Path, heartbeat_s: float = HEARTBEAT_S, stale_after_s: float = STALE_AFTER_S,
+                 log=lambda msg: None):
         self.path = Path(folder) / LOCK_FILE
         self.heartbeat_s, self.stale_after_s = heartbeat_s, stale_after_s
+        self.log = log
         self.host = socket.gethostname()
         self.previous: Holder | None = None  # the dead run whose lock this one took over (for the log)
         self.flock = True  # False where the file system has no flock (then the record and heartbeat decide)
@@ -114,10 +118,16 @@ class RunLock:
             if self.flock:  # flock is exact on one host: the holder died and the kernel released its lock
                 return None
             return "its process is alive" if holder.pid != os.getpid() and _pid_alive(holder.pid) else None
-        age = time.time() - self.path.stat().st_mtime
-        if age < self.stale_after_s:  # flock may not reach across hosts here: trust the heartbeat
-            return (f"its heartbeat is {age:.0f} s old (a lock whose heartbeat is {self.stale_after_s:.0f} s old "
-                    f"is stale)")
+        # flock may not reach across hosts here: a live holder beats again before its record goes stale
+        beat = self.path.stat().st_mtime
+        wait = self.stale_after_s - (time.time() - beat)
+        if wait > 0:
+            self.log(f"lock: {self.path} names {holder.describe()}; waiting up to {wait:.0f} s for its heartbeat")
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            time.sleep(min(1.0, self.heartbeat_s / 4, max(0.0, deadline - time.monotonic())))
+            if self.path.stat().st_mtime != beat:
+                return "its heartbeat goes on"
         return None
 
     def _message(self, holder: Holder | None, why: str) -> str:

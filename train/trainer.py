@@ -177,7 +177,7 @@ class Trainer:
         self.rank, self.world, self.device = _init_distributed()
         self.log = log if self.rank == 0 else (lambda msg: None)
         self.out = Path(cfg.out)
-        self.lock = RunLock(self.out)
+        self.lock = RunLock(self.out, log=self.log)
         self.stop = StopSignal()
         try:
             self._lock_out()
