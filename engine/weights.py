@@ -5,6 +5,7 @@ checkpoint to safetensors (after the family's key remap).
 """
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import sys
@@ -163,6 +164,26 @@ def untie(sd: StateDict) -> tuple[StateDict, dict[str, str]]:
     return out, aliases
 
 
+def _sort_metadata(path: str) -> None:
+    """Rewrite a safetensors header with its ``__metadata__`` keys sorted, in place.
+
+    safetensors serialises the metadata from a Rust HashMap, in an order that changes from call to call,
+    so equal weights gave unequal files. The sorted header has the same length (the same strings, compact
+    JSON as serde writes it), so the tensor data does not move.
+    """
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        if len(header.get("__metadata__") or {}) < 2:
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > n:
+            raise RuntimeError(f"{path}: the sorted safetensors header is {len(text)} bytes, the written one {n}")
+        f.seek(8)
+        f.write(text.ljust(n))
+
+
 def save_safetensors(sd: StateDict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
     """Write safetensors atomically: a temporary file in the same folder, fsync, then rename.
 
@@ -186,6 +207,7 @@ def save_safetensors(sd: StateDict, path: str | os.PathLike, metadata: dict[str,
     os.umask(umask)
     try:
         save_file(tensors, tmp, metadata=metadata or None)
+        _sort_metadata(tmp)  # byte-identical files for equal weights
         # after save_file, not before: safetensors >= 0.8 writes tmp anew and a mode set earlier is lost (0600)
         os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb") as f:

@@ -1,11 +1,18 @@
-"""The torchrun FSDP2 trainer on CPU (gloo): loss falls, kill-and-resume is bit-identical, lambda = 0 gives no
-gradient, a bare OmniEdit file trains, EditNet mode keeps the base frozen, a non-finite loss stops cleanly."""
+"""The torchrun FSDP2 trainer on CPU (gloo): loss falls, kill-and-resume and SIGTERM-and-resume are bit-identical
+(metrics, skipped records, weights), a killed launcher takes its workers with it, one run per output folder,
+a resume with another configuration is refused, lambda = 0 gives no gradient, a bare OmniEdit file trains,
+EditNet mode keeps the base frozen, a non-finite loss stops cleanly with one error line."""
 import io
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
 import pytest
@@ -15,6 +22,7 @@ from PIL import Image
 pytest.importorskip("pyarrow")
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
+from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from omniace.engine.config import get_config  # noqa: E402
@@ -22,18 +30,32 @@ from omniace.engine.lcu import ConditionUnit, ImageInput, LCUSample, pack  # noq
 from omniace.engine.model import build_model, load_model  # noqa: E402
 from omniace.train.checkpoint import CheckpointManager, export_checkpoint  # noqa: E402
 from omniace.train.objective import Objective, target_sample_index, weighted_loss  # noqa: E402
-from omniace.train.omniedit_format import omniedit_schema  # noqa: E402
+from omniace.engine.weights import save_safetensors  # noqa: E402
+from omniace.train.omniedit_format import omniedit_schema, write_shard  # noqa: E402
 from omniace.train.parallelize import set_trainable  # noqa: E402
+from omniace.train.resume_check import ConfigMismatchError, compare, signature  # noqa: E402
+from omniace.train.runlock import LOCK_FILE, RunLock, RunLockedError  # noqa: E402
+from omniace.train.runlog import TIMING_KEYS  # noqa: E402
 from omniace.train.synthetic import write_corpus  # noqa: E402
-from omniace.train.trainer import TrainConfig, lr_at  # noqa: E402
+from omniace.train.trainer import TrainConfig, lr_at, main  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+# the fields of a metrics record that a resumed run must repeat exactly (the others follow the wall clock)
+EXACT_KEYS = ("step", "loss", "lr", "grad_norm", "loss_per_task", "data")
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
+    """160 synthetic pairs in 4 shards; in each, 2 kept rows (o_score >= 9) have an undecodable edited image and
+    2 rows a size that is not a multiple of the patch, so runs skip records of both kinds."""
     d = tmp_path_factory.mktemp("train_corpus")
-    write_corpus(d, 160, shard_size=40, log=lambda m: None, seed=11, fmt="png")
+    for shard in write_corpus(d, 160, shard_size=40, log=lambda m: None, seed=11, fmt="png"):
+        rows = pq.read_table(shard).to_pylist()
+        for row in [r for r in rows if r["o_score"] >= 9][:2]:
+            row["edited_img"] = {"bytes": b"not an image", "path": "broken.png"}
+        for row in rows[-2:]:
+            row["width"] -= 3
+        write_shard(rows, shard)
     return d
 
 
@@ -51,37 +73,153 @@ def run_trainer(args: list[str], nproc: int = 1, check: bool = True) -> subproce
     return proc
 
 
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 def losses(run: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in jsonl(run / "metrics.jsonl")]
 
 
-def test_two_ranks_loss_falls_and_a_killed_run_resumes_bit_identically(corpus, tmp_path):
-    args = ["--data", str(corpus), "--steps", "16", "--lr", "3e-3", "--warmup", "2", "--log-every", "1",
-            "--ckpt-every", "4", "--decoder", "pil", "--token-budget", "500"]
+def exact_records(run: Path) -> list[dict]:
+    records = jsonl(run / "metrics.jsonl")
+    assert all(set(r) == {*EXACT_KEYS, *TIMING_KEYS} for r in records)  # no field escapes the comparison
+    return [{k: r[k] for k in EXACT_KEYS} for r in records]
+
+
+def _stat(pid: int) -> list[str] | None:
+    try:  # the fields after "(comm)": state, ppid, ...
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def workers(launcher: int) -> dict[int, int]:
+    """{rank: pid} of the processes the launcher started (torchrun puts each in a session of its own)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (st := _stat(int(entry.name))) and int(st[1]) == launcher:
+            env = (entry / "environ").read_bytes().split(b"\0")
+            rank = next((int(v[5:]) for v in env if v.startswith(b"RANK=")), None)
+            if rank is not None:
+                found[rank] = int(entry.name)
+    return found
+
+
+def assert_all_end(pids, timeout: float = 5.0) -> None:
+    """The kernel kills a worker whose launcher died at once; an orphan would train on for many seconds."""
+    def alive(pid):
+        st = _stat(pid)
+        return st is not None and st[0] not in "ZX"  # a zombie has ended, only not been reaped
+
+    deadline = time.monotonic() + timeout
+    while any(map(alive, pids)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    survivors = [p for p in pids if alive(p)]
+    for p in survivors:  # never leave one training in the background
+        os.kill(p, signal.SIGKILL)
+    assert not survivors, f"worker(s) {survivors} outlived their launcher"
+
+
+def launch(args: list[str], on_line) -> tuple[subprocess.Popen, str]:
+    """A two-rank torchrun in its own session; ``on_line(proc, line)`` sees each output line, True stops reading."""
+    proc = subprocess.Popen(trainer_cmd(2) + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=ENV, start_new_session=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if on_line(proc, line):
+            break
+    return proc, "".join(lines)
+
+
+def stopped_at(output: str, ranks: str) -> int:
+    m = re.search(r"stopped by SIGTERM at step (\d+) \(received by ranks? ([\d, ]+)\): checkpoint (\S+); rerun",
+                  output)
+    assert m and m[2] == ranks, output[-3000:]
+    assert Path(m[3]).name == f"step_{int(m[1]):08d}" and (Path(m[3]) / "meta.json").is_file()
+    return int(m[1])
+
+
+def test_two_ranks_loss_falls_and_killed_or_preempted_runs_resume_bit_identically(corpus, tmp_path):
+    """--ckpt-every 3 with --log-every 2: the checkpoints fall inside open log windows."""
+    args = ["--data", str(corpus), "--steps", "16", "--lr", "3e-3", "--warmup", "2", "--log-every", "2",
+            "--ckpt-every", "3", "--decoder", "pil", "--token-budget", "500"]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     run_trainer(args + ["--out", str(whole)], nproc=2)
     curve = losses(whole)
-    assert len(curve) == 16
-    assert sum(curve[-4:]) / 4 < sum(curve[:4]) / 4 - 0.02, curve
+    assert len(curve) == 8
+    assert sum(curve[-2:]) / 2 < sum(curve[:2]) / 2 - 0.02, curve
+    reference = exact_records(whole)
+    assert [r["step"] for r in reference] == list(range(2, 17, 2))
+    # every skipped record is in skipped.jsonl (not only the first of each kind), and the totals agree
+    skipped = jsonl(whole / "skipped.jsonl")
+    totals = reference[-1]["data"]
+    kinds = {k: sum(r["kind"] == k for r in skipped) for k in ("corrupt_image", "bad_row")}
+    assert kinds == {k: totals[k] for k in kinds} and min(kinds.values()) >= 2, (kinds, totals)
+    assert all(r["id"] and r["reason"] and r["rank"] in (0, 1) and 1 <= r["step"] <= 16 for r in skipped)
+    assert [r["data"]["records"] for r in reference] == sorted(r["data"]["records"] for r in reference)
 
-    # SIGKILL the whole torchrun group as soon as the step-4 checkpoint is complete (no clean shutdown)
-    proc = subprocess.Popen(trainer_cmd(2) + args + ["--out", str(killed)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=ENV, start_new_session=True)
-    for line in proc.stdout:
-        if "checkpoint:" in line and "step_00000004" in line:
+    # 1. SIGKILL torchrun's process group once the step-3 checkpoint is complete: its workers, in sessions of
+    # their own, must die with it (or they would go on writing into the folder a resumed run uses)
+    pids = []
+
+    def kill_at_3(proc, line):
+        if "checkpoint:" in line and "step_00000003" in line:
+            pids.extend(workers(proc.pid).values())
             os.killpg(proc.pid, signal.SIGKILL)
-            break
+            return True
+
+    proc, _ = launch(args + ["--out", str(killed)], kill_at_3)
     proc.wait(timeout=120)
     assert proc.returncode != 0, "the run finished before it could be killed"
-    assert not (killed / "model.safetensors").exists()
+    assert len(pids) == 2
+    assert_all_end(pids)
+    assert not (killed / "model.safetensors").exists(), "the killed run's workers went on and finished it"
+
+    # 2. resume; a scheduler's SIGTERM reaches rank 1 only: both ranks checkpoint at the next step and exit 0
+    def term_rank1(proc, line):
+        if line.startswith("step 6 |"):
+            os.kill(workers(proc.pid)[1], signal.SIGTERM)
+
+    proc, out = launch(args + ["--out", str(killed)], term_rank1)
+    assert proc.wait(timeout=120) == 0, out[-3000:]
+    assert "resumed from" in out and "lock: took over" in out  # the killed run's lock was stale
+    first = stopped_at(out, "1")
+    assert 6 < first < 16 and not (killed / "model.safetensors").exists()
+
+    # 3. resume; SIGTERM to torchrun, which forwards it to every worker
+    pids = []
+
+    def term_launcher(proc, line):
+        if line.startswith(f"step {first - first % 2 + 4} |"):  # the second log line after the resume
+            pids.extend(workers(proc.pid).values())
+            proc.send_signal(signal.SIGTERM)
+
+    proc, out = launch(args + ["--out", str(killed)], term_launcher)
+    proc.wait(timeout=120)
+    second = stopped_at(out, "0, 1")
+    assert first < second < 16
+    assert_all_end(pids)
+
+    # 4. resume to the end: the same records (bit for bit), the same skipped records, the same bytes
     resumed = run_trainer(args + ["--out", str(killed)], nproc=2)
-    assert "resumed from" in resumed.stdout
-    assert losses(killed) == curve  # the same loss, bit for bit, at every step
-    a, b = load_file(whole / "model.safetensors"), load_file(killed / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert f"resumed from {killed / 'checkpoints' / f'step_{second:08d}'}" in resumed.stdout
+    assert exact_records(killed) == reference
+    assert (killed / "skipped.jsonl").read_text() == (whole / "skipped.jsonl").read_text()
+    assert (killed / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
+    a = load_file(whole / "model.safetensors")
     # the single-process export of a checkpoint's EMA weights is the trainer's own final export
     c = load_file(export_checkpoint(CheckpointManager(whole / "checkpoints").latest(), tmp_path / "ema.safetensors"))
     assert c.keys() == a.keys() and all(torch.equal(a[k], c[k]) for k in a)
+
+    # 5. a resume with another seed and lr is refused before any work, with one message for both ranks
+    bad = run_trainer(args + ["--out", str(killed), "--steps", "20", "--seed", "5", "--lr", "1e-3"], nproc=2,
+                      check=False)
+    text = bad.stdout + bad.stderr
+    assert bad.returncode != 0 and text.count("omniace-train: error") == 1, text[-3000:]
+    assert "lr: checkpoint 0.003, this run 0.001" in text and "seed: checkpoint 0, this run 5" in text
+    assert "--allow-config-change lr,seed" in text and not (killed / "checkpoints" / "step_00000017").exists()
 
 
 def _batch(seed: int, weights=(1.0, 0.0)):
@@ -136,14 +274,26 @@ def test_a_bare_omniedit_parquet_written_by_pyarrow_trains(tmp_path):
     rows = [{"omni_edit_id": f"id{i}", "task": "attribute_modification", "src_img": png((200, 10 * i, 0)),
              "edited_img": png((0, 10 * i, 200)), "edited_prompt_list": ["make it blue"], "width": 64, "height": 48,
              "sc_score_1": 9, "sc_score_2": 10, "sc_reasoning": "ok", "pq_score": 10, "pq_reasoning": "ok",
-             "o_score": 9.5} for i in range(6)]
+             "o_score": 9.5} for i in range(9)]
+    for row in rows[6:8]:  # undecodable edited images
+        row["edited_img"] = {"bytes": b"\x89PNG garbage", "path": "x.png"}
+    rows[8]["width"] = 60  # not a multiple of the 8-pixel patch
     pq.write_table(pa.Table.from_pylist(rows, schema=omniedit_schema(extras=False)), tmp_path / "omniedit.parquet")
     out = tmp_path / "run"
-    run_trainer(["--data", str(tmp_path / "omniedit.parquet"), "--out", str(out), "--steps", "3", "--log-every", "1",
-                 "--decoder", "pil", "--token-budget", "200"])
+    proc = run_trainer(["--data", str(tmp_path / "omniedit.parquet"), "--out", str(out), "--steps", "3",
+                        "--log-every", "1", "--decoder", "pil", "--token-budget", "200", "--warmup", "5"])
     assert len(losses(out)) == 3
     model = load_model(out / "model.safetensors")
     assert model.cfg == get_config("ace-tiny")
+    assert "warning: --warmup 5 is longer than --steps 3" in proc.stdout and "decoder pil" in proc.stdout
+    assert re.search(r"step 3 \| .* \| [\d.]+ s/step \| ETA 0:00:00 \|", proc.stdout)
+    # every skipped record is logged with its id and reason; the totals in metrics.jsonl count the same
+    skipped = jsonl(out / "skipped.jsonl")
+    assert {(r["id"], r["kind"]) for r in skipped} == {("id6", "corrupt_image"), ("id7", "corrupt_image"),
+                                                      ("id8", "bad_row")}
+    assert any("60x48" in r["reason"] for r in skipped if r["id"] == "id8")
+    data = jsonl(out / "metrics.jsonl")[-1]["data"]
+    assert data["corrupt_image"] + data["bad_row"] == len(skipped) and data["bad_row"] >= 1
 
 
 def test_editnet_mode_trains_the_control_branch_only(tmp_path):
@@ -171,10 +321,14 @@ def test_a_nonfinite_loss_stops_the_run_with_the_last_checkpoint_intact(corpus, 
     proc = run_trainer(["--data", str(corpus), "--out", str(out), "--steps", "6", "--lr", "1e30", "--warmup", "0",
                         "--grad-clip", "1e30", "--ckpt-every", "1", "--decoder", "pil", "--token-budget", "300"],
                        check=False)
-    assert proc.returncode != 0
-    assert "FloatingPointError" in proc.stderr and "stopped before updating the weights" in proc.stderr
+    assert proc.returncode == 1
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("omniace-train")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]  # one readable line
+    assert re.match(r"omniace-train: error: FloatingPointError: step \d+: the (loss|gradient norm) is not finite "
+                    r"\(rank 0: (nan|-?inf) \(samples \['", errors[0]), errors[0]
+    assert "stopped before updating the weights" in errors[0]
     last = CheckpointManager(out / "checkpoints").latest()
-    assert last is not None and f"Last good checkpoint: {last}" in proc.stderr
+    assert last is not None and f"Last good checkpoint: {last}" in errors[0]
     assert not (out / "model.safetensors").exists()
 
 
@@ -196,6 +350,44 @@ def test_learning_rate_schedule_and_config_checks():
         TrainConfig(mode="lora")
     with pytest.raises(ValueError, match="precision"):
         TrainConfig(precision="fp8")
+    (warning,) = TrainConfig(warmup=200, steps=100).warnings()
+    assert "--warmup 200 is longer than --steps 100" in warning and "ends at 50% of it" in warning
+    assert TrainConfig(warmup=100, steps=100).warnings() == []  # reaches --lr at the last step
+    with pytest.raises(ValueError, match=r"allow_config_change \['sed'\]: expected names among \[.*'seed'"):
+        TrainConfig(allow_config_change=["sed"])
+    with pytest.raises(ValueError, match=r"allow_config_change \['preset'\]"):
+        TrainConfig(allow_config_change=["seed", "preset"])
+
+
+def test_help_documents_every_flag_with_its_default(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # argparse wraps at hyphens too ("ace-\ntiny")
+    with pytest.raises(SystemExit) as exit:
+        main(["--help"])
+    assert exit.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # undo argparse's wrapping
+    for f in fields(TrainConfig):
+        assert f"--{f.name.replace('_', '-')}" in text
+        help = " ".join(f.metadata["help"].split())
+        if f.name == "data":
+            assert help in text and "(required)" in help
+        else:
+            default = f.default_factory() if f.default is MISSING else f.default
+            assert f"{help} (default: {default})" in text, f.name
+    assert "--debug on an error, show the full traceback" in text
+
+
+def test_equal_weights_give_byte_identical_safetensors(tmp_path):
+    """safetensors writes its metadata from a hash map (another order per call); the writer sorts it."""
+    sd = {"b": torch.arange(6.0).reshape(2, 3), "a": torch.ones(3, dtype=torch.bfloat16)}
+    meta = {**{f"key{i}": f"value {i}" for i in range(8)}, "omniace_config": json.dumps({"é": '"q"\n'})}
+    for name in ("x", "y", "z"):
+        save_safetensors(sd, tmp_path / f"{name}.safetensors", metadata=meta)
+    x = (tmp_path / "x.safetensors").read_bytes()
+    assert (tmp_path / "y.safetensors").read_bytes() == x == (tmp_path / "z.safetensors").read_bytes()
+    with safe_open(tmp_path / "x.safetensors", "pt") as f:
+        assert f.metadata() == meta
+    back = load_file(tmp_path / "x.safetensors")
+    assert all(torch.equal(back[k], sd[k]) for k in sd)
 
 
 @pytest.mark.parametrize("prediction", ["eps", "x0", "flow"])
@@ -234,3 +426,103 @@ def test_a_checkpoint_whose_index_would_run_pickled_code_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"refusing to load this checkpoint: its .metadata pickle references posix.system"):
         export_checkpoint(ckpt, tmp_path / "out.safetensors")
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_one_run_per_output_folder(tmp_path):
+    """A second run on a held folder stops at once, before it writes anything, naming the holder in one line."""
+    out = tmp_path / "run"
+    with RunLock(out):
+        holder = rf"host {re.escape(socket.gethostname())}, pid {os.getpid()}, since \d{{4}}-"
+        with pytest.raises(RunLockedError, match=rf"{re.escape(str(out))} is in use by another training run "
+                                                 rf"\({holder}"):
+            RunLock(out).acquire()
+        args = ["--data", str(tmp_path / "nowhere"), "--out", str(out)]  # the lock is checked before the data
+        proc = run_trainer(args, check=False)
+        errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("omniace-train")]
+        assert proc.returncode == 1 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert re.match(rf"omniace-train: error: RunLockedError: .*\({holder}", errors[0]), errors[0]
+        assert os.listdir(out) == [LOCK_FILE]
+        debug = run_trainer(args + ["--debug"], check=False)
+        assert debug.returncode == 1 and "Traceback" in debug.stderr and "RunLockedError" in debug.stderr
+    assert (out / LOCK_FILE).read_text() == ""  # released: nobody holds it
+    with RunLock(out) as lock:
+        assert lock.previous is None
+
+
+def test_a_dead_or_silent_holder_does_not_block(tmp_path):
+    code = ("import sys, time; from omniace.train.runlock import RunLock; RunLock(sys.argv[1]).acquire(); "
+            "print('held', flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=ENV)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(RunLockedError, match=rf"pid {holder.pid}, since .*it holds the lock"):
+            RunLock(tmp_path).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    with RunLock(tmp_path) as lock:  # its record stays behind; the kernel released its lock: stale
+        assert lock.previous is not None and lock.previous.pid == holder.pid
+    # a record from another host (where flock may not reach across hosts): a live holder keeps beating
+    path = tmp_path / LOCK_FILE
+    path.write_text(json.dumps({"host": "node-7", "pid": 4242, "since": "2026-01-01T00:00:00+00:00"}))
+    os.utime(path, (time.time() - 1, time.time() - 1))
+    beats = threading.Timer(0.3, os.utime, (path,))
+    beats.start()
+    waited = []
+    with pytest.raises(RunLockedError, match=r"host node-7, pid 4242, since 2026-01-01T00:00:00\+00:00; its "
+                                             r"heartbeat goes on"):
+        RunLock(tmp_path, stale_after_s=30, log=waited.append).acquire()
+    beats.join()
+    assert waited and "waiting up to" in waited[0]
+    # ... a dead one goes silent: its record is taken over once stale (a requeued run waits, then starts)
+    start = time.monotonic()
+    with RunLock(tmp_path, heartbeat_s=0.05, stale_after_s=0.5) as lock:
+        assert lock.previous.host == "node-7" and time.monotonic() - start < 5
+        time.sleep(0.3)
+        assert time.time() - path.stat().st_mtime < 0.3  # this run's heartbeat
+
+
+def test_resume_config_check_names_each_difference():
+    cfg = asdict(TrainConfig(data=["corpus"]))
+    model = {"family": "ace", "depth": 2, "prediction": "eps"}
+    recorded = signature(cfg, 2, model)
+    # legitimately changed on resume: the schedule's length, the intervals
+    assert compare(recorded, signature({**cfg, "steps": 99, "log_every": 1, "keep": 5}, 2, model), [], "c") == []
+    # a relative and an absolute spelling of the same folder agree
+    assert compare(recorded, signature({**cfg, "data": [str(Path("corpus").resolve())]}, 2, model), [], "c") == []
+    other = signature({**cfg, "data": ["other"], "seed": 3, "drop_prompt": 0.0}, 2, model)
+    with pytest.raises(ConfigMismatchError) as err:
+        compare(recorded, other, ["drop_prompt"], "ckpt/step_00000004")
+    msg = str(err.value)
+    assert msg.startswith("ckpt/step_00000004 was written by a run with another configuration: ")
+    assert (f"data: checkpoint ['{Path('corpus').resolve()}'], this run ['{Path('other').resolve()}']; "
+            f"seed: checkpoint 0, this run 3.") in msg
+    assert "drop_prompt" not in msg and "--allow-config-change data,seed to resume anyway" in msg
+    assert compare(recorded, other, ["data", "seed", "drop_prompt"], "c") == ["data", "drop_prompt", "seed"]
+    # the preset, the model's shapes and the world size cannot be allowed
+    with pytest.raises(ConfigMismatchError) as err:
+        compare(recorded, signature({**cfg, "preset": "ace-small"}, 4, {**model, "depth": 6}), ["seed"], "c")
+    msg = str(err.value)
+    assert "preset: checkpoint 'ace-tiny', this run 'ace-small' (cannot change on resume" in msg
+    assert "world_size: checkpoint 2, this run 4" in msg and "--nproc_per_node 2" in msg
+    assert "model_config" not in msg and "--allow-config-change" not in msg  # implied by the preset
+    with pytest.raises(ConfigMismatchError, match=r"model_config.depth: checkpoint 2, this run 6 \(cannot change"):
+        compare(recorded, signature(cfg, 2, {**model, "depth": 6}), [], "c")  # the preset's definition changed
+
+
+def test_a_resume_with_other_data_and_preset_is_refused_unless_allowed(corpus, tmp_path):
+    out, other = tmp_path / "run", tmp_path / "other"
+    other.mkdir()
+    (other / "part.parquet").write_bytes((corpus / "part-00002.parquet").read_bytes())
+    common = ["--out", str(out), "--steps", "4", "--log-every", "1", "--ckpt-every", "2", "--decoder", "pil",
+              "--token-budget", "300"]
+    run_trainer(["--data", str(corpus), "--stop-at", "2"] + common)
+    bad = run_trainer(["--data", str(other), "--preset", "sd3-tiny-editnet"] + common, check=False)
+    errors = [ln for ln in bad.stderr.splitlines() if ln.startswith("omniace-train")]
+    assert bad.returncode == 1 and len(errors) == 1 and "Traceback" not in bad.stderr, bad.stderr[-3000:]
+    assert f"data: checkpoint ['{corpus.resolve()}'], this run ['{other.resolve()}']" in errors[0]
+    assert "preset: checkpoint 'ace-tiny', this run 'sd3-tiny-editnet' (cannot change on resume" in errors[0]
+    # allowed, other data starts from its beginning (positions in the old shards mean nothing there)
+    ok = run_trainer(["--data", str(other), "--allow-config-change", "data"] + common)
+    assert "the new data starts at its beginning" in ok.stdout and "allowed changes: data" in ok.stdout
+    assert [r["step"] for r in jsonl(out / "metrics.jsonl")] == [1, 2, 3, 4] and (out / "model.safetensors").exists()

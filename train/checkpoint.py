@@ -1,7 +1,8 @@
 """Atomic, resumable training checkpoints (torch.distributed.checkpoint) and the final safetensors export.
 
 Layout under ``root``: ``step_00000100/`` holds the DCP shards of the model, optimizer and EMA state,
-``loader_rank{r}.json`` (each rank's data position) and ``meta.json`` (step, world size, config).
+``rank{r}.json`` (each rank's state outside the tensors: its data position, its open log window) and
+``meta.json`` (step, world size, the run's configuration, which a resumed run compares with its own).
 Every rank writes into ``step_00000100.tmp/``; only when all have finished does rank 0 write
 ``meta.json`` and rename the folder, so a crash mid-save leaves a ``.tmp`` folder that is never loaded
 (and is removed by the next save) while the last complete checkpoint stays intact.
@@ -186,8 +187,8 @@ class CheckpointManager:
         done = self.complete()
         return done[-1] if done else None
 
-    def save(self, step: int, state: dict, loader_state: dict, meta: dict) -> Path:
-        """Collective: every rank calls it with its own shards and loader position."""
+    def save(self, step: int, state: dict, rank_state: dict, meta: dict) -> Path:
+        """Collective: every rank calls it with its own shards and its JSON-able ``rank_state``."""
         rank, world = dist.get_rank(), dist.get_world_size()
         final = self.root / f"step_{step:08d}"
         tmp = self.root / f"step_{step:08d}.tmp"
@@ -197,7 +198,7 @@ class CheckpointManager:
                 shutil.rmtree(stale)
         dist.barrier()
         dcp.save(state, checkpoint_id=str(tmp))
-        _write_json(tmp / f"loader_rank{rank}.json", loader_state)
+        _write_json(tmp / f"rank{rank}.json", rank_state)
         dist.barrier()
         if rank == 0:
             _write_json(tmp / "meta.json", {**meta, "step": step, "world_size": world})
@@ -211,17 +212,23 @@ class CheckpointManager:
         dist.barrier()
         return final
 
+    @staticmethod
+    def read_meta(path: Path) -> dict:
+        """A checkpoint's ``meta.json``: step, world size, config and model config."""
+        return json.loads((Path(path) / "meta.json").read_text())
+
     def load(self, path: Path, state: dict) -> tuple[dict, dict]:
-        """Load shards into ``state`` in place; returns (meta, this rank's loader position)."""
-        rank, world = dist.get_rank(), dist.get_world_size()
-        meta = json.loads((path / "meta.json").read_text())
-        if meta["world_size"] != world:
-            raise ValueError(f"{path} was written by {meta['world_size']} ranks, this run has {world}: "
-                             f"the data position is per rank, so resume with --nproc_per_node "
-                             f"{meta['world_size']}")
+        """Load shards into ``state`` in place; returns (meta, this rank's ``rank_state``).
+
+        The caller checks first that the checkpoint fits this run (``resume_check``: world size, preset, ...).
+        """
+        rank = dist.get_rank()
+        meta = self.read_meta(path)
         dcp_load(state, path)
-        loader_state = json.loads((path / f"loader_rank{rank}.json").read_text())
-        return meta, loader_state
+        own = path / f"rank{rank}.json"
+        if not own.exists():  # written before the per-rank file held more than the data position
+            return meta, {"loader": json.loads((path / f"loader_rank{rank}.json").read_text())}
+        return meta, json.loads(own.read_text())
 
 
 def export_checkpoint(path: str | Path, out: str | Path, weights: str = "ema", dtype: str = "fp32") -> Path:

@@ -10,18 +10,22 @@ loss on its target tokens only, weighted per sample by lambda. The noise of step
 a generator seeded by (seed, s, r), and the data position is saved with every checkpoint, so a resumed
 run reproduces the loss curve of an uninterrupted one bit for bit. A non-finite loss or gradient stops
 the run before the weights change, with the last good checkpoint intact.
+
+One run per output folder: rank 0 locks ``--out`` (``run.lock``: host, pid, since) before any rank writes
+there, and under torchrun every worker dies with its launcher. SIGTERM (a scheduler's pre-emption)
+checkpoints at the next step boundary and exits 0; the same command resumes. A resumed run first
+compares the checkpoint's configuration with its own (``--allow-config-change`` names accepted changes).
+An error prints one line, ``omniace-train: error: ...`` (``--debug`` shows the traceback).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import socket
 import sys
-import time
-from collections import defaultdict
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -37,40 +41,56 @@ from omniace.engine.weights import load_into, load_state_dict_file
 from .checkpoint import EXPORT_DTYPES, CheckpointManager
 from .data import DataConfig, EditLoader
 from .importance import ImportanceConfig
+from .lifecycle import StopSignal, die_with_parent, launched_by_torchrun
 from .objective import Objective, target_sample_index, weighted_loss
 from .parallelize import TRAIN_MODES, apply_fsdp, enable_activation_checkpointing, set_trainable
+from .resume_check import ConfigMismatchError, allowable, compare, resolve_paths, signature
+from .runlock import RunLock, RunLockedError
+from .runlog import RunLog, Window
+
+
+def _opt(default, help: str):
+    """A TrainConfig field whose ``help`` is its ``--flag``'s help text."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class TrainConfig:
-    data: list[str] = field(default_factory=list)  # OmniEdit Parquet files or folders
-    out: str = "runs/train"  # checkpoints/, metrics.jsonl, model.safetensors
-    preset: str = "ace-tiny"
-    init: str | None = None  # safetensors to start from (the base model for --mode editnet)
-    mode: str = "full"  # full | editnet (only the control branch trains, the base is frozen)
-    steps: int = 1000  # length of the schedule
-    stop_at: int | None = None  # end this run (with a checkpoint) at this step: time-limited jobs
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup: int = 100
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.999
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
-    token_budget: int = 2048  # image tokens per rank per step
-    importance: str = "binary"  # binary | soft | none
-    importance_column: str = "o_score"
-    importance_threshold: float = 9.0
-    drop_prompt: float = 0.1
-    decoder: str = "auto"
-    seed: int = 0
-    precision: str = "auto"  # auto (bf16 params on a GPU, fp32 on the CPU) | bf16 | fp32
-    activation_checkpointing: bool = True
-    ckpt_every: int = 200
-    keep: int = 2
-    log_every: int = 10
-    export_dtype: str = "fp32"  # the final safetensors: fp32 | fp16 | bf16 (fp16 halves a shipped default)
+    data: list[str] = _opt([], "OmniEdit Parquet files or folders of them (required)")
+    out: str = _opt("runs/train", "output folder: checkpoints/, metrics.jsonl, skipped.jsonl, model.safetensors; "
+                                  "one run at a time (run.lock)")
+    preset: str = _opt("ace-tiny", "model preset (omniace.engine.config)")
+    init: str | None = _opt(None, "safetensors to start from (the base model for --mode editnet)")
+    mode: str = _opt("full", f"what trains: {' | '.join(TRAIN_MODES)} (editnet: the control branch only, the "
+                             f"base frozen)")
+    steps: int = _opt(1000, "length of the schedule (optimizer updates)")
+    stop_at: int | None = _opt(None, "end this run (with a checkpoint) at this step: time-limited jobs")
+    lr: float = _opt(1e-3, "peak learning rate")
+    min_lr_ratio: float = _opt(0.1, "the cosine decays to lr * min_lr_ratio")
+    warmup: int = _opt(100, "linear warm-up updates (a warning if longer than --steps)")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    beta1: float = _opt(0.9, "AdamW beta1")
+    beta2: float = _opt(0.999, "AdamW beta2")
+    grad_clip: float = _opt(1.0, "clip the global gradient norm to this")
+    ema_decay: float = _opt(0.999, "EMA decay of the exported weights (warmed up with the step)")
+    token_budget: int = _opt(2048, "image tokens per rank per step")
+    importance: str = _opt("binary", "importance weight: binary | soft | none")
+    importance_column: str = _opt("o_score", "the score column the importance weight reads")
+    importance_threshold: float = _opt(9.0, "binary importance: lambda = 1 at or above this score, else 0")
+    drop_prompt: float = _opt(0.1, "probability of an empty instruction (trains classifier-free guidance)")
+    decoder: str = _opt("auto", "image decoder: auto (DALI if installed, else PIL) | dali | pil")
+    seed: int = _opt(0, "seeds the weights, the data order and the noise")
+    precision: str = _opt("auto", "auto (bf16 parameters on a GPU, fp32 on the CPU) | bf16 | fp32")
+    activation_checkpointing: bool = _opt(True, "recompute each block's activations in the backward pass")
+    ckpt_every: int = _opt(200, "checkpoint every this many steps (and at the end)")
+    keep: int = _opt(2, "checkpoints kept")
+    log_every: int = _opt(10, "a metrics record every this many steps")
+    export_dtype: str = _opt("fp32", "dtype of the final safetensors: fp32 | fp16 | bf16 (fp16 halves a shipped "
+                                     "default)")
+    allow_config_change: list[str] = _opt([], "on resume, accept these fields differing from the checkpoint's "
+                                              "(comma list, e.g. data,seed); other differences stop the run")
 
     def __post_init__(self) -> None:
         if self.mode not in TRAIN_MODES:
@@ -84,6 +104,19 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup < 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"warmup {self.warmup} must be >= 0 and min_lr_ratio {self.min_lr_ratio} in [0, 1]")
+        ok = allowable(f.name for f in fields(self))
+        bad = [n for n in self.allow_config_change if n not in ok]
+        if bad:
+            raise ValueError(f"allow_config_change {bad}: expected names among {ok} (preset, mode and the world "
+                             f"size cannot change on resume)")
+
+    def warnings(self) -> list[str]:
+        """Settings that are valid but probably not meant."""
+        out = []
+        if self.warmup > self.steps:
+            out.append(f"--warmup {self.warmup} is longer than --steps {self.steps}: the learning rate never "
+                       f"reaches --lr (it ends at {lr_at(self, self.steps - 1) / self.lr:.0%} of it) and never decays")
+        return out
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -144,9 +177,47 @@ class Trainer:
         self.rank, self.world, self.device = _init_distributed()
         self.log = log if self.rank == 0 else (lambda msg: None)
         self.out = Path(cfg.out)
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.lock = RunLock(self.out, log=self.log)
+        self.stop = StopSignal()
+        try:
+            self._lock_out()
+            self.stop.install()
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    def _lock_out(self) -> None:
+        """Rank 0 locks ``--out`` before any rank writes there (ranks on other hosts share the folder, so one
+        lock serves the run); every rank gets its outcome, so a refusal is raised alike on all of them."""
+        outcome: list = [None]
+        if self.rank == 0:
+            try:
+                self.lock.acquire()
+            except Exception as err:  # noqa: BLE001 - sent to every rank, raised there
+                outcome[0] = err
+        dist.broadcast_object_list(outcome, src=0)
+        if outcome[0] is not None:
+            raise outcome[0]
+        if self.lock.previous is not None:
+            self.log(f"lock: took over {self.lock.path} from a run that is gone ({self.lock.previous.describe()})")
+        if not self.lock.flock:
+            self.log(f"warning: no flock on the file system of {self.out}: the lock relies on its holder record "
+                     f"and heartbeat only")
+
+    def _build(self) -> None:
+        cfg = self.cfg
         model_cfg = get_config(cfg.preset)
         self.model_cfg = model_cfg
+        self.ckpt = CheckpointManager(self.out / "checkpoints", keep=cfg.keep)
+        self.runlog = RunLog(self.out, enabled=self.rank == 0)
+        self.resume_from = self.ckpt.latest()
+        self.changed: list[str] = []  # configuration fields this resume accepts as changed
+        if self.resume_from is not None:  # before any heavy work: a mismatch stops here with its message
+            meta = self.ckpt.read_meta(self.resume_from)
+            self.changed = compare(signature(meta["config"], meta["world_size"], meta["model_config"]),
+                                   signature(asdict(cfg), self.world, config_to_dict(model_cfg)),
+                                   cfg.allow_config_change, self.resume_from)
         self.is_ace = isinstance(model_cfg, ACEConfig)
         self.text = tiny_text_encoder(model_cfg)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
@@ -169,15 +240,16 @@ class Trainer:
         # EMA of the trainable weights, sharded like them (fp32 shards)
         self.ema = {n: p.detach().clone() for n, p in zip(self.trainable, self.params)}
         self.objective = Objective(model_cfg.prediction)
-        self.ckpt = CheckpointManager(self.out / "checkpoints", keep=cfg.keep)
         data_cfg = DataConfig(
             list(cfg.data), token_budget=cfg.token_budget, patch_size=model_cfg.patch_size,
             codec_factor=model_cfg.codec_factor, seed=cfg.seed, decoder=cfg.decoder,
             importance=ImportanceConfig(cfg.importance_column, cfg.importance_threshold, cfg.importance),
             family="ace" if self.is_ace else "sd3", drop_prompt=cfg.drop_prompt,
             condition=self.is_ace or model_cfg.editnet or model_cfg.concat_condition)
-        self.loader = EditLoader(data_cfg, self.text.encode, self.rank, self.world, log=self.log)
         self.step = 0
+        self._skipped: list[dict] = []  # this rank's skipped records since they were last written
+        self.loader = EditLoader(data_cfg, self.text.encode, self.rank, self.world, log=self.log,
+                                 on_skip=self._on_skip)
         self.peak = peak_flops(self.device)
 
     def _initial_weights(self, model) -> None:
@@ -196,6 +268,19 @@ class Trainer:
             model.editnet.init_from_base(model.transformer_blocks)  # OmniEdit: the branch starts as a copy
             self.log(f"init: base weights from {self.cfg.init}; EditNet blocks copied from the base")
 
+    # --- skipped records ---------------------------------------------------------------------------
+    def _on_skip(self, record: dict) -> None:
+        # read while fetching the batch of the coming step: a resume to step s keeps those with step <= s
+        self._skipped.append({"step": self.step + 1, "rank": self.rank, **record})
+
+    def _flush_skipped(self) -> None:
+        """Collective: rank 0 appends every rank's skipped records to skipped.jsonl, ordered by (step, rank),
+        so the file does not depend on where a run was interrupted."""
+        gathered: list = [None] * self.world
+        dist.all_gather_object(gathered, self._skipped)
+        self._skipped = []
+        self.runlog.skipped(sorted((r for g in gathered for r in g), key=lambda r: (r["step"], r["rank"])))
+
     # --- checkpoints -------------------------------------------------------------------------------
     def _state(self) -> dict:
         from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -203,25 +288,32 @@ class Trainer:
         model_sd, optim_sd = get_state_dict(self.model, self.opt)
         return {"model": model_sd, "optim": optim_sd, "ema": self.ema}
 
-    def save(self) -> Path:
-        meta = {"config": asdict(self.cfg), "model_config": config_to_dict(self.model_cfg)}
-        path = self.ckpt.save(self.step, self._state(), self.loader.state_dict(), meta)
+    def save(self, window: Window) -> Path:
+        """Collective: a checkpoint of this step, with each rank's data position and open log window."""
+        self._flush_skipped()  # records up to this step are on disk before the checkpoint that covers them
+        meta = {"config": resolve_paths(asdict(self.cfg)), "model_config": config_to_dict(self.model_cfg)}
+        own = {"loader": self.loader.state_dict(), "log_window": window.state_dict()}
+        path = self.ckpt.save(self.step, self._state(), own, meta)
         self.log(f"checkpoint: {path}")
         return path
 
-    def resume(self) -> bool:
+    def resume(self) -> Window:
+        """Load ``resume_from`` (checked in ``__init__``); returns the log window that was open at its step."""
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
-        path = self.ckpt.latest()
-        if path is None:
-            return False
+        path = self.resume_from
         state = self._state()
-        meta, loader_state = self.ckpt.load(path, state)
+        meta, own = self.ckpt.load(path, state)
         set_state_dict(self.model, self.opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        self.loader.load_state_dict(loader_state)
+        if "data" in self.changed:  # positions in the old shards mean nothing in the new ones
+            self.log("resume: --data differs from the checkpoint's (allowed): the new data starts at its beginning")
+        else:
+            self.loader.load_state_dict(own["loader"])
         self.step = meta["step"]
-        self.log(f"resumed from {path} at step {self.step}")
-        return True
+        self.runlog.truncate(self.step)
+        changed = f" (allowed changes: {', '.join(self.changed)})" if self.changed else ""
+        self.log(f"resumed from {path} at step {self.step}{changed}")
+        return Window(own.get("log_window"))
 
     def export(self, path: Path) -> None:
         """The EMA weights (frozen parameters as they are) as one self-describing safetensors file."""
@@ -243,13 +335,19 @@ class Trainer:
         return g
 
     def _stop(self, what: str, value: float, ids: list[str]) -> None:
+        """Collective (every rank saw the same verdict): raise one error naming each rank's bad value."""
+        self._flush_skipped()
+        seen: list = [None] * self.world
+        dist.all_gather_object(seen, (value, ids[:6]))
+        where = "; ".join(f"rank {r}: {v} (samples {i})" for r, (v, i) in enumerate(seen) if not math.isfinite(v))
         last = self.ckpt.latest()
         raise FloatingPointError(
-            f"step {self.step + 1}: the {what} is {value} (rank {self.rank}, samples {ids[:6]}); stopped before "
-            f"updating the weights. Last good checkpoint: {last or 'none yet'} (intact). Lower --lr or check "
-            f"those records, then rerun to resume from it.")
+            f"step {self.step + 1}: the {what} is not finite ({where}); stopped before updating the weights. "
+            f"Last good checkpoint: {last or 'none yet'} (intact). Lower --lr or check those records, then rerun "
+            f"to resume from it.")
 
     def train_step(self, batch) -> dict:
+        """One update; ``out["stop"]``: some rank received SIGTERM (all ranks get the same value)."""
         cfg = self.cfg
         packed = batch.packed.to(self.device)
         n = packed.num_samples
@@ -261,9 +359,12 @@ class Trainer:
         counts = torch.tensor([float(n)], device=self.device)
         dist.all_reduce(counts)
         loss = weighted_loss(per_sample, weights, counts[0], self.world)
-        finite = torch.isfinite(loss.detach()).float().reshape(1)
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if not finite.item():
+        # one reduction (MIN) carries both verdicts: the loss is finite everywhere, no rank was told to stop
+        go_on = torch.ones(1, device=self.device) * (self.stop.received is None)
+        flags = torch.cat([torch.isfinite(loss.detach()).float().reshape(1), go_on])
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+        finite, go_on = flags.tolist()
+        if not finite:
             self._stop("loss", loss.item(), batch.ids)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
@@ -282,36 +383,47 @@ class Trainer:
         self.step += 1
         return {"loss": loss.detach() / self.world, "per_sample": per_sample.detach(), "tasks": batch.tasks,
                 "tokens": packed.tokens.shape[0], "flops": 3 * forward_flops(self.model, packed),
-                "grad_norm": norm, "lr": lr}
+                "grad_norm": norm, "lr": lr, "stop": not go_on}
 
     # --- the loop ----------------------------------------------------------------------------------
-    def fit(self) -> None:
+    def fit(self) -> str:
+        """Train to ``--steps`` or ``--stop-at``: returns "done"; or "signal" after a SIGTERM, with a
+        checkpoint at the step boundary where the ranks agreed to stop."""
         cfg = self.cfg
-        if self.resume():
-            self._truncate_metrics()
+        window = self.resume() if self.resume_from is not None else Window()
         end = min(cfg.steps, cfg.stop_at or cfg.steps)
+        for warning in cfg.warnings():
+            self.log(f"warning: {warning}")
         if self.step >= end:
             self.log(f"nothing to do: at step {self.step}, the run ends at {end}")
         self.log(f"training {cfg.preset} ({cfg.mode}) on {self.world} rank(s), {self.device.type}: "
-                 f"{sum(p.numel() for p in self.params):,} trainable parameters; steps {self.step} -> {end}")
+                 f"{sum(p.numel() for p in self.params):,} trainable parameters; steps {self.step} -> {end}; "
+                 f"decoder {self.loader.decoder.name}")
         from tqdm import tqdm
 
         bar = tqdm(total=end, initial=self.step, disable=self.rank != 0 or not sys.stderr.isatty(),
                    dynamic_ncols=True)
-        window = _Window()
         it = iter(self.loader)
-        t0 = time.perf_counter()
-        while self.step < end:
+        stopping = False
+        while self.step < end and not stopping:
             out = self.train_step(next(it))
+            stopping = out["stop"]
             window.add(out)
             bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == end:
-                record = window.reduce(self.step, time.perf_counter() - t0, self.world, self.peak)
-                self._emit(record, bar)
-                window, t0 = _Window(), time.perf_counter()
-            if self.step % cfg.ckpt_every == 0 or self.step == end:
-                self.save()
+                self._flush_skipped()
+                self._emit(window.reduce(self.step, self.world, self.peak, end, self.loader.stats), bar)
+                window = Window()
+            if self.step % cfg.ckpt_every == 0 or self.step == end or stopping:
+                path = self.save(window)
         bar.close()
+        if stopping and self.step < end:  # (at the end, the run finishes as it would have anyway)
+            got: list = [None] * self.world
+            dist.all_gather_object(got, self.stop.name if self.stop.received else None)
+            ranks = [r for r, name in enumerate(got) if name]
+            self.log(f"stopped by {got[ranks[0]]} at step {self.step} (received by rank{'s' * (len(ranks) > 1)} "
+                     f"{', '.join(map(str, ranks))}): checkpoint {path}; rerun the same command to resume")
+            return "signal"
         if self.step >= cfg.steps:
             self.export(self.out / "model.safetensors")
         stats = [None] * self.world
@@ -319,97 +431,117 @@ class Trainer:
         if self.rank == 0:
             total = {k: sum(s.get(k, 0) for s in stats) for k in stats[0]}
             self.log(f"data: {total}")
+        return "done"
 
     def _emit(self, record: dict, bar) -> None:
+        self.runlog.metrics(record)
         if self.rank != 0:
             return
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
         tasks = " ".join(f"{k}={v:.4f}" for k, v in sorted(record["loss_per_task"].items()))
         mfu = f" | MFU {record['mfu'] * 100:.1f}%" if record["mfu"] is not None else ""
+        # records and zero_weight (filtered by design) are counts; every other kind is a record in skipped.jsonl
+        bad = ", ".join(f"{k} {v}" for k, v in record["data"].items() if k not in ("records", "zero_weight") and v)
+        skipped = f" | skipped: {bad} (skipped.jsonl)" if bad else ""
+        eta = timedelta(seconds=round(record["eta_s"]))
         line = (f"step {record['step']} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
-                f"{record['samples_per_s']:.1f} samples/s | {record['tokens_per_s']:,.0f} tokens/s{mfu} | {tasks}")
+                f"{record['s_per_step']:.2f} s/step | ETA {eta} | {record['samples_per_s']:.1f} samples/s | "
+                f"{record['tokens_per_s']:,.0f} tokens/s{mfu} | {tasks}{skipped}")
         bar.write(line) if not bar.disable else print(line, flush=True)
 
-    def _truncate_metrics(self) -> None:
-        """Drop log records past the resumed step (written by the interrupted run after its checkpoint)."""
-        path = self.out / "metrics.jsonl"
-        if self.rank != 0 or not path.exists():
-            return
-        keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
-        path.write_text("".join(ln + "\n" for ln in keep))
-
     def close(self) -> None:
+        self.stop.restore()
         if dist.is_initialized():
             dist.destroy_process_group()
+        self.lock.release()
 
 
-class _Window:
-    """Step outputs between two log lines, reduced over ranks when logged."""
+def _env_rank() -> int:
+    return int(os.environ.get("RANK", "0"))  # known before (and after) the process group
 
-    def __init__(self):
-        self.loss = 0.0
-        self.steps = 0
-        self.samples = 0
-        self.tokens = 0
-        self.flops = 0
-        self.task_sum: dict[str, float] = defaultdict(float)
-        self.task_n: dict[str, int] = defaultdict(int)
-        self.last: dict = {}
 
-    def add(self, out: dict) -> None:
-        self.loss += float(out["loss"])
-        self.steps += 1
-        self.samples += len(out["tasks"])
-        self.tokens += out["tokens"]
-        self.flops += out["flops"]
-        for task, value in zip(out["tasks"], out["per_sample"].tolist()):
-            self.task_sum[task] += value
-            self.task_n[task] += 1
-        self.last = out
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        if _env_rank() != 0:  # every torchrun rank parses the same argv: rank 0 says it once
+            self.exit(2)
+        super().error(message)
 
-    def reduce(self, step: int, seconds: float, world: int, peak: float | None) -> dict:
-        gathered = [None] * world
-        mine = (self.loss, self.samples, self.tokens, self.flops, dict(self.task_sum), dict(self.task_n))
-        dist.all_gather_object(gathered, mine)
-        task_sum: dict[str, float] = defaultdict(float)
-        task_n: dict[str, int] = defaultdict(int)
-        for _, _, _, _, ts, tn in gathered:
-            for k, v in ts.items():
-                task_sum[k] += v
-                task_n[k] += tn[k]
-        loss = sum(g[0] for g in gathered) / self.steps
-        samples, tokens, flops = (sum(g[i] for g in gathered) for i in (1, 2, 3))
-        return {"step": step, "loss": loss, "lr": self.last["lr"], "grad_norm": self.last["grad_norm"],
-                "loss_per_task": {k: task_sum[k] / task_n[k] for k in sorted(task_sum)},
-                "samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds,
-                "mfu": flops / seconds / (peak * world) if peak else None}
+
+def _names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``omniace-train``'s flags: one per TrainConfig field (its help and default), and ``--debug``."""
+    ap = _Parser(prog="omniace-train", description=__doc__.split("\n\n")[0],
+                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        value = f.default_factory() if f.default is MISSING else f.default
+        help = f.metadata["help"]
+        if f.name == "data":
+            ap.add_argument(flag, nargs="+", required=True, default=argparse.SUPPRESS, help=help)
+        elif f.name == "allow_config_change":
+            ap.add_argument(flag, type=_names, default=value, metavar="FIELD[,FIELD...]", help=help)
+        elif isinstance(value, bool):
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=value, help=help)
+        elif f.name in ("init", "stop_at"):
+            ap.add_argument(flag, type=str if f.name == "init" else int, default=None, help=help)
+        else:
+            ap.add_argument(flag, type=type(value), default=value, help=help)
+    ap.add_argument("--debug", action="store_true", help="on an error, show the full traceback (of every rank)")
+    return ap
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    ap = argparse.ArgumentParser(prog="omniace-train", description=__doc__.split("\n\n")[0])
-    defaults = TrainConfig()
-    for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        value = getattr(defaults, f.name)
-        if f.name == "data":
-            ap.add_argument(flag, nargs="+", required=True, help="Parquet files or folders")
-        elif isinstance(value, bool):
-            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
-        elif f.name in ("init", "stop_at"):
-            ap.add_argument(flag, type=str if f.name == "init" else int, default=None)
-        else:
-            ap.add_argument(flag, type=type(value), default=value)
-    return TrainConfig(**vars(ap.parse_args(argv)))
+    ns = vars(build_parser().parse_args(argv))
+    ns.pop("debug")
+    return TrainConfig(**ns)
+
+
+# errors every rank raises alike (a broadcast or reduced verdict, or the same files read): rank 0 prints them
+_SAME_ON_EVERY_RANK = (RunLockedError, ConfigMismatchError, FloatingPointError)
+
+
+def _print_error(err: BaseException, shared: bool) -> None:
+    rank = _env_rank()
+    if rank == 0:
+        print(f"omniace-train: error: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+    elif not shared:  # possibly this rank's own failure: one line, so the cause is not lost
+        print(f"omniace-train: error on rank {rank}: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_args(argv)
-    trainer = Trainer(cfg)
+    """The ``omniace-train`` entry point: exit 0 when done or stopped by SIGTERM (resumable), 1 on an error
+    (one line on stderr; ``--debug`` re-raises), 2 on bad arguments, 130 on Ctrl-C."""
+    ns = vars(build_parser().parse_args(argv))
+    debug = ns.pop("debug")
+    if launched_by_torchrun():  # torchrun puts each worker in its own session: end with the launcher
+        die_with_parent()
     try:
+        cfg = TrainConfig(**ns)
+    except ValueError as err:
+        if debug:
+            raise
+        _print_error(err, shared=True)  # the same argv on every rank
+        sys.exit(2)
+    trainer = None
+    try:
+        trainer = Trainer(cfg)
         trainer.fit()
+    except Exception as err:
+        if debug:
+            raise
+        _print_error(err, shared=isinstance(err, _SAME_ON_EVERY_RANK))
+        sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C; torchrun forwards it to every rank
+        if debug:
+            raise
+        if _env_rank() == 0:
+            print("omniace-train: interrupted (the last checkpoint is intact; rerun to resume)", file=sys.stderr)
+        sys.exit(130)
     finally:
-        trainer.close()
+        if trainer is not None:
+            trainer.close()
 
 
 if __name__ == "__main__":
