@@ -72,6 +72,7 @@ def cases() -> dict[str, tuple[bytes, tuple[int, int]]]:
         "jpeg_cmyk": (enc(Image.fromarray(cmyk, "CMYK"), "JPEG", quality=95), wide),
         "tiff_cmyk": (enc(Image.fromarray(cmyk, "CMYK"), "TIFF"), wide),  # DALI cannot read it: PIL decides
         "tiff_grey16": (enc(Image.fromarray(grey16()), "TIFF"), wide),
+        "pgm_grey16": (enc(Image.fromarray(grey16()), "PPM"), wide),  # Pillow opens it as mode "I"
         "tiff_float": (enc(Image.fromarray(f), "TIFF"), wide),
         "gif": (enc(pal, "GIF"), wide),  # DALI cannot read GIF: PIL decides
         "webp_exif6": (enc(Image.fromarray(x), "WEBP", lossless=True, exif=exif(6)), tall),  # nor WebP + EXIF
@@ -99,7 +100,7 @@ def test_exif_orientation_is_applied():
 
 def test_sixteen_bit_grey_is_scaled_not_clipped():
     # the instance: 100*257 came out white (255); scaled it is 100. round(v / 257) elsewhere.
-    for fmt in ("PNG", "TIFF"):
+    for fmt in ("PNG", "TIFF", "PPM"):
         a = decode_rgb_array(enc(Image.fromarray(grey16()), fmt))
         assert a[0, :4, 0].tolist() == [0, 0, 128, 255] and (a[1:] == 100).all()
     big_endian = Image.frombytes("I;16B", (2, 1), np.array([100 * 257, 200 * 257], ">u2").tobytes())

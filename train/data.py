@@ -37,7 +37,7 @@ from omniace.engine.lcu import ConditionUnit, ImageInput, LCUSample, PackedLCU, 
 from omniace.engine.pipeline import mask_to_latent, to_tensor
 
 from .importance import ImportanceConfig, importance_weight
-from .omniedit_format import REQUIRED, BadRow, check_row
+from .omniedit_format import REQUIRED, check_row
 
 COLUMNS = (*REQUIRED, "mask_img", "history")  # what the loader reads; absent optional ones are fine
 
@@ -295,8 +295,8 @@ class EditLoader:
     ``text_encode(list[str])`` encodes instructions to ``[L, Y]`` tensors or ``EncodedText`` (with the
     pooled vector the SD3 family needs); images go through the pixel codec (space-to-depth by
     ``codec_factor``), the tiny models' codec. A row whose tokens alone exceed the budget is skipped
-    (``over_budget``), never yielded over it. With ``drop_prompt`` the current instruction is emptied for a seeded
-    fraction of draws (a fresh choice every epoch), as the pipeline's unconditional CFG branch sees it.
+    (``over_budget``), never yielded over it. With ``drop_prompt`` the current instruction is emptied for a
+    seeded fraction of draws (a fresh choice every epoch), as the pipeline's unconditional CFG branch sees it.
     """
 
     def __init__(self, cfg: DataConfig, text_encode: Callable[[list[str]], list], rank: int = 0,
@@ -350,7 +350,7 @@ class EditLoader:
         try:
             row = self._validated(row)
             weight = importance_weight(row, self.cfg.importance)
-        except (BadRow, KeyError, ValueError) as err:
+        except (KeyError, ValueError) as err:  # BadRow is a ValueError; importance_weight raises both
             self._report("bad_row", self._record_id(key, row), err.args[0] if err.args else repr(err))
             return None
         need = self.tokens(row)
