@@ -6,9 +6,16 @@ fixed, disjoint sequence. ``state_dict()`` holds the epoch, the cursor and the k
 buckets; a loader restored from it yields exactly the batches the original would have yielded next.
 
 Decoding: NVIDIA DALI (``fn.decoders.image``; ``device="mixed"`` on a GPU, the CPU decoder with
-``device_id=None`` without one) or PIL; both give identical RGB arrays for PNG and JPEG. A record whose
-image is corrupt or missing, or whose row lacks a column, is skipped, counted in ``stats`` and logged
-once per kind; it never stops the run and never disappears silently.
+``device_id=None`` without one) or PIL through ``engine.imageio.decode_image``; both give the same RGB
+arrays (EXIF orientation applied, 16-bit and float scaled, alpha dropped: see ``engine/imageio.py``). What
+DALI cannot read (GIF, WebP with EXIF, CMYK TIFF, ...) or reads off by one (16-bit colour PNG) goes to the
+PIL decoder inside the DALI one, so the two loaders yield the same batches and skip the same records.
+
+Bad data never stops the run and never disappears silently: every field of a row is validated when the row
+is read (``omniedit_format.check_row``); a bad row, a row whose tokens alone exceed the budget, a corrupt
+image and a shard that cannot be read or lacks a column are skipped, counted in ``stats`` (``bad_row``,
+``over_budget``, ``corrupt_image``, ``bad_shard``) and passed one by one to ``on_skip`` with the record's id
+and the reason. Only when no shard is usable is it an error.
 """
 from __future__ import annotations
 
@@ -25,12 +32,12 @@ from torch import Tensor
 
 from omniace import require
 from omniace.engine.codec import PixelCodec
-from omniace.engine.imageio import decode_rgb_array
+from omniace.engine.imageio import decode_rgb_array, open_image
 from omniace.engine.lcu import ConditionUnit, ImageInput, LCUSample, PackedLCU, indicator_token, pack
 from omniace.engine.pipeline import mask_to_latent, to_tensor
 
 from .importance import ImportanceConfig, importance_weight
-from .omniedit_format import REQUIRED
+from .omniedit_format import REQUIRED, check_row
 
 COLUMNS = (*REQUIRED, "mask_img", "history")  # what the loader reads; absent optional ones are fine
 
@@ -50,16 +57,31 @@ class DataConfig:
     family: str = "ace"  # ace: "{image} "-prefixed units with history and a mask channel; sd3: one unit, no mask
     drop_prompt: float = 0.0  # probability of an empty instruction (trains the unconditional branch of CFG)
     condition: bool = True  # False: no source image, the target from the instruction alone (base pretraining)
+    # size caps per image; a row over them is skipped as a bad row before decoding. The largest presets
+    # train at 1024^2 pixels; OmniEdit's widest ratio is 16:9 (1.78), the embedded corpus's too.
+    max_pixels: int = 2048 * 2048
+    max_aspect: float = 2.0  # longer side / shorter side
+    max_side: int | None = None  # longest side in pixels; size_caps(model config) gives a preset's (SD3)
 
     def __post_init__(self) -> None:
         if self.family not in ("ace", "sd3"):
             raise ValueError(f"data family {self.family!r}; expected 'ace' or 'sd3'")
         if not 0.0 <= self.drop_prompt < 1.0:
             raise ValueError(f"drop_prompt {self.drop_prompt} must be in [0, 1)")
+        if self.max_pixels <= 0 or self.max_aspect < 1.0 or (self.max_side is not None and self.max_side <= 0):
+            raise ValueError(f"size caps max_pixels {self.max_pixels}, max_aspect {self.max_aspect}, max_side "
+                             f"{self.max_side}; expected max_pixels > 0, max_aspect >= 1, max_side None or > 0")
 
     @property
     def history(self) -> int:
         return self.max_history if self.family == "ace" else 0  # the SD3 family takes one unit per sample
+
+
+def size_caps(model_cfg) -> dict[str, int]:
+    """The DataConfig size caps a model preset imposes: an SD3 model's positional table covers at most
+    ``pos_embed_max_size`` patches per side (a larger image raises in its forward); ACE has no such cap."""
+    n = getattr(model_cfg, "pos_embed_max_size", None)
+    return {} if n is None else {"max_side": n * model_cfg.patch_size * model_cfg.codec_factor}
 
 
 @dataclass
@@ -85,22 +107,36 @@ def list_shards(paths: list[str]) -> list[Path]:
 
 
 class RecordStream:
-    """Records ``(key, row)`` in a seeded, rank-sharded, resumable order; ``key = (shard, row_group, row)``."""
+    """Records ``(key, row)`` in a seeded, rank-sharded, resumable order; ``key = (shard, row_group, row)``.
+
+    A shard that cannot be opened or lacks a required column is left out and listed in ``bad_shards``
+    (path, reason); ``files`` holds the usable ones. Raises ``ValueError`` naming every shard and what is
+    wrong with it when none is usable, ``FileNotFoundError`` for a path that does not exist.
+    """
 
     def __init__(self, paths: list[str], seed: int, rank: int = 0, world: int = 1):
         pq = require("pyarrow.parquet", "train", "reading OmniEdit Parquet shards")
-        self.files = list_shards(paths)
         self.seed, self.rank, self.world = seed, rank, world
+        self.files: list[Path] = []
+        self.bad_shards: list[tuple[Path, str]] = []
         self._pf = {}
         self.groups: list[tuple[int, int, int]] = []  # (shard, row group, rows)
-        for s, f in enumerate(self.files):
-            pf = pq.ParquetFile(f)
-            names = set(pf.schema_arrow.names)
-            missing = [c for c in REQUIRED if c not in names]
+        for f in list_shards(paths):
+            try:
+                pf = pq.ParquetFile(f)
+            except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+                self.bad_shards.append((f, f"not a readable Parquet file ({err})"))
+                continue
+            missing = [c for c in REQUIRED if c not in pf.schema_arrow.names]
             if missing:
-                raise ValueError(f"{f}: not an OmniEdit shard, missing column(s) {missing}")
+                self.bad_shards.append((f, f"not an OmniEdit shard, missing column(s) {missing}"))
+                continue
+            s = len(self.files)
+            self.files.append(f)
             self._pf[s] = pf
             self.groups += [(s, g, pf.metadata.row_group(g).num_rows) for g in range(pf.num_row_groups)]
+        if not self.files:
+            raise ValueError("no usable OmniEdit shard: " + "; ".join(f"{f}: {why}" for f, why in self.bad_shards))
         self.epoch, self.group_cursor, self.row_cursor, self.global_index = 0, 0, 0, 0
 
     def _order(self, epoch: int) -> list[int]:
@@ -144,21 +180,35 @@ class RecordStream:
         self.row_cursor, self.global_index = state["row_cursor"], state["global_index"]
 
 
+Decoded = np.ndarray | ValueError  # an RGB uint8 [H, W, 3] array, or why the image cannot be decoded
+
+
+def _pil(blob: bytes, what: str) -> Decoded:
+    try:
+        return decode_rgb_array(blob, what)
+    except ValueError as err:
+        return err
+
+
 class PILDecoder:
+    """``engine.imageio.decode_rgb_array`` on each encoded image; ``what`` names each one in its error."""
+
     name = "pil"
 
-    def __call__(self, blobs: list[bytes | None]) -> list[np.ndarray | None]:
-        out = []
-        for b in blobs:
-            try:
-                out.append(decode_rgb_array(b))
-            except (ValueError, TypeError):  # an undecodable or missing payload is a corrupt record
-                out.append(None)
-        return out
+    def __call__(self, blobs: list[bytes], whats: list[str]) -> list[Decoded]:
+        return [_pil(b, what) for b, what in zip(blobs, whats)]
 
 
 class DALIDecoder:
-    """``fn.decoders.image`` on batches of encoded bytes: ``mixed`` (nvJPEG) on a GPU, CPU otherwise."""
+    """``fn.decoders.image`` on batches of encoded bytes: ``mixed`` (nvJPEG) on a GPU, CPU otherwise.
+
+    Gives :class:`PILDecoder`'s arrays: each image's header is read by PIL first (cheap), so a mode
+    ``decode_image`` refuses is refused here with the same reason, and what DALI cannot read or reads
+    differently (:meth:`for_pil`) goes to ``decode_image`` itself, as does anything else DALI fails on.
+    """
+
+    # what fn.decoders.image reads (DALI 2.4 CPU, measured; not GIF, TGA, ICO, PCX, DDS, ...)
+    FORMATS = ("JPEG", "PNG", "TIFF", "WEBP", "BMP", "PPM", "JPEG2000")
 
     name = "dali"
 
@@ -183,20 +233,42 @@ class DALIDecoder:
         out = out.as_cpu() if self.gpu else out
         return [np.array(out.at(i)) for i in range(len(blobs))]
 
-    def __call__(self, blobs: list[bytes | None]) -> list[np.ndarray | None]:
-        result: list[np.ndarray | None] = [None] * len(blobs)
-        ok = [i for i, b in enumerate(blobs) if b]
+    @classmethod
+    def for_pil(cls, img: Image.Image, blob: bytes) -> bool:
+        """True where DALI cannot read ``img`` (a format outside ``FORMATS``; CMYK TIFF) or reads it off by
+        one from ``decode_image`` (PNG of 16 bits per colour channel: DALI rounds v / 257, Pillow keeps
+        v >> 8; the IHDR chunk comes first, its bit depth at byte 24 and colour type at byte 25)."""
+        if img.format not in cls.FORMATS or (img.format == "TIFF" and img.mode == "CMYK"):
+            return True
+        return img.format == "PNG" and blob[24] == 16 and blob[25] in (2, 4, 6)
+
+    def _one(self, blob: bytes, what: str) -> Decoded:
+        try:
+            return self._run([blob])[0]
+        except Exception:  # noqa: BLE001 - a file DALI cannot read (WebP with EXIF, ...): PIL decides
+            return _pil(blob, what)
+
+    def __call__(self, blobs: list[bytes], whats: list[str]) -> list[Decoded]:
+        result: list[Decoded | None] = [None] * len(blobs)
+        ok = []
+        for i, (blob, what) in enumerate(zip(blobs, whats)):
+            try:
+                img = open_image(blob, what)
+            except ValueError as err:
+                result[i] = err
+                continue
+            if self.for_pil(img, blob):
+                result[i] = _pil(blob, what)
+            else:
+                ok.append(i)
         for start in range(0, len(ok), self.batch_size):
             idx = ok[start:start + self.batch_size]
             try:
                 for i, arr in zip(idx, self._run([blobs[i] for i in idx])):
                     result[i] = arr
-            except Exception:  # noqa: BLE001 - one corrupt image fails the DALI batch: retry one by one
+            except Exception:  # noqa: BLE001 - one bad image fails the DALI batch: retry one by one
                 for i in idx:
-                    try:
-                        result[i] = self._run([blobs[i]])[0]
-                    except Exception:  # noqa: BLE001
-                        result[i] = None
+                    result[i] = self._one(blobs[i], whats[i])
         return result
 
 
@@ -222,9 +294,9 @@ class EditLoader:
 
     ``text_encode(list[str])`` encodes instructions to ``[L, Y]`` tensors or ``EncodedText`` (with the
     pooled vector the SD3 family needs); images go through the pixel codec (space-to-depth by
-    ``codec_factor``), the tiny models' codec. One sample whose tokens alone exceed the budget is still
-    yielded, alone in its batch. With ``drop_prompt`` the current instruction is emptied for a seeded
-    fraction of draws (a fresh choice every epoch), as the pipeline's unconditional CFG branch sees it.
+    ``codec_factor``), the tiny models' codec. A row whose tokens alone exceed the budget is skipped
+    (``over_budget``), never yielded over it. With ``drop_prompt`` the current instruction is emptied for a
+    seeded fraction of draws (a fresh choice every epoch), as the pipeline's unconditional CFG branch sees it.
     """
 
     def __init__(self, cfg: DataConfig, text_encode: Callable[[list[str]], list], rank: int = 0,
@@ -234,9 +306,13 @@ class EditLoader:
         self.on_skip = on_skip
         self.text_encode = text_encode
         self.log = log
-        self.stats: dict[str, int] = {"records": 0, "corrupt_image": 0, "bad_row": 0, "zero_weight": 0}
+        self.stats: dict[str, int] = {"records": 0, "corrupt_image": 0, "bad_row": 0, "over_budget": 0,
+                                      "zero_weight": 0, "bad_shard": 0}
         self._warned: set[str] = set()
         self.stream = RecordStream(cfg.paths, cfg.seed, rank, world)
+        if rank == 0:  # every rank scans the same shards: one report, so stats summed over ranks count each once
+            for f, why in self.stream.bad_shards:
+                self._report("bad_shard", str(f), why)
         self.decoder = make_decoder(cfg.decoder)
         self.codec = PixelCodec(cfg.codec_factor)
         self.buckets: dict[str, list[tuple[tuple[int, int, int], dict]]] = {}
@@ -249,34 +325,49 @@ class EditLoader:
             self.on_skip({"id": str(record_id), "kind": kind, "reason": reason})
         if kind not in self._warned:
             self._warned.add(kind)
-            self.log(f"data: skipping a record ({kind}): {record_id}: {reason}; further ones are only counted in stats")
+            rest = "counted in stats" + (" and passed to on_skip" if self.on_skip is not None else "")
+            self.log(f"data: skipping a record ({kind}): {record_id}: {reason}; further ones are {rest}")
 
     def tokens(self, row: dict) -> int:
         unit = self.cfg.patch_size * self.cfg.codec_factor
         per_image = (int(row["width"]) // unit) * (int(row["height"]) // unit)
         return per_image * (1 + self.cfg.condition + min(len(row.get("history") or []), self.cfg.history))
 
-    def _weight(self, key, row: dict) -> float | None:
-        """The row's importance weight, or None (reported as a bad row) if the row cannot be used."""
-        try:
-            w, h = int(row["width"]), int(row["height"])
-            unit = self.cfg.patch_size * self.cfg.codec_factor
-            if w % unit or h % unit or w <= 0 or h <= 0:
-                raise ValueError(f"size {w}x{h} is not a positive multiple of {unit}")
-            if not row["src_img"] or not row["edited_img"] or not row["edited_prompt_list"]:
-                raise ValueError("missing image or prompt")
-            return importance_weight(row, self.cfg.importance)
-        except (KeyError, TypeError, ValueError) as err:
-            self._report("bad_row", row.get("omni_edit_id", key), str(err))
-            return None
+    def _record_id(self, key: tuple[int, int, int], row: dict) -> str:
+        rid = row.get("omni_edit_id")
+        if isinstance(rid, str) and rid.strip():
+            return rid
+        s, g, r = key  # a row without a usable id is named by where it is
+        return f"{self.stream.files[s]}:row_group={g}:row={r}"
 
-    def _sample(self, key, row: dict, images: dict[str, np.ndarray]) -> LCUSample | None:
+    def _validated(self, row: dict) -> dict:
+        """``check_row`` with this config's caps: the row with its usable prompts only, or ``BadRow``."""
+        cfg = self.cfg
+        return check_row(row, cfg.patch_size * cfg.codec_factor, cfg.max_pixels, cfg.max_aspect, cfg.max_side)
+
+    def _admit(self, key: tuple[int, int, int], row: dict) -> tuple[dict, float] | None:
+        """The validated row and its importance weight, or None once the row is reported as skipped."""
+        try:
+            row = self._validated(row)
+            weight = importance_weight(row, self.cfg.importance)
+        except (KeyError, ValueError) as err:  # BadRow is a ValueError; importance_weight raises both
+            self._report("bad_row", self._record_id(key, row), err.args[0] if err.args else repr(err))
+            return None
+        need = self.tokens(row)
+        if need > self.cfg.token_budget:
+            self._report("over_budget", row["omni_edit_id"], f"{need} image tokens at {row['width']}x"
+                         f"{row['height']} with its context, over the token budget of {self.cfg.token_budget}")
+            return None
+        return row, weight
+
+    def _sample(self, row: dict, images: dict[str, Decoded]) -> LCUSample | None:
         f = self.cfg.codec_factor
-        w, h = int(row["width"]), int(row["height"])
+        w, h = row["width"], row["height"]
         for name, arr in images.items():
-            if arr is None or arr.shape[:2] != (h, w):
-                got = "undecodable" if arr is None else f"{arr.shape[1]}x{arr.shape[0]}"
-                self._report("corrupt_image", row["omni_edit_id"], f"{name} is {got}, expected {w}x{h}")
+            if isinstance(arr, ValueError) or arr.shape[:2] != (h, w):
+                why = str(arr) if isinstance(arr, ValueError) else \
+                    f"{name} decodes to {arr.shape[1]}x{arr.shape[0]}, the row says {w}x{h} (width x height)"
+                self._report("corrupt_image", row["omni_edit_id"], why)
                 return None
         rng = random.Random(f"{self.cfg.seed}:{row['omni_edit_id']}")
         prompts = row["edited_prompt_list"]
@@ -285,19 +376,19 @@ class EditLoader:
             prompt = None
         ace = self.cfg.family == "ace"
         mask = None
-        if ace and images.get("mask") is not None:
-            mask = mask_to_latent(Image.fromarray(images["mask"]), h // f, w // f)
+        if ace and "mask_img" in images:  # its luma, binarised, as the pipeline reads a user's mask
+            mask = mask_to_latent(Image.fromarray(images["mask_img"]), h // f, w // f)
         units = []
         history = self._history(row)
         # each unit names its image by its index in the whole context, as EditSession renames them
         for i, turn in enumerate(history):
             units.append(ConditionUnit(f"{indicator_token(i)} {turn['prompt']}",
-                                       [ImageInput(self._latent(images[f"history{i}"]))]))
+                                       [ImageInput(self._latent(images[f"history[{i}].image"]))]))
         # the empty instruction is exactly the pipeline's negative prompt (no indicator either)
         text = "" if prompt is None else (f"{indicator_token(len(history))} {prompt}" if ace else prompt)
-        source = [ImageInput(self._latent(images["src"]), mask)] if self.cfg.condition else []
+        source = [ImageInput(self._latent(images["src_img"]), mask)] if self.cfg.condition else []
         units.append(ConditionUnit(text, source))
-        return LCUSample(units, ImageInput(self._latent(images["edited"]), mask))
+        return LCUSample(units, ImageInput(self._latent(images["edited_img"]), mask))
 
     def _history(self, row: dict) -> list[dict]:
         n = self.cfg.history
@@ -308,24 +399,22 @@ class EditLoader:
 
     def _decode_and_pack(self, items: list[tuple[tuple[int, int, int], dict]]) -> TrainBatch | None:
         blobs, where = [], []
-        for j, (_, row) in enumerate(items):
-            named = {"src": row["src_img"], "edited": row["edited_img"], "mask": row.get("mask_img")}
+        for j, (_, row) in enumerate(items):  # rows passed check_row: every image named here has bytes
+            named = {"src_img": row["src_img"], "edited_img": row["edited_img"]}
+            if self.cfg.family == "ace" and row.get("mask_img") is not None:
+                named["mask_img"] = row["mask_img"]
             for i, turn in enumerate(self._history(row)):
-                named[f"history{i}"] = turn["image"]
+                named[f"history[{i}].image"] = turn["image"]
             for name, img in named.items():
-                if img is None and name == "mask":
-                    continue
-                blobs.append((img or {}).get("bytes"))
+                blobs.append(img["bytes"])
                 where.append((j, name))
-        decoded = self.decoder(blobs)
-        per_item: list[dict[str, np.ndarray]] = [{} for _ in items]
+        decoded = self.decoder(blobs, [name for _, name in where])
+        per_item: list[dict[str, Decoded]] = [{} for _ in items]
         for (j, name), arr in zip(where, decoded):
-            if name == "mask" and arr is not None:
-                arr = arr[..., 0]
             per_item[j][name] = arr
         samples, weights, tasks, ids = [], [], [], []
-        for (key, row), imgs in zip(items, per_item):
-            s = self._sample(key, row, imgs)
+        for (_, row), imgs in zip(items, per_item):
+            s = self._sample(row, imgs)
             if s is None:
                 continue
             samples.append(s)
@@ -345,13 +434,14 @@ class EditLoader:
         for key, row in self.stream:
             row["_draw"] = self.stream.global_index  # this draw's index: seeds the per-epoch prompt dropout
             self.stats["records"] += 1
-            weight = self._weight(key, row)
-            if weight is None:
+            admitted = self._admit(key, row)
+            if admitted is None:
                 continue
+            row, weight = admitted
             if self.cfg.drop_zero_weight and weight == 0:
                 self.stats["zero_weight"] += 1
                 continue
-            bucket = self.buckets.setdefault(aspect_key(int(row["width"]), int(row["height"])), [])
+            bucket = self.buckets.setdefault(aspect_key(row["width"], row["height"]), [])
             if bucket and sum(self.tokens(r) for _, r in bucket) + self.tokens(row) > self.cfg.token_budget:
                 ready = list(bucket)
                 bucket[:] = [(key, row)]
@@ -374,6 +464,6 @@ class EditLoader:
 
     def _restore(self, entry: list[int]) -> tuple[tuple[int, int, int], dict]:
         key = tuple(entry[:3])
-        row = self.stream.read(key)
+        row = self._validated(self.stream.read(key))  # as it entered its bucket: usable prompts only
         row["_draw"] = entry[3]
         return key, row

@@ -6,6 +6,7 @@ column, the threshold and the mode are configurable (``sc_score_1`` alone, say).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 MODES = ("binary", "soft", "none")
@@ -26,12 +27,21 @@ class ImportanceConfig:
 
 
 def importance_weight(row: dict, cfg: ImportanceConfig) -> float:
-    """lambda for one record; a record without the configured score column is an error, not a weight."""
+    """lambda for one record, in [0, 1].
+
+    Raises ``KeyError`` when the record has no value in the configured score column and ``ValueError`` when
+    the value is not a finite number (NaN would otherwise read as "below the threshold": a silent lambda = 0).
+    """
     if cfg.mode == "none":
         return 1.0
     if row.get(cfg.column) is None:
         raise KeyError(f"record {row.get('omni_edit_id')!r} has no {cfg.column!r} score for the importance weight")
-    s = float(row[cfg.column])
+    try:
+        s = float(row[cfg.column])
+    except (TypeError, ValueError):
+        s = math.nan
+    if not math.isfinite(s):
+        raise ValueError(f"record {row.get('omni_edit_id')!r}: {cfg.column} {row[cfg.column]!r} is not a finite score")
     if cfg.mode == "binary":
         return 1.0 if s >= cfg.threshold else 0.0
     return min(1.0, max(0.0, (s - cfg.soft_floor) / (cfg.threshold - cfg.soft_floor)))

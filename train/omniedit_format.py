@@ -7,7 +7,9 @@ without them): ``mask_img``, ``history`` (earlier turns: prompt + image), ``spec
 """
 from __future__ import annotations
 
+import math
 import os
+import reprlib
 from pathlib import Path
 
 from omniace import require
@@ -15,6 +17,74 @@ from omniace import require
 REQUIRED = ("omni_edit_id", "task", "src_img", "edited_img", "edited_prompt_list", "width", "height",
             "sc_score_1", "sc_score_2", "sc_reasoning", "pq_score", "pq_reasoning", "o_score")
 OPTIONAL = ("mask_img", "history", "specialist", "failure")
+SCORES = ("sc_score_1", "sc_score_2", "pq_score", "o_score")
+
+_repr = reprlib.Repr()  # bad values in reasons, kept short (an image struct holds the whole file)
+_repr.maxstring, _repr.maxother, _repr.maxlist, _repr.maxdict, _repr.maxlevel = 60, 60, 4, 3, 2
+_short = _repr.repr
+
+
+class BadRow(ValueError):
+    """A row the loader cannot train on; the message names the field and its bad value."""
+
+
+def _image(field: str, value) -> None:
+    if not isinstance(value, dict) or not isinstance(value.get("bytes"), bytes) or not value["bytes"]:
+        raise BadRow(f"{field} {_short(value)} is not an image struct with encoded bytes")
+
+
+def _text(field: str, value) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise BadRow(f"{field} {_short(value)} is not a non-empty string")
+
+
+def check_row(row: dict, unit: int, max_pixels: int, max_aspect: float, max_side: int | None = None) -> dict:
+    """Validate every field of an OmniEdit row that training reads; returns the row with
+    ``edited_prompt_list`` reduced to its usable entries (non-empty strings; nulls and blanks dropped).
+
+    Checks: ``omni_edit_id`` and ``task`` non-empty strings; ``src_img`` / ``edited_img`` image structs with
+    bytes, ``mask_img`` null or one; at least one usable prompt; ``width`` / ``height`` positive ints,
+    multiples of ``unit`` (pixels per token), ``width * height <= max_pixels``, longer / shorter side
+    ``<= max_aspect``, each side ``<= max_side`` when given; every score column (``SCORES``) a finite number;
+    ``history`` null or a list of ``{prompt: non-empty str, image: image struct}`` with no null entry.
+    Raises :class:`BadRow` (a ``ValueError``) naming the first bad field and its value.
+    """
+    _text("omni_edit_id", row.get("omni_edit_id"))
+    _text("task", row.get("task"))
+    for field in ("src_img", "edited_img"):
+        _image(field, row.get(field))
+    if row.get("mask_img") is not None:
+        _image("mask_img", row["mask_img"])
+    prompts = row.get("edited_prompt_list")
+    if not isinstance(prompts, list):
+        raise BadRow(f"edited_prompt_list {_short(prompts)} is not a list")
+    usable = [p for p in prompts if isinstance(p, str) and p.strip()]
+    if not usable:
+        raise BadRow(f"edited_prompt_list {_short(prompts)} holds no non-empty instruction")
+    w, h = row.get("width"), row.get("height")
+    for field, v in (("width", w), ("height", h)):
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0 or v % unit:
+            raise BadRow(f"{field} {_short(v)} is not a positive multiple of {unit}")
+    if w * h > max_pixels:
+        raise BadRow(f"size {w}x{h} has {w * h} pixels, over the cap of {max_pixels}")
+    if max(w, h) / min(w, h) > max_aspect:
+        raise BadRow(f"size {w}x{h} has aspect ratio {max(w, h) / min(w, h):.2f}, over the cap of {max_aspect}")
+    if max_side is not None and max(w, h) > max_side:
+        raise BadRow(f"size {w}x{h} has a side over the cap of {max_side} pixels")
+    for field in SCORES:
+        v = row.get(field)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            raise BadRow(f"{field} {_short(v)} is not a finite number")
+    history = row.get("history")
+    if history is not None:
+        if not isinstance(history, list):
+            raise BadRow(f"history {_short(history)} is not a list")
+        for i, turn in enumerate(history):
+            if not isinstance(turn, dict):
+                raise BadRow(f"history[{i}] {_short(turn)} is not a {{prompt, image}} struct")
+            _text(f"history[{i}].prompt", turn.get("prompt"))
+            _image(f"history[{i}].image", turn.get("image"))
+    return {**row, "edited_prompt_list": usable}
 
 
 def image_struct():
