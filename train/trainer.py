@@ -39,7 +39,7 @@ from omniace.engine.text import indicator_table
 from omniace.engine.weights import load_into, load_state_dict_file
 
 from .checkpoint import EXPORT_DTYPES, CheckpointManager
-from .data import DataConfig, EditLoader
+from .data import DataConfig, EditLoader, size_caps
 from .importance import ImportanceConfig
 from .lifecycle import StopSignal, die_with_parent, launched_by_torchrun
 from .objective import Objective, target_sample_index, weighted_loss
@@ -245,7 +245,7 @@ class Trainer:
             codec_factor=model_cfg.codec_factor, seed=cfg.seed, decoder=cfg.decoder,
             importance=ImportanceConfig(cfg.importance_column, cfg.importance_threshold, cfg.importance),
             family="ace" if self.is_ace else "sd3", drop_prompt=cfg.drop_prompt,
-            condition=self.is_ace or model_cfg.editnet or model_cfg.concat_condition)
+            condition=self.is_ace or model_cfg.editnet or model_cfg.concat_condition, **size_caps(model_cfg))
         self.step = 0
         self._skipped: list[dict] = []  # this rank's skipped records since they were last written
         self.loader = EditLoader(data_cfg, self.text.encode, self.rank, self.world, log=self.log,
