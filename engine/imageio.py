@@ -23,6 +23,7 @@ How a file becomes 8-bit RGB:
 from __future__ import annotations
 
 import io
+import re
 import os
 from pathlib import Path
 
@@ -38,6 +39,12 @@ GREY16_AS_I = ("PNG", "PPM")  # formats whose 16-bit grey some Pillow versions o
 SUPPORTED = (*CONVERTED, *WIDE_GREY, "I", "F", "CMYK")
 
 
+def _reason(err: BaseException) -> str:
+    """Pillow's message without the object reprs it embeds (``<_io.BytesIO object at 0x7f...>``), so the same
+    bad bytes give the same message in every run (skipped.jsonl is compared across resumes)."""
+    return re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(err)) or type(err).__name__
+
+
 def open_image(src: Source, what: str = "image") -> Image.Image:
     """Open ``src`` (encoded bytes, a file path or a PIL image) lazily, reading only its header.
 
@@ -50,7 +57,7 @@ def open_image(src: Source, what: str = "image") -> Image.Image:
         try:
             img = Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray, memoryview)) else Path(src))
         except (OSError, SyntaxError, ValueError, TypeError, Image.DecompressionBombError) as err:
-            raise ValueError(f"{what}: cannot decode ({err})") from None
+            raise ValueError(f"{what}: cannot decode ({_reason(err)})") from None
     if img.mode not in SUPPORTED or (img.mode == "I" and img.format not in GREY16_AS_I):
         kind = f"{img.format} " if img.format else ""
         raise ValueError(f"{what}: {kind}image mode {img.mode!r} is not supported; expected one of {SUPPORTED} "
@@ -85,7 +92,7 @@ def decode_image(src: Source, what: str = "image") -> Image.Image:
         img.load()
         img = ImageOps.exif_transpose(img)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise ValueError(f"{what}: cannot decode ({err})") from None
+        raise ValueError(f"{what}: cannot decode ({_reason(err)})") from None
     return _to_rgb(img)
 
 

@@ -64,7 +64,8 @@ def check_row(row: dict, unit: int, max_pixels: int, max_aspect: float, max_side
     w, h = row.get("width"), row.get("height")
     for field, v in (("width", w), ("height", h)):
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0 or v % unit:
-            raise BadRow(f"{field} {_short(v)} is not a positive multiple of {unit}")
+            size = f" (size {w}x{h})" if isinstance(w, int) and isinstance(h, int) else ""
+            raise BadRow(f"{field} {_short(v)} is not a positive multiple of {unit}{size}")
     if w * h > max_pixels:
         raise BadRow(f"size {w}x{h} has {w * h} pixels, over the cap of {max_pixels}")
     if max(w, h) / min(w, h) > max_aspect:
