@@ -16,12 +16,13 @@ import asyncio
 import base64
 import binascii
 import io
-import math
 import time
 from typing import Any
 
 from omniace import require
+from omniace.engine.cli import parse_size
 from omniace.engine.imageio import decode_image
+from omniace.engine.sampler import check_finite, check_int
 
 from .runtime import EditServer, ServerClosed, ServerOverloaded
 
@@ -40,37 +41,29 @@ class FieldError(ValueError):
 def _int(form: dict, name: str, default: int, lo: int, hi: int | None = None) -> int:
     raw = form.get(name, default)
     try:
-        value = int(raw)
-        if isinstance(raw, float) and raw != value or isinstance(raw, bool):
-            raise ValueError
-    except (TypeError, ValueError):
-        raise FieldError(name, f"{raw!r} is not an integer") from None
-    if value < lo or (hi is not None and value > hi):
-        raise FieldError(name, f"{value} is outside [{lo}, {hi if hi is not None else 'inf'}]")
-    return value
+        return check_int(int(raw) if isinstance(raw, str) else raw, name, lo, hi)
+    except ValueError:
+        expected = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
+        raise FieldError(name, f"{raw!r} is not {expected}") from None
 
 
 def _float(form: dict, name: str, default: float) -> float:
     raw = form.get(name, default)
     try:
-        value = float(raw)
+        return check_finite(float(raw) if isinstance(raw, str) else raw, name)
     except (TypeError, ValueError):
-        raise FieldError(name, f"{raw!r} is not a number") from None
-    if not math.isfinite(value):
-        raise FieldError(name, f"{raw!r} is not a finite number")
-    return value
+        raise FieldError(name, f"{raw!r} is not a finite number") from None
 
 
 def _size(raw: Any) -> tuple[int, int] | None:
+    """``WIDTHxHEIGHT`` (the CLI's form) or ``[width, height]``."""
     if raw in (None, ""):
         return None
     try:
-        w, h = (int(v) for v in (raw.lower().split("x") if isinstance(raw, str) else raw))
-    except (TypeError, ValueError, AttributeError):
-        raise FieldError("size", f"{raw!r} is not WIDTHxHEIGHT (e.g. 512x384) or [width, height]") from None
-    if w < 1 or h < 1:
-        raise FieldError("size", f"{w}x{h} must be positive")
-    return w, h
+        return parse_size(raw) if isinstance(raw, str) else parse_size("x".join(str(int(v)) for v in raw))
+    except (TypeError, ValueError):
+        raise FieldError("size", f"{raw!r} is not WIDTHxHEIGHT in positive pixels (e.g. 512x384) or "
+                                 f"[width, height]") from None
 
 
 def _images(blobs: list[bytes], field: str) -> list:
