@@ -169,3 +169,12 @@ def test_close_finishes_what_is_queued(pipe):
     futures = [server.submit(**REQUESTS[i]) for i in (0, 1)]
     server.close()
     assert all(f.done() and not f.exception() for f in futures)
+
+
+def test_the_readme_serving_example_runs_as_written(capsys):
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = text.split("## Serving", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    exec(compile(block, "README.md (Serving)", "exec"), {})
+    assert 0 < float(capsys.readouterr().out.strip()) <= 1
