@@ -35,7 +35,13 @@ def _csv(value: str | None, allowed) -> list[str] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="omniace bench", description=__doc__.splitlines()[0])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serving"]:  # the serving benchmark owns its arguments
+        from .serving import main as serving_main
+
+        return serving_main(argv[1:])
+    ap = argparse.ArgumentParser(prog="omniace bench", description=__doc__.splitlines()[0],
+                                 epilog="omniace bench serving --help: the serving benchmark")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on a GPU, fp32 on the CPU")
     ap.add_argument("--small", action="store_true", help="CPU-sized shapes (the default without a GPU)")
@@ -82,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
               "denoiser": {k: dict(zip(("resolution", "condition_images", "samples"), v))
                            for k, v in (CPU_CASES if small else GPU_CASES).items()}}
     config = {"shapes": shapes, "small": small, "dtype": str(dtype), "ops": ops, "modes": modes, "providers": providers,
-              "warmup": warmup, "rep": rep, "compile": compile_, "argv": sys.argv[1:] if argv is None else argv}
+              "warmup": warmup, "rep": rep, "compile": compile_, "argv": argv}
     config["autotuned_tiles"] = triton_tuning.tuned()  # empty unless OMNIACE_AUTOTUNE=1
     path = args.out / f"{report.slug(hw)}.json"
     met = report.write_json(path, hw, rows, steps, config)

@@ -43,7 +43,7 @@ def _int(text: str, name: str, minimum: int) -> int:
     return check_int(value, name, minimum)
 
 
-def _size(text: str, name: str = "size") -> tuple[int, int]:
+def parse_size(text: str, name: str = "size") -> tuple[int, int]:
     """``WIDTHxHEIGHT`` (``x`` or ``X``) in positive integer pixels."""
     parts = text.lower().split("x")
     if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
@@ -58,7 +58,7 @@ def _resolution(text: str) -> tuple[int, int]:
     if "x" not in text.lower():
         raise ValueError(f"resolution {text!r} is neither a side nor WIDTHxHEIGHT in positive integer pixels, "
                          f"e.g. 512 or 512x384")
-    return _size(text, "resolution")
+    return parse_size(text, "resolution")
 
 
 def _float(text: str, name: str) -> float:
@@ -74,7 +74,7 @@ SEED = _arg(lambda t: _int(t, "seed", 0))
 PER_TASK = _arg(lambda t: _int(t, "per-task", 1))
 IMAGES = _arg(lambda t: _int(t, "images", 0))
 GUIDANCE = _arg(lambda t: _float(t, "guidance"))
-SIZE = _arg(_size)
+SIZE = _arg(parse_size)
 RESOLUTION = _arg(_resolution)
 
 
@@ -152,6 +152,15 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"  forward FLOPs per denoising step (one CFG branch): {flops / 1e9:,.2f} GFLOP")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from omniace.export.http_app import serve
+    from omniace.export.runtime import EditServer
+
+    server = EditServer.pretrained(args.weights, device=args.device, backend=args.backend,
+                                   token_budget=args.token_budget, max_queue=args.max_queue)
+    serve(server, args.host, args.port)
+
+
 def cmd_convert(args: argparse.Namespace) -> None:
     from .pipeline import check_output_path
     from .weights import convert
@@ -210,6 +219,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--family", choices=FAMILIES, default="ace")
     p.add_argument("--force", action="store_true", help="allow dst to replace src")
     p.set_defaults(fn=cmd_convert)
+    p = sub.add_parser("serve", parents=[common], help="serve edits over HTTP (EditServer; extra 'serve')")
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
+    p.add_argument("--port", type=_arg(lambda t: _int(t, "port", 1)), default=8000)
+    p.add_argument("--weights", help="a trainer export (default: the embedded ace-small)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--backend", choices=["torch", "torch-compile"], default="torch")
+    p.add_argument("--token-budget", type=_arg(lambda t: _int(t, "token-budget", 1)), default=4096,
+                   help="image tokens per batched forward")
+    p.add_argument("--max-queue", type=_arg(lambda t: _int(t, "max-queue", 1)), default=64,
+                   help="waiting requests beyond which the server answers 429")
+    p.set_defaults(fn=cmd_serve)
     return ap
 
 

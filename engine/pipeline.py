@@ -17,10 +17,10 @@ from torch import Tensor
 
 from .codec import PixelCodec
 from .config import ACEConfig, SD3Config, get_config
-from .lcu import (MAX_INDICATORS, ConditionUnit, ImageInput, LCUSample, indicator_indices, indicator_token, pack,
-                  unpatchify)
+from .lcu import (MAX_INDICATORS, ConditionUnit, ImageInput, LCUSample, PackedLCU, indicator_indices,
+                  indicator_token, pack, unpatchify, validate)
 from .model import build_model
-from .sampler import check_guidance, check_int, guide, initial_noise, make_sampler
+from .sampler import StepSampler, check_guidance, check_int, guide, initial_noise, make_sampler
 from .text import TinyTextEncoder, indicator_table
 
 
@@ -151,6 +151,60 @@ def renumber(instruction: str, offset: int) -> str:
     return re.sub(r"\{image(\d*)\}", lambda m: indicator_token(int(m.group(1) or 0) + offset), instruction)
 
 
+@dataclass
+class EditJob:
+    """One request between :meth:`EditPipeline.prepare` and :meth:`EditPipeline.finish`.
+
+    ``samples`` are its LCUs (the conditional one, then the unconditional one when CFG is on); both
+    branches share the latent ``x [L_tgt, C*p*p]``. A caller packs ``samples`` (alone, or with other jobs'
+    samples in one batch), feeds :meth:`model_input` to the model and hands this job's rows of the output
+    to :meth:`advance`. The result depends only on the job, never on what shared its batch.
+    """
+
+    samples: list[LCUSample]
+    x: Tensor
+    sampler: StepSampler
+    guidance: float
+    rescale: float
+    target_size: tuple[int, int]  # latent (h, w)
+    patch_size: int
+    i: int = 0  # steps taken
+
+    @property
+    def done(self) -> bool:
+        return self.i >= self.sampler.steps
+
+    @property
+    def branches(self) -> int:
+        return len(self.samples)
+
+    @property
+    def target_tokens(self) -> int:
+        """Rows of the model output that belong to this job: ``branches * L_tgt``."""
+        return self.branches * self.x.shape[0]
+
+    @property
+    def image_tokens(self) -> int:
+        """Image tokens this job adds to a packed batch (every frame of every branch)."""
+        p = self.patch_size
+        first = self.samples[0]
+        frames = [first.target] + [img for u in first.units for img in u.images]
+        return self.branches * sum((f.latent.shape[1] // p) * (f.latent.shape[2] // p) for f in frames)
+
+    def model_input(self) -> tuple[Tensor, Tensor]:
+        """(x, t) for this step: ``[branches * L_tgt, C*p*p]`` and ``[branches]`` (t on the CPU)."""
+        x = torch.cat([self.x] * self.branches) if self.branches > 1 else self.x
+        return x, self.sampler.timestep(self.i, self.branches)
+
+    def advance(self, out: Tensor) -> None:
+        """CFG over this job's model output ``[branches * L_tgt, C*p*p]``, then one sampler step
+        (FloatingPointError naming the step if the latent turns non-finite)."""
+        n = self.x.shape[0]
+        pred = out if self.branches == 1 else guide(out[:n], out[n:], self.guidance, self.rescale, [0, n])
+        self.x = self.sampler.step(self.i, self.x, pred)
+        self.i += 1
+
+
 class EditPipeline:
     """Edit or generate images with an ACE or SD3(+EditNet) model, a text encoder and a codec."""
 
@@ -248,11 +302,13 @@ class EditPipeline:
         return ConditionUnit(turn.instruction, images)
 
     @torch.no_grad()
-    def run(self, history: list[Turn], current: Turn, size: tuple[int, int] | None, steps: int,
-            guidance: float, rescale: float, seed: int, negative: str, truncate: bool = True) -> Image.Image:
-        """One request: ``history`` turns (instructions renamed to global indicators) and the ``current``
-        one. Every argument is checked before any model work (ValueError/TypeError naming it); a
-        non-finite latent stops sampling with FloatingPointError naming the step."""
+    def prepare(self, history: list[Turn], current: Turn, size: tuple[int, int] | None, steps: int,
+                guidance: float, rescale: float, seed: int, negative: str, truncate: bool = True) -> "EditJob":
+        """Everything of one request before its first step: checks, codec and text encoding, initial noise.
+
+        Every argument is checked before any model work (ValueError/TypeError naming it). Returns an
+        :class:`EditJob` whose samples (one LCU, two with CFG) any packed batch can carry.
+        """
         sampler = make_sampler(self.cfg.prediction, steps)
         check_guidance(guidance, rescale)
         self._check_request(history, current, size, seed, negative)
@@ -272,24 +328,34 @@ class EditPipeline:
         samples = [LCUSample(units, target)]
         if guidance != 1.0:
             samples.append(LCUSample(neg_units, target))
-        batch = pack(samples, self.cfg.patch_size, codec_factor=self.cfg.codec_factor, with_mask=self.is_ace,
-                     device=self.device)
-        cu = batch.cu_seqlens_target()
-        n1 = cu[1]
+        validate(samples, self.cfg.patch_size, self.cfg.codec_factor, self.is_ace)
+        h, w = target.latent.shape[1:]
+        x = initial_noise([(h, w)], self.cfg.patch_size, seed, self.codec.latent_channels).to(self.device)
+        return EditJob(samples, x, sampler, guidance, rescale, (h, w), self.cfg.patch_size)
 
-        def denoise(x: Tensor, t: Tensor) -> Tensor:
-            xs = torch.cat([x, x]) if len(samples) == 2 else x
-            ts = torch.cat([t, t]) if len(samples) == 2 else t
-            out = self.model(batch, xs, ts.to(self.device))
-            if len(samples) == 1:
-                return out
-            return guide(out[:n1], out[n1:], guidance, rescale, cu[:2])
+    def pack(self, samples: list[LCUSample]) -> PackedLCU:
+        """One packed batch of ``samples`` on the pipeline's device."""
+        return pack(samples, self.cfg.patch_size, codec_factor=self.cfg.codec_factor, with_mask=self.is_ace,
+                    device=self.device)
 
-        (h, w), patch = batch.target_sizes[0], self.cfg.patch_size
-        x = initial_noise([(h, w)], patch, seed, self.codec.latent_channels).to(self.device)
-        x = sampler.sample(denoise, x, 1)
-        latent = unpatchify(x.cpu(), h, w, patch)
-        return to_pil(self.codec.decode(latent))
+    @torch.no_grad()
+    def finish(self, job: "EditJob") -> Image.Image:
+        """Decode a finished job's latent to the output image."""
+        h, w = job.target_size
+        return to_pil(self.codec.decode(unpatchify(job.x.cpu(), h, w, self.cfg.patch_size)))
+
+    @torch.no_grad()
+    def run(self, history: list[Turn], current: Turn, size: tuple[int, int] | None, steps: int,
+            guidance: float, rescale: float, seed: int, negative: str, truncate: bool = True) -> Image.Image:
+        """One request: ``history`` turns (instructions renamed to global indicators) and the ``current``
+        one, as :meth:`prepare`, the job's steps over one packed batch, then :meth:`finish`. A non-finite
+        latent stops sampling with FloatingPointError naming the step."""
+        job = self.prepare(history, current, size, steps, guidance, rescale, seed, negative, truncate)
+        batch = self.pack(job.samples)
+        while not job.done:
+            x, t = job.model_input()
+            job.advance(self.model(batch, x, t.to(self.device)))
+        return self.finish(job)
 
     def edit(self, images: Image.Image | list[Image.Image] | None, instruction: str,
              masks: Image.Image | Tensor | list | None = None, steps: int = 20, guidance: float = 4.5,

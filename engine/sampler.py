@@ -82,8 +82,33 @@ def guide(cond: Tensor, uncond: Tensor, guidance: float, rescale: float, cu_host
     return torch.cat(parts)
 
 
+class StepSampler:
+    """A sampler as ``steps`` updates: ``timestep(i, n)`` is what the model sees at step ``i``, ``update``
+    the sampler's rule and :meth:`step` the checked update, so a server can interleave many requests' steps."""
+
+    steps: int
+
+    def timestep(self, i: int, n: int = 1) -> Tensor:
+        raise NotImplementedError
+
+    def update(self, i: int, x: Tensor, out: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def step(self, i: int, x: Tensor, out: Tensor) -> Tensor:
+        """``x`` after step ``i`` given the model output ``out``; FloatingPointError at a non-finite latent."""
+        x = self.update(i, x, out)
+        check_latent(x, self, i + 1, self.steps)
+        return x
+
+    def sample(self, denoise: DenoiseFn, x: Tensor, num_samples: int) -> Tensor:
+        """Denoise ``x [L_tgt, C*p*p]`` over ``steps`` steps; FloatingPointError at a non-finite latent."""
+        for i in range(self.steps):
+            x = self.step(i, x, denoise(x, self.timestep(i, num_samples).to(x.device)))
+        return x
+
+
 @dataclass
-class DDIMSampler:
+class DDIMSampler(StepSampler):
     """ACE's sampler: linear betas 1e-4..0.02 over 1000 steps, trailing spacing, eta 0.
 
     ``prediction="eps"`` (ACE) or ``"x0"``: the model predicts the clean latent, which suits tiny
@@ -102,6 +127,8 @@ class DDIMSampler:
         check_int(self.steps, "steps", 1, self.num_train_steps)
         if self.prediction not in ("eps", "x0"):
             raise ValueError(f"DDIMSampler prediction {self.prediction!r}; expected 'eps' or 'x0'")
+        self._sigma, self._alpha = self.schedule()
+        self._ts = self.timesteps().tolist()
 
     def schedule(self) -> tuple[Tensor, Tensor]:
         """(sigma, alpha) per training step, with sigma² + alpha² = 1 (alpha = sqrt(alphas_cumprod))."""
@@ -113,23 +140,22 @@ class DDIMSampler:
         n = self.num_train_steps
         return torch.arange(n - 1, -1, -n / self.steps).clamp(0, n - 1).round().long()
 
-    def sample(self, denoise: DenoiseFn, x: Tensor, num_samples: int) -> Tensor:
-        """Denoise ``x [L_tgt, C*p*p]`` over ``steps`` steps; FloatingPointError at a non-finite latent."""
-        sigma, alpha = self.schedule()
-        ts = self.timesteps()
-        for i, t in enumerate(ts.tolist()):
-            out = denoise(x, torch.full((num_samples,), t, dtype=torch.long, device=x.device))
-            s, a = float(sigma[t]), float(alpha[t])
-            x0 = out if self.prediction == "x0" else (x - s * out) / a
-            s_next = float(sigma[int(ts[i + 1])]) if i + 1 < len(ts) else 0.0
-            eps_hat = (x - (1 - s * s) ** 0.5 * x0) / s
-            x = (1 - s_next * s_next) ** 0.5 * x0 + s_next * eps_hat
-            check_latent(x, self, i + 1, self.steps)
-        return x
+    def timestep(self, i: int, n: int = 1) -> Tensor:
+        """The model's timestep at step ``i`` for ``n`` samples: ``[n]`` int64 (CPU)."""
+        return torch.full((n,), self._ts[i], dtype=torch.long)
+
+    def update(self, i: int, x: Tensor, out: Tensor) -> Tensor:
+        """One DDIM (eta 0) update of ``x`` given the model output ``out`` at step ``i``."""
+        t = self._ts[i]
+        s, a = float(self._sigma[t]), float(self._alpha[t])
+        x0 = out if self.prediction == "x0" else (x - s * out) / a
+        s_next = float(self._sigma[self._ts[i + 1]]) if i + 1 < len(self._ts) else 0.0
+        eps_hat = (x - (1 - s * s) ** 0.5 * x0) / s
+        return (1 - s_next * s_next) ** 0.5 * x0 + s_next * eps_hat
 
 
 @dataclass
-class FlowEulerSampler:
+class FlowEulerSampler(StepSampler):
     """Rectified-flow Euler with SD3's timestep shift ``s σ / (1 + (s - 1) σ)``; the model predicts
     the velocity ``noise - x0`` at ``t = 1000 σ``."""
 
@@ -140,20 +166,19 @@ class FlowEulerSampler:
         check_int(self.steps, "steps", 1)
         if check_finite(self.shift, "shift") <= 0:  # shift 0 makes every sigma 0: pure noise out
             raise ValueError(f"shift must be a finite number > 0, got {self.shift!r}")
+        self._sig = self.sigmas().tolist()
 
     def sigmas(self) -> Tensor:
         s = torch.linspace(1.0, 0.0, self.steps + 1, dtype=torch.float64)
         return self.shift * s / (1 + (self.shift - 1) * s)
 
-    def sample(self, denoise: DenoiseFn, x: Tensor, num_samples: int) -> Tensor:
-        """Integrate ``x [L_tgt, C*p*p]`` from noise; FloatingPointError at a non-finite latent."""
-        sig = self.sigmas().tolist()
-        for i in range(self.steps):
-            t = torch.full((num_samples,), sig[i] * 1000.0, dtype=torch.float32, device=x.device)
-            v = denoise(x, t)
-            x = x + (sig[i + 1] - sig[i]) * v
-            check_latent(x, self, i + 1, self.steps)
-        return x
+    def timestep(self, i: int, n: int = 1) -> Tensor:
+        """The model's timestep ``1000 sigma_i`` at step ``i`` for ``n`` samples: ``[n]`` float32 (CPU)."""
+        return torch.full((n,), self._sig[i] * 1000.0, dtype=torch.float32)
+
+    def update(self, i: int, x: Tensor, v: Tensor) -> Tensor:
+        """One Euler step of the flow ODE from sigma_i to sigma_{i+1} with velocity ``v``."""
+        return x + (self._sig[i + 1] - self._sig[i]) * v
 
 
 PREDICTIONS = ("eps", "x0", "flow")

@@ -1,0 +1,199 @@
+"""The HTTP front of :class:`~omniace.export.runtime.EditServer` (FastAPI + uvicorn, Prometheus metrics).
+
+Endpoints:
+- ``POST /v1/edit``: multipart form (files ``images``/``masks``, fields ``instruction``, ``steps``,
+  ``guidance``, ``rescale``, ``seed``, ``size`` as ``WIDTHxHEIGHT``, ``negative``, ``response``) or JSON
+  with base64 ``images``/``masks``. Returns ``image/png``, or JSON ``{"image": <base64 PNG>, ...}`` with
+  ``response=json``. A bad field gives 422 naming it; a full queue 429 with ``Retry-After``; a closed
+  server 503. No request can take the process down: every error is answered.
+- ``GET /healthz``: ``{"status": "ok", "queued": n, "active": n}``.
+- ``GET /metrics``: Prometheus text format (``prometheus-client``).
+
+Extra ``serve`` (``pip install 'omniace[serve]'``); imported lazily by ``omniace serve``.
+"""
+
+import asyncio
+import base64
+import binascii
+import io
+import time
+from typing import Any
+
+from omniace import require
+from omniace.engine.cli import parse_size
+from omniace.engine.imageio import decode_image
+from omniace.engine.sampler import check_finite, check_int
+
+from .runtime import EditServer, ServerClosed, ServerOverloaded
+
+MAX_STEPS = 200  # one HTTP request may not hold the server for longer than this many steps
+MAX_PART_BYTES = 64 << 20  # one uploaded image (Starlette's default, 1 MB, refuses ordinary photos)
+
+
+class FieldError(ValueError):
+    """A request field is missing or malformed: answered 422 naming the field."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+def _int(form: dict, name: str, default: int, lo: int, hi: int | None = None) -> int:
+    raw = form.get(name, default)
+    try:
+        return check_int(int(raw) if isinstance(raw, str) else raw, name, lo, hi)
+    except ValueError:
+        expected = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
+        raise FieldError(name, f"{raw!r} is not {expected}") from None
+
+
+def _float(form: dict, name: str, default: float) -> float:
+    raw = form.get(name, default)
+    try:
+        return check_finite(float(raw) if isinstance(raw, str) else raw, name)
+    except (TypeError, ValueError):
+        raise FieldError(name, f"{raw!r} is not a finite number") from None
+
+
+def _size(raw: Any) -> tuple[int, int] | None:
+    """``WIDTHxHEIGHT`` (the CLI's form) or ``[width, height]``."""
+    if raw in (None, ""):
+        return None
+    try:
+        return parse_size(raw) if isinstance(raw, str) else parse_size("x".join(str(int(v)) for v in raw))
+    except (TypeError, ValueError):
+        raise FieldError("size", f"{raw!r} is not WIDTHxHEIGHT in positive pixels (e.g. 512x384) or "
+                                 f"[width, height]") from None
+
+
+def _images(blobs: list[bytes], field: str) -> list:
+    return [decode_image(b, f"{field}[{i}]") for i, b in enumerate(blobs)]
+
+
+def _b64(items: Any, field: str) -> list[bytes]:
+    if items is None:
+        return []
+    if isinstance(items, str):
+        items = [items]
+    if not isinstance(items, list):
+        raise FieldError(field, "expected a list of base64 strings")
+    out = []
+    for i, s in enumerate(items):
+        try:
+            out.append(base64.b64decode(s.split(",", 1)[-1] if s.startswith("data:") else s, validate=True))
+        except (binascii.Error, AttributeError, ValueError):
+            raise FieldError(f"{field}[{i}]", "not valid base64") from None
+    return out
+
+
+def create_app(server: EditServer, retry_after_s: int = 1, timeout_s: float = 600.0):
+    """A FastAPI app serving ``server``; raises ImportError naming the ``serve`` extra without FastAPI."""
+    fastapi = require("fastapi", "serve", "omniace serve")
+    prom = require("prometheus_client", "serve", "omniace serve's /metrics")
+    from fastapi import Request
+    from fastapi.responses import JSONResponse, Response
+
+    registry = prom.CollectorRegistry()
+    requests_total = prom.Counter("omniace_requests_total", "HTTP edit requests by outcome", ["status"],
+                                  registry=registry)
+    latency = prom.Histogram("omniace_request_seconds", "end-to-end latency of successful edit requests",
+                             buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300), registry=registry)
+    for name, doc, key in (("omniace_queue_depth", "requests waiting to be admitted", "queued"),
+                           ("omniace_active_requests", "requests in the denoising loop", "active"),
+                           ("omniace_tokens_per_second", "image tokens per second of busy time", "tokens_per_s"),
+                           ("omniace_forwards_per_second", "model forwards per second of busy time",
+                            "forwards_per_s"),
+                           ("omniace_mean_batch_occupancy", "mean fraction of the token budget per forward",
+                            "mean_occupancy"),
+                           ("omniace_peak_memory_bytes", "peak memory (CUDA allocated or process RSS)",
+                            "peak_memory_bytes")):
+        prom.Gauge(name, doc, registry=registry).set_function(lambda key=key: server.stats()["server"][key])
+
+    app = fastapi.FastAPI(title="omniace", summary="instruction-based image editing (ACE / OmniEdit)")
+
+    def error(status: int, message: str, field: str | None = None, headers: dict | None = None):
+        requests_total.labels(str(status)).inc()
+        body = {"error": message} | ({"field": field} if field else {})
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    async def parse(request: Request) -> tuple[dict, list[bytes], list[bytes]]:
+        kind = request.headers.get("content-type", "")
+        if kind.startswith("application/json"):
+            try:
+                form = await request.json()
+            except ValueError:
+                raise FieldError("body", "not valid JSON") from None
+            if not isinstance(form, dict):
+                raise FieldError("body", "expected a JSON object")
+            return form, _b64(form.get("images"), "images"), _b64(form.get("masks"), "masks")
+        if kind.startswith("multipart/form-data") or kind.startswith("application/x-www-form-urlencoded"):
+            data = await request.form(max_files=32, max_fields=64, max_part_size=MAX_PART_BYTES)
+            form = {k: v for k, v in data.items() if isinstance(v, str)}
+            images = [await f.read() for f in data.getlist("images") if not isinstance(f, str)]
+            masks = [await f.read() for f in data.getlist("masks") if not isinstance(f, str)]
+            return form, images, masks
+        raise FieldError("content-type", f"{kind or 'none'}; expected multipart/form-data or application/json")
+
+    @app.post("/v1/edit")
+    async def edit(request: Request):
+        t0 = time.perf_counter()
+        try:
+            form, image_blobs, mask_blobs = await parse(request)
+            instruction = form.get("instruction")
+            if not isinstance(instruction, str):
+                raise FieldError("instruction", "a string is required")
+            response = form.get("response", "png")
+            if response not in ("png", "json"):
+                raise FieldError("response", f"{response!r}; expected 'png' or 'json'")
+            kw = dict(steps=_int(form, "steps", 20, 1, MAX_STEPS), guidance=_float(form, "guidance", 4.5),
+                      rescale=_float(form, "rescale", 0.5), seed=_int(form, "seed", 0, 0, 2**63 - 1),
+                      negative=str(form.get("negative", "")), size=_size(form.get("size")))
+            images, masks = _images(image_blobs, "images"), _images(mask_blobs, "masks")
+            future = server.submit(images or None, instruction, masks=masks or None, **kw)
+        except FieldError as err:
+            return error(422, str(err), err.field)
+        except ServerOverloaded as err:
+            return error(429, str(err), headers={"Retry-After": str(retry_after_s)})
+        except ServerClosed as err:
+            return error(503, str(err), headers={"Retry-After": str(retry_after_s)})
+        except (ValueError, TypeError) as err:
+            return error(422, str(err))
+        try:
+            out = (await asyncio.wait_for(asyncio.wrap_future(future), timeout_s))[0]
+        except asyncio.TimeoutError:
+            future.cancel()
+            return error(504, f"the edit did not finish within {timeout_s:.0f} s")
+        except ServerClosed as err:
+            return error(503, str(err), headers={"Retry-After": str(retry_after_s)})
+        except (ValueError, TypeError, FloatingPointError) as err:  # the pipeline's verdict on this request
+            return error(422, str(err))
+        except Exception as err:  # noqa: BLE001 - answered, never raised into the server
+            return error(500, f"{type(err).__name__}: {err}")
+        buf = io.BytesIO()
+        out.save(buf, format="PNG")
+        requests_total.labels("200").inc()
+        latency.observe(time.perf_counter() - t0)
+        if response == "json":
+            return JSONResponse({"image": base64.b64encode(buf.getvalue()).decode(), "format": "png",
+                                 "width": out.width, "height": out.height})
+        return Response(buf.getvalue(), media_type="image/png")
+
+    @app.get("/healthz")
+    def healthz():
+        st = server.stats()["server"]
+        return {"status": "ok", "queued": st["queued"], "active": st["active"]}
+
+    @app.get("/metrics")
+    def metrics():
+        return Response(prom.generate_latest(registry), media_type=prom.CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def serve(server: EditServer, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Run the HTTP front with uvicorn until interrupted; the server is closed (draining) on exit."""
+    uvicorn = require("uvicorn", "serve", "omniace serve")
+    try:
+        uvicorn.run(create_app(server), host=host, port=port, log_level=log_level)
+    finally:
+        server.close()
