@@ -153,6 +153,14 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    if args.ray:
+        from omniace.export.ray_serve import RayServeConfig, run
+
+        run(RayServeConfig(args.weights, args.device, args.cpus_per_replica, args.replicas,
+                           max(args.replicas, args.max_replicas or args.replicas), backend=args.backend,
+                           token_budget=args.token_budget, max_queue=args.max_queue), args.host, args.port,
+            address=args.ray_address)
+        return
     from omniace.export.http_app import serve
     from omniace.export.runtime import EditServer
 
@@ -229,6 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image tokens per batched forward")
     p.add_argument("--max-queue", type=_arg(lambda t: _int(t, "max-queue", 1)), default=64,
                    help="waiting requests beyond which the server answers 429")
+    p.add_argument("--ray", action="store_true", help="scale out on Ray Serve (extra 'ray'): replicas behind one "
+                                                      "HTTP endpoint, autoscaled on queue depth")
+    p.add_argument("--replicas", type=_arg(lambda t: _int(t, "replicas", 1)), default=1,
+                   help="--ray: replicas (the minimum when autoscaling)")
+    p.add_argument("--max-replicas", type=_arg(lambda t: _int(t, "max-replicas", 1)), default=None,
+                   help="--ray: autoscale up to this many replicas on ongoing requests per replica")
+    p.add_argument("--cpus-per-replica", type=_arg(lambda t: _float(t, "cpus-per-replica")), default=1.0,
+                   help="--ray on the CPU: cores per replica (on a GPU: one GPU per replica)")
+    p.add_argument("--ray-address", help="--ray: join this cluster (default: start a local one)")
     p.set_defaults(fn=cmd_serve)
     return ap
 
