@@ -1,4 +1,4 @@
-"""The ``omniace`` console script: ``demo``, ``edit``, ``info``, ``convert``.
+"""The ``omniace`` console script: ``demo``, ``edit``, ``info``, ``convert``, ``serve``, ``bench``.
 
 A user error (a bad argument, an unreadable file, a refused output path, a non-finite latent) prints one
 line ``omniace: error: ...`` on stderr and exits with status 2, with no traceback; ``--debug`` shows it.
@@ -6,6 +6,7 @@ line ``omniace: error: ...`` on stderr and exits with status 2, with no tracebac
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -22,6 +23,18 @@ from .sampler import check_finite, check_int
 # what a user can cause: bad values and files (ValueError, OSError), a missing extra (ImportError),
 # a model that overflowed (FloatingPointError). Anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, OSError, ImportError, FloatingPointError)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``prog: error: ...``, exit 2; ``--help`` shows the usage) and negative
+    values (``--guidance -inf``, ``--size -64x64``) read as values, so their own checks can name them."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self._negative_number_matcher = re.compile(r"^-(\d|\.\d|inf|nan)", re.IGNORECASE)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _arg(check: Callable[[str], object]) -> Callable[[str], object]:
@@ -76,6 +89,7 @@ IMAGES = _arg(lambda t: _int(t, "images", 0))
 GUIDANCE = _arg(lambda t: _float(t, "guidance"))
 SIZE = _arg(parse_size)
 RESOLUTION = _arg(_resolution)
+PORT = _arg(lambda t: check_int(_int(t, "port", 1), "port", 1, 65535))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -103,29 +117,34 @@ def cmd_edit(args: argparse.Namespace) -> None:
     from .text import T5TextEncoder
 
     # every check a user can fail comes before the model is loaded
-    if args.weights and (args.text_encoder is None or args.vae is None):
-        raise ValueError(f"--weights {args.weights!r} needs --text-encoder and --vae folders")
+    if args.weights and not Path(args.weights).is_file():
+        raise ValueError(f"--weights {args.weights!r} is not a file")
+    if args.weights and (args.text_encoder is None) != (args.vae is None):
+        raise ValueError(f"--weights {args.weights!r}: --text-encoder and --vae go together (a latent-space model); "
+                         f"give neither for a trainer export of a pixel-space preset")
     if args.size and args.image:
         raise ValueError(f"--size {args.size[0]}x{args.size[1]} is for text-to-image; an edit keeps the size "
                          f"of its first --image")
     if not args.image and not args.size:
         raise ValueError("text-to-image (no --image) needs --size WIDTHxHEIGHT")
-    out, created = check_output_path(args.out, inputs=args.image + args.mask, force=args.force)
-    if created is not None:
-        print(f"created folder {created}")
+    out, missing = check_output_path(args.out, inputs=args.image + args.mask, force=args.force)
     images = [decode_image(p, f"--image {p}") for p in args.image]
     masks = [decode_image(p, f"--mask {p}").convert("L") for p in args.mask]
-    if args.weights:
-        model = load_model(args.weights)
+    if args.weights and args.text_encoder is not None:
+        model = load_model(args.weights, args.preset)
         pipe = EditPipeline(model, T5TextEncoder(args.text_encoder), AutoencoderKLCodec(args.vae))
+    elif args.weights:
+        pipe = EditPipeline.pretrained(args.weights)  # a trainer export: byte-level text, pixel codec
     elif args.family == "ace":
         pipe = EditPipeline.pretrained()
     else:
         pipe = EditPipeline.tiny("sd3")  # no trained SD3 default ships: an untrained tiny EditNet
-    # the embedded default was tuned at guidance 1.5 on a validation split; ACE's own default is 4.5
-    guidance = args.guidance if args.guidance is not None else (4.5 if args.weights else 1.5)
-    result = pipe.edit(images or None, args.instruction, masks=masks, steps=args.steps, guidance=guidance,
+    # guidance None: the pipeline's default (1.5 for the embedded default, validated; ACE's 4.5 otherwise)
+    result = pipe.edit(images or None, args.instruction, masks=masks, steps=args.steps, guidance=args.guidance,
                        seed=args.seed, size=args.size, truncate=args.truncate)[0]
+    if missing is not None:
+        missing.mkdir(parents=True, exist_ok=True)
+        print(f"created folder {missing}")
     result.save(out)
     print(f"wrote {out}")
 
@@ -173,21 +192,21 @@ def cmd_convert(args: argparse.Namespace) -> None:
     from .pipeline import check_output_path
     from .weights import convert
 
-    dst, created = check_output_path(args.dst, inputs=[args.src], force=args.force, suffixes=(".safetensors",),
+    dst, missing = check_output_path(args.dst, inputs=[args.src], force=args.force, suffixes=(".safetensors",),
                                      what="destination")
-    if created is not None:
-        print(f"created folder {created}")
-    n = convert(args.src, dst, args.family)
+    n = convert(args.src, dst, args.family)  # creates a missing folder only when it writes
+    if missing is not None:
+        print(f"created folder {missing}")
     print(f"wrote {n} tensors to {dst}")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .weights import FAMILIES
 
-    common = argparse.ArgumentParser(add_help=False)
+    common = Parser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    ap = argparse.ArgumentParser(prog="omniace", description="instruction-based image editing engine")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    ap = Parser(prog="omniace", description="instruction-based image editing engine")
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=Parser)
     sub.add_parser("bench", help="op and denoiser benchmarks (omniace bench --help)")
     p = sub.add_parser("demo", parents=[common],
                        help="edit held-out scenes of every task with the embedded trained default")
@@ -206,12 +225,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="edited.png", help="image file; its extension picks the format")
     p.add_argument("--force", action="store_true", help="allow --out to overwrite an input image")
     p.add_argument("--family", choices=["ace", "sd3"], default="ace")
-    p.add_argument("--weights")
+    p.add_argument("--weights", help="a trainer export (pixel-space preset), or with --text-encoder and --vae a "
+                                     "latent-space model's safetensors")
     p.add_argument("--text-encoder")
     p.add_argument("--vae")
     p.add_argument("--size", type=SIZE, help="WIDTHxHEIGHT for text-to-image")
     p.add_argument("--steps", type=STEPS, default=20)
-    p.add_argument("--guidance", type=GUIDANCE, default=None, help="default: 4.5 with --weights, else 1.5")
+    p.add_argument("--guidance", type=GUIDANCE, default=None,
+                   help="default: the model's (1.5 for the embedded default, 4.5 for ACE checkpoints)")
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="with --weights: the model config for a file without omniace_config metadata (a converted "
+                        "checkpoint)")
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--no-truncate", dest="truncate", action="store_false",
                    help="refuse an instruction longer than the text encoder keeps (default: cut it, warn)")
@@ -229,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_convert)
     p = sub.add_parser("serve", parents=[common], help="serve edits over HTTP (EditServer; extra 'serve')")
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
-    p.add_argument("--port", type=_arg(lambda t: _int(t, "port", 1)), default=8000)
+    p.add_argument("--port", type=PORT, default=8000)
     p.add_argument("--weights", help="a trainer export (default: the embedded ace-small)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--backend", choices=["torch", "torch-compile"], default="torch")

@@ -60,7 +60,13 @@ def load_model(path: str | Path, cfg: ACEConfig | SD3Config | str | None = None)
         meta = read_safetensors_metadata(path).get("omniace_config") if str(path).endswith(".safetensors") else None
         if meta is None:
             raise ValueError(f"{path}: no omniace_config metadata; pass the model config or preset name")
-        cfg = config_from_dict(json.loads(meta))
-    model = build_model(cfg)
+        try:
+            cfg = config_from_dict(json.loads(meta))
+            model = build_model(cfg)
+        except (ValueError, TypeError, ArithmeticError) as err:  # a config no model can be built from
+            raise ValueError(f"{path}: its omniace_config metadata does not describe a model "
+                             f"({type(err).__name__}: {err})") from None
+    else:
+        model = build_model(cfg)
     load_into(model, load_state_dict_file(path), allow_missing=("text_position_embeddings.pos",))
     return model.eval()

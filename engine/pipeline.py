@@ -16,11 +16,12 @@ from PIL import Image
 from torch import Tensor
 
 from .codec import PixelCodec
+from .imageio import decode_image
 from .config import ACEConfig, SD3Config, get_config
 from .lcu import (MAX_INDICATORS, ConditionUnit, ImageInput, LCUSample, PackedLCU, indicator_indices,
                   indicator_token, pack, unpatchify, validate)
 from .model import build_model
-from .sampler import StepSampler, check_guidance, check_int, guide, initial_noise, make_sampler
+from .sampler import StepSampler, check_finite, check_guidance, check_int, guide, initial_noise, make_sampler
 from .text import TinyTextEncoder, indicator_table
 
 
@@ -70,11 +71,12 @@ def _image_suffixes() -> dict[str, str]:
 
 def check_output_path(path: str | os.PathLike, inputs: Sequence[str | os.PathLike] = (), force: bool = False,
                       suffixes: Sequence[str] | None = None, what: str = "--out") -> tuple[Path, Path | None]:
-    """Check where an output will go before any work; returns ``(path, folder created or None)``.
+    """Check where an output will go before any work; returns ``(path, its folder if it must be created)``.
 
     ``path`` must not be a folder; its extension must be one of ``suffixes``, or by default one PIL can
-    write an RGB image as. Its folder is created if missing. It may be one of ``inputs`` only with
-    ``force``. Raises ValueError naming ``what``, the path and the expected form.
+    write an RGB image as. A missing folder must be creatable (the caller creates it when it writes, so a
+    failed run leaves nothing behind). It may be one of ``inputs`` only with ``force``. Raises ValueError
+    naming ``what``, the path and the expected form.
     """
     p = Path(path)
     if p.is_dir():
@@ -101,18 +103,22 @@ def check_output_path(path: str | os.PathLike, inputs: Sequence[str | os.PathLik
         if same and not force:
             raise ValueError(f"{what} {str(p)!r} is the input {str(src)!r}; refusing to overwrite it without force "
                              f"(--force)")
-    parent, created = p.parent, None
+    parent, missing = p.parent, None
     if not parent.is_dir():
-        if parent.exists():
-            raise ValueError(f"{what} {str(p)!r}: {str(parent)!r} is a file, not a folder")
-        try:
-            parent.mkdir(parents=True)
-        except OSError as err:
-            raise ValueError(f"{what} {str(p)!r}: cannot create the folder {str(parent)!r} ({err.strerror})") from None
-        created = parent
-    if not os.access(parent, os.W_OK):
+        # created only when the output is written (nothing is left behind by a request that fails); here
+        # the nearest existing ancestor must be a writable folder
+        ancestor = parent
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise ValueError(f"{what} {str(p)!r}: {str(ancestor)!r} is a file, not a folder")
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            raise ValueError(f"{what} {str(p)!r}: cannot create the folder {str(parent)!r} ({str(ancestor)!r} is "
+                             f"not writable)")
+        missing = parent
+    elif not os.access(parent, os.W_OK):
         raise ValueError(f"{what} {str(p)!r}: the folder {str(parent)!r} is not writable")
-    return p, created
+    return p, missing
 
 
 DEFAULT_WEIGHTS = Path(__file__).parent / "assets" / "ace-small-edit.safetensors"
@@ -126,6 +132,9 @@ def tiny_text_encoder(cfg: ACEConfig | SD3Config) -> TinyTextEncoder:
                            max_len=cfg.text_len)
 
 
+ImageLike = Image.Image | str | bytes | os.PathLike  # what decode_image reads
+
+
 @dataclass
 class Turn:
     instruction: str  # with indicators already renamed to sample-global indices
@@ -133,16 +142,36 @@ class Turn:
     masks: list[Image.Image | Tensor | None]
 
 
-def turn_inputs(images: Image.Image | Sequence[Image.Image] | None,
-                masks: Image.Image | Tensor | Sequence | None) -> tuple[list[Image.Image], list]:
+def turn_inputs(images: ImageLike | Sequence[ImageLike] | None,
+                masks: ImageLike | Tensor | Sequence | None) -> tuple[list[Image.Image], list]:
     """One turn's images and masks as two lists of equal length (missing masks are None).
 
-    Raises ValueError for more masks than images (a mask would have no image to go with).
+    Every image (a PIL image, a file path or encoded bytes) goes through :func:`~omniace.engine.imageio.
+    decode_image`, as the CLI's and the loader's do: EXIF orientation applied, every mode mapped to 8-bit RGB
+    the documented way. Masks are decoded the same way (then read as luma), or given as ``[H, W]`` tensors.
+    Raises TypeError naming a value of the wrong type, ValueError for more masks than images or an
+    undecodable image.
     """
-    images = [] if images is None else [images] if isinstance(images, Image.Image) else list(images)
-    masks = [masks] if isinstance(masks, (Image.Image, Tensor)) else list(masks or [])
+    single = (Image.Image, str, bytes, os.PathLike)
+    if images is None:
+        images = []
+    elif isinstance(images, single):
+        images = [images]
+    elif isinstance(images, Sequence):
+        images = list(images)
+    else:
+        raise TypeError(f"images must be a PIL image, a path, bytes or a list of them, got {type(images).__name__}")
+    masks = [masks] if isinstance(masks, (*single, Tensor)) else list(masks or [])
     if len(masks) > len(images):
         raise ValueError(f"{len(masks)} masks for {len(images)} images; expected at most one mask per image")
+    for j, img in enumerate(images):
+        if not isinstance(img, single):
+            raise TypeError(f"image {j} must be a PIL image, a path or bytes, got {type(img).__name__}")
+    for j, m in enumerate(masks):
+        if m is not None and not isinstance(m, (*single, Tensor)):
+            raise TypeError(f"mask {j} must be a PIL image, a path, bytes or a [H, W] tensor, got {type(m).__name__}")
+    images = [decode_image(img, f"image {j}") for j, img in enumerate(images)]
+    masks = [m if m is None or isinstance(m, Tensor) else decode_image(m, f"mask {j}") for j, m in enumerate(masks)]
     return images, masks + [None] * (len(images) - len(masks))
 
 
@@ -208,7 +237,17 @@ class EditJob:
 class EditPipeline:
     """Edit or generate images with an ACE or SD3(+EditNet) model, a text encoder and a codec."""
 
-    def __init__(self, model, text_encoder, codec, device: str = "cpu"):
+    def __init__(self, model, text_encoder, codec, device: str = "cpu", max_tokens: int = 16384,
+                 default_guidance: float = 4.5):
+        """``max_tokens``: image tokens one sample may hold (every frame of one CFG branch; memory and time grow
+        with it, the reference attention's quadratically); ``default_guidance``: the CFG scale used when a
+        call passes ``guidance=None`` (ACE's 4.5; the embedded default was validated at 1.5)."""
+        self.max_tokens = check_int(max_tokens, "max_tokens", 1)
+        self.default_guidance = check_finite(default_guidance, "default_guidance")
+        try:
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError) as err:  # "xyz", or cuda on a machine without it
+            raise ValueError(f"device {device!r} is not usable here ({str(err).splitlines()[0]})") from None
         self.model = model.to(device).eval()
         self.text_encoder = text_encoder
         self.codec = codec
@@ -233,7 +272,9 @@ class EditPipeline:
         if model.cfg.codec_factor != 4 or text_dim != 32:
             raise ValueError(f"{path}: not a tiny pixel-space model (codec_factor 4, byte-level text); "
                              f"use EditPipeline(model, text_encoder, codec) for it")
-        return cls(model, tiny_text_encoder(model.cfg), PixelCodec(model.cfg.codec_factor), device=device)
+        # guidance 1.5: chosen for the embedded default on a validation split (docs/default_model.md)
+        return cls(model, tiny_text_encoder(model.cfg), PixelCodec(model.cfg.codec_factor), device=device,
+                   default_guidance=1.5)
 
     @classmethod
     def tiny(cls, family: str = "ace", seed: int = 0) -> "EditPipeline":
@@ -261,8 +302,10 @@ class EditPipeline:
                              f"{self.multiple} pixels; resize or crop it first")
 
     def _check_request(self, history: list[Turn], current: Turn, size: tuple[int, int] | None, seed: int,
-                       negative: str) -> None:
-        """Every argument of :meth:`run` except the sampler's, before any model work."""
+                       negative: str, branches: int = 1, budget: tuple[int, str] | None = None) -> None:
+        """Every argument of :meth:`run` except the sampler's, before any model work; then the request's
+        image tokens against ``max_tokens`` per sample and ``budget`` = (tokens, what it is) for all
+        ``branches`` together (a server's token budget)."""
         check_int(seed, "seed", 0, 2**63 - 1)
         if not isinstance(negative, str):
             raise TypeError(f"negative must be a str, got {type(negative).__name__}")
@@ -285,14 +328,26 @@ class EditPipeline:
                 w, h = current.images[0].size
                 raise ValueError(f"size={size!r} is for text-to-image; an edit keeps the size of its first "
                                  f"image ({w}x{h})")
-            return
-        if size is None:
-            raise ValueError("text-to-image needs size=(width, height)")
-        if not isinstance(size, (tuple, list)) or len(size) != 2:
-            raise ValueError(f"size must be (width, height) in pixels, got {size!r}")
-        w, h = check_int(size[0], "size width", 1), check_int(size[1], "size height", 1)
-        if w % self.multiple or h % self.multiple:
-            raise ValueError(f"size {w}x{h} is not a multiple of {self.multiple} pixels")
+            target = current.images[0].size
+        else:
+            if size is None:
+                raise ValueError("text-to-image needs size=(width, height)")
+            if not isinstance(size, (tuple, list)) or len(size) != 2:
+                raise ValueError(f"size must be (width, height) in pixels, got {size!r}")
+            target = check_int(size[0], "size width", 1), check_int(size[1], "size height", 1)
+            if target[0] % self.multiple or target[1] % self.multiple:
+                raise ValueError(f"size {target[0]}x{target[1]} is not a multiple of {self.multiple} pixels")
+        frames = [target] + [img.size for t in history + [current] for img in t.images]
+        per_sample = sum((w // self.multiple) * (h // self.multiple) for w, h in frames)
+        sizes = ", ".join(f"{w}x{h}" for w, h in frames)
+        if per_sample > self.max_tokens:
+            raise ValueError(f"this request needs {per_sample} image tokens per sample (target and condition "
+                             f"images {sizes}), over the pipeline's max_tokens of {self.max_tokens}; use smaller "
+                             f"images or build the pipeline with a larger max_tokens")
+        if budget is not None and branches * per_sample > budget[0]:
+            raise ValueError(f"this request needs {branches * per_sample} image tokens per step ({branches} CFG "
+                             f"branch(es) of {sizes}), more than {budget[1]} of {budget[0]}; use fewer or "
+                             f"smaller images")
 
     def _unit(self, turn: Turn) -> ConditionUnit:
         images = []
@@ -303,15 +358,20 @@ class EditPipeline:
 
     @torch.no_grad()
     def prepare(self, history: list[Turn], current: Turn, size: tuple[int, int] | None, steps: int,
-                guidance: float, rescale: float, seed: int, negative: str, truncate: bool = True) -> "EditJob":
+                guidance: float | None, rescale: float, seed: int, negative: str, truncate: bool = True,
+                budget: tuple[int, str] | None = None) -> "EditJob":
         """Everything of one request before its first step: checks, codec and text encoding, initial noise.
 
-        Every argument is checked before any model work (ValueError/TypeError naming it). Returns an
-        :class:`EditJob` whose samples (one LCU, two with CFG) any packed batch can carry.
+        Every argument is checked before any model work (ValueError/TypeError naming it), the image tokens
+        too (``max_tokens``, and ``budget`` = (tokens per step, its name) when a server gives one).
+        ``guidance=None`` takes ``default_guidance``. Returns an :class:`EditJob` whose samples (one LCU, two
+        with CFG) any packed batch can carry.
         """
         sampler = make_sampler(self.cfg.prediction, steps)
+        guidance = self.default_guidance if guidance is None else guidance
         check_guidance(guidance, rescale)
-        self._check_request(history, current, size, seed, negative)
+        seed = check_int(seed, "seed", 0, 2**63 - 1)
+        self._check_request(history, current, size, seed, negative, 1 if guidance == 1.0 else 2, budget)
         units = [self._unit(t) for t in history] + [self._unit(current)]
         if units[-1].images:  # editing: the target takes the size (and mask) of the first current image
             first = units[-1].images[0]
@@ -346,7 +406,7 @@ class EditPipeline:
 
     @torch.no_grad()
     def run(self, history: list[Turn], current: Turn, size: tuple[int, int] | None, steps: int,
-            guidance: float, rescale: float, seed: int, negative: str, truncate: bool = True) -> Image.Image:
+            guidance: float | None, rescale: float, seed: int, negative: str, truncate: bool = True) -> Image.Image:
         """One request: ``history`` turns (instructions renamed to global indicators) and the ``current``
         one, as :meth:`prepare`, the job's steps over one packed batch, then :meth:`finish`. A non-finite
         latent stops sampling with FloatingPointError naming the step."""
@@ -358,14 +418,14 @@ class EditPipeline:
         return self.finish(job)
 
     def edit(self, images: Image.Image | list[Image.Image] | None, instruction: str,
-             masks: Image.Image | Tensor | list | None = None, steps: int = 20, guidance: float = 4.5,
+             masks: Image.Image | Tensor | list | None = None, steps: int = 20, guidance: float | None = None,
              rescale: float = 0.5, seed: int = 0, negative: str = "",
              size: tuple[int, int] | None = None, truncate: bool = True) -> list[Image.Image]:
         """Edit ``images`` (the first is the one edited) following ``instruction``; returns ``[PIL]``.
 
         With no images, generates an image of ``size`` (width, height). ``masks`` (white = edit) go with
         the images in order (ACE family); each has its image's size, or its aspect ratio (then resized).
-        ``{image}``, ``{image1}`` ... name the images. ``steps``: an int >= 1; ``guidance``: finite;
+        ``{image}``, ``{image1}`` ... name the images. ``steps``: an int >= 1; ``guidance``: finite, or None for ``default_guidance``;
         ``rescale``: in [0, 1]; ``seed``: an int >= 0. Text past the encoder's limit is cut with a
         warning, or refused if not ``truncate``. Raises ValueError/TypeError naming a bad argument
         before any model work, FloatingPointError if the latent turns NaN/inf (naming the step).
@@ -430,7 +490,7 @@ class EditSession:
         return _drop_turns(self.history, start)
 
     def edit(self, instruction: str, images: Image.Image | list[Image.Image] | None = None,
-             masks: Image.Image | Tensor | list | None = None, *, steps: int = 20, guidance: float = 4.5,
+             masks: Image.Image | Tensor | list | None = None, *, steps: int = 20, guidance: float | None = None,
              rescale: float = 0.5, seed: int = 0, negative: str = "", size: tuple[int, int] | None = None,
              truncate: bool = True) -> Image.Image:
         """One turn; ``images`` defaults to the previous output. Returns the new image.

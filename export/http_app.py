@@ -28,6 +28,9 @@ from .runtime import EditServer, ServerClosed, ServerOverloaded
 
 MAX_STEPS = 200  # one HTTP request may not hold the server for longer than this many steps
 MAX_PART_BYTES = 64 << 20  # one uploaded image (Starlette's default, 1 MB, refuses ordinary photos)
+MAX_FILES = 16
+FIELDS = {"images", "masks", "instruction", "steps", "guidance", "rescale", "seed", "negative", "size", "response",
+          "truncate"}
 
 
 class FieldError(ValueError):
@@ -60,10 +63,21 @@ def _size(raw: Any) -> tuple[int, int] | None:
     if raw in (None, ""):
         return None
     try:
-        return parse_size(raw) if isinstance(raw, str) else parse_size("x".join(str(int(v)) for v in raw))
+        if not isinstance(raw, str) and not all(isinstance(v, int) and not isinstance(v, bool) for v in raw):
+            raise ValueError
+        return parse_size(raw) if isinstance(raw, str) else parse_size("x".join(str(v) for v in raw))
     except (TypeError, ValueError):
         raise FieldError("size", f"{raw!r} is not WIDTHxHEIGHT in positive pixels (e.g. 512x384) or "
                                  f"[width, height]") from None
+
+
+def _bool(form: dict, name: str, default: bool) -> bool:
+    raw = form.get(name, default)
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and raw.lower() in ("true", "1", "yes", "false", "0", "no"):
+        return raw.lower() in ("true", "1", "yes")
+    raise FieldError(name, f"{raw!r} is not a boolean (true or false)")
 
 
 def _images(blobs: list[bytes], field: str) -> list:
@@ -92,6 +106,7 @@ def create_app(server: EditServer, retry_after_s: int = 1, timeout_s: float = 60
     prom = require("prometheus_client", "serve", "omniace serve's /metrics")
     from fastapi import Request
     from fastapi.responses import JSONResponse, Response
+    from starlette.exceptions import HTTPException  # what Starlette's form parser raises
 
     registry = prom.CollectorRegistry()
     requests_total = prom.Counter("omniace_requests_total", "HTTP edit requests by outcome", ["status"],
@@ -127,29 +142,51 @@ def create_app(server: EditServer, retry_after_s: int = 1, timeout_s: float = 60
                 raise FieldError("body", "expected a JSON object")
             return form, _b64(form.get("images"), "images"), _b64(form.get("masks"), "masks")
         if kind.startswith("multipart/form-data") or kind.startswith("application/x-www-form-urlencoded"):
-            data = await request.form(max_files=32, max_fields=64, max_part_size=MAX_PART_BYTES)
+            try:
+                data = await request.form(max_files=MAX_FILES, max_fields=64, max_part_size=MAX_PART_BYTES)
+            except HTTPException as err:  # too many files or fields, a part over the limit, a broken body
+                raise FieldError("body", str(err.detail)) from None
             form = {k: v for k, v in data.items() if isinstance(v, str)}
-            images = [await f.read() for f in data.getlist("images") if not isinstance(f, str)]
-            masks = [await f.read() for f in data.getlist("masks") if not isinstance(f, str)]
-            return form, images, masks
+            files: dict[str, list[bytes]] = {"images": [], "masks": []}
+            for name in files:
+                for i, part in enumerate(data.getlist(name)):
+                    if isinstance(part, str):
+                        raise FieldError(f"{name}[{i}]", "expected a file upload (curl -F name=@file), got text")
+                    files[name].append(await part.read())
+            return form, files["images"], files["masks"]
         raise FieldError("content-type", f"{kind or 'none'}; expected multipart/form-data or application/json")
+
+    def submit(form: dict, image_blobs: list[bytes], mask_blobs: list[bytes]):
+        """Field checks, image decoding and ``server.submit`` (text and codec encoding): off the event loop."""
+        unknown = sorted(set(form) - FIELDS)
+        if unknown:
+            raise FieldError(unknown[0], f"unknown field; expected some of {sorted(FIELDS)}")
+        instruction = form.get("instruction")
+        if not isinstance(instruction, str):
+            raise FieldError("instruction", "a string is required")
+        response = form.get("response", "png")
+        if response not in ("png", "json"):
+            raise FieldError("response", f"{response!r}; expected 'png' or 'json'")
+        negative = form.get("negative", "")
+        if not isinstance(negative, str):
+            raise FieldError("negative", "a string is required")
+        guidance = None if form.get("guidance") in (None, "") else _float(form, "guidance", 0.0)
+        kw = dict(steps=_int(form, "steps", 20, 1, MAX_STEPS), guidance=guidance,
+                  rescale=_float(form, "rescale", 0.5), seed=_int(form, "seed", 0, 0, 2**63 - 1),
+                  negative=negative, size=_size(form.get("size")), truncate=_bool(form, "truncate", True))
+        images, masks = _images(image_blobs, "images"), _images(mask_blobs, "masks")
+        return response, server.submit(images or None, instruction, masks=masks or None, **kw)
+
+    async def until_disconnected(request: Request) -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.25)
 
     @app.post("/v1/edit")
     async def edit(request: Request):
         t0 = time.perf_counter()
         try:
             form, image_blobs, mask_blobs = await parse(request)
-            instruction = form.get("instruction")
-            if not isinstance(instruction, str):
-                raise FieldError("instruction", "a string is required")
-            response = form.get("response", "png")
-            if response not in ("png", "json"):
-                raise FieldError("response", f"{response!r}; expected 'png' or 'json'")
-            kw = dict(steps=_int(form, "steps", 20, 1, MAX_STEPS), guidance=_float(form, "guidance", 4.5),
-                      rescale=_float(form, "rescale", 0.5), seed=_int(form, "seed", 0, 0, 2**63 - 1),
-                      negative=str(form.get("negative", "")), size=_size(form.get("size")))
-            images, masks = _images(image_blobs, "images"), _images(mask_blobs, "masks")
-            future = server.submit(images or None, instruction, masks=masks or None, **kw)
+            response, future = await asyncio.to_thread(submit, form, image_blobs, mask_blobs)
         except FieldError as err:
             return error(422, str(err), err.field)
         except ServerOverloaded as err:
@@ -158,11 +195,21 @@ def create_app(server: EditServer, retry_after_s: int = 1, timeout_s: float = 60
             return error(503, str(err), headers={"Retry-After": str(retry_after_s)})
         except (ValueError, TypeError) as err:
             return error(422, str(err))
+        result = asyncio.ensure_future(asyncio.wrap_future(future))
+        gone = asyncio.ensure_future(until_disconnected(request))
         try:
-            out = (await asyncio.wait_for(asyncio.wrap_future(future), timeout_s))[0]
-        except asyncio.TimeoutError:
+            done, _ = await asyncio.wait({result, gone}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if result not in done:  # the client left (its request is dropped at the next step) or the time is up
             future.cancel()
+            result.cancel()
+            if gone in done:
+                requests_total.labels("disconnected").inc()
+                return Response(status_code=499)
             return error(504, f"the edit did not finish within {timeout_s:.0f} s")
+        try:
+            out = result.result()[0]
         except ServerClosed as err:
             return error(503, str(err), headers={"Retry-After": str(retry_after_s)})
         except (ValueError, TypeError, FloatingPointError) as err:  # the pipeline's verdict on this request

@@ -130,11 +130,12 @@ class EditServer:
 
     # --- submitting ----------------------------------------------------------------------------------
     def submit(self, images: Image.Image | list[Image.Image] | None, instruction: str,
-               masks: Image.Image | list | None = None, steps: int = 20, guidance: float = 4.5,
+               masks: Image.Image | list | None = None, steps: int = 20, guidance: float | None = None,
                rescale: float = 0.5, seed: int = 0, negative: str = "",
                size: tuple[int, int] | None = None, truncate: bool = True) -> Future:
         """Queue one request; the Future resolves to what ``EditPipeline.edit`` returns (``[PIL image]``).
 
+        ``guidance=None`` takes the pipeline's ``default_guidance``.
         Bad input (sizes, ``{image3}`` with one image, NaN guidance ...) fails only this Future, with the
         pipeline's error. Raises :class:`ServerOverloaded` at once when ``max_queue`` requests are waiting,
         and :class:`ServerClosed` after :meth:`close`. ``future.cancel()`` drops the request at the next step.
@@ -167,11 +168,9 @@ class EditServer:
             self._reserved += 1
         future: Future = Future()
         try:
-            job = self.pipe.prepare(history, current(), size, steps, guidance, rescale, seed, negative, truncate)
-            if job.image_tokens > self.token_budget:
-                raise ValueError(f"this request needs {job.image_tokens} image tokens per step ({job.branches} "
-                                 f"CFG branch(es) of every frame), more than the server's token budget of "
-                                 f"{self.token_budget}; use fewer or smaller images, or a larger token_budget")
+            # the token budget is checked from the image sizes, before any encoding
+            job = self.pipe.prepare(history, current(), size, steps, guidance, rescale, seed, negative, truncate,
+                                    budget=(self.token_budget, "the server's token budget"))
         except Exception as err:  # noqa: BLE001 - bad input fails only this request's Future
             with self._cond:
                 self._reserved -= 1

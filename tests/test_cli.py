@@ -107,7 +107,10 @@ def test_edit_refusals_name_the_value(src, capsys, no_model):
     code, _, err = run(["edit", "--instruction", "x"], capsys)
     assert_user_error(code, err, "text-to-image (no --image) needs --size WIDTHxHEIGHT")
     code, _, err = run(["edit", "--image", str(src), "--instruction", "x", "--weights", "w.safetensors"], capsys)
-    assert_user_error(code, err, "--weights 'w.safetensors' needs --text-encoder and --vae folders")
+    assert_user_error(code, err, "--weights 'w.safetensors' is not a file")
+    code, _, err = run(["edit", "--image", str(src), "--instruction", "x", "--weights", str(src),
+                        "--text-encoder", str(src.parent)], capsys)
+    assert_user_error(code, err, "--text-encoder and --vae go together")
     (src.parent / "bad.png").write_bytes(b"not a png")
     code, _, err = run(["edit", "--image", str(src.parent / "bad.png"), "--instruction", "x"], capsys)
     assert_user_error(code, err, f"--image {src.parent / 'bad.png'}: cannot decode")
@@ -197,3 +200,45 @@ def test_the_console_script_prints_no_traceback(tmp_path):
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr == f"omniace: error: --out '{tmp_path / 'result'}' has no image extension ''; expected a " \
                           f"file name ending in one PIL can write, such as .png, .jpg, .webp, .bmp, .tiff\n"
+
+
+# from a fresh user's run ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, message", [
+    (["edit", "--instruction", "x", "--steps", "0"], "argument --steps: steps must be an integer >= 1, got 0"),
+    (["edit", "--instruction", "x", "--guidance", "-inf"], "guidance must be a finite number, got -inf"),
+    (["edit", "--instruction", "x", "--size", "-64x64"], "size '-64x64' is not WIDTHxHEIGHT"),
+    (["serve", "--port", "99999"], "port must be an integer in [1, 65535], got 99999"),
+])
+def test_argument_errors_are_exactly_one_line(args, message, capsys):
+    code, _, err = run(args, capsys)
+    assert code == 2 and err.strip().count("\n") == 0 and message in err, err
+
+
+def test_huge_sizes_are_one_line_errors_before_any_work(capsys, src, tmp_path):
+    code, _, err = run(["edit", "--instruction", "x", "--steps", "1", "--size", "99999992x99999992",
+                        "--out", str(tmp_path / "o.png")], capsys)
+    assert_user_error(code, err, "over the pipeline's max_tokens of 16384")
+    big = tmp_path / "big.png"
+    Image.new("RGB", (4000, 4000)).save(big)
+    code, _, err = run(["edit", "--image", str(big), "--instruction", "{image} x", "--steps", "1",
+                        "--out", str(tmp_path / "o.png")], capsys)
+    assert_user_error(code, err, "needs 500000 image tokens per sample")
+
+
+def test_a_failed_edit_leaves_no_folder_behind(capsys, src, tmp_path):
+    out = tmp_path / "new" / "deeper" / "o.png"
+    code, _, err = run(["edit", "--image", str(src), "--instruction", "{image3} x", "--out", str(out)], capsys)
+    assert_user_error(code, err, "{image3}")
+    assert not (tmp_path / "new").exists()
+
+
+def test_edit_with_a_trainer_export(capsys, src, tmp_path):
+    from omniace.engine.pipeline import DEFAULT_WEIGHTS
+
+    out = tmp_path / "o.png"
+    code, stdout, err = run(["edit", "--image", str(src), "--instruction", "{image} make it blue", "--steps", "2",
+                             "--weights", str(DEFAULT_WEIGHTS), "--out", str(out)], capsys)
+    assert code == 0, err
+    ref = EditPipeline.pretrained().edit(demo_scene(32, 32), "{image} make it blue", steps=2)[0]
+    assert Image.open(out).tobytes() == ref.tobytes()  # the same default guidance (1.5) as the Python API

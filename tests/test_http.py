@@ -94,6 +94,10 @@ def test_json_with_base64_images_and_text_to_image(live):
     ({"steps": 2}, "instruction", "a string is required"),
     ({"instruction": "{image} x", "images": ["%%%"]}, "images[0]", "not valid base64"),
     ({"instruction": "{image} x", "response": "gif", "size": "64x64"}, "response", "'gif'"),
+    ({"instruction": "x", "size": "64x64", "bogus": 1}, "bogus", "unknown field"),
+    ({"instruction": "x", "size": [64.7, 64]}, "size", "[width, height]"),
+    ({"instruction": "x", "size": "64x64", "negative": {"a": 1}}, "negative", "a string is required"),
+    ({"instruction": "x", "size": "64x64", "truncate": "maybe"}, "truncate", "not a boolean"),
 ])
 def test_bad_fields_get_422_naming_the_field(live, body, field, text):
     r = httpx.post(f"{live[0]}/v1/edit", json=body, timeout=30)
@@ -177,3 +181,40 @@ def test_serve_arguments_are_one_line_errors(capsys):
     with pytest.raises(SystemExit) as err:
         main(["serve", "--port", "http"])
     assert err.value.code == 2 and "port must be an integer >= 1, got 'http'" in capsys.readouterr().err
+
+
+def test_multipart_mistakes_are_422_naming_the_field(live):
+    url = live[0]
+    r = httpx.post(f"{url}/v1/edit", data={"instruction": "{image} x", "images": "abc"}, files={"x": ("a", b"")},
+                   timeout=30)
+    assert r.status_code == 422 and r.json()["field"] == "images[0]" and "file upload" in r.json()["error"]
+    many = [("images", (f"{i}.png", _png(demo_scene(64, 64)), "image/png")) for i in range(20)]
+    r = httpx.post(f"{url}/v1/edit", data={"instruction": "{image} x"}, files=many, timeout=30)
+    assert r.status_code == 422 and r.json()["field"] == "body" and "files" in r.json()["error"].lower()
+
+
+def test_an_oversized_request_is_refused_at_once_and_the_loop_stays_responsive(live):
+    url = live[0]
+    t0 = time.perf_counter()
+    r = httpx.post(f"{url}/v1/edit", json={"instruction": "x", "steps": 2, "size": "16000x16000"}, timeout=30)
+    assert r.status_code == 422 and "over the pipeline's max_tokens" in r.json()["error"]
+    assert time.perf_counter() - t0 < 5
+
+
+def test_truncate_false_refuses_a_long_instruction(live):
+    body = {"instruction": "x" * 200, "size": "64x64", "steps": 1, "truncate": False}
+    r = httpx.post(f"{live[0]}/v1/edit", json=body, timeout=30)
+    assert r.status_code == 422 and "instruction" in r.json()["error"]
+
+
+def test_a_client_that_disconnects_cancels_its_request(live):
+    url, _, server = live
+    files = {"images": ("in.png", _png(demo_scene(64, 64)), "image/png")}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{url}/v1/edit", files=files, data={"instruction": "{image} x", "steps": "200"}, timeout=1.0)
+    deadline = time.time() + 20
+    while time.time() < deadline and server.stats()["server"]["active"]:
+        time.sleep(0.1)
+    st = server.stats()
+    assert st["server"]["active"] == 0
+    assert st["requests"][-1]["status"] == "cancelled" and st["requests"][-1]["steps"] < 200

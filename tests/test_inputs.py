@@ -1,7 +1,10 @@
 """User-facing inputs of the engine: sampler arguments, text truncation, masks, sessions, weights files."""
 import math
 import os
+import re
 import warnings
+
+import numpy as np
 
 import pytest
 import torch
@@ -9,7 +12,7 @@ from PIL import Image
 
 from omniace.engine.lcu import MAX_INDICATORS
 from omniace.engine.model import build_model, load_model, save_model
-from omniace.engine.pipeline import EditPipeline, EditSession, mask_to_latent
+from omniace.engine.pipeline import EditPipeline, EditSession, Turn, mask_to_latent, turn_inputs
 from omniace.engine.sampler import DDIMSampler, FlowEulerSampler, guide, make_sampler
 from omniace.engine.text import TinyTextEncoder, TruncationWarning
 from omniace.engine.weights import convert, load_state_dict_file, save_safetensors
@@ -306,3 +309,76 @@ def test_load_model_refuses_a_truncated_export(tmp_path):
     path = _damaged(tmp_path / "m.safetensors", "truncated")
     with pytest.raises(ValueError, match="m.safetensors: not a readable checkpoint"):
         load_model(path)
+
+
+# from a fresh user's run: sizes, the one decoder in the Python API, types -----------------------------------
+
+def test_an_oversized_request_is_refused_before_any_allocation(no_model_work):
+    """A 4000x4000 image (250k tokens per frame) or a 16000x16000 size: refused from the sizes alone."""
+    big = Image.new("RGB", (4000, 4000))
+    with pytest.raises(ValueError, match=r"needs 500000 image tokens per sample .* over the pipeline's "
+                                         r"max_tokens of 16384"):
+        no_model_work.edit(big, "{image} x", steps=1)
+    with pytest.raises(ValueError, match=r"needs 4000000 image tokens per sample \(target and condition images "
+                                         r"16000x16000\)"):
+        no_model_work.edit(None, "x", size=(16000, 16000), steps=1)
+    with pytest.raises(ValueError, match=r"needs 256 image tokens per step \(2 CFG branch\(es\) of 64x64, 64x64\), "
+                                         r"more than the budget of 200"):
+        no_model_work.prepare([], Turn("{image} x", *turn_inputs(demo_scene(64, 64), None)), None, 2, 3.0, 0.5, 0,
+                              "", budget=(200, "the budget"))
+
+
+def test_pil_images_in_the_python_api_go_through_the_one_decoder(pipe, tmp_path):
+    """EXIF orientation, 16-bit grey and refused modes: the same in ``EditPipeline.edit`` as on the CLI."""
+    from omniace.engine.imageio import decode_image
+
+    img = Image.new("RGB", (64, 32), (200, 30, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 clockwise on display
+    img.save(tmp_path / "r.jpg", exif=exif.tobytes())
+    out = pipe.edit(Image.open(tmp_path / "r.jpg"), "{image} x", steps=1, seed=1)[0]
+    assert out.size == (32, 64)
+    assert out.tobytes() == pipe.edit(decode_image(tmp_path / "r.jpg"), "{image} x", steps=1, seed=1)[0].tobytes()
+    assert pipe.edit(tmp_path / "r.jpg", "{image} x", steps=1, seed=1)[0].tobytes() == out.tobytes()  # a path too
+    grey16 = Image.fromarray(np.full((32, 32), 100 * 257, dtype=np.uint16))
+    a = pipe.edit(grey16, "{image} x", steps=1)[0]
+    b = pipe.edit(Image.new("RGB", (32, 32), (100, 100, 100)), "{image} x", steps=1)[0]
+    assert a.tobytes() == b.tobytes()  # scaled to 100, not clipped to white
+    with pytest.raises(ValueError, match="image 0: image mode 'LAB' is not supported"):
+        pipe.edit(Image.new("LAB", (32, 32)), "{image} x", steps=1)
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda p: p.edit(5, "{image} x"), TypeError, "images must be a PIL image, a path, bytes or a list of them, got int"),
+    (lambda p: p.edit([demo_scene(64, 64), 3.0], "{image} x"), TypeError, "image 1 must be a PIL image, a path or bytes"),
+    (lambda p: p.edit(demo_scene(64, 64), "{image} x", masks=[7]), TypeError, "mask 0 must be a PIL image"),
+    (lambda p: p.edit(demo_scene(64, 64), "{image} x", masks=["missing.png"]), ValueError, "mask 0: cannot decode"),
+])
+def test_wrong_types_are_named(no_model_work, call, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        call(no_model_work)
+
+
+def test_numpy_integers_and_the_default_guidance(pipe):
+    out = pipe.edit(demo_scene(64, 64), "{image} x", steps=np.int64(1), seed=np.int64(3))[0]
+    assert out.tobytes() == pipe.edit(demo_scene(64, 64), "{image} x", steps=1, seed=3)[0].tobytes()
+    assert pipe.default_guidance == 4.5 and EditPipeline.pretrained().default_guidance == 1.5
+    same = pipe.edit(demo_scene(64, 64), "{image} x", steps=1, seed=3, guidance=4.5)[0]
+    assert out.tobytes() == same.tobytes()  # guidance=None is the pipeline's default
+
+
+def test_an_unusable_device_or_config_is_named(tmp_path):
+    with pytest.raises(ValueError, match="device 'xyz' is not usable here"):
+        EditPipeline.pretrained(device="xyz")
+    from omniace.engine.config import get_config
+    from omniace.engine.model import save_weights
+
+    cfg = get_config("ace-tiny")
+    model = EditPipeline.tiny().model
+    save_weights(model.state_dict(), cfg, tmp_path / "m.safetensors", metadata={})
+    raw = (tmp_path / "m.safetensors").read_bytes()
+    bad = raw.replace(b'\\"num_heads\\": 4', b'\\"num_heads\\": 0')
+    assert bad != raw
+    (tmp_path / "bad.safetensors").write_bytes(bad)
+    with pytest.raises(ValueError, match=r"bad.safetensors: its omniace_config metadata does not describe a model"):
+        load_model(tmp_path / "bad.safetensors")

@@ -82,7 +82,7 @@ def test_session_keeps_history_and_renames_indicators(pipe):
     assert s.rename("{image} now red", 1) == "{image1} now red"
     second = s.edit("{image} now red", steps=2)  # defaults to the previous output
     assert first.size == second.size and len(s.history) == 2
-    assert s.history[1].instruction == "{image1} now red" and s.history[1].images[0] is first
+    assert s.history[1].instruction == "{image1} now red" and s.history[1].images[0].tobytes() == first.tobytes()
     with pytest.raises(ValueError, match=r"turn 2: instruction names \{image1\} but the turn has 1"):
         s.edit("{image1} again", steps=1)
 
