@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import warnings
 import time
 from pathlib import Path
 from typing import Callable
@@ -142,10 +143,13 @@ def cmd_edit(args: argparse.Namespace) -> None:
     # guidance None: the pipeline's default (1.5 for the embedded default, validated; ACE's 4.5 otherwise)
     result = pipe.edit(images or None, args.instruction, masks=masks, steps=args.steps, guidance=args.guidance,
                        seed=args.seed, size=args.size, truncate=args.truncate)[0]
-    if missing is not None:
-        missing.mkdir(parents=True, exist_ok=True)
-        print(f"created folder {missing}")
-    result.save(out)
+    try:
+        if missing is not None:
+            missing.mkdir(parents=True, exist_ok=True)
+            print(f"created folder {missing}")
+        result.save(out)
+    except OSError as err:
+        raise OSError(f"--out {str(out)!r}: cannot write it ({err.strerror or err})") from None
     print(f"wrote {out}")
 
 
@@ -157,6 +161,9 @@ def cmd_info(args: argparse.Namespace) -> None:
     w, h = args.resolution
     if isinstance(cfg, ACEConfig) and args.images > MAX_INDICATORS - 1:
         raise ValueError(f"--images {args.images}: an ACE request takes at most {MAX_INDICATORS - 1} condition images")
+    if w % f or h % f:
+        raise ValueError(f"--resolution {w}x{h} is not a multiple of {f} pixels (patch x codec factor of "
+                         f"{args.preset})")
     n_img = (h // f) * (w // f)
     if isinstance(cfg, ACEConfig):
         frames = [[n_img] * (1 + args.images)]
@@ -281,6 +288,8 @@ def main(argv: list[str] | None = None) -> None:
 
         raise SystemExit(bench_main(argv[1:]))
     args = build_parser().parse_args(argv)
+    if not args.debug:  # a warning (a cut instruction) is one line too
+        warnings.formatwarning = lambda message, category, *a, **k: f"omniace: warning: {message}\n"
     try:
         args.fn(args)
     except USER_ERRORS as err:

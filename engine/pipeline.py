@@ -80,7 +80,8 @@ def check_output_path(path: str | os.PathLike, inputs: Sequence[str | os.PathLik
     """
     p = Path(path)
     if p.is_dir():
-        raise ValueError(f"{what} {str(p)!r} is a folder; expected a file path such as {str(p / 'edited.png')!r}")
+        example = p / ("edited" + (suffixes[0] if suffixes else ".png"))
+        raise ValueError(f"{what} {str(p)!r} is a folder; expected a file path such as {str(example)!r}")
     suffix = p.suffix.lower()
     if suffixes is not None:
         if suffix not in suffixes:
