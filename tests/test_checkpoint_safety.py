@@ -210,3 +210,29 @@ def test_a_shard_whose_schema_carries_a_pickled_extension_type_is_read_as_data(t
     (key, got), = [kv for kv, _ in zip(RecordStream([str(tmp_path)], seed=0), range(1))]
     assert got["src_img"]["bytes"] == b"x"
     assert not marker.exists()
+
+
+def _build_on_class() -> bytes:
+    """GLOBAL pathlib.PosixPath, then BUILD (None, {'_str': '/HIJACKED'}): sets a class attribute for the process."""
+    return b"\x80\x04cpathlib\nPosixPath\nN}" + _str("_str") + _str("/HIJACKED") + b"s\x86b."
+
+
+def test_a_crafted_index_cannot_rewrite_an_allowed_class(real_checkpoint, tmp_path):
+    import pathlib
+
+    script = ("import pickle, pathlib, sys; pickle.loads(sys.stdin.buffer.read()); "
+              "print(str(pathlib.PosixPath('/a/b')))")
+    control = subprocess.run([sys.executable, "-c", script], input=_build_on_class(), capture_output=True)
+    assert control.stdout.decode().strip() == "/HIJACKED"  # stock pickle rewrites the class: the check can fail
+    ckpt = _crafted(tmp_path, real_checkpoint[0], _build_on_class())
+    with pytest.raises(ValueError, match=r"its .metadata pickle sets attributes of <class 'pathlib.PosixPath'>"):
+        read_dcp_metadata(ckpt)
+    assert str(pathlib.PosixPath("/a/b")) == "/a/b" and "_str" not in vars(pathlib.PosixPath)
+
+
+def test_the_export_command_refuses_in_one_line(real_checkpoint, tmp_path):
+    ckpt = _crafted(tmp_path, real_checkpoint[0], b"\x80\x04" + _str("x") + b"Q.")  # BINPERSID
+    proc = subprocess.run([sys.executable, "-m", "omniace.train.checkpoint", str(ckpt), str(tmp_path / "o.safetensors")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "its .metadata pickle uses a persistent id, which a DCP index never holds" in proc.stderr

@@ -526,3 +526,41 @@ def test_a_resume_with_other_data_and_preset_is_refused_unless_allowed(corpus, t
     ok = run_trainer(["--data", str(other), "--allow-config-change", "data"] + common)
     assert "the new data starts at its beginning" in ok.stdout and "allowed changes: data" in ok.stdout
     assert [r["step"] for r in jsonl(out / "metrics.jsonl")] == [1, 2, 3, 4] and (out / "model.safetensors").exists()
+
+
+# from a fresh user's run ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "nan"], "lr must be a finite number > 0, got nan"),
+    (["--ema-decay", "1.5"], "ema_decay must be a finite number in [0, 1], got 1.5"),
+    (["--grad-clip", "0"], "grad_clip must be a finite number > 0, got 0.0"),
+    (["--token-budget", "0"], "token_budget (0) and keep (2) must be >= 1"),
+    (["--stop-at", "0"], "stop_at must be >= 1, got 0"),
+    (["--decoder", "bogus"], "decoder 'bogus'; expected auto, dali or pil"),
+    (["--preset", "ace-0.6b-512"], "is a latent-space model"),
+    (["--mode", "editnet"], "--mode editnet needs a preset with an EditNet branch"),
+])
+def test_bad_flags_stop_before_anything_is_written(flags, message, tmp_path):
+    out = tmp_path / "run"
+    proc = run_trainer(["--data", str(tmp_path), "--out", str(out)] + flags, check=False)
+    assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    assert not out.exists()
+
+
+def test_a_pass_without_a_usable_record_stops_naming_what_was_skipped(corpus, tmp_path):
+    out = tmp_path / "none"
+    proc = run_trainer(["--data", str(corpus), "--out", str(out), "--steps", "3", "--decoder", "pil",
+                        "--importance-threshold", "11"], check=False)  # every pair has lambda = 0
+    assert proc.returncode == 1 and "a whole pass over the data" in proc.stderr and "zero_weight" in proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_a_fresh_start_drops_the_logs_of_a_run_killed_before_its_first_checkpoint(corpus, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text(json.dumps({"step": 5, "loss": 1.0}) + "\n")  # a killed run's record
+    (out / "skipped.jsonl").write_text(json.dumps({"step": 5, "id": "x"}) + "\n")
+    run_trainer(["--data", str(corpus), "--out", str(out), "--steps", "2", "--log-every", "1", "--decoder", "pil",
+                 "--token-budget", "300"])
+    assert [r["step"] for r in jsonl(out / "metrics.jsonl")] == [1, 2]
+    assert all(r["id"] != "x" for r in jsonl(out / "skipped.jsonl"))

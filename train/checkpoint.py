@@ -14,11 +14,13 @@ index with an allow-list of the exact DCP classes and the entries with ``weights
 from __future__ import annotations
 
 import json
+import enum
 import os
 import pathlib
 import pickle
 import re
 import shutil
+import types
 from pathlib import Path
 
 import torch
@@ -46,25 +48,48 @@ def _dcp_classes() -> dict[tuple[str, str], object]:
     return allowed
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickles only the exact classes in ``allowed``; every other global is refused before it is resolved.
+class RefusedPickle(pickle.UnpicklingError):
+    """A pickle asked for something a DCP index never holds."""
+
+
+class RestrictedUnpickler(pickle._Unpickler):
+    """Unpickles only the exact classes in ``allowed`` and builds only the objects it creates.
 
     ``find_class`` is the single door through which a pickle reaches code (GLOBAL, STACK_GLOBAL, INST, OBJ
-    and the EXT opcodes all pass through it; PERSID has no handler). Looking the (module, name) pair up in a
-    dict, instead of importing the module and resolving the name, means a dotted name (``os.system`` inside
-    an allowed module, which protocol 4 would resolve attribute by attribute) or any other attribute of an
-    allowed module is never resolved at all.
+    and the EXT opcodes all pass through it). Looking the (module, name) pair up in a dict, instead of
+    importing the module and resolving the name, means a dotted name (``os.system`` inside an allowed module,
+    which protocol 4 would resolve attribute by attribute) or any other attribute of an allowed module is
+    never resolved at all. BUILD, which sets attributes on whatever object is below it on the stack, is
+    refused on the allowed globals themselves and on shared singletons (classes, functions, enum members,
+    dtypes): a crafted index could otherwise rewrite ``pathlib.PosixPath`` or a DCP class for the whole
+    process. The pure-Python unpickler is used because BUILD cannot be intercepted in the C one; an index
+    is small (kilobytes per thousand tensors).
     """
+
+    dispatch = dict(pickle._Unpickler.dispatch)
 
     def __init__(self, file, allowed: dict[tuple[str, str], object]):
         super().__init__(file)
         self.allowed = allowed
+        self._shared = {id(v) for v in allowed.values()}
 
     def find_class(self, module: str, name: str):
         try:
             return self.allowed[(module, name)]
         except (KeyError, TypeError):  # TypeError: an unhashable key pushed by a crafted stream
-            raise pickle.UnpicklingError(f"{module}.{name}") from None
+            raise RefusedPickle(f"references {module}.{name}, which a DCP index never holds") from None
+
+    def persistent_load(self, pid):
+        raise RefusedPickle("uses a persistent id, which a DCP index never holds")
+
+    def load_build(self):
+        target = self.stack[-2]
+        if id(target) in self._shared or isinstance(target, (type, types.FunctionType, types.BuiltinFunctionType,
+                                                             enum.Enum, torch.dtype, torch.layout)):
+            raise RefusedPickle(f"sets attributes of {target!r}, which a DCP index never does")
+        pickle._Unpickler.load_build(self)
+
+    dispatch[pickle.BUILD[0]] = load_build
 
 
 def read_dcp_metadata(path: Path):
@@ -83,9 +108,9 @@ def read_dcp_metadata(path: Path):
     try:
         with open(meta, "rb") as f:
             md = RestrictedUnpickler(f, _dcp_classes()).load()
-    except pickle.UnpicklingError as err:
-        raise ValueError(f"{path}: refusing to load this checkpoint: its .metadata pickle references {err}, "
-                         f"which a DCP index never holds (loading it could execute code)") from None
+    except RefusedPickle as err:
+        raise ValueError(f"{path}: refusing to load this checkpoint: its .metadata pickle {err} (loading it "
+                         f"could execute code)") from None
     except Exception as err:  # noqa: BLE001 - a restricted load that fails any other way is a refusal too
         raise ValueError(f"{path}: refusing to load this checkpoint: its .metadata is not a readable DCP index "
                          f"({type(err).__name__}: {err})") from None
@@ -284,5 +309,16 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote {export_checkpoint(path, a.out, a.weights, a.dtype)} from {path}")
 
 
+def cli() -> None:
+    """``python -m omniace.train.checkpoint``: a refused or missing checkpoint is one line, exit 2."""
+    import sys
+
+    try:
+        main()
+    except (ValueError, OSError) as err:
+        print(f"python -m omniace.train.checkpoint: error: {' '.join(str(err).split())}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -317,6 +317,7 @@ class EditLoader:
         self.codec = PixelCodec(cfg.codec_factor)
         self.buckets: dict[str, list[tuple[tuple[int, int, int], dict]]] = {}
         self.batches_yielded = 0
+        self.since_batch = 0  # records drawn since the last batch
 
     def _report(self, kind: str, record_id: str, reason: str) -> None:
         """Count a skipped record; ``on_skip`` (the trainer's skipped.jsonl) gets every one of them."""
@@ -431,34 +432,60 @@ class EditLoader:
         return TrainBatch(packed, torch.tensor(weights, dtype=torch.float32), tasks, ids)
 
     def __iter__(self) -> Iterator[TrainBatch]:
+        # this rank's records in one pass over the data: a pass that yields nothing must not loop forever
+        pass_len = max(1, -(-sum(n for _, _, n in self.stream.groups) // self.stream.world))
         for key, row in self.stream:
             row["_draw"] = self.stream.global_index  # this draw's index: seeds the per-epoch prompt dropout
             self.stats["records"] += 1
-            admitted = self._admit(key, row)
-            if admitted is None:
-                continue
-            row, weight = admitted
-            if self.cfg.drop_zero_weight and weight == 0:
-                self.stats["zero_weight"] += 1
-                continue
-            bucket = self.buckets.setdefault(aspect_key(row["width"], row["height"]), [])
-            if bucket and sum(self.tokens(r) for _, r in bucket) + self.tokens(row) > self.cfg.token_budget:
-                ready = list(bucket)
-                bucket[:] = [(key, row)]
-                batch = self._decode_and_pack(ready)
-                if batch is not None:
-                    self.batches_yielded += 1
-                    yield batch
-            else:
-                bucket.append((key, row))
+            self.since_batch += 1
+            batch = self._take(key, row)
+            if batch is None and self.since_batch >= pass_len:
+                batch = self._flush_fullest(pass_len)
+            if batch is not None:
+                self.batches_yielded += 1
+                self.since_batch = 0
+                yield batch
+
+    def _take(self, key, row: dict) -> TrainBatch | None:
+        """Admit one record into its aspect bucket; the bucket's batch when the record does not fit it."""
+        admitted = self._admit(key, row)
+        if admitted is None:
+            return None
+        row, weight = admitted
+        if self.cfg.drop_zero_weight and weight == 0:
+            self.stats["zero_weight"] += 1
+            return None
+        bucket = self.buckets.setdefault(aspect_key(row["width"], row["height"]), [])
+        if bucket and sum(self.tokens(r) for _, r in bucket) + self.tokens(row) > self.cfg.token_budget:
+            ready = list(bucket)
+            bucket[:] = [(key, row)]
+            return self._decode_and_pack(ready)
+        bucket.append((key, row))
+        return None
+
+    def _flush_fullest(self, pass_len: int) -> TrainBatch | None:
+        """A whole pass without a batch: pack the fullest bucket as it is (a small corpus whose buckets never
+        overflow), or fail naming what was skipped when no record was usable at all."""
+        full = [b for b in self.buckets.values() if b]
+        if not full:
+            counts = {k: v for k, v in self.stats.items() if v}
+            raise ValueError(f"a whole pass over the data ({pass_len} records on rank {self.stream.rank}) gave no "
+                             f"usable record: {counts} (each skipped record and its reason: skipped.jsonl); check "
+                             f"--token-budget, --importance-column/--importance-threshold and the data")
+        bucket = max(full, key=len)
+        ready = list(bucket)
+        bucket.clear()
+        return self._decode_and_pack(ready)
 
     def state_dict(self) -> dict:
         return {"stream": self.stream.state_dict(), "batches": self.batches_yielded, "stats": dict(self.stats),
+                "since_batch": self.since_batch,
                 "buckets": {k: [[*key, row["_draw"]] for key, row in v] for k, v in self.buckets.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.stream.load_state_dict(state["stream"])
         self.batches_yielded = state["batches"]
+        self.since_batch = state.get("since_batch", 0)  # absent in checkpoints written before it existed
         self.stats.update(state["stats"])
         self.buckets = {k: [self._restore(entry) for entry in entries] for k, entries in state["buckets"].items()}
 

@@ -104,6 +104,34 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup < 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"warmup {self.warmup} must be >= 0 and min_lr_ratio {self.min_lr_ratio} in [0, 1]")
+        # a non-finite or out-of-range hyper-parameter would train NaN weights (or nothing) without a word
+        for name, ok, what in (("lr", lambda v: v > 0, " > 0"), ("grad_clip", lambda v: v > 0, " > 0"),
+                               ("weight_decay", lambda v: v >= 0, " >= 0"),
+                               ("beta1", lambda v: 0 <= v < 1, " in [0, 1)"),
+                               ("beta2", lambda v: 0 <= v < 1, " in [0, 1)"),
+                               ("ema_decay", lambda v: 0 <= v <= 1, " in [0, 1]"),
+                               ("importance_threshold", lambda v: True, "")):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and ok(v)):
+                raise ValueError(f"{name} must be a finite number{what}, got {v}")
+        if not 0 <= self.drop_prompt < 1:
+            raise ValueError(f"drop_prompt must be in [0, 1), got {self.drop_prompt}")
+        if self.token_budget < 1 or self.keep < 1 or self.seed < 0:
+            raise ValueError(f"token_budget ({self.token_budget}) and keep ({self.keep}) must be >= 1, seed "
+                             f"({self.seed}) >= 0")
+        if self.stop_at is not None and self.stop_at < 1:
+            raise ValueError(f"stop_at must be >= 1, got {self.stop_at}")
+        if self.decoder not in ("auto", "dali", "pil"):
+            raise ValueError(f"decoder {self.decoder!r}; expected auto, dali or pil")
+        if self.importance not in ("binary", "soft", "none"):
+            raise ValueError(f"importance {self.importance!r}; expected binary, soft or none")
+        model_cfg = get_config(self.preset)  # ValueError naming the presets
+        if model_cfg.codec_factor != 4:
+            raise ValueError(f"preset {self.preset!r} is a latent-space model (codec factor {model_cfg.codec_factor}): "
+                             f"this trainer's loader encodes pixels only; use a pixel-space preset (ace-tiny, "
+                             f"ace-small, sd3-tiny*, sd3-small*)")
+        if self.mode == "editnet" and not getattr(model_cfg, "editnet", False):
+            raise ValueError(f"--mode editnet needs a preset with an EditNet branch; {self.preset!r} has none")
         ok = allowable(f.name for f in fields(self))
         bad = [n for n in self.allow_config_change if n not in ok]
         if bad:
@@ -309,6 +337,8 @@ class Trainer:
             self.log("resume: --data differs from the checkpoint's (allowed): the new data starts at its beginning")
         else:
             self.loader.load_state_dict(own["loader"])
+            # what the loader reported while it was built (bad shards) is in skipped.jsonl already
+            self._skipped = []
         self.step = meta["step"]
         self.runlog.truncate(self.step)
         changed = f" (allowed changes: {', '.join(self.changed)})" if self.changed else ""
@@ -346,6 +376,20 @@ class Trainer:
             f"Last good checkpoint: {last or 'none yet'} (intact). Lower --lr or check those records, then rerun "
             f"to resume from it.")
 
+    def _check_weights(self, lr: float) -> None:
+        """Collective: a finite loss and gradient can still overflow the update (a huge --lr); such weights
+        must never reach a checkpoint or the export, so the run stops here, before anything is saved."""
+        with torch.no_grad():
+            local = [t.to_local() if hasattr(t, "to_local") else t for t in [*self.params, *self.ema.values()]]
+            ok = torch.stack([torch.isfinite(t).all() for t in local]).all().float().reshape(1)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if not ok.item():
+            self._flush_skipped()
+            raise FloatingPointError(
+                f"step {self.step + 1}: the weights are not finite after the update (lr {lr:.3g}); nothing of this "
+                f"step was saved. Last good checkpoint: {self.ckpt.latest() or 'none yet'} (intact). Lower --lr, "
+                f"then rerun to resume from it.")
+
     def train_step(self, batch) -> dict:
         """One update; ``out["stop"]``: some rank received SIGTERM (all ranks get the same value)."""
         cfg = self.cfg
@@ -380,6 +424,7 @@ class Trainer:
         with torch.no_grad():  # warm-up EMA (the decay grows with the step, as in diffusers' EMAModel)
             decay = min(cfg.ema_decay, (1 + self.step) / (10 + self.step))
             torch._foreach_lerp_(list(self.ema.values()), [p.detach() for p in self.params], 1 - decay)
+        self._check_weights(lr)
         self.step += 1
         return {"loss": loss.detach() / self.world, "per_sample": per_sample.detach(), "tasks": batch.tasks,
                 "tokens": packed.tokens.shape[0], "flops": 3 * forward_flops(self.model, packed),
@@ -390,7 +435,11 @@ class Trainer:
         """Train to ``--steps`` or ``--stop-at``: returns "done"; or "signal" after a SIGTERM, with a
         checkpoint at the step boundary where the ranks agreed to stop."""
         cfg = self.cfg
-        window = self.resume() if self.resume_from is not None else Window()
+        if self.resume_from is not None:
+            window = self.resume()
+        else:  # a fresh start: records of a run killed before its first checkpoint are not this run's
+            window = Window()
+            self.runlog.truncate(0)
         end = min(cfg.steps, cfg.stop_at or cfg.steps)
         for warning in cfg.warnings():
             self.log(f"warning: {warning}")
@@ -524,14 +573,24 @@ def main(argv: list[str] | None = None) -> None:
             raise
         _print_error(err, shared=True)  # the same argv on every rank
         sys.exit(2)
+    from torch.distributed.checkpoint.api import CheckpointException
+
     trainer = None
     try:
         trainer = Trainer(cfg)
         trainer.fit()
-    except Exception as err:
+        # every rank leaves together: a rank tearing down gloo while another still uses it can abort
+        # ("terminate called without an active exception", seen at the end of some resumed runs)
+        dist.barrier()
+    except (Exception, CheckpointException) as err:  # DCP's CheckpointException is a BaseException
         if debug:
             raise
-        _print_error(err, shared=isinstance(err, _SAME_ON_EVERY_RANK))
+        if isinstance(err, CheckpointException):  # one rank's cause, not DCP's per-rank traceback dump
+            cause = next(iter(err.failures.values()))[0]
+            err = type(cause)(f"a checkpoint could not be written or read ({type(cause).__name__}: {cause}); the "
+                              f"previous complete checkpoint is intact") if isinstance(cause, OSError) else cause
+        # an error while the run is set up comes from inputs every rank shares (flags, data, checkpoint)
+        _print_error(err, shared=trainer is None or isinstance(err, _SAME_ON_EVERY_RANK))
         sys.exit(1)
     except KeyboardInterrupt:  # Ctrl-C; torchrun forwards it to every rank
         if debug:
