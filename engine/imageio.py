@@ -80,6 +80,18 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8), "L").convert("RGB")
 
 
+def oriented_size(src: Source, what: str = "image") -> tuple[int, int]:
+    """(width, height) that :func:`decode_image` will give, from the header alone (EXIF orientation 5-8
+    swaps the sides); ValueError as :func:`open_image`. Lets a caller refuse a size before decoding it."""
+    img = open_image(src, what)
+    w, h = img.size
+    try:
+        orientation = img.getexif().get(0x0112)
+    except Exception:  # noqa: BLE001 - a damaged EXIF block: the decoder reports the file itself
+        orientation = None
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
 def decode_image(src: Source, what: str = "image") -> Image.Image:
     """Decode ``src`` (encoded bytes, a file path or a PIL image) to an 8-bit RGB PIL image, EXIF orientation
     applied, every supported mode mapped to RGB as the module docstring says (DALI's pixels).

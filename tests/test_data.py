@@ -249,3 +249,29 @@ def test_a_bad_shard_is_skipped_and_reported_unless_every_shard_is(tmp_path):
     assert EditLoader(cfg, text_encode, rank=1, world=2, log=lambda m: None).stats["bad_shard"] == 0
     with pytest.raises(ValueError, match=r"no usable OmniEdit shard: .*/b\.parquet: .*missing.*/c\.parquet: not a"):
         RecordStream([str(tmp_path / "b.parquet"), str(tmp_path / "c.parquet")], seed=0)
+
+
+def test_an_image_whose_header_disagrees_with_its_row_is_skipped_before_decoding(tmp_path, monkeypatch):
+    """A small PNG that decodes to 4000x4000 in a row declaring 64x48: refused from its header alone."""
+    def png(size, color=(200, 10, 0)):
+        buf = io.BytesIO()
+        Image.new("RGB", size, color).save(buf, format="PNG")
+        return {"bytes": buf.getvalue(), "path": "x.png"}
+
+    rows = [{"omni_edit_id": f"id{i}", "task": "style_transfer", "src_img": png((64, 48)),
+             "edited_img": png((4000, 4000) if i == 0 else (64, 48)), "edited_prompt_list": ["p"], "width": 64,
+             "height": 48, "sc_score_1": 9, "sc_score_2": 9, "sc_reasoning": "", "pq_score": 9, "pq_reasoning": "",
+             "o_score": 9.5} for i in range(3)]
+    pq.write_table(pa.Table.from_pylist(rows, schema=omniedit_schema(extras=False)), tmp_path / "x.parquet")
+    decoded = []
+    import omniace.train.data as data
+
+    real = data.decode_rgb_array
+    monkeypatch.setattr(data, "decode_rgb_array", lambda b, what="image": decoded.append(len(b)) or real(b, what))
+    skipped = []
+    loader = EditLoader(DataConfig([str(tmp_path)], token_budget=200, decoder="pil", prompt="first"), text_encode,
+                        log=lambda m: None, on_skip=skipped.append)
+    batch = next(iter(loader))
+    assert "id0" not in batch.ids
+    assert skipped[0]["id"] == "id0" and "edited_img is 4000x4000 (its header), the row says 64x48" in skipped[0]["reason"]
+    assert decoded and max(decoded) < 1_000  # the 4000x4000 image (a larger PNG) was never decoded

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from omniace import require
 from omniace.engine.codec import PixelCodec
-from omniace.engine.imageio import decode_rgb_array, open_image
+from omniace.engine.imageio import decode_rgb_array, open_image, oriented_size
 from omniace.engine.lcu import ConditionUnit, ImageInput, LCUSample, PackedLCU, indicator_token, pack
 from omniace.engine.pipeline import mask_to_latent, to_tensor
 
@@ -399,7 +399,7 @@ class EditLoader:
         return self.codec.encode(to_tensor(rgb))
 
     def _decode_and_pack(self, items: list[tuple[tuple[int, int, int], dict]]) -> TrainBatch | None:
-        blobs, where = [], []
+        blobs, where, early = [], [], {}
         for j, (_, row) in enumerate(items):  # rows passed check_row: every image named here has bytes
             named = {"src_img": row["src_img"], "edited_img": row["edited_img"]}
             if self.cfg.family == "ace" and row.get("mask_img") is not None:
@@ -407,11 +407,22 @@ class EditLoader:
             for i, turn in enumerate(self._history(row)):
                 named[f"history[{i}].image"] = turn["image"]
             for name, img in named.items():
+                # the header's size first: a small file that decodes to a huge image (a bomb, or another
+                # image than the row's) is refused before any pixel is decoded
+                try:
+                    size = oriented_size(img["bytes"], name)
+                except ValueError as err:
+                    early[(j, name)] = err
+                    continue
+                if size != (row["width"], row["height"]):
+                    early[(j, name)] = ValueError(f"{name} is {size[0]}x{size[1]} (its header), the row says "
+                                                  f"{row['width']}x{row['height']} (width x height)")
+                    continue
                 blobs.append(img["bytes"])
                 where.append((j, name))
-        decoded = self.decoder(blobs, [name for _, name in where])
+        decoded = self.decoder(blobs, [name for _, name in where]) if blobs else []
         per_item: list[dict[str, Decoded]] = [{} for _ in items]
-        for (j, name), arr in zip(where, decoded):
+        for (j, name), arr in [*zip(where, decoded), *early.items()]:
             per_item[j][name] = arr
         samples, weights, tasks, ids = [], [], [], []
         for (_, row), imgs in zip(items, per_item):
