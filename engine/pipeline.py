@@ -302,12 +302,11 @@ class EditPipeline:
             raise ValueError(f"{what}: image size {w}x{h} is not a multiple of patch x codec factor = "
                              f"{self.multiple} pixels; resize or crop it first")
 
-    def _check_request(self, history: list[Turn], current: Turn, size: tuple[int, int] | None, seed: int,
+    def _check_request(self, history: list[Turn], current: Turn, size: tuple[int, int] | None,
                        negative: str, branches: int = 1, budget: tuple[int, str] | None = None) -> None:
         """Every argument of :meth:`run` except the sampler's, before any model work; then the request's
         image tokens against ``max_tokens`` per sample and ``budget`` = (tokens, what it is) for all
         ``branches`` together (a server's token budget)."""
-        check_int(seed, "seed", 0, 2**63 - 1)
         if not isinstance(negative, str):
             raise TypeError(f"negative must be a str, got {type(negative).__name__}")
         for i, turn in enumerate(history + [current]):
@@ -372,7 +371,7 @@ class EditPipeline:
         guidance = self.default_guidance if guidance is None else guidance
         check_guidance(guidance, rescale)
         seed = check_int(seed, "seed", 0, 2**63 - 1)
-        self._check_request(history, current, size, seed, negative, 1 if guidance == 1.0 else 2, budget)
+        self._check_request(history, current, size, negative, 1 if guidance == 1.0 else 2, budget)
         units = [self._unit(t) for t in history] + [self._unit(current)]
         if units[-1].images:  # editing: the target takes the size (and mask) of the first current image
             first = units[-1].images[0]

@@ -2,10 +2,12 @@
 
 Endpoints:
 - ``POST /v1/edit``: multipart form (files ``images``/``masks``, fields ``instruction``, ``steps``,
-  ``guidance``, ``rescale``, ``seed``, ``size`` as ``WIDTHxHEIGHT``, ``negative``, ``response``) or JSON
-  with base64 ``images``/``masks``. Returns ``image/png``, or JSON ``{"image": <base64 PNG>, ...}`` with
-  ``response=json``. A bad field gives 422 naming it; a full queue 429 with ``Retry-After``; a closed
-  server 503. No request can take the process down: every error is answered.
+  ``guidance`` (default: the pipeline's), ``rescale``, ``seed``, ``size`` as ``WIDTHxHEIGHT``, ``negative``,
+  ``truncate``, ``response``) or JSON with base64 ``images``/``masks``. Returns ``image/png``, or JSON
+  ``{"image": <base64 PNG>, ...}`` with ``response=json``. A bad or unknown field gives 422 naming it; a
+  full queue 429 with ``Retry-After``; a closed server 503; a client that disconnects has its request
+  cancelled (499 in the metrics). Decoding and encoding run off the event loop. No request can take the
+  process down: every error is answered.
 - ``GET /healthz``: ``{"status": "ok", "queued": n, "active": n}``.
 - ``GET /metrics``: Prometheus text format (``prometheus-client``).
 
