@@ -18,6 +18,7 @@ import asyncio
 import base64
 import binascii
 import io
+import re
 import time
 from typing import Any
 
@@ -100,6 +101,20 @@ def _b64(items: Any, field: str) -> list[bytes]:
         except (binascii.Error, AttributeError, ValueError):
             raise FieldError(f"{field}[{i}]", "not valid base64") from None
     return out
+
+
+_PIPELINE_FIELDS = [(re.compile(r"^(steps|guidance|rescale|seed|size|negative)\b"), None),
+                    (re.compile(r"^image (\d+)"), "images[{}]"), (re.compile(r"^mask (\d+)"), "masks[{}]"),
+                    (re.compile(r"instruction"), "instruction"), (re.compile(r"image tokens"), "images")]
+
+
+def pipeline_field(message: str) -> str | None:
+    """The request field a pipeline error names (its messages start with the argument they refuse)."""
+    for pattern, template in _PIPELINE_FIELDS:
+        m = pattern.search(message)
+        if m:
+            return m.group(1) if template is None else template.format(*m.groups())
+    return None
 
 
 def create_app(server: EditServer, retry_after_s: int = 1, timeout_s: float = 600.0):
@@ -196,7 +211,7 @@ def create_app(server: EditServer, retry_after_s: int = 1, timeout_s: float = 60
         except ServerClosed as err:
             return error(503, str(err), headers={"Retry-After": str(retry_after_s)})
         except (ValueError, TypeError) as err:
-            return error(422, str(err))
+            return error(422, str(err), pipeline_field(str(err)))
         result = asyncio.ensure_future(asyncio.wrap_future(future))
         gone = asyncio.ensure_future(until_disconnected(request))
         try:
@@ -215,7 +230,8 @@ def create_app(server: EditServer, retry_after_s: int = 1, timeout_s: float = 60
         except ServerClosed as err:
             return error(503, str(err), headers={"Retry-After": str(retry_after_s)})
         except (ValueError, TypeError, FloatingPointError) as err:  # the pipeline's verdict on this request
-            return error(422, str(err))
+            field = pipeline_field(str(err))
+            return error(422, str(err), "size" if field == "images" and not image_blobs else field)
         except Exception as err:  # noqa: BLE001 - answered, never raised into the server
             return error(500, f"{type(err).__name__}: {err}")
         buf = io.BytesIO()

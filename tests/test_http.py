@@ -218,3 +218,16 @@ def test_a_client_that_disconnects_cancels_its_request(live):
     st = server.stats()
     assert st["server"]["active"] == 0
     assert st["requests"][-1]["status"] == "cancelled" and st["requests"][-1]["steps"] < 200
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"instruction": "{image3} x", "images": "one"}, "instruction"),
+    ({"instruction": "x", "size": "60x64", "steps": 1}, "size"),
+    ({"instruction": "x", "size": "64x64", "rescale": 2}, "rescale"),
+    ({"instruction": "x", "size": "16000x16000"}, "size"),
+])
+def test_pipeline_errors_name_their_field(live, body, field):
+    if body.get("images") == "one":
+        body = dict(body, images=[base64.b64encode(_png(demo_scene(64, 64))).decode()])
+    r = httpx.post(f"{live[0]}/v1/edit", json=body, timeout=30)
+    assert r.status_code == 422 and r.json().get("field") == field, r.text
