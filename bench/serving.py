@@ -90,18 +90,19 @@ def _wait_until(t: float) -> None:
         time.sleep(delay)
 
 
+def _prepare(pipe: EditPipeline, r: StreamRequest) -> EditJob:
+    kw = r.kwargs
+    return pipe.prepare([], Turn(kw["instruction"], *turn_inputs(kw["images"], None)), None, kw["steps"],
+                        kw["guidance"], 0.5, kw["seed"], "")
+
+
 def run_sequential(pipe: EditPipeline, stream: list[StreamRequest], rate: float) -> ModeResult:
     ends, tokens = [], 0
     t0 = time.perf_counter()
     for r in stream:
         _wait_until(t0 + r.arrival)
-        job = pipe.prepare([], Turn(r.kwargs["instruction"], *turn_inputs(r.kwargs["images"], None)), None, r.kwargs["steps"],
-                           r.kwargs["guidance"], 0.5, r.kwargs["seed"], "")
-        batch = pipe.pack(job.samples)
-        while not job.done:
-            x, t = job.model_input()
-            job.advance(pipe.model(batch, x, t.to(pipe.device)))
-        pipe.finish(job)
+        job = _prepare(pipe, r)
+        pipe.run_job(job)
         tokens += job.image_tokens * job.sampler.steps
         ends.append(time.perf_counter())
     return _summary("sequential", rate, stream, t0, ends, tokens, tokens)
@@ -139,9 +140,7 @@ def run_static_padded(pipe: EditPipeline, stream: list[StreamRequest], rate: flo
         now = time.perf_counter() - t0
         members = [i for i in range(nxt, len(stream)) if stream[i].arrival <= now][:max_batch]
         nxt = members[-1] + 1
-        jobs = [pipe.prepare([], Turn(stream[i].kwargs["instruction"], *turn_inputs(stream[i].kwargs["images"], None)), None,
-                             stream[i].kwargs["steps"], stream[i].kwargs["guidance"], 0.5, stream[i].kwargs["seed"], "")
-                for i in members]
+        jobs = [_prepare(pipe, stream[i]) for i in members]
         frames = [f for j in jobs for f in [j.samples[0].target] + [im for u in j.samples[0].units for im in u.images]]
         h = max(f.latent.shape[1] for f in frames)
         w = max(f.latent.shape[2] for f in frames)

@@ -410,7 +410,11 @@ class EditPipeline:
         """One request: ``history`` turns (instructions renamed to global indicators) and the ``current``
         one, as :meth:`prepare`, the job's steps over one packed batch, then :meth:`finish`. A non-finite
         latent stops sampling with FloatingPointError naming the step."""
-        job = self.prepare(history, current, size, steps, guidance, rescale, seed, negative, truncate)
+        return self.run_job(self.prepare(history, current, size, steps, guidance, rescale, seed, negative, truncate))
+
+    @torch.no_grad()
+    def run_job(self, job: "EditJob") -> Image.Image:
+        """A prepared job alone: its steps over one packed batch of its own samples, then :meth:`finish`."""
         batch = self.pack(job.samples)
         while not job.done:
             x, t = job.model_input()
