@@ -182,6 +182,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.ray:
         from omniace.export.ray_serve import RayServeConfig, run
 
+        if args.max_replicas is not None and args.max_replicas < args.replicas:
+            raise ValueError(f"--max-replicas {args.max_replicas} is below --replicas {args.replicas}")
+
         run(RayServeConfig(args.weights, args.device, args.cpus_per_replica, args.replicas,
                            max(args.replicas, args.max_replicas or args.replicas), backend=args.backend,
                            token_budget=args.token_budget, max_queue=args.max_queue), args.host, args.port,

@@ -84,7 +84,13 @@ def _bool(form: dict, name: str, default: bool) -> bool:
 
 
 def _images(blobs: list[bytes], field: str) -> list:
-    return [decode_image(b, f"{field}[{i}]") for i, b in enumerate(blobs)]
+    out = []
+    for i, b in enumerate(blobs):
+        try:
+            out.append(decode_image(b, f"{field}[{i}]"))
+        except ValueError as err:
+            raise FieldError(f"{field}[{i}]", str(err).split(": ", 1)[-1]) from None
+    return out
 
 
 def _b64(items: Any, field: str) -> list[bytes]:
@@ -216,6 +222,10 @@ def create_app(server: EditServer, retry_after_s: int = 1, timeout_s: float = 60
         gone = asyncio.ensure_future(until_disconnected(request))
         try:
             done, _ = await asyncio.wait({result, gone}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the front cancelled this handler (Ray Serve does on a disconnect)
+            future.cancel()
+            requests_total.labels("disconnected").inc()
+            raise
         finally:
             gone.cancel()
         if result not in done:  # the client left (its request is dropped at the next step) or the time is up

@@ -209,6 +209,7 @@ def test_the_console_script_prints_no_traceback(tmp_path):
     (["edit", "--instruction", "x", "--guidance", "-inf"], "guidance must be a finite number, got -inf"),
     (["edit", "--instruction", "x", "--size", "-64x64"], "size '-64x64' is not WIDTHxHEIGHT"),
     (["serve", "--port", "99999"], "port must be an integer in [1, 65535], got 99999"),
+    (["serve", "--ray", "--replicas", "3", "--max-replicas", "2"], "--max-replicas 2 is below --replicas 3"),
 ])
 def test_argument_errors_are_exactly_one_line(args, message, capsys):
     code, _, err = run(args, capsys)

@@ -109,7 +109,7 @@ def test_pipeline_errors_are_422_and_the_server_survives_them(live):
     url = live[0]
     corrupt = {"images": ("in.png", b"\x89PNG\r\n\x1a\nnot really", "image/png")}
     r = httpx.post(f"{url}/v1/edit", files=corrupt, data={"instruction": "{image} x"}, timeout=30)
-    assert r.status_code == 422 and "images[0]" in r.json()["error"]
+    assert r.status_code == 422 and "images[0]" in r.json()["error"] and r.json()["field"] == "images[0]"
     files = {"images": ("in.png", _png(demo_scene(64, 64)), "image/png")}
     r = httpx.post(f"{url}/v1/edit", files=files, data={"instruction": "{image3} x", "steps": "1"}, timeout=30)
     assert r.status_code == 422 and "{image3}" in r.json()["error"]

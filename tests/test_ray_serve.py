@@ -84,3 +84,17 @@ def test_a_dead_replica_costs_no_request_and_is_replaced(cluster):
             break
         time.sleep(0.5)
     assert states.get("RUNNING") == 2 and pids[0] not in _replica_pids()
+
+
+def test_a_client_that_disconnects_frees_its_replica(cluster):
+    """Ray Serve cancels the handler of a request whose client left; the request leaves the batch with it."""
+    buf = io.BytesIO()
+    demo_scene(256, 256).save(buf, format="PNG")  # 200 steps at this size take far longer than the wait below
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{cluster}/v1/edit", files={"images": ("in.png", buf.getvalue(), "image/png")},
+                   data={"instruction": "{image} x", "steps": "200"}, timeout=2.0)
+    deadline, idle = time.time() + 5, 0  # the 200 steps alone take longer than this
+    while time.time() < deadline and idle < 6:  # /healthz answers from either replica: six idle answers in a row
+        idle = idle + 1 if httpx.get(f"{cluster}/healthz").json()["active"] == 0 else 0
+        time.sleep(0.2)
+    assert idle >= 6

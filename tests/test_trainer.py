@@ -537,6 +537,7 @@ def test_a_resume_with_other_data_and_preset_is_refused_unless_allowed(corpus, t
     (["--token-budget", "0"], "token_budget (0) and keep (2) must be >= 1"),
     (["--stop-at", "0"], "stop_at must be >= 1, got 0"),
     (["--decoder", "bogus"], "decoder 'bogus'; expected auto, dali or pil"),
+    (["--importance-threshold", "11"], "importance_threshold 11.0 is outside the 0-10 score scale"),
     (["--preset", "ace-0.6b-512"], "is a latent-space model"),
     (["--mode", "editnet"], "--mode editnet needs a preset with an EditNet branch"),
 ])
@@ -550,8 +551,8 @@ def test_bad_flags_stop_before_anything_is_written(flags, message, tmp_path):
 def test_a_pass_without_a_usable_record_stops_naming_what_was_skipped(corpus, tmp_path):
     out = tmp_path / "none"
     proc = run_trainer(["--data", str(corpus), "--out", str(out), "--steps", "3", "--decoder", "pil",
-                        "--importance-threshold", "11"], check=False)  # every pair has lambda = 0
-    assert proc.returncode == 1 and "a whole pass over the data" in proc.stderr and "zero_weight" in proc.stderr
+                        "--token-budget", "1"], check=False)  # every pair is over the budget
+    assert proc.returncode == 1 and "a whole pass over the data" in proc.stderr and "over_budget" in proc.stderr
     assert proc.stderr.count("\n") == 1, proc.stderr
 
 

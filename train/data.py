@@ -481,7 +481,7 @@ class EditLoader:
         if not full:
             counts = {k: v for k, v in self.stats.items() if v}
             raise ValueError(f"a whole pass over the data ({pass_len} records on rank {self.stream.rank}) gave no "
-                             f"usable record: {counts} (each skipped record and its reason: skipped.jsonl); check "
+                             f"usable record: {counts} (the first skip of each kind is in the log above); check "
                              f"--token-budget, --importance-column/--importance-threshold and the data")
         bucket = max(full, key=len)
         ready = list(bucket)

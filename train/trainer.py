@@ -125,6 +125,9 @@ class TrainConfig:
             raise ValueError(f"decoder {self.decoder!r}; expected auto, dali or pil")
         if self.importance not in ("binary", "soft", "none"):
             raise ValueError(f"importance {self.importance!r}; expected binary, soft or none")
+        if self.importance == "binary" and not 0 <= self.importance_threshold <= 10:  # OmniEdit scores are 0-10
+            raise ValueError(f"importance_threshold {self.importance_threshold} is outside the 0-10 score scale: "
+                             f"binary importance would keep no pair (or every pair)")
         model_cfg = get_config(self.preset)  # ValueError naming the presets
         if model_cfg.codec_factor != 4:
             raise ValueError(f"preset {self.preset!r} is a latent-space model (codec factor {model_cfg.codec_factor}): "
