@@ -7,6 +7,8 @@ checkpoint (scepter's ``ACE`` backbone). See ``shared/reference/ACE_NOTES.md`` f
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 from torch import Tensor
@@ -37,6 +39,29 @@ class ACEAttention(nn.Module):
         return q, k, v
 
 
+@dataclass
+class ACEPlan:
+    """The tensors one ACE forward reads from a packed batch (field names as ``PackedLCU``'s and as the
+    graph inputs of ``export/spec.py``). A :class:`PackedLCU` has every field itself, so the eager forward
+    passes the batch; the exported graph builds a plan from its inputs. ``max_seqlen_*`` are host launch
+    bounds for the kernels."""
+
+    tokens: Tensor
+    text: Tensor
+    target_index: Tensor
+    pos: Tensor
+    indicator: Tensor
+    sample_of_token: Tensor
+    frame_text_index: Tensor
+    frame_text_indicator: Tensor
+    cu_seqlens_sample: Tensor
+    cu_seqlens_frame: Tensor
+    cu_seqlens_frame_txt: Tensor
+    max_seqlen_sample: int = 0
+    max_seqlen_frame: int = 0
+    max_seqlen_frame_txt: int = 0
+
+
 class ACEBlock(nn.Module):
     def __init__(self, cfg: ACEConfig):
         super().__init__()
@@ -47,7 +72,7 @@ class ACEBlock(nn.Module):
         self.mlp = Mlp(d, int(d * cfg.mlp_ratio))
         self.scale_shift_table = nn.Parameter(torch.randn(6, d) / d**0.5)
 
-    def forward(self, x: Tensor, y: Tensor, t_mod: Tensor, batch: PackedLCU, seg: Tensor) -> Tensor:
+    def forward(self, x: Tensor, y: Tensor, t_mod: Tensor, batch: ACEPlan | PackedLCU, seg: Tensor) -> Tensor:
         """x ``[L_img, D]``; y ``[L_ft, D]`` frame texts; t_mod ``[B, 6D]``; seg: sample of each token."""
         cfg = self.cfg
         mod = self.scale_shift_table[None] + t_mod.unflatten(1, (6, -1))
@@ -140,6 +165,13 @@ class ACEModel(nn.Module):
             raise ValueError(f"x must be [{batch.target_index.numel()}, {c_lat}], got {tuple(x.shape)}")
         if t.shape != (batch.num_samples,):
             raise ValueError(f"t must be [{batch.num_samples}], got {tuple(t.shape)}")
+        return self.forward_plan(batch, x, t, indicator_table)
+
+    def forward_plan(self, batch: ACEPlan | PackedLCU, x: Tensor, t: Tensor,
+                     indicator_table: Tensor | bool = True) -> Tensor:
+        """The forward without input checks, over a batch or an :class:`ACEPlan` (what ONNX export traces)."""
+        cfg = self.cfg
+        c_lat = cfg.in_channels * cfg.patch_size**2
         dtype = self.x_embedder.proj.weight.dtype
         target_rows = torch.cat([x.to(dtype), batch.tokens[batch.target_index, c_lat:].to(dtype)], dim=1)
         tokens = batch.tokens.to(dtype).index_copy(0, batch.target_index, target_rows)

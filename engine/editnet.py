@@ -22,8 +22,7 @@ from torch import Tensor
 
 from omniace.kernels import editnet_inject
 
-from .layers import Interleave, PatchEmbed, run_block
-from .lcu import PackedLCU
+from .layers import PatchEmbed, run_block
 
 
 class EditNet(nn.Module):
@@ -51,46 +50,33 @@ class EditNet(nn.Module):
         for ctrl, blk in zip(self.blocks, base_blocks):
             ctrl.load_state_dict(blk.state_dict())
 
-    def start(self, pos_embed, batch: PackedLCU, e: Tensor, temb: Tensor, img, txt,
-              control_scale: float | Tensor, checkpointed: bool = False) -> "ControlRun":
-        return ControlRun(self, pos_embed, batch, e, temb, img, txt, control_scale, checkpointed)
+    def start(self, pos_embed, plan, e: Tensor, temb: Tensor, control_scale: float | Tensor,
+              checkpointed: bool = False) -> "ControlRun":
+        return ControlRun(self, pos_embed, plan, e, temb, control_scale, checkpointed)
 
 
 class ControlRun:
-    """State of one forward through the control branch (condition tokens, control text, gates)."""
+    """State of one forward through the control branch (condition tokens, control text, gates).
 
-    def __init__(self, net: EditNet, pos_embed, batch: PackedLCU, e: Tensor, temb: Tensor, img, txt,
-                 control_scale: float | Tensor, checkpointed: bool = False):
-        from .sd3 import Segments, aligned_condition_rows
+    Reads only the tensors of the batch's ``SD3Plan`` (no host work), so it traces and exports."""
 
+    def __init__(self, net: EditNet, pos_embed, plan, e: Tensor, temb: Tensor, control_scale: float | Tensor,
+                 checkpointed: bool = False):
         dev, dtype = e.device, e.dtype
-        self.net, self.temb, self.img, self.txt = net, temb, img, txt
+        self.net, self.temb, self.img, self.txt = net, temb, plan.img, plan.txt
         self.checkpointed = checkpointed
         self.ec = e
+        n_samples = plan.pooled.shape[0]
         scale = torch.as_tensor(control_scale, dtype=dtype, device=dev).reshape(-1)
-        self.gate = scale.expand(batch.num_samples)[:, None].expand(-1, e.shape[1]).contiguous()
+        self.gate = scale.expand(n_samples)[:, None].expand(-1, e.shape[1]).contiguous()
         c_lat = net.cond_embed.proj.weight[0].numel()
         if net.control == "controlnet":  # condition embedded onto the target's own tokens (diffusers' SD3 ControlNet)
-            rows = aligned_condition_rows(batch)
-            self.c = net.cond_embed(batch.tokens.index_select(0, rows)[:, :c_lat].to(dtype))
-            self.layout = Interleave([img.host, txt.host], dev)
+            self.c = net.cond_embed(plan.tokens.index_select(0, plan.aligned_rows)[:, :c_lat].to(dtype))
+            self.layout = plan.joint
             return
-        offsets, rows, cond_len = 0, [], [0] * batch.num_samples
-        for (gh, gw), s, is_t in zip(batch.frame_shapes, batch.frame_sample, batch.frame_is_target):
-            if not is_t:
-                rows.append(torch.arange(offsets, offsets + gh * gw))
-                cond_len[s] += gh * gw
-            offsets += gh * gw
-        cond_rows = (torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)).to(dev)
-        self.c = net.cond_embed(batch.tokens.index_select(0, cond_rows)[:, :c_lat].to(dtype))
-        self.c = self.c + pos_embed.positions(batch, cond_rows).to(dtype)
-        cu_cond = [0]
-        for n in cond_len:
-            cu_cond.append(cu_cond[-1] + n)
-        self.xlayout = Interleave([cu_cond, img.host], dev)
-        x_host = self.xlayout.cu_seqlens.tolist()
-        self.xseg = Segments.from_host(x_host, dev)
-        self.jlayout = Interleave([x_host, txt.host], dev)
+        self.c = net.cond_embed(plan.tokens.index_select(0, plan.cond_rows)[:, :c_lat].to(dtype))
+        self.c = self.c + pos_embed.positions(plan.cond_pos_index).to(dtype)
+        self.xlayout, self.xseg, self.jlayout = plan.ctrl_layout, plan.ctrl, plan.ctrl_joint
 
     def step(self, i: int, h: Tensor) -> None:
         if self.net.control == "controlnet":

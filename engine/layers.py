@@ -73,12 +73,22 @@ def cu_from_lengths(lengths: list[int], device: torch.device | None = None) -> T
 class Interleave:
     """Concatenate packed streams sample by sample: ``[a_0, b_0, a_1, b_1, ...]`` and back.
 
-    Each stream is a packed tensor partitioned per sample by host offsets. ``join`` gathers them into
-    one per-sample-contiguous tensor (joint attention needs each sample's rows together); ``split``
-    undoes it. Both are index gathers, so autograd flows through.
+    Each stream is a packed tensor partitioned per sample. ``join`` gathers them into one
+    per-sample-contiguous tensor (joint attention needs each sample's rows together); ``split`` undoes
+    it. Both are index gathers, so autograd flows through and no host sync happens.
+
+    perm ``[N]`` int64: joint row -> row of the concatenated streams; inv ``[N]`` its inverse;
+    cu_seqlens ``[B+1]`` int32 of the joint rows; ``max_seqlen`` a host launch bound; ``sizes`` the
+    stream lengths (host ints, or symbolic sizes taken from tensor shapes when exported).
     """
 
-    def __init__(self, cus: list[list[int]], device: torch.device):
+    def __init__(self, perm: Tensor, inv: Tensor, cu_seqlens: Tensor, max_seqlen: int, sizes: list[int]):
+        self.perm, self.inv, self.cu_seqlens = perm, inv, cu_seqlens
+        self.max_seqlen, self.sizes = max_seqlen, list(sizes)
+
+    @classmethod
+    def from_host(cls, cus: list[list[int]], device: torch.device | None = None) -> "Interleave":
+        """Build from each stream's host per-sample offsets (once per batch)."""
         n = len(cus[0]) - 1
         base, offsets = 0, []
         for cu in cus:
@@ -91,11 +101,9 @@ class Interleave:
                 perm.extend(range(off + cu[s], off + cu[s + 1]))
                 length += cu[s + 1] - cu[s]
             lengths.append(length)
-        self.sizes = [cu[-1] for cu in cus]
-        self.perm = torch.tensor(perm, dtype=torch.long, device=device)
-        self.inv = torch.argsort(self.perm)
-        self.cu_seqlens = cu_from_lengths(lengths, device)
-        self.max_seqlen = max(lengths) if lengths else 0
+        perm_t = torch.tensor(perm, dtype=torch.long)
+        return cls(perm_t.to(device), torch.argsort(perm_t).to(device), cu_from_lengths(lengths, device),
+                   max(lengths) if lengths else 0, [cu[-1] for cu in cus])
 
     def join(self, *streams: Tensor) -> Tensor:
         return torch.cat(streams, dim=0).index_select(0, self.perm)

@@ -122,6 +122,8 @@ class PackedLCU:
     max_seqlen_sample: int
     max_seqlen_txt: int
     max_seqlen_frame_txt: int
+    # per-model metadata derived from this batch once (e.g. SD3Plan), keyed by the model's layout
+    plans: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_samples(self) -> int:
@@ -135,6 +137,8 @@ class PackedLCU:
         """Move tensors to ``device``; ``dtype`` casts the floating tensors (tokens, text, pooled)."""
         out = {}
         for name, value in vars(self).items():
+            if name == "plans":
+                continue  # plans hold tensors on the old device: the moved batch builds its own
             if isinstance(value, Tensor):
                 value = value.to(device)
                 if dtype is not None and value.is_floating_point():

@@ -24,18 +24,95 @@ from .lcu import PackedLCU
 
 @dataclass
 class Segments:
-    """A packed stream's per-sample segmentation, on device and on host."""
+    """A packed stream's per-sample segmentation: ``cu [B+1]`` int32, ``seg [L]`` int64 (the sample of
+    each row) and the host launch bound ``max_seqlen``."""
 
     cu: Tensor
     seg: Tensor
-    host: list[int]
+    max_seqlen: int
 
     @classmethod
-    def from_host(cls, host: list[int], device: torch.device) -> "Segments":
+    def from_host(cls, host: list[int], device: torch.device | None = None) -> "Segments":
         lengths = [b - a for a, b in zip(host[:-1], host[1:])]
-        seg = torch.repeat_interleave(torch.arange(len(lengths), device=device),
-                                      torch.tensor(lengths, device=device))
-        return cls(cu_from_lengths(lengths, device), seg, host)
+        seg = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths, dtype=torch.long))
+        return cls(cu_from_lengths(lengths, device), seg.to(device), max(lengths, default=0))
+
+
+@dataclass
+class SD3Plan:
+    """Everything one SD3 forward derives from a packed batch, as tensors: computed once per batch on the
+    host (``from_batch``, cached on the batch), so the forward itself has no host sync and no Python
+    rebuilding per call (CUDA graphs, ``torch.compile(fullgraph=True)``). The field names are the graph
+    inputs of ``export/spec.py``; the exported graph builds a plan from its inputs.
+
+    Streams: ``img`` the target tokens, ``txt`` the text; ``joint`` interleaves them per sample for joint
+    attention. EditNet adds ``cond`` rows (condition-image tokens of ``tokens``) with their positional rows,
+    ``ctrl`` (condition + target per sample) and ``ctrl_joint`` (that with the text). Channel-concat and
+    ControlNet-style conditioning take ``aligned_rows``: each target token's condition token.
+    """
+
+    text: Tensor
+    pooled: Tensor
+    pos_index: Tensor
+    img: Segments
+    txt: Segments
+    joint: Interleave
+    tokens: Tensor | None = None
+    aligned_rows: Tensor | None = None
+    cond_rows: Tensor | None = None
+    cond_pos_index: Tensor | None = None
+    ctrl: Segments | None = None
+    ctrl_layout: Interleave | None = None
+    ctrl_joint: Interleave | None = None
+
+    @classmethod
+    def from_batch(cls, batch: PackedLCU, cfg: SD3Config) -> "SD3Plan":
+        """Host work of one batch: segment offsets, joint-attention permutations, positional rows.
+
+        Raises ValueError if a token grid exceeds ``cfg.pos_embed_max_size`` or, for channel-concat and
+        ControlNet-style conditioning, if a condition image's grid differs from its target's."""
+        dev = batch.device
+        max_size = cfg.pos_embed_max_size
+        if max(max(g) for g in batch.frame_shapes) > max_size:
+            raise ValueError(f"a token grid of {batch.frame_shapes} exceeds pos_embed_max_size {max_size}")
+        img = Segments.from_host(batch.cu_seqlens_target(), dev)
+        txt_host = cu_from_lengths(batch.unit_lengths).tolist()
+        txt = Segments.from_host(txt_host, dev)
+        img_host = batch.cu_seqlens_target()
+        plan = cls(batch.text, batch.pooled, positional_rows(batch, batch.target_index.cpu(), max_size).to(dev),
+                   img, txt, Interleave.from_host([img_host, txt_host], dev))
+        needs_cond = cfg.editnet or cfg.concat_condition
+        if not needs_cond:
+            return plan
+        plan.tokens = batch.tokens
+        if cfg.concat_condition or cfg.control == "controlnet":
+            plan.aligned_rows = aligned_condition_rows(batch)
+            return plan
+        rows, cond_len, offset = [], [0] * batch.num_samples, 0
+        for (gh, gw), s, is_t in zip(batch.frame_shapes, batch.frame_sample, batch.frame_is_target):
+            if not is_t:
+                rows.append(torch.arange(offset, offset + gh * gw))
+                cond_len[s] += gh * gw
+            offset += gh * gw
+        cond_rows = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
+        plan.cond_rows = cond_rows.to(dev)
+        plan.cond_pos_index = positional_rows(batch, cond_rows, max_size).to(dev)
+        cond_host = cu_from_lengths(cond_len).tolist()
+        plan.ctrl_layout = Interleave.from_host([cond_host, img_host], dev)
+        ctrl_host = plan.ctrl_layout.cu_seqlens.tolist()
+        plan.ctrl = Segments.from_host(ctrl_host, dev)
+        plan.ctrl_joint = Interleave.from_host([ctrl_host, txt_host], dev)
+        return plan
+
+
+def positional_rows(batch: PackedLCU, rows: Tensor, max_size: int) -> Tensor:
+    """Rows of the ``[max_size**2, D]`` positional table for the given image-token rows: each frame's
+    grid centre-cropped from the table (diffusers' ``cropped_pos_embed``). Host tensors in, int64 out."""
+    grid = batch.frame_grid.cpu()[batch.frame_of_token.cpu().index_select(0, rows)]
+    pos = batch.pos.cpu().index_select(0, rows).long()
+    top = (max_size - grid[:, 0]) // 2
+    left = (max_size - grid[:, 1]) // 2
+    return (top + pos[:, 1]) * max_size + left + pos[:, 2]
 
 
 class _Linear2(nn.Module):
@@ -187,15 +264,9 @@ class SD3PatchEmbed(PatchEmbed):
         table = sincos_2d(cfg.hidden_size, cfg.pos_embed_max_size, cfg.sample_size // cfg.patch_size)
         self.register_buffer("pos_embed", table, persistent=True)
 
-    def positions(self, batch: PackedLCU, rows: Tensor) -> Tensor:
-        """Centre-cropped positional embedding of the given image-token rows (diffusers' crop)."""
-        grid = batch.frame_grid[batch.frame_of_token.index_select(0, rows)]
-        if int(batch.frame_grid.max()) > self.max_size:
-            raise ValueError(f"a token grid of {batch.frame_shapes} exceeds pos_embed_max_size {self.max_size}")
-        pos = batch.pos.index_select(0, rows).long()
-        top = (self.max_size - grid[:, 0]) // 2
-        left = (self.max_size - grid[:, 1]) // 2
-        return self.pos_embed[0].index_select(0, (top + pos[:, 1]) * self.max_size + left + pos[:, 2])
+    def positions(self, index: Tensor) -> Tensor:
+        """Positional embeddings ``[N, D]`` of table rows ``index [N]`` (see :func:`positional_rows`)."""
+        return self.pos_embed[0].index_select(0, index)
 
 
 def aligned_condition_rows(batch: PackedLCU) -> Tensor:
@@ -266,29 +337,37 @@ class SD3Model(nn.Module):
         if t.shape != (batch.num_samples,):
             raise ValueError(f"t must be [{batch.num_samples}], got {tuple(t.shape)}")
 
+    def plan(self, batch: PackedLCU) -> SD3Plan:
+        """The batch's :class:`SD3Plan` for this model's conditioning, built on first use and cached on the
+        batch (a sampler's steps and a server's forwards over one packed batch reuse it)."""
+        cfg = self.cfg
+        key = ("sd3", cfg.pos_embed_max_size, cfg.editnet, cfg.control, cfg.concat_condition)
+        if key not in batch.plans:
+            batch.plans[key] = SD3Plan.from_batch(batch, cfg)
+        return batch.plans[key]
+
     def forward(self, batch: PackedLCU, x: Tensor, t: Tensor, control_scale: float | Tensor = 1.0) -> Tensor:
         """x ``[L_tgt, C*p*p]`` noisy target tokens; t ``[B]`` in [0, 1000] (sigma * 1000).
 
         ``control_scale`` (a float or ``[B]``) gates the EditNet injections per sample.
         """
         self._check(batch, x, t)
-        dtype = self.proj_out.weight.dtype
-        dev = x.device
-        img = Segments.from_host(batch.cu_seqlens_target(), dev)
-        txt = Segments.from_host(cu_from_lengths(batch.unit_lengths).tolist(), dev)
-        layout = Interleave([img.host, txt.host], dev)
+        return self.forward_plan(self.plan(batch), x, t, control_scale)
 
+    def forward_plan(self, plan: SD3Plan, x: Tensor, t: Tensor, control_scale: float | Tensor = 1.0) -> Tensor:
+        """The forward over a precomputed :class:`SD3Plan` (no host sync): what ONNX export traces."""
+        dtype = self.proj_out.weight.dtype
+        img, txt, layout = plan.img, plan.txt, plan.joint
         x_in = x.to(dtype)
         if self.cfg.concat_condition:
             c = self.cfg.in_channels * self.cfg.patch_size**2
-            x_in = torch.cat([x_in, batch.tokens.index_select(0, aligned_condition_rows(batch))[:, :c].to(dtype)], 1)
-        h = self.pos_embed(x_in) + self.pos_embed.positions(batch, batch.target_index).to(dtype)
-        e = self.context_embedder(batch.text.to(dtype))
-        temb = self.time_text_embed(t, batch.pooled.to(dtype))
+            x_in = torch.cat([x_in, plan.tokens.index_select(0, plan.aligned_rows)[:, :c].to(dtype)], 1)
+        h = self.pos_embed(x_in) + self.pos_embed.positions(plan.pos_index).to(dtype)
+        e = self.context_embedder(plan.text.to(dtype))
+        temb = self.time_text_embed(t, plan.pooled.to(dtype))
         ctrl = None
         if self.editnet is not None:
-            ctrl = self.editnet.start(self.pos_embed, batch, e, temb, img, txt, control_scale,
-                                      self.gradient_checkpointing)
+            ctrl = self.editnet.start(self.pos_embed, plan, e, temb, control_scale, self.gradient_checkpointing)
 
         h_in = e_in = None
         n = len(self.transformer_blocks)

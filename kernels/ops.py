@@ -262,8 +262,12 @@ def _register_builtin_backends() -> None:
     from .cuda_ext import cuda_ext_available
     from .triton_utils import triton_can_run
 
+    from . import dense
+
     for op in OPS:
         register_backend(op, "reference", getattr(reference, op), priority=0)
+        # no host reads of cu_seqlens (torch.compile fullgraph, CUDA graphs, ONNX): only when named
+        register_backend(op, "dense", getattr(dense, op), priority=-1)
     _register_kernel_backend("cuda", 20, cuda_ext_available)
     _register_kernel_backend("triton", 10, triton_can_run)
     baselines.register(register_backend)
