@@ -1,4 +1,4 @@
-"""The ``omniace`` console script: ``demo``, ``edit``, ``info``, ``convert``, ``serve``, ``bench``.
+"""The ``omniace`` console script: ``demo``, ``edit``, ``info``, ``convert``, ``export``, ``serve``, ``bench``.
 
 A user error (a bad argument, an unreadable file, a refused output path, a non-finite latent) prints one
 line ``omniace: error: ...`` on stderr and exits with status 2, with no traceback; ``--debug`` shows it.
@@ -194,7 +194,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from omniace.export.runtime import EditServer
 
     server = EditServer.pretrained(args.weights, device=args.device, backend=args.backend,
-                                   token_budget=args.token_budget, max_queue=args.max_queue)
+                                   token_budget=args.token_budget, max_queue=args.max_queue, artifact=args.artifact)
     serve(server, args.host, args.port)
 
 
@@ -208,6 +208,22 @@ def cmd_convert(args: argparse.Namespace) -> None:
     if missing is not None:
         print(f"created folder {missing}")
     print(f"wrote {n} tensors to {dst}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from omniace.export.onnx import export_onnx
+
+    from .model import load_model
+
+    model = load_model(args.weights, args.preset)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise ValueError(f"--out {out} is not empty; pass --force to replace its export")
+    t0 = time.perf_counter()
+    path = export_onnx(model, out, args.flavour, args.dtype)
+    size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
+    print(f"wrote {path} ({args.flavour}, {args.dtype}; {size:.1f} MiB with external data) "
+          f"in {time.perf_counter() - t0:.1f} s; checked with onnx.checker")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -261,12 +277,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--family", choices=FAMILIES, default="ace")
     p.add_argument("--force", action="store_true", help="allow dst to replace src")
     p.set_defaults(fn=cmd_convert)
+    p = sub.add_parser("export", parents=[common], help="export the denoiser to ONNX (extra 'export')")
+    p.add_argument("--weights", required=True, help="a self-describing safetensors file (trainer export, convert)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="the config of a file without omniace_config metadata")
+    p.add_argument("--out", required=True, help="folder for denoiser.onnx, its .data weights and denoiser.json")
+    p.add_argument("--flavour", choices=["portable", "plugin"], default="portable",
+                   help="portable: standard ONNX ops, any runtime; plugin: omniace custom nodes for TensorRT")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    p.add_argument("--force", action="store_true", help="replace the export in a non-empty --out")
+    p.set_defaults(fn=cmd_export)
     p = sub.add_parser("serve", parents=[common], help="serve edits over HTTP (EditServer; extra 'serve')")
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
     p.add_argument("--port", type=PORT, default=8000)
     p.add_argument("--weights", help="a trainer export (default: the embedded ace-small)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--backend", choices=["torch", "torch-compile"], default="torch")
+    p.add_argument("--backend", choices=["torch", "torch-compile", "onnxruntime", "tensorrt"], default="torch")
+    p.add_argument("--artifact", help="onnxruntime: an `omniace export` folder of these weights (default: export "
+                                      "once into ~/.cache/omniace); tensorrt: the engine folder")
     p.add_argument("--token-budget", type=_arg(lambda t: _int(t, "token-budget", 1)), default=4096,
                    help="image tokens per batched forward")
     p.add_argument("--max-queue", type=_arg(lambda t: _int(t, "max-queue", 1)), default=64,

@@ -105,6 +105,15 @@ class SD3Plan:
         return plan
 
 
+def cached_plan(batch: PackedLCU, cfg: SD3Config) -> SD3Plan:
+    """The batch's :class:`SD3Plan` for ``cfg``'s conditioning, built on first use and cached on the batch
+    (a sampler's steps and a server's forwards over one packed batch reuse it)."""
+    key = ("sd3", cfg.pos_embed_max_size, cfg.editnet, cfg.control, cfg.concat_condition)
+    if key not in batch.plans:
+        batch.plans[key] = SD3Plan.from_batch(batch, cfg)
+    return batch.plans[key]
+
+
 def positional_rows(batch: PackedLCU, rows: Tensor, max_size: int) -> Tensor:
     """Rows of the ``[max_size**2, D]`` positional table for the given image-token rows: each frame's
     grid centre-cropped from the table (diffusers' ``cropped_pos_embed``). Host tensors in, int64 out."""
@@ -338,13 +347,8 @@ class SD3Model(nn.Module):
             raise ValueError(f"t must be [{batch.num_samples}], got {tuple(t.shape)}")
 
     def plan(self, batch: PackedLCU) -> SD3Plan:
-        """The batch's :class:`SD3Plan` for this model's conditioning, built on first use and cached on the
-        batch (a sampler's steps and a server's forwards over one packed batch reuse it)."""
-        cfg = self.cfg
-        key = ("sd3", cfg.pos_embed_max_size, cfg.editnet, cfg.control, cfg.concat_condition)
-        if key not in batch.plans:
-            batch.plans[key] = SD3Plan.from_batch(batch, cfg)
-        return batch.plans[key]
+        """The batch's :class:`SD3Plan` for this model (see :func:`cached_plan`)."""
+        return cached_plan(batch, self.cfg)
 
     def forward(self, batch: PackedLCU, x: Tensor, t: Tensor, control_scale: float | Tensor = 1.0) -> Tensor:
         """x ``[L_tgt, C*p*p]`` noisy target tokens; t ``[B]`` in [0, 1000] (sigma * 1000).

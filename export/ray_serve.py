@@ -51,7 +51,7 @@ def build_application(cfg: RayServeConfig):
         from .runtime import EditServer
 
         torch.set_num_threads(cfg.torch_threads or max(1, int(cfg.cpus_per_replica)))
-        server = EditServer.pretrained(cfg.weights, device=cfg.device, backend=cfg.backend,
+        server = EditServer.pretrained(cfg.weights, device=cfg.device, backend=cfg.backend, artifact=cfg.artifact,
                                        token_budget=cfg.token_budget, max_queue=cfg.max_queue, log_every=0)
         return create_app(server)
 

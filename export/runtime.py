@@ -15,6 +15,7 @@ This follows the iteration-level scheduling of Orca / vLLM, applied to diffusion
 from __future__ import annotations
 
 import itertools
+import os
 import resource
 import threading
 import time
@@ -32,24 +33,35 @@ from omniace.engine.pipeline import EditJob, EditPipeline, EditSession, Turn, tu
 
 # the model call every backend implements: (packed batch, x [L_tgt, C*p*p], t [B]) -> prediction [L_tgt, C*p*p]
 Denoiser = Callable[[PackedLCU, Tensor, Tensor], Tensor]
-BACKENDS = ("torch", "torch-compile")
+BACKENDS = ("torch", "torch-compile", "onnxruntime", "tensorrt")
 
 
-class ServerOverloaded(RuntimeError):
-    """The request queue is full: retry later (HTTP 429/503)."""
+def make_denoiser(model: torch.nn.Module, backend: str, artifact: str | os.PathLike | None = None,
+                  log: Callable[[str], None] = print) -> Denoiser:
+    """The model call for ``backend``:
 
+    - ``torch``: eager; ``torch-compile``: ``torch.compile`` with dynamic shapes (a new token count does not
+      recompile);
+    - ``onnxruntime``: the ``portable`` ONNX export run by ONNX Runtime (CUDA provider on a GPU); ``artifact``
+      is an ``omniace export`` folder of these weights, else the model is exported once into a cache folder;
+    - ``tensorrt``: a TensorRT engine (``export/tensorrt.py``, extra ``trt``); ``artifact`` is its folder.
 
-class ServerClosed(RuntimeError):
-    """The server was closed: it takes no new requests, and ``close(cancel=True)`` fails the unfinished ones."""
-
-
-def make_denoiser(model: torch.nn.Module, backend: str) -> Denoiser:
-    """The model call for ``backend``: ``torch`` (eager) or ``torch-compile`` (``torch.compile``, dynamic
-    shapes, so a new token count does not recompile). Raises ``ValueError`` for any other name."""
+    Raises ValueError for any other name or an artifact of other weights; ImportError naming the extra when
+    a backend's package is missing."""
     if backend == "torch":
         return model
     if backend == "torch-compile":
         return torch.compile(model, dynamic=True)
+    if backend == "onnxruntime":
+        from .onnxruntime import OnnxRuntimeDenoiser, onnx_for_model
+
+        return OnnxRuntimeDenoiser(onnx_for_model(model, artifact, log=log))
+    if backend == "tensorrt":
+        from .tensorrt import TensorRTDenoiser
+
+        if artifact is None:
+            raise ValueError("the tensorrt backend needs the engine folder (artifact=, --artifact)")
+        return TensorRTDenoiser(artifact)
     raise ValueError(f"backend {backend!r}; expected one of {BACKENDS}")
 
 
@@ -85,19 +97,22 @@ class EditServer:
 
     Args:
         pipe: the :class:`EditPipeline` (model, text encoder, codec, device) to serve.
-        backend: ``"torch"`` or ``"torch-compile"`` (see :func:`make_denoiser`).
+        backend: ``"torch"``, ``"torch-compile"``, ``"onnxruntime"`` or ``"tensorrt"`` (see :func:`make_denoiser`).
+        artifact: the ``onnxruntime`` backend's export folder (default: exported once into a cache folder) or
+            the ``tensorrt`` backend's engine folder.
         token_budget: image tokens per forward (every frame of every CFG branch of every active request).
         max_queue: requests waiting to be admitted; beyond it :meth:`submit` raises :class:`ServerOverloaded`.
         log_every: seconds between log lines while busy (0 disables them).
     """
 
     def __init__(self, pipe: EditPipeline, backend: str = "torch", token_budget: int = 4096, max_queue: int = 64,
-                 log_every: float = 5.0, log: Callable[[str], None] = print):
+                 log_every: float = 5.0, log: Callable[[str], None] = print,
+                 artifact: str | os.PathLike | None = None):
         if token_budget < 1 or max_queue < 1:
             raise ValueError(f"token_budget {token_budget} and max_queue {max_queue} must be >= 1")
         self.pipe = pipe
         self.backend = backend
-        self.denoise = make_denoiser(pipe.model, backend)
+        self.denoise = make_denoiser(pipe.model, backend, artifact, log)
         self.token_budget, self.max_queue = token_budget, max_queue
         self.log_every, self.log = log_every, log
         self._ids = itertools.count()

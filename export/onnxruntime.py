@@ -1,0 +1,102 @@
+"""ONNX Runtime backend: run an exported ``portable`` denoiser behind EditServer's denoiser interface.
+
+``OnnxRuntimeDenoiser(folder)`` loads ``folder/denoiser.onnx`` (from :func:`~omniace.export.onnx.export_onnx`)
+with the CUDA execution provider when a GPU and ``onnxruntime-gpu`` are present, else the CPU one, and is
+called like the model: ``(PackedLCU, x [L_tgt, C*p*p], t [B]) -> [L_tgt, C*p*p]``. :func:`onnx_for_model`
+exports a model once into a cache folder keyed by its weights hash and refuses a folder exported from other
+weights or another config.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from omniace.engine.config import config_from_dict, config_to_dict
+from omniace.engine.lcu import PackedLCU
+
+from .onnx import GRAPH_FILE, META_FILE, export_onnx, graph_inputs, weights_hash
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError as err:
+        raise ImportError("the onnxruntime backend needs onnxruntime: pip install 'omniace[export]'") from err
+    return onnxruntime
+
+
+def read_meta(folder: str | os.PathLike) -> dict:
+    """``denoiser.json`` of an exported folder; raises ValueError naming the folder if it is not one."""
+    path = Path(folder) / META_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{folder}: not an exported denoiser folder ({path}: {err})") from None
+
+
+class OnnxRuntimeDenoiser:
+    """An exported ``portable`` graph run by ONNX Runtime.
+
+    Args:
+        folder: an :func:`export_onnx` output folder.
+        providers: ONNX Runtime execution providers; default CUDA when available, then CPU.
+        threads: intra-op threads on the CPU (0: ONNX Runtime's default, one per core).
+    Raises ValueError for a ``plugin`` export (its ``omniace`` nodes need TensorRT or the reference evaluator).
+    """
+
+    def __init__(self, folder: str | os.PathLike, providers: list[str] | None = None, threads: int = 0):
+        ort = _ort()
+        self.meta = read_meta(folder)
+        if self.meta["flavour"] != "portable":
+            raise ValueError(f"{folder}: a {self.meta['flavour']!r} export; ONNX Runtime runs the 'portable' one "
+                             f"(the plugin flavour is for TensorRT)")
+        self.cfg = config_from_dict(self.meta["config"])
+        available = ort.get_available_providers()
+        if providers is None:
+            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(Path(folder) / GRAPH_FILE), options, providers=providers)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    def __call__(self, batch: PackedLCU, x: Tensor, t: Tensor, control_scale: float | Tensor = 1.0) -> Tensor:
+        inputs = graph_inputs(self.cfg, batch, x, t, control_scale)
+        feed = {name: inputs[name].detach().cpu().numpy() for name in self.input_names}
+        out = self.session.run(["out"], feed)[0]
+        return torch.from_numpy(out).to(x.device)
+
+
+def onnx_for_model(model: torch.nn.Module, folder: str | os.PathLike | None = None, dtype: str = "fp32",
+                   log=print) -> Path:
+    """A ``portable`` export of ``model``: ``folder`` if given (exported there if empty), else a cache folder
+    ``$OMNIACE_CACHE`` (default ``~/.cache/omniace``) ``/onnx/<weights hash>-<dtype>``. Raises ValueError if
+    the folder holds an export of other weights or another config, naming what differs."""
+    digest = weights_hash(model)
+    if folder is None:
+        root = Path(os.environ.get("OMNIACE_CACHE", Path.home() / ".cache" / "omniace"))
+        folder = root / "onnx" / f"{digest[:16]}-{dtype}"
+    folder = Path(folder)
+    if not (folder / META_FILE).exists():
+        log(f"exporting the denoiser to ONNX in {folder} (once per weights)")
+        export_onnx(model, folder, "portable", dtype)
+        return folder
+    meta = read_meta(folder)
+    differs = []
+    if meta.get("weights_sha256") != digest:
+        differs.append(f"weights (sha256 {str(meta.get('weights_sha256'))[:12]} vs the model's {digest[:12]})")
+    if meta.get("config") != json.loads(json.dumps(config_to_dict(model.cfg))):
+        differs.append("model config")
+    if meta.get("flavour") != "portable":
+        differs.append(f"flavour {meta.get('flavour')!r} (need 'portable')")
+    if differs:
+        raise ValueError(f"{folder}: exported from a different model: " + "; ".join(differs)
+                         + "; export again with `omniace export` or pass another folder")
+    return folder
