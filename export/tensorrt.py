@@ -345,7 +345,8 @@ def build_engine(onnx_path: str | os.PathLike, out_dir: str | os.PathLike, preci
     I/O follows). ``profiles`` from :func:`select_profiles`. ``flavour`` is read from the graph if None; the
     ``plugin`` flavour registers the omniace plugins (``trt_plugins``) and adapts the graph for them. An
     engine in ``out_dir`` whose sidecar matches the key is reused; a mismatched or changed one is rebuilt (the
-    log says which fields differ); ``rebuild=True`` always rebuilds. Returns the engine path; the sidecar lies beside it.
+    log says which fields differ); ``rebuild=True`` always rebuilds. Returns the engine path; the sidecar
+    lies beside it.
     Raises ValueError/FileNotFoundError for bad arguments before TensorRT is touched, ImportError naming the
     ``trt`` extra without TensorRT, RuntimeError with the parser's or builder's errors.
     """
@@ -453,6 +454,10 @@ class TensorRTDenoiser:
             expected = EngineKey(**{**asdict(found), "tensorrt_version": trt.__version__, "gpu_name": name,
                                     "compute_capability": cc})
         check_engine(engine_file, expected)
+        if found.flavour == "plugin":  # the plugin creators must be known when the engine is deserialized
+            from .trt_plugins import register_plugins
+
+            register_plugins()
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         engine = runtime.deserialize_cuda_engine(Path(engine_file).read_bytes())
         if engine is None:

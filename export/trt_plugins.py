@@ -24,12 +24,13 @@ What the AOT interface imposes, and how it is met without touching ``kernels/``:
   ``cdiv(Lq, BLOCK_M)`` query blocks per segment and blocks past a segment's end return at once, and it
   always takes the general (multi-key-tile) path, correct for any key length.
 """
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: tensorrt.plugin reads the registered functions' type hints.
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, List, Tuple
 
+import numpy as np
+import numpy.typing as npt
 import torch
 import triton
 import triton.language as tl
@@ -40,10 +41,25 @@ from omniace.kernels.triton_rope import _rope3d_kernel
 
 NAMESPACE = "omniace"
 OPS = ("Rope3D", "SegmentAttention", "EditNetInject")  # ONNX op types in domain ``omniace`` = plugin names
+# per plugin: input kinds, extra int32 kernel args, output kinds; "T" is the op's float type (fp32/fp16/bf16)
+PLUGIN_IO = {
+    "Rope3D": (("T", "T", "INT32", "FP32"), 1, ("T", "T")),  # q, k, pos, inv_freq -> q_out, k_out; L
+    "SegmentAttention": (("T", "T", "T", "INT32", "INT32"), 0, ("T", "FP32")),  # q, k, v, cu_q, cu_k -> out, lse
+    "EditNetInject": (("T",) * 5 + ("INT32",), 1, ("T", "T", "FP32", "FP32")),  # -> h_out, y, mean, rstd; S
+}
+ADDED_INPUTS = {"Rope3D": ("inv_freq",)}  # what adapt_plugin_graph adds to export/onnx.py's nodes
+SIDE_OUTPUTS = {"SegmentAttention": ("lse",), "EditNetInject": ("mean", "rstd")}
+FLOAT_COMBOS = ("FP32", "FP16", "BF16")
 FLOAT_TYPES = ("float32", "float16", "bfloat16")
 TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-F = "FP32|FP16|BF16"  # the float I/O positions of every plugin: one dtype throughout (index-aligned combos)
 TRITON_PTR = {"float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16"}
+
+
+def io_types(op: str) -> str:
+    """The plugin's type combinations for ``AutoTuneCombination``: every float I/O in one type, in each of
+    fp32, fp16, bf16 (``|`` marks dependent positions, so a fixed position repeats its type)."""
+    ins, _, outs = PLUGIN_IO[op]
+    return ",".join("|".join(FLOAT_COMBOS if k == "T" else [k] * len(FLOAT_COMBOS)) for k in ins + outs)
 
 
 # --- shape and type functions (pure Python: TensorRT calls them through register_plugins) ---------------------
@@ -74,7 +90,8 @@ def _cu_desc(op: str, name: str, d: Desc) -> None:
     _need(d.dtype == "int32" and len(d.shape) == 1, op, f"{name} must be int32 [S+1], got {d.dtype} {d.shape}")
 
 
-def rope3d_outputs(q: Desc, k: Desc, pos: Desc, inv_freq: Desc, axes_dims: tuple[int, ...], theta: float) -> tuple[Desc, Desc]:
+def rope3d_outputs(q: Desc, k: Desc, pos: Desc, inv_freq: Desc, axes_dims: tuple[int, ...],
+                   theta: float) -> tuple[Desc, Desc]:
     """``(q_out, k_out)`` for q ``[L, H, D]``, k ``[L, Hk, D]``, pos int32 ``[L, 3]``, inv_freq fp32 ``[P]``
     (``P = sum(axes_dims) / 2``). Raises ValueError naming the input that breaks the contract."""
     op = "Rope3D"
@@ -86,12 +103,13 @@ def rope3d_outputs(q: Desc, k: Desc, pos: Desc, inv_freq: Desc, axes_dims: tuple
           f"axes_dims must be three non-negative even ints, got {axes}")
     _need(math.isfinite(theta) and theta > 0, op, f"theta must be a positive number, got {theta}")
     D = _known(q.shape[2])
-    _need(D is not None and _known(k.shape[2]) == D, op, f"q and k need the same static head dim, got {q.shape[2]} and {k.shape[2]}")
+    _need(D is not None and _known(k.shape[2]) == D, op,
+          f"q and k need the same static head dim, got {q.shape[2]} and {k.shape[2]}")
     _need(sum(axes) <= D, op, f"sum(axes_dims)={sum(axes)} exceeds the head dim {D}")
     _need(_known(q.shape[1]) is not None and _known(k.shape[1]) is not None, op, "head counts must be static")
     _need(pos.dtype == "int32" and len(pos.shape) == 2 and _known(pos.shape[1]) == 3, op,
           f"pos must be int32 [L, 3], got {pos.dtype} {pos.shape}")
-    _need(inv_freq.dtype == "float32" and inv_freq.shape in ((sum(axes) // 2,),), op,
+    _need(inv_freq.dtype == "float32" and inv_freq.shape == (sum(axes) // 2,), op,
           f"inv_freq must be float32 [{sum(axes) // 2}], got {inv_freq.dtype} {inv_freq.shape}")
     return Desc(q.shape, q.dtype), Desc(k.shape, k.dtype)
 
@@ -118,27 +136,34 @@ def editnet_inject_outputs(h: Desc, ctrl: Desc, shift: Desc, scale: Desc, gate: 
     op = "EditNetInject"
     _float_desc(op, "h", h, 2)
     _need(_known(h.shape[1]) is not None, op, f"h's channel dim must be static, got {h.shape}")
-    _need(ctrl.shape == h.shape and ctrl.dtype == h.dtype, op, f"ctrl must match h {h.dtype} {h.shape}, got {ctrl.dtype} {ctrl.shape}")
+    _need(ctrl.shape == h.shape and ctrl.dtype == h.dtype, op,
+          f"ctrl must match h {h.dtype} {h.shape}, got {ctrl.dtype} {ctrl.shape}")
     for name, d in (("shift", shift), ("scale", scale), ("gate", gate)):
         _float_desc(op, name, d, 2)
-        _need(d.dtype == h.dtype and d.shape[1] == h.shape[1], op, f"{name} must be [S, {h.shape[1]}] {h.dtype}, got {d.dtype} {d.shape}")
+        _need(d.dtype == h.dtype and d.shape[1] == h.shape[1], op,
+              f"{name} must be [S, {h.shape[1]}] {h.dtype}, got {d.dtype} {d.shape}")
     _cu_desc(op, "cu_seqlens", cu)
     _need(math.isfinite(eps) and eps > 0, op, f"eps must be a positive number, got {eps}")
-    _need(isinstance(max_segments, int) and max_segments >= 1, op, f"max_segments must be an int >= 1, got {max_segments!r}")
+    _need(isinstance(max_segments, int) and max_segments >= 1, op,
+          f"max_segments must be an int >= 1, got {max_segments!r}")
     stats = Desc(h.shape[:1], "float32")
     return Desc(h.shape, h.dtype), Desc(h.shape, h.dtype), stats, stats
 
 
 # --- launch geometry: grid and extra int32 args; works on ints and on TensorRT's symbolic dims --------------
-def rope3d_launch(L, H: int, HK: int, meta: dict) -> tuple[tuple, tuple]:
-    """``(grid, extra_args)`` of the rope adapter for ``L`` tokens."""
-    hpp = meta["HEADS_PER_PROG"]
-    return ((L + meta["BLOCK_L"] - 1) // meta["BLOCK_L"], (H + HK + hpp - 1) // hpp, 1), (L,)
+def _cdiv(a, b: int):
+    return -(-a // b)
 
 
-def segment_attention_launch(Lq, cu_len, H: int, meta: dict) -> tuple[tuple, tuple]:
+def rope3d_launch(L, H: int, HK: int, meta: dict, cdiv=_cdiv) -> tuple[tuple, tuple]:
+    """``(grid, extra_args)`` of the rope adapter for ``L`` tokens (an int, or a TensorRT shape expression
+    with ``cdiv=trt.plugin.cdiv``)."""
+    return (cdiv(L, meta["BLOCK_L"]), _cdiv(H + HK, meta["HEADS_PER_PROG"]), 1), (L,)
+
+
+def segment_attention_launch(Lq, cu_len, H: int, meta: dict, cdiv=_cdiv) -> tuple[tuple, tuple]:
     """``(grid, extra_args)``: ``cdiv(Lq, BLOCK_M)`` query blocks (a bound on every segment) x segments x heads."""
-    return ((Lq + meta["BLOCK_M"] - 1) // meta["BLOCK_M"], cu_len - 1, H), ()
+    return (cdiv(Lq, meta["BLOCK_M"]), cu_len - 1, H), ()
 
 
 def editnet_inject_launch(L, cu_len, meta: dict) -> tuple[tuple, tuple]:
@@ -222,7 +247,8 @@ def editnet_inject_meta(C: int, eps: float, max_segments: int) -> dict:
     return dict(C=C, EPS=float(eps), **forward_meta(C, max_segments))
 
 
-def compile_rope3d(dtype: str, H: int, HK: int, D: int, axes_dims: tuple[int, int, int], arch: int = 90) -> PluginKernel:
+def compile_rope3d(dtype: str, H: int, HK: int, D: int, axes_dims: tuple[int, int, int],
+                   arch: int = 90) -> PluginKernel:
     fn = trt_rope3d
     T = TRITON_PTR[dtype]
     meta = rope3d_meta(H, HK, D, axes_dims)
@@ -248,8 +274,6 @@ def compile_editnet_inject(dtype: str, C: int, eps: float, max_segments: int, ar
 
 
 # --- the ONNX side: what the plugins need beyond export/onnx.py's node contract ------------------------------
-SIDE_OUTPUTS = {"SegmentAttention": ("lse",), "EditNetInject": ("mean", "rstd")}
-
 
 def adapt_plugin_graph(model, max_segments: int):
     """Prepare a plugin-flavour ONNX model (``onnx.ModelProto``, changed in place and returned) for TensorRT.
@@ -265,7 +289,8 @@ def adapt_plugin_graph(model, max_segments: int):
 
     from omniace.kernels.reference import rope3d_inv_freq
 
-    expected = {"Rope3D": (3, 2), "SegmentAttention": (5, 1), "EditNetInject": (6, 2)}
+    expected = {op: (len(ins) - len(ADDED_INPUTS.get(op, ())), len(outs) - len(SIDE_OUTPUTS.get(op, ())))
+                for op, (ins, _, outs) in PLUGIN_IO.items()}
     graph = model.graph
     existing = {t.name for t in graph.initializer}
     for i, node in enumerate(graph.node):
@@ -303,7 +328,8 @@ _REGISTERED = False
 
 def _as_desc(t, trt) -> Desc:
     names = {trt.float32: "float32", trt.float16: "float16", trt.bfloat16: "bfloat16", trt.int32: "int32"}
-    shape = tuple(d.constant_value() if d.is_constant else d for d in t.shape_expr)
+    # a "fake" shape expression (outside shape calculations) cannot say whether it is constant
+    shape = tuple(d.constant_value() if not d.is_fake and d.is_constant else d for d in t.shape_expr)
     return Desc(shape, names.get(t.dtype, str(t.dtype)))
 
 
@@ -334,6 +360,9 @@ def register_plugins(arch: int | None = None) -> None:
         arch = 10 * major + minor
 
     def launch(kernel: PluginKernel, grid: tuple, extra: tuple):
+        if kernel.scratch:
+            raise RuntimeError(f"{kernel.op}: the kernel needs {kernel.scratch} B of Triton scratch, which a "
+                               f"TensorRT AOT plugin cannot pass")
         params = trtp.KernelLaunchParams()
         params.grid_x, params.grid_y, params.grid_z = grid
         params.block_x = kernel.num_warps * 32
@@ -341,60 +370,67 @@ def register_plugins(arch: int | None = None) -> None:
         args = trtp.SymIntExprs(len(extra))
         for i, e in enumerate(extra):
             args[i] = trtp.SymInt32(e)
-        if kernel.scratch:
-            raise RuntimeError(f"{kernel.op}: the kernel needs {kernel.scratch} B of Triton scratch, which a "
-                               f"TensorRT AOT plugin cannot pass")
         return kernel.name, kernel.ptx, params, args
+
+    def tune(op: str) -> list:
+        return [trtp.AutoTuneCombination(io_types(op), "LINEAR")]
+
+    def to_trt(descs, like) -> tuple:
+        return tuple(_to_trt(d, like, trt, trtp) for d in descs)
 
     def static(d) -> int:
         return d.constant_value()
 
-    @trtp.register(f"{NAMESPACE}::Rope3D")
-    def _rope_desc(q: trtp.TensorDesc, k: trtp.TensorDesc, pos: trtp.TensorDesc, inv_freq: trtp.TensorDesc,
-                   axes_dims: list[int], theta: float) -> tuple[trtp.TensorDesc, trtp.TensorDesc]:
-        outs = rope3d_outputs(*(_as_desc(t, trt) for t in (q, k, pos, inv_freq)), tuple(axes_dims), theta)
-        return tuple(_to_trt(o, q, trt, trtp) for o in outs)
+    Desc_ = trtp.TensorDesc
+    rope, attn, inject = (f"{NAMESPACE}::{op}" for op in OPS)
 
-    @trtp.autotune(f"{NAMESPACE}::Rope3D")
-    def _rope_tune(q, k, pos, inv_freq, outputs):
-        return [trtp.AutoTuneCombination(f"{F}, {F}, INT32, FP32, {F}, {F}", "LINEAR")]
+    @trtp.register(rope)
+    def _rope_desc(q: Desc_, k: Desc_, pos: Desc_, inv_freq: Desc_, axes_dims: npt.NDArray[np.int32],
+                   theta: float) -> Tuple[Desc_, Desc_]:
+        descs = rope3d_outputs(*(_as_desc(t, trt) for t in (q, k, pos, inv_freq)), tuple(axes_dims.tolist()), theta)
+        return to_trt(descs, q)
 
-    @trtp.aot_impl(f"{NAMESPACE}::Rope3D")
-    def _rope_aot(q, k, pos, inv_freq, axes_dims: list[int], theta: float, outputs, tactic: int):
-        dtype = _as_desc(q, trt).dtype
+    @trtp.autotune(rope)
+    def _rope_tune(q: Desc_, k: Desc_, pos: Desc_, inv_freq: Desc_, outputs: Tuple[Desc_, Desc_]) -> List[Any]:
+        return tune("Rope3D")
+
+    @trtp.aot_impl(rope)
+    def _rope_aot(q: Desc_, k: Desc_, pos: Desc_, inv_freq: Desc_, axes_dims: npt.NDArray[np.int32], theta: float,
+                  outputs: Tuple[Desc_, Desc_], tactic: int):
         H, HK, D = static(q.shape_expr[1]), static(k.shape_expr[1]), static(q.shape_expr[2])
-        kern = compile_rope3d(dtype, H, HK, D, tuple(axes_dims), arch)
-        return launch(kern, *rope3d_launch(q.shape_expr[0], H, HK, kern.meta))
+        kern = compile_rope3d(_as_desc(q, trt).dtype, H, HK, D, tuple(axes_dims.tolist()), arch)
+        return launch(kern, *rope3d_launch(q.shape_expr[0], H, HK, kern.meta, trtp.cdiv))
 
-    @trtp.register(f"{NAMESPACE}::SegmentAttention")
-    def _attn_desc(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, cu_q: trtp.TensorDesc,
-                   cu_k: trtp.TensorDesc, scale: float) -> tuple[trtp.TensorDesc, trtp.TensorDesc]:
-        outs = segment_attention_outputs(*(_as_desc(t, trt) for t in (q, k, v, cu_q, cu_k)), scale)
-        return tuple(_to_trt(o, q, trt, trtp) for o in outs)
+    @trtp.register(attn)
+    def _attn_desc(q: Desc_, k: Desc_, v: Desc_, cu_q: Desc_, cu_k: Desc_, scale: float) -> Tuple[Desc_, Desc_]:
+        return to_trt(segment_attention_outputs(*(_as_desc(t, trt) for t in (q, k, v, cu_q, cu_k)), scale), q)
 
-    @trtp.autotune(f"{NAMESPACE}::SegmentAttention")
-    def _attn_tune(q, k, v, cu_q, cu_k, outputs):
-        return [trtp.AutoTuneCombination(f"{F}, {F}, {F}, INT32, INT32, {F}, FP32", "LINEAR")]
+    @trtp.autotune(attn)
+    def _attn_tune(q: Desc_, k: Desc_, v: Desc_, cu_q: Desc_, cu_k: Desc_, outputs: Tuple[Desc_, Desc_]) -> List[Any]:
+        return tune("SegmentAttention")
 
-    @trtp.aot_impl(f"{NAMESPACE}::SegmentAttention")
-    def _attn_aot(q, k, v, cu_q, cu_k, scale: float, outputs, tactic: int):
+    @trtp.aot_impl(attn)
+    def _attn_aot(q: Desc_, k: Desc_, v: Desc_, cu_q: Desc_, cu_k: Desc_, scale: float, outputs: Tuple[Desc_, Desc_],
+                  tactic: int):
         H, D = static(q.shape_expr[1]), static(q.shape_expr[2])
         kern = compile_segment_attention(_as_desc(q, trt).dtype, H, D, scale, arch)
-        return launch(kern, *segment_attention_launch(q.shape_expr[0], cu_q.shape_expr[0], H, kern.meta))
+        return launch(kern, *segment_attention_launch(q.shape_expr[0], cu_q.shape_expr[0], H, kern.meta, trtp.cdiv))
 
-    @trtp.register(f"{NAMESPACE}::EditNetInject")
-    def _inject_desc(h: trtp.TensorDesc, ctrl: trtp.TensorDesc, shift: trtp.TensorDesc, scale: trtp.TensorDesc,
-                     gate: trtp.TensorDesc, cu: trtp.TensorDesc, eps: float, max_segments: int
-                     ) -> tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc]:
-        outs = editnet_inject_outputs(*(_as_desc(t, trt) for t in (h, ctrl, shift, scale, gate, cu)), eps, max_segments)
-        return tuple(_to_trt(o, h, trt, trtp) for o in outs)
+    @trtp.register(inject)
+    def _inject_desc(h: Desc_, ctrl: Desc_, shift: Desc_, scale: Desc_, gate: Desc_, cu: Desc_, eps: float,
+                     max_segments: int) -> Tuple[Desc_, Desc_, Desc_, Desc_]:
+        descs = editnet_inject_outputs(*(_as_desc(t, trt) for t in (h, ctrl, shift, scale, gate, cu)), eps,
+                                       max_segments)
+        return to_trt(descs, h)
 
-    @trtp.autotune(f"{NAMESPACE}::EditNetInject")
-    def _inject_tune(h, ctrl, shift, scale, gate, cu, outputs):
-        return [trtp.AutoTuneCombination(f"{F}, {F}, {F}, {F}, {F}, INT32, {F}, {F}, FP32, FP32", "LINEAR")]
+    @trtp.autotune(inject)
+    def _inject_tune(h: Desc_, ctrl: Desc_, shift: Desc_, scale: Desc_, gate: Desc_, cu: Desc_,
+                     outputs: Tuple[Desc_, Desc_, Desc_, Desc_]) -> List[Any]:
+        return tune("EditNetInject")
 
-    @trtp.aot_impl(f"{NAMESPACE}::EditNetInject")
-    def _inject_aot(h, ctrl, shift, scale, gate, cu, eps: float, max_segments: int, outputs, tactic: int):
+    @trtp.aot_impl(inject)
+    def _inject_aot(h: Desc_, ctrl: Desc_, shift: Desc_, scale: Desc_, gate: Desc_, cu: Desc_, eps: float,
+                    max_segments: int, outputs: Tuple[Desc_, Desc_, Desc_, Desc_], tactic: int):
         kern = compile_editnet_inject(_as_desc(h, trt).dtype, static(h.shape_expr[1]), eps, max_segments, arch)
         return launch(kern, *editnet_inject_launch(h.shape_expr[0], cu.shape_expr[0], kern.meta))
 
@@ -430,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("unset TRITON_INTERPRET: the interpreter compiles nothing")
     limit = SMEM_LIMIT.get(args.arch, 101376)
-    params = {"Rope3D": 7, "SegmentAttention": 7, "EditNetInject": 11}  # inputs + extra args + outputs
+    params = {op: len(ins) + extra + len(outs) for op, (ins, extra, outs) in PLUGIN_IO.items()}
     failures = 0
     for preset in args.presets.split(","):
         for dtype in args.dtypes.split(","):

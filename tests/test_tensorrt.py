@@ -324,6 +324,14 @@ def test_plugin_shape_functions():
         tp.editnet_inject_outputs(h, h, mod, mod, mod, cu, 1e-6, 0)
 
 
+def test_plugin_type_combinations():
+    assert tp.io_types("Rope3D") == ("FP32|FP16|BF16,FP32|FP16|BF16,INT32|INT32|INT32,FP32|FP32|FP32,"
+                                     "FP32|FP16|BF16,FP32|FP16|BF16")
+    attn = tp.io_types("SegmentAttention").split(",")
+    assert len(attn) == 7 and attn[3:5] == ["INT32|INT32|INT32"] * 2 and attn[6] == "FP32|FP32|FP32"
+    assert len(tp.io_types("EditNetInject").split(",")) == 10
+
+
 def test_plugin_launch_geometry():
     rope = tp.rope3d_meta(16, 16, 72, (24, 24, 24))
     assert tp.rope3d_launch(100, 16, 16, rope) == ((7, 8, 1), (100,))  # 16 tokens x 4 heads per program
