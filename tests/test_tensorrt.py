@@ -394,6 +394,86 @@ def test_plugin_kernels_compile_for_sm90(tmp_path):
     assert proc.stdout.count("ok  ") == 8
 
 
+class _FakeDim:
+    """A fake of tensorrt.plugin.ShapeExpr: a build-time constant or a symbolic dim."""
+
+    def __init__(self, value=None):
+        self.value, self.is_fake = value, False
+
+    @property
+    def is_constant(self):
+        return self.value is not None
+
+    def constant_value(self):
+        return self.value
+
+
+def _fake_tensorrt(monkeypatch):
+    """Fakes of ``tensorrt`` and ``tensorrt.plugin``, as far as register_plugins uses them (from their docs)."""
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = "10.99-fake"
+    trt.float32, trt.float16, trt.bfloat16, trt.int32 = "trt.float32", "trt.float16", "trt.bfloat16", "trt.int32"
+    trtp = types.ModuleType("tensorrt.plugin")
+    registry: dict = {}
+
+    def decorator(kind):
+        def wrap(plugin_id):
+            def add(fn):
+                if (kind, plugin_id) in registry:  # TensorRT refuses a second registration of an id
+                    raise RuntimeError(f"{plugin_id} already has a {kind} function")
+                registry[kind, plugin_id] = fn
+                return fn
+            return add
+        return wrap
+
+    class TensorDesc:
+        def __init__(self, shape=(), dtype=None):
+            self.shape_expr, self.dtype = tuple(shape), dtype
+
+        def like(self):
+            return TensorDesc(self.shape_expr, self.dtype)
+
+    class ShapeExprs:
+        @staticmethod
+        def from_tuple(shape):
+            return tuple(shape)
+
+    trtp.register, trtp.autotune, trtp.aot_impl = decorator("register"), decorator("autotune"), decorator("aot")
+    trtp.TensorDesc, trtp.ShapeExprs = TensorDesc, ShapeExprs
+    trtp.AutoTuneCombination = lambda io_types, layouts: (io_types, layouts)
+    trt.plugin = trtp
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setitem(sys.modules, "tensorrt.plugin", trtp)
+    monkeypatch.setattr(tp, "_REGISTERED", False)
+    return trt, trtp, registry
+
+
+def test_register_plugins_against_fake_tensorrt(monkeypatch):
+    trt, trtp, registry = _fake_tensorrt(monkeypatch)
+    tp.register_plugins(90)
+    ids = [f"omniace::{op}" for op in tp.OPS]
+    assert set(registry) == {(kind, i) for kind in ("register", "autotune", "aot") for i in ids}
+    L, S = _FakeDim(), _FakeDim()
+    q = trtp.TensorDesc((L, _FakeDim(16), _FakeDim(72)), trt.bfloat16)
+    pos, inv = trtp.TensorDesc((L, _FakeDim(3)), trt.int32), trtp.TensorDesc((_FakeDim(36),), trt.float32)
+    qo, ko = registry["register", ids[0]](q, q, pos, inv, np.array([24, 24, 24], np.int32), 10000.0)
+    assert qo.dtype == trt.bfloat16 and qo.shape_expr == (L, 16, 72)
+    cu = trtp.TensorDesc((S,), trt.int32)
+    out, lse = registry["register", ids[1]](q, q, q, cu, cu, 0.1)
+    assert out.shape_expr == (L, 16, 72) and (lse.shape_expr, lse.dtype) == ((L, 16), trt.float32)
+    h = trtp.TensorDesc((L, _FakeDim(1536)), trt.float16)
+    mod = trtp.TensorDesc((S, _FakeDim(1536)), trt.float16)
+    descs = registry["register", ids[2]](h, h, mod, mod, mod, cu, 1e-6, 8)
+    assert [d.dtype for d in descs] == [trt.float16, trt.float16, trt.float32, trt.float32]
+    assert descs[2].shape_expr == (L,)
+    assert registry["autotune", ids[1]](q, q, q, cu, cu, (out, lse)) == [(tp.io_types("SegmentAttention"), "LINEAR")]
+    with pytest.raises(ValueError, match="Rope3D: pos must be int32"):
+        registry["register", ids[0]](q, q, trtp.TensorDesc((L, _FakeDim(3)), trt.float32), inv,
+                                     np.array([24, 24, 24], np.int32), 10000.0)
+    tp.register_plugins(90)  # idempotent: a second call registers nothing (the fake would raise)
+    assert len(registry) == 9
+
+
 @pytest.mark.tensorrt
 def test_register_plugins_with_tensorrt():
     trtp = pytest.importorskip("tensorrt.plugin")
