@@ -342,8 +342,8 @@ def build_engine(onnx_path: str | os.PathLike, out_dir: str | os.PathLike, preci
     """Build (or reuse) a serialized TensorRT engine of an exported denoiser. NOT RUN YET (see the module doc).
 
     ``precision`` ``fp32 | fp16 | bf16`` (BuilderFlag.FP16 / BF16 let TensorRT pick those kernels; plugin
-    I/O follows). ``profiles`` from :func:`select_profiles`. ``flavour`` is read from the graph if None; the
-    ``plugin`` flavour registers the omniace plugins (``trt_plugins``) and adapts the graph for them. An
+    I/O follows). ``profiles`` from :func:`select_profiles`. ``flavour`` is read from the graph (a given one
+    must agree with it); the ``plugin`` flavour registers the omniace plugins (``trt_plugins``) and adapts the graph for them. An
     engine in ``out_dir`` whose sidecar matches the key is reused; a mismatched or changed one is rebuilt (the
     log says which fields differ); ``rebuild=True`` always rebuilds. Returns the engine path; the sidecar
     lies beside it.
@@ -352,7 +352,11 @@ def build_engine(onnx_path: str | os.PathLike, out_dir: str | os.PathLike, preci
     """
     onnx_path = Path(onnx_path)
     _check_build_args(onnx_path, precision, profiles or [], flavour)
-    flavour = flavour or detect_flavour(onnx_path)
+    detected = detect_flavour(onnx_path)
+    if flavour not in (None, detected):
+        raise ValueError(f"flavour {flavour!r}, but {onnx_path} is a {detected!r} graph "
+                         f"({'no' if detected == 'portable' else 'some'} nodes of the omniace domain)")
+    flavour = detected
     trt = require_tensorrt()
     out = engine_path(out_dir, flavour, precision)
     key = current_key(onnx_path, flavour, precision, profiles, weights_sha256)

@@ -171,6 +171,7 @@ def test_weights_hash_covers_external_data(tmp_path):
 # --- the lazy import --------------------------------------------------------------------------------------------
 def test_missing_tensorrt_names_the_extra(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError, as where it is absent
+    monkeypatch.setattr(tp, "_REGISTERED", False)
     with pytest.raises(ImportError, match=r"pip install 'omniace\[trt\]'"):
         ot.require_tensorrt()
     onnx_file = tmp_path / "m.onnx"
@@ -185,6 +186,8 @@ def test_missing_tensorrt_names_the_extra(monkeypatch, tmp_path):
         ot.build_engine(onnx_file, tmp_path, "fp16", [])
     with pytest.raises(FileNotFoundError, match="no ONNX model"):
         ot.build_engine(tmp_path / "absent.onnx", tmp_path, "fp16", profiles)
+    with pytest.raises(ValueError, match="flavour 'plugin', but .* is a 'portable' graph"):
+        ot.build_engine(onnx_file, tmp_path, "fp16", profiles, flavour="plugin")
     with pytest.raises(ImportError, match=r"omniace\[trt\]"):
         tp.register_plugins(90)
 
@@ -358,9 +361,12 @@ def _plugin_model():
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("omniace", 1)])
 
 
-def test_adapt_plugin_graph_adds_what_the_kernels_need():
-    pytest.importorskip("onnx")
+def test_adapt_plugin_graph_adds_what_the_kernels_need(tmp_path):
+    onnx = pytest.importorskip("onnx")
     from onnx import helper, numpy_helper
+
+    onnx.save(_plugin_model(), str(tmp_path / "plugin.onnx"))
+    assert ot.detect_flavour(tmp_path / "plugin.onnx") == "plugin"
 
     model = tp.adapt_plugin_graph(_plugin_model(), max_segments=8)
     rope, attn, inject = model.graph.node
