@@ -30,13 +30,14 @@ import torch
 from torch import Tensor
 
 from omniace import require
+from omniace.engine.lcu import MAX_INDICATORS
 
 from .spec import BASE_DIMS, InputSpec, evaluate_dims, input_specs
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 FLAVOURS = ("portable", "plugin")
 SIDECAR_FORMAT = 1
-MAX_FRAMES_PER_SAMPLE = 11  # ACE: the target and up to ten condition images ({image} ... {image9})
+MAX_FRAMES_PER_SAMPLE = MAX_INDICATORS  # ACE: the target and up to nine condition images (engine.lcu's limit)
 
 
 def require_tensorrt(module: str = "tensorrt") -> ModuleType:
@@ -104,7 +105,7 @@ def select_profiles(cfg, token_budget: int, max_samples: int, text_len: int | No
         text_len: text tokens per condition unit (default ``cfg.text_len``).
         num_profiles: profiles over the image tokens, each doubling the last: the largest allows the whole
             budget, the smaller ones get kernels tuned for a lightly loaded server.
-        max_frames_per_sample: frames (target + condition images) of one sample; default 11 for ACE, 2 for
+        max_frames_per_sample: frames (target + condition images) of one sample; default 10 for ACE (lcu's limit), 2 for
             an SD3 model that takes a condition image, else 1.
         max_units_per_sample: condition units per ACE sample (history turns + the current one).
         opt_frame_tokens: image tokens of a typical frame (1024: a 512 x 512 image, codec 8, patch 2): the

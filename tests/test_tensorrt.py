@@ -26,12 +26,12 @@ def test_profiles_from_the_token_budget_ace():
     assert [p.bounds()["L_img"] for p in profiles] == [(1, 1024, 1024), (1, 2048, 2048), (1, 4096, 4096)]
     big = profiles[-1].bounds()
     assert big["B"] == (1, 2, 8)  # opt: a full budget of 512x512 edits (2 frames x 1024 tokens) per sample
-    assert big["F"] == (1, 4, 88)  # 8 samples x (target + 10 condition images)
+    assert big["F"] == (1, 4, 80)  # 8 samples x (target + 9 condition images)
     assert big["L_tgt"] == (1, 2048, 4096)
-    assert big["L_txt"] == (1, 240, 960) and big["L_ft"] == (1, 480, 88 * 120)
+    assert big["L_txt"] == (1, 240, 960) and big["L_ft"] == (1, 480, 80 * 120)
     assert "L_cond" not in big  # ACE's graph has no condition-token input
     small = profiles[0].bounds()
-    assert small["B"] == (1, 1, 8) and small["F"] == (1, 2, 88)
+    assert small["B"] == (1, 1, 8) and small["F"] == (1, 2, 80)
     shapes = {n: (lo, opt, hi) for n, lo, opt, hi in profiles[-1].inputs}
     assert shapes["x"] == ((1, 16), (2048, 16), (4096, 16))
     assert shapes["tokens"] == ((1, 20), (4096, 20), (4096, 20))
@@ -109,6 +109,8 @@ def test_engine_cache_accepts_its_own_key(tmp_path):
     assert engine.name == "denoiser.plugin.fp16.engine"
     data = ot.check_engine(engine, key)
     assert data["key"]["precision"] == "fp16" and data["engine_bytes"] == len(b"not really an engine")
+    profiles = [ot.Profile.from_json(p) for p in json.loads(data["key"]["profiles"])]
+    assert profiles == ot.select_profiles(get_config("ace-tiny"), token_budget=256, max_samples=2)
 
 
 def test_engine_cache_refuses_a_mismatch_naming_every_field(tmp_path):
