@@ -19,7 +19,7 @@ What the AOT interface imposes, and how it is met without touching ``kernels/``:
   exported ONNX nodes (and ``max_segments``, the segment bound the injection kernel is compiled for), so
   the ONNX contract of ``export/onnx.py`` stays as it is.
 - Triton >= 3.3 appends two scratch pointers to every kernel's parameters, which TensorRT does not pass;
-  they are never read when the kernel needs no scratch, which :func:`compile_plugin_kernels` checks.
+  they are never read when the kernel needs no scratch, which the compile check (:func:`main`) requires.
 - The attention grid cannot use the batch's longest segment (a host int unknown to TensorRT): it covers
   ``cdiv(Lq, BLOCK_M)`` query blocks per segment and blocks past a segment's end return at once, and it
   always takes the general (multi-key-tile) path, correct for any key length.
@@ -209,22 +209,20 @@ class PluginKernel:
     meta: dict  # constexprs
 
 
-def _compile(fn, pointers: dict[str, str], ints: tuple[str, ...], meta: dict, arch: int) -> Any:
-    import triton
+def _compile(op: str, fn, pointers: dict[str, str], ints: tuple[str, ...], meta: dict, arch: int) -> PluginKernel:
+    """Lower adapter ``fn`` for ``arch`` (``triton_aot``'s way): the named pointers and int32 args, every
+    other argument a constexpr from ``meta`` (which also holds ``num_warps`` / ``num_stages``)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    meta = dict(meta)
-    options = {k: meta.pop(k) for k in ("num_warps", "num_stages") if k in meta}
+    options = {k: meta[k] for k in ("num_warps", "num_stages") if k in meta}
+    consts = {k: v for k, v in meta.items() if k not in options}
     sig = {a: pointers[a] if a in pointers else "i32" if a in ints else "constexpr" for a in fn.arg_names}
-    constexprs = {(fn.arg_names.index(k),): v for k, v in meta.items()}
-    return triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", arch, 32), options=options), meta
-
-
-def _result(op: str, compiled, meta: dict, options_warps: int) -> PluginKernel:
+    src = ASTSource(fn, sig, {(fn.arg_names.index(k),): v for k, v in consts.items()})
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     md = compiled.metadata
     scratch = int(getattr(md, "global_scratch_size", 0) or 0) + int(getattr(md, "profile_scratch_size", 0) or 0)
-    return PluginKernel(op, md.name, compiled.asm["ptx"], options_warps, int(md.shared), scratch, meta)
+    return PluginKernel(op, md.name, compiled.asm["ptx"], options["num_warps"], int(md.shared), scratch, consts)
 
 
 def rope3d_meta(H: int, HK: int, D: int, axes_dims: tuple[int, int, int]) -> dict:
@@ -249,32 +247,26 @@ def editnet_inject_meta(C: int, eps: float, max_segments: int) -> dict:
 
 def compile_rope3d(dtype: str, H: int, HK: int, D: int, axes_dims: tuple[int, int, int],
                    arch: int = 90) -> PluginKernel:
-    fn = trt_rope3d
     T = TRITON_PTR[dtype]
-    meta = rope3d_meta(H, HK, D, axes_dims)
-    k, m = _compile(fn, dict(q=T, k=T, pos="*i32", inv_freq="*fp32", qo=T, ko=T), ("L",), meta, arch)
-    return _result("Rope3D", k, m, meta["num_warps"])
+    return _compile("Rope3D", trt_rope3d, dict(q=T, k=T, pos="*i32", inv_freq="*fp32", qo=T, ko=T), ("L",),
+                    rope3d_meta(H, HK, D, axes_dims), arch)
 
 
 def compile_segment_attention(dtype: str, H: int, D: int, scale: float, arch: int = 90) -> PluginKernel:
-    fn = trt_segment_attention
     T = TRITON_PTR[dtype]
-    meta = segment_attention_meta(dtype, H, D, scale)
-    k, m = _compile(fn, dict(Q=T, K=T, V=T, cu_q="*i32", cu_k="*i32", O=T, LSE="*fp32"), (), meta, arch)
-    return _result("SegmentAttention", k, m, meta["num_warps"])
+    return _compile("SegmentAttention", trt_segment_attention,
+                    dict(Q=T, K=T, V=T, cu_q="*i32", cu_k="*i32", O=T, LSE="*fp32"), (),
+                    segment_attention_meta(dtype, H, D, scale), arch)
 
 
 def compile_editnet_inject(dtype: str, C: int, eps: float, max_segments: int, arch: int = 90) -> PluginKernel:
-    fn = trt_editnet_inject
     T = TRITON_PTR[dtype]
-    meta = editnet_inject_meta(C, eps, max_segments)
     ptrs = dict(h=T, ctrl=T, shift=T, scale=T, gate=T, cu="*i32", h_out=T, y=T, mean="*fp32", rstd="*fp32")
-    k, m = _compile(fn, ptrs, ("S",), meta, arch)
-    return _result("EditNetInject", k, m, meta["num_warps"])
+    return _compile("EditNetInject", trt_editnet_inject, ptrs, ("S",), editnet_inject_meta(C, eps, max_segments),
+                    arch)
 
 
 # --- the ONNX side: what the plugins need beyond export/onnx.py's node contract ------------------------------
-
 def adapt_plugin_graph(model, max_segments: int):
     """Prepare a plugin-flavour ONNX model (``onnx.ModelProto``, changed in place and returned) for TensorRT.
 
@@ -309,7 +301,7 @@ def adapt_plugin_graph(model, max_segments: int):
         base = node.name or f"{node.op_type}_{i}"
         if node.op_type == "Rope3D":
             axes, theta = tuple(int(a) for a in attrs["axes_dims"]), float(attrs["theta"])
-            name = f"omniace_inv_freq_{'_'.join(map(str, axes))}_{theta:g}"
+            name = f"omniace_inv_freq_{'_'.join(map(str, axes))}_{theta!r}"  # repr: one name per exact theta
             if name not in existing:
                 graph.initializer.append(numpy_helper.from_array(
                     rope3d_inv_freq(axes, theta, torch.device("cpu")).numpy(), name))

@@ -372,7 +372,7 @@ def test_adapt_plugin_graph_adds_what_the_kernels_need(tmp_path):
 
     model = tp.adapt_plugin_graph(_plugin_model(), max_segments=8)
     rope, attn, inject = model.graph.node
-    assert list(rope.input)[3] == "omniace_inv_freq_24_24_24_10000"
+    assert list(rope.input)[3] == "omniace_inv_freq_24_24_24_10000.0"
     inv = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}[rope.input[3]]
     np.testing.assert_array_equal(inv, rope3d_inv_freq((24, 24, 24), 10000.0, torch.device("cpu")).numpy())
     assert list(attn.output) == ["o", "attn0/lse"]
@@ -381,6 +381,16 @@ def test_adapt_plugin_graph_adds_what_the_kernels_need(tmp_path):
     assert attrs["max_segments"] == 8 and attrs["plugin_namespace"] == b"omniace"
     again = tp.adapt_plugin_graph(model, max_segments=8)  # already adapted: unchanged
     assert len(again.graph.initializer) == 1 and len(again.graph.node[1].output) == 2
+
+    two = _plugin_model()  # rope nodes share one initializer per exact (axes_dims, theta), ONNX's float32
+    for theta in (10000.0, 10000.25, 10000.2):  # 10000.25 and 10000.2 print alike at 6 digits
+        two.graph.node.append(helper.make_node("Rope3D", ["q", "k", "pos"], [f"q{theta}", f"k{theta}"],
+                                               domain="omniace", axes_dims=[24, 24, 24], theta=theta))
+    tp.adapt_plugin_graph(two, max_segments=8)
+    assert [n.input[3] for n in two.graph.node if n.op_type == "Rope3D"] == [
+        "omniace_inv_freq_24_24_24_10000.0", "omniace_inv_freq_24_24_24_10000.0",
+        "omniace_inv_freq_24_24_24_10000.25", "omniace_inv_freq_24_24_24_10000.2001953125"]
+    assert len(two.graph.initializer) == 3
 
     bad = _plugin_model()
     bad.graph.node[1].output.append("extra")
