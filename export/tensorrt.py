@@ -208,14 +208,27 @@ class EngineKey:
         return json.dumps([p.to_json() for p in profiles], sort_keys=True, separators=(",", ":"))
 
     def differences(self, found: "EngineKey") -> list[str]:
-        """One line per field where ``found`` (the engine's) differs from this (the expected) key."""
+        """One line per field where ``found`` (the engine's) differs from this (the expected) key; profiles
+        are shown as ``dim:min-opt-max`` per profile."""
         out = []
         for f in fields(self):
             want, got = getattr(self, f.name), getattr(found, f.name)
             if want != got:
-                short = (lambda s: s if len(s) <= 80 else s[:77] + "...")
-                out.append(f"{f.name}: engine has {short(str(got))!r}, expected {short(str(want))!r}")
+                if f.name == "profiles":
+                    want, got = _describe_profiles(want), _describe_profiles(got)
+                out.append(f"{f.name}: engine has {_clip(got)!r}, expected {_clip(want)!r}")
         return out
+
+
+def _clip(s: str, n: int = 240) -> str:
+    return s if len(s) <= n else s[:n - 3] + "..."
+
+
+def _describe_profiles(js: str) -> str:
+    try:
+        return " | ".join(" ".join(f"{n}:{lo}-{opt}-{hi}" for n, lo, opt, hi in p["dims"]) for p in json.loads(js))
+    except (ValueError, KeyError, TypeError):
+        return js
 
 
 class StaleEngineError(ValueError):
