@@ -327,15 +327,21 @@ def current_key(onnx_path: str | os.PathLike, flavour: str, precision: str, prof
 
 
 # --- building ---------------------------------------------------------------------------------------------------
+def _flavour_of(model) -> str:
+    return "plugin" if any(n.domain == "omniace" for n in model.graph.node) else "portable"
+
+
 def detect_flavour(onnx_path: str | os.PathLike) -> str:
     """``plugin`` if the graph has nodes of the ``omniace`` domain, else ``portable``."""
     import onnx
 
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    return "plugin" if any(n.domain == "omniace" for n in model.graph.node) else "portable"
+    return _flavour_of(onnx.load(str(onnx_path), load_external_data=False))
 
 
-def _check_build_args(onnx_path: Path, precision: str, profiles: list[Profile], flavour: str | None) -> None:
+def _check_build_args(onnx_path: Path, precision: str, profiles: list[Profile], flavour: str | None):
+    """Everything build_engine can refuse before TensorRT is touched; returns the ONNX model (no weights)."""
+    import onnx
+
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}; expected one of {PRECISIONS}")
     if flavour is not None and flavour not in FLAVOURS:
@@ -347,6 +353,17 @@ def _check_build_args(onnx_path: Path, precision: str, profiles: list[Profile], 
         raise ValueError("profiles must cover the same graph inputs")
     if not onnx_path.is_file():
         raise FileNotFoundError(f"no ONNX model at {onnx_path}")
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    detected = _flavour_of(model)
+    if flavour not in (None, detected):
+        raise ValueError(f"flavour {flavour!r}, but {onnx_path} is a {detected!r} graph "
+                         f"({'no' if detected == 'portable' else 'some'} nodes of the omniace domain)")
+    graph_inputs = {i.name for i in model.graph.input} - {t.name for t in model.graph.initializer}
+    if graph_inputs != names[0]:
+        raise ValueError(f"{onnx_path}: graph inputs {sorted(graph_inputs)} differ from the profiles' "
+                         f"(missing {sorted(names[0] - graph_inputs)}, extra {sorted(graph_inputs - names[0])}); "
+                         f"were the profiles selected for this model's config?")
+    return model
 
 
 def build_engine(onnx_path: str | os.PathLike, out_dir: str | os.PathLike, precision: str = "fp16",
@@ -356,21 +373,17 @@ def build_engine(onnx_path: str | os.PathLike, out_dir: str | os.PathLike, preci
     """Build (or reuse) a serialized TensorRT engine of an exported denoiser. NOT RUN YET (see the module doc).
 
     ``precision`` ``fp32 | fp16 | bf16`` (BuilderFlag.FP16 / BF16 let TensorRT pick those kernels; plugin
-    I/O follows). ``profiles`` from :func:`select_profiles`. ``flavour`` is read from the graph (a given one
-    must agree with it); the ``plugin`` flavour registers the omniace plugins (``trt_plugins``) and adapts the graph for them. An
-    engine in ``out_dir`` whose sidecar matches the key is reused; a mismatched or changed one is rebuilt (the
-    log says which fields differ); ``rebuild=True`` always rebuilds. Returns the engine path; the sidecar
-    lies beside it.
+    I/O follows). ``profiles`` from :func:`select_profiles`, for the same model config (their inputs must be
+    the graph's). ``flavour`` is read from the graph (a given one must agree with it); the ``plugin`` flavour
+    registers the omniace plugins (``trt_plugins``) and adapts the graph for them. An engine in ``out_dir``
+    whose sidecar matches the key is reused; a mismatched or changed one is rebuilt (the log says which
+    fields differ); ``rebuild=True`` always rebuilds. Returns the engine path; the sidecar lies beside it.
     Raises ValueError/FileNotFoundError for bad arguments before TensorRT is touched, ImportError naming the
     ``trt`` extra without TensorRT, RuntimeError with the parser's or builder's errors.
     """
     onnx_path = Path(onnx_path)
-    _check_build_args(onnx_path, precision, profiles or [], flavour)
-    detected = detect_flavour(onnx_path)
-    if flavour not in (None, detected):
-        raise ValueError(f"flavour {flavour!r}, but {onnx_path} is a {detected!r} graph "
-                         f"({'no' if detected == 'portable' else 'some'} nodes of the omniace domain)")
-    flavour = detected
+    model = _check_build_args(onnx_path, precision, profiles or [], flavour)
+    flavour = _flavour_of(model)
     trt = require_tensorrt()
     out = engine_path(out_dir, flavour, precision)
     key = current_key(onnx_path, flavour, precision, profiles, weights_sha256)
@@ -382,9 +395,6 @@ def build_engine(onnx_path: str | os.PathLike, out_dir: str | os.PathLike, preci
         except StaleEngineError as err:
             log(f"tensorrt: rebuilding, {err}")
 
-    import onnx
-
-    model = onnx.load(str(onnx_path), load_external_data=False)
     if flavour == "plugin":
         from .trt_plugins import adapt_plugin_graph, register_plugins
 
@@ -400,12 +410,6 @@ def build_engine(onnx_path: str | os.PathLike, out_dir: str | os.PathLike, preci
     if not parser.parse(model.SerializeToString(), str(onnx_path)):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         raise RuntimeError(f"TensorRT could not parse {onnx_path}: " + "; ".join(errors))
-    graph_inputs = {network.get_input(i).name for i in range(network.num_inputs)}
-    spec_inputs = {n for n, *_ in profiles[0].inputs}
-    if graph_inputs != spec_inputs:
-        raise ValueError(f"{onnx_path}: graph inputs {sorted(graph_inputs)} differ from the profiles' "
-                         f"{sorted(spec_inputs)} (missing {sorted(spec_inputs - graph_inputs)}, "
-                         f"extra {sorted(graph_inputs - spec_inputs)})")
     config = builder.create_builder_config()
     if precision == "fp16":
         config.set_flag(trt.BuilderFlag.FP16)

@@ -170,15 +170,28 @@ def test_weights_hash_covers_external_data(tmp_path):
         ot.onnx_sha256(path)
 
 
+def _graph_of(specs, path):
+    """An ONNX file whose graph inputs are ``specs`` (the graph itself is a stand-in: x passes through)."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    types_ = {"float": TensorProto.FLOAT, "int32": TensorProto.INT32, "int64": TensorProto.INT64}
+    inputs = [helper.make_tensor_value_info(s.name, types_[s.dtype], list(s.dims)) for s in specs]
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["out"])], "g", inputs,
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
+    onnx.save(helper.make_model(graph), str(path))
+    return path
+
+
 # --- the lazy import --------------------------------------------------------------------------------------------
 def test_missing_tensorrt_names_the_extra(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError, as where it is absent
     monkeypatch.setattr(tp, "_REGISTERED", False)
     with pytest.raises(ImportError, match=r"pip install 'omniace\[trt\]'"):
         ot.require_tensorrt()
-    onnx_file = tmp_path / "m.onnx"
-    onnx_file.write_bytes(b"")
-    profiles = ot.select_profiles(get_config("ace-tiny"), token_budget=64, max_samples=2)
+    cfg = get_config("ace-tiny")
+    onnx_file = _graph_of(input_specs(cfg), tmp_path / "m.onnx")
+    profiles = ot.select_profiles(cfg, token_budget=64, max_samples=2)
     with pytest.raises(ImportError, match=r"omniace\[trt\]"):
         ot.build_engine(onnx_file, tmp_path, "fp16", profiles, flavour="portable")
     # bad arguments are refused before TensorRT is looked for
@@ -190,6 +203,9 @@ def test_missing_tensorrt_names_the_extra(monkeypatch, tmp_path):
         ot.build_engine(tmp_path / "absent.onnx", tmp_path, "fp16", profiles)
     with pytest.raises(ValueError, match="flavour 'plugin', but .* is a 'portable' graph"):
         ot.build_engine(onnx_file, tmp_path, "fp16", profiles, flavour="plugin")
+    sd3 = ot.select_profiles(get_config("sd3-tiny-editnet"), token_budget=64, max_samples=2)
+    with pytest.raises(ValueError, match=r"missing \['cond_pos_index', .*extra \['cu_seqlens_frame', "):
+        ot.build_engine(onnx_file, tmp_path, "fp16", sd3)  # profiles of another model's graph
     with pytest.raises(ImportError, match=r"omniace\[trt\]"):
         tp.register_plugins(90)
 
