@@ -318,8 +318,12 @@ def adapt_plugin_graph(model, max_segments: int):
 _REGISTERED = False
 
 
+def _trt_types(trt) -> dict:
+    return {"float32": trt.float32, "float16": trt.float16, "bfloat16": trt.bfloat16, "int32": trt.int32}
+
+
 def _as_desc(t, trt) -> Desc:
-    names = {trt.float32: "float32", trt.float16: "float16", trt.bfloat16: "bfloat16", trt.int32: "int32"}
+    names = {v: k for k, v in _trt_types(trt).items()}
     # a "fake" shape expression (outside shape calculations) cannot say whether it is constant
     shape = tuple(d.constant_value() if not d.is_fake and d.is_constant else d for d in t.shape_expr)
     return Desc(shape, names.get(t.dtype, str(t.dtype)))
@@ -327,7 +331,7 @@ def _as_desc(t, trt) -> Desc:
 
 def _to_trt(d: Desc, like, trt, trtp):
     out = like.like()
-    out.dtype = {"float32": trt.float32, "float16": trt.float16, "bfloat16": trt.bfloat16, "int32": trt.int32}[d.dtype]
+    out.dtype = _trt_types(trt)[d.dtype]
     out.shape_expr = trtp.ShapeExprs.from_tuple(d.shape)
     return out
 
