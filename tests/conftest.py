@@ -29,3 +29,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "tensorrt: needs TensorRT (extra 'trt'); skipped where it is not installed")
+
+
+def pytest_runtest_setup(item):
+    # TensorRT is optional and not installable on CI machines: its tests skip where it is missing
+    if "tensorrt" in item.keywords:
+        import omniace
+
+        if not omniace.has_module("tensorrt"):
+            pytest.skip("needs TensorRT: pip install 'omniace[trt]'")
