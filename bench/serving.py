@@ -7,6 +7,11 @@
     along); outputs are cropped back (a cost model of padding, not an equal-output path);
 (c) ``server``: :class:`~omniace.export.runtime.EditServer`, step-level continuous batching, no padding.
 
+``--backends torch,torch-compile,onnxruntime,tensorrt`` runs the server mode once per denoiser backend and
+measures each backend's per-step latency (p20/p50/p80 of one forward over the same packed batch of stream
+requests) and its largest output difference from eager torch, side by side in one run; a backend that
+cannot run here (TensorRT without the package or a GPU) is recorded as skipped with the reason.
+
 The stream: Poisson arrivals at several rates (relative to the measured one-at-a-time capacity), sizes from
 OmniEdit's seven aspect ratios, 1-2 condition images, mixed step counts and guidance. Reported per mode and
 rate: requests/s, p50/p95 latency (arrival to result), token utilisation (useful / processed image tokens).
@@ -174,12 +179,15 @@ def run_static_padded(pipe: EditPipeline, stream: list[StreamRequest], rate: flo
     return _summary("static-padded", rate, stream, t0, ends, useful, processed)
 
 
-def run_server(pipe: EditPipeline, stream: list[StreamRequest], rate: float, token_budget: int) -> ModeResult:
+def run_server(pipe: EditPipeline, stream: list[StreamRequest], rate: float, token_budget: int,
+               backend: str = "torch", denoise=None) -> ModeResult:
     ends: list[float | None] = [None] * len(stream)
     done = threading.Event()
     left = [len(stream)]
     lock = threading.Lock()
     with EditServer(pipe, token_budget=token_budget, max_queue=len(stream) + 1, log_every=0) as server:
+        if denoise is not None:  # a backend built once for every rate (an export or a compile is not timed)
+            server.denoise, server.backend = denoise, backend
         t0 = time.perf_counter()
         for i, r in enumerate(stream):
             _wait_until(t0 + r.arrival)
@@ -194,7 +202,66 @@ def run_server(pipe: EditPipeline, stream: list[StreamRequest], rate: float, tok
             server.submit(**r.kwargs).add_done_callback(record)
         done.wait()
         tokens = server.stats()["server"]["tokens"]
-    return _summary("server", rate, stream, t0, ends, tokens, tokens)
+    return _summary("server" if backend == "torch" else f"server[{backend}]", rate, stream, t0, ends, tokens, tokens)
+
+
+def step_batch(pipe: EditPipeline, stream: list[StreamRequest], token_budget: int):
+    """The packed batch of the first stream requests (both CFG branches) that fits ``token_budget``, with
+    its noisy target tokens and timesteps: what one server step feeds the denoiser."""
+    samples: list[LCUSample] = []
+    tokens = 0
+    for r in stream:
+        job = _prepare(pipe, r)
+        if samples and tokens + job.image_tokens > token_budget:
+            break
+        samples += job.samples
+        tokens += job.image_tokens
+    batch = pipe.pack(samples)
+    x = torch.randn(batch.target_index.numel(), batch.latent_channels * batch.patch_size**2,
+                    generator=torch.Generator().manual_seed(0)).to(batch.device)
+    t = torch.full((batch.num_samples,), 500.0, device=batch.device)
+    return batch, x, t
+
+
+def step_latency(denoise, batch, x, t, repeats: int) -> list[float]:
+    """Seconds per forward, ``repeats`` times after two warm-up calls (a GPU is synchronised per call)."""
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    for _ in range(2):
+        denoise(batch, x, t)
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        denoise(batch, x, t)
+        sync()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def backend_rows(pipe: EditPipeline, backends: list[str], stream: list[StreamRequest], token_budget: int,
+                 repeats: int) -> tuple[list[dict], dict]:
+    """Per backend: per-step latency (p20/p50/p80 ms), image tokens/s, max |output - eager torch|, or the reason
+    it was skipped; and the denoisers that could be built (reused by the server runs)."""
+    from omniace.export.runtime import make_denoiser
+
+    batch, x, t = step_batch(pipe, stream, token_budget)
+    ref = pipe.model(batch, x, t)
+    rows, built = [], {}
+    for name in backends:
+        try:
+            denoise = make_denoiser(pipe.model, name, log=lambda m: print(m, file=sys.stderr))
+            out = denoise(batch, x, t)
+        except (ImportError, ValueError, RuntimeError, FileNotFoundError) as err:
+            rows.append({"backend": name, "skipped": " ".join(str(err).split())[:300]})
+            continue
+        times = sorted(step_latency(denoise, batch, x, t, repeats))
+        q = lambda p: times[min(len(times) - 1, int(round(p * (len(times) - 1))))] * 1e3  # noqa: E731
+        rows.append({"backend": name, "step_ms_p20": q(0.2), "step_ms_p50": q(0.5), "step_ms_p80": q(0.8),
+                     "image_tokens": batch.tokens.shape[0], "samples": batch.num_samples,
+                     "image_tokens_per_s": batch.tokens.shape[0] / (q(0.5) / 1e3),
+                     "max_abs_diff_vs_torch": float((out.float() - ref.float()).abs().max())})
+        built[name] = denoise
+    return rows, built
 
 
 def capacity(pipe: EditPipeline, n: int, seed: int) -> float:
@@ -244,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=32, help="requests per rate")
     ap.add_argument("--loads", default="0.5,1,2,4", help="offered rates as multiples of one-at-a-time capacity")
     ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--backends", default="torch",
+                    help="denoiser backends of the server mode, side by side (torch,torch-compile,onnxruntime,tensorrt)")
+    ap.add_argument("--step-repeats", type=int, default=10, help="forwards timed per backend for the step latency")
     ap.add_argument("--token-budget", type=int, default=4096)
     ap.add_argument("--max-batch", type=int, default=8, help="static batching: requests per batch")
     ap.add_argument("--seed", type=int, default=0)
@@ -253,9 +323,25 @@ def main(argv: list[str] | None = None) -> int:
     bad = [m for m in modes if m not in MODES]
     if bad:
         raise SystemExit(f"unknown mode(s) {bad}; expected some of {list(MODES)}")
+    from omniace.export.runtime import BACKENDS
+
+    backends = [b.strip() for b in args.backends.split(",")]
+    if [b for b in backends if b not in BACKENDS]:
+        raise SystemExit(f"unknown backend(s) {[b for b in backends if b not in BACKENDS]}; expected some of "
+                         f"{list(BACKENDS)}")
     pipe = EditPipeline.pretrained(args.weights)
     torch.manual_seed(0)
     with torch.inference_mode():
+        step_rows, denoisers = backend_rows(pipe, backends, request_stream(args.requests, 1.0, args.seed),
+                                            args.token_budget, args.step_repeats)
+        for row in step_rows:
+            if "skipped" in row:
+                print(f"backend {row['backend']:>13}: skipped ({row['skipped']})", file=sys.stderr)
+            else:
+                print(f"backend {row['backend']:>13}: step p50 {row['step_ms_p50']:7.1f} ms (p20 {row['step_ms_p20']:.1f}"
+                      f", p80 {row['step_ms_p80']:.1f}) over {row['image_tokens']} image tokens, "
+                      f"{row['image_tokens_per_s']:,.0f} tokens/s, max |diff| vs torch {row['max_abs_diff_vs_torch']:.2e}",
+                      file=sys.stderr)
         cap = capacity(pipe, 8, args.seed + 99)
         print(f"one-at-a-time capacity: {cap:.2f} requests/s on {torch.get_num_threads()} CPU thread(s)",
               file=sys.stderr)
@@ -268,16 +354,19 @@ def main(argv: list[str] | None = None) -> int:
                 elif mode == "static-padded":
                     res = run_static_padded(pipe, stream, load * cap, args.max_batch)
                 else:
-                    res = run_server(pipe, stream, load * cap, args.token_budget)
-                rows.append(res)
-                print(f"load {load:>4} x | {mode:>13} | {res.throughput:6.2f} req/s | p50 {res.p50_s:6.2f} s | "
-                      f"p95 {res.p95_s:6.2f} s | utilisation {res.utilisation * 100:5.1f}%", file=sys.stderr)
+                    runs = [run_server(pipe, stream, load * cap, args.token_budget, name, denoisers[name])
+                            for name in backends if name in denoisers]
+                rows += [res] if mode != "server" else runs
+                for res in [res] if mode != "server" else runs:
+                    print(f"load {load:>4} x | {res.mode:>24} | {res.throughput:6.2f} req/s | p50 {res.p50_s:6.2f} s | "
+                          f"p95 {res.p95_s:6.2f} s | utilisation {res.utilisation * 100:5.1f}%", file=sys.stderr)
     results = [asdict(r) | {"utilisation": r.utilisation} for r in rows]
     doc = {"device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
            "torch": torch.__version__, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "model": args.weights or "embedded default (ace-small)", "capacity_req_s": cap,
            "config": vars(args) | {"out": str(args.out), "weights": args.weights}, "results": results,
+           "backends": step_rows,
            "targets": targets(rows)}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"serving_{doc['device'].replace(' ', '-').lower()}_{doc['date'][:19].replace(':', '').replace('-', '')}"

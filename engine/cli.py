@@ -224,6 +224,14 @@ def cmd_export(args: argparse.Namespace) -> None:
     size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
     print(f"wrote {path} ({args.flavour}, {args.dtype}; {size:.1f} MiB with external data) "
           f"in {time.perf_counter() - t0:.1f} s; checked with onnx.checker")
+    if args.tensorrt:
+        from omniace.export.onnx import weights_hash
+        from omniace.export.tensorrt import build_engine, select_profiles
+
+        profiles = select_profiles(model.cfg, args.token_budget, args.max_samples)
+        engine = build_engine(path, out, args.tensorrt, profiles)
+        print(f"wrote {engine} ({len(profiles)} optimisation profiles up to {args.token_budget} image tokens, "
+              f"weights {weights_hash(model)[:12]})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -285,6 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="portable: standard ONNX ops, any runtime; plugin: omniace custom nodes for TensorRT")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     p.add_argument("--force", action="store_true", help="replace the export in a non-empty --out")
+    p.add_argument("--tensorrt", choices=["fp32", "fp16", "bf16"],
+                   help="also build a TensorRT engine of this precision in --out (extra 'trt'; needs a GPU)")
+    p.add_argument("--token-budget", type=_arg(lambda t: _int(t, "token-budget", 1)), default=4096,
+                   help="--tensorrt: the serving token budget the optimisation profiles cover")
+    p.add_argument("--max-samples", type=_arg(lambda t: _int(t, "max-samples", 1)), default=8,
+                   help="--tensorrt: samples (CFG branches of requests) per batched forward")
     p.set_defaults(fn=cmd_export)
     p = sub.add_parser("serve", parents=[common], help="serve edits over HTTP (EditServer; extra 'serve')")
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")

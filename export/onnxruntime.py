@@ -88,15 +88,24 @@ def onnx_for_model(model: torch.nn.Module, folder: str | os.PathLike | None = No
         log(f"exporting the denoiser to ONNX in {folder} (once per weights)")
         export_onnx(model, folder, "portable", dtype)
         return folder
+    check_export(model, folder, "portable", digest)
+    return folder
+
+
+def check_export(model: torch.nn.Module, folder: str | os.PathLike, flavour: str | None = None,
+                 digest: str | None = None) -> dict:
+    """Refuse an export folder made from other weights, another config or (if given) another flavour:
+    ValueError naming each difference. Returns its ``denoiser.json``."""
     meta = read_meta(folder)
+    digest = digest or weights_hash(model)
     differs = []
     if meta.get("weights_sha256") != digest:
         differs.append(f"weights (sha256 {str(meta.get('weights_sha256'))[:12]} vs the model's {digest[:12]})")
     if meta.get("config") != json.loads(json.dumps(config_to_dict(model.cfg))):
         differs.append("model config")
-    if meta.get("flavour") != "portable":
-        differs.append(f"flavour {meta.get('flavour')!r} (need 'portable')")
+    if flavour is not None and meta.get("flavour") != flavour:
+        differs.append(f"flavour {meta.get('flavour')!r} (need {flavour!r})")
     if differs:
         raise ValueError(f"{folder}: exported from a different model: " + "; ".join(differs)
                          + "; export again with `omniace export` or pass another folder")
-    return folder
+    return meta

@@ -44,7 +44,8 @@ def make_denoiser(model: torch.nn.Module, backend: str, artifact: str | os.PathL
       recompile);
     - ``onnxruntime``: the ``portable`` ONNX export run by ONNX Runtime (CUDA provider on a GPU); ``artifact``
       is an ``omniace export`` folder of these weights, else the model is exported once into a cache folder;
-    - ``tensorrt``: a TensorRT engine (``export/tensorrt.py``, extra ``trt``); ``artifact`` is its folder.
+    - ``tensorrt``: a TensorRT engine (``export/tensorrt.py``, extra ``trt``; not run yet); ``artifact`` is the
+      export folder the engine was built in.
 
     Raises ValueError for any other name or an artifact of other weights; ImportError naming the extra when
     a backend's package is missing."""
@@ -57,11 +58,11 @@ def make_denoiser(model: torch.nn.Module, backend: str, artifact: str | os.PathL
 
         return OnnxRuntimeDenoiser(onnx_for_model(model, artifact, log=log))
     if backend == "tensorrt":
-        from .tensorrt import TensorRTDenoiser
+        from .tensorrt import denoiser_for_model
 
         if artifact is None:
-            raise ValueError("the tensorrt backend needs the engine folder (artifact=, --artifact)")
-        return TensorRTDenoiser(artifact)
+            raise ValueError("the tensorrt backend needs an `omniace export --tensorrt` folder (artifact=, --artifact)")
+        return denoiser_for_model(model, artifact, device=next(model.parameters()).device)
     raise ValueError(f"backend {backend!r}; expected one of {BACKENDS}")
 
 

@@ -520,3 +520,27 @@ def _torch_dtype(trt_dtype) -> torch.dtype:
     if name not in table:
         raise ValueError(f"TensorRT dtype {trt_dtype} has no torch equivalent here; expected one of {sorted(table)}")
     return table[name]
+
+
+def denoiser_for_model(model, folder: str | os.PathLike, precision: str | None = None,
+                       device: str | torch.device = "cuda") -> TensorRTDenoiser:
+    """The engine in an ``omniace export`` folder (built there by :func:`build_engine`) for ``model``: the
+    folder's export must come from the model's weights and config, and the engine from that export's graph
+    (its key's ``weights_sha256`` is the graph's hash), this TensorRT and this GPU. ``precision`` picks among
+    several engines. Raises ValueError (StaleEngineError) naming what differs, FileNotFoundError without one."""
+    from .onnx import GRAPH_FILE
+    from .onnxruntime import check_export
+
+    folder = Path(folder)
+    meta = check_export(model, folder)
+    engines = sorted(folder.glob(f"denoiser.{meta['flavour']}.{precision or '*'}.engine"))
+    if len(engines) != 1:
+        raise FileNotFoundError(f"{folder}: {len(engines)} engines match precision {precision or 'any'} "
+                                f"({[e.name for e in engines]}); build one with omniace export --tensorrt, or "
+                                f"pass the precision")
+    found, _ = read_sidecar(engines[0])
+    trt = require_tensorrt()
+    name, cc = device_identity()
+    expected = EngineKey(**{**asdict(found), "weights_sha256": onnx_sha256(folder / GRAPH_FILE),
+                            "tensorrt_version": trt.__version__, "gpu_name": name, "compute_capability": cc})
+    return TensorRTDenoiser.load(engines[0], model.cfg, expected, device=device)

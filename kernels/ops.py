@@ -3,7 +3,9 @@
 The models call only these functions for RoPE, attention and control injection, so a faster backend
 speeds up everything. ``backend="auto"`` picks the highest-priority registered backend that can run on
 the inputs' device and dtype: the CUDA extension, then Triton on a GPU; the reference on the CPU (Triton
-runs on the CPU only under its interpreter, for tests, and only when named). ``OMNIACE_BACKEND`` or the
+runs on the CPU only under its interpreter, for tests, and only when named). ``dense`` (``dense.py``: no host
+reads of cu_seqlens, so ``torch.compile(fullgraph=True)``, CUDA graphs and ONNX export trace through it; O(L^2)
+attention) is used only when named. ``OMNIACE_BACKEND`` or the
 :func:`use_backend` context overrides ``auto``. Kernel backends go through the ``torch.library`` custom
 ops of ``custom_ops.py``; the reference (``reference.py``, the definition of every op) and the attention
 baselines (``baselines.py``) are plain PyTorch.
@@ -30,6 +32,7 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 KNOWN_BACKENDS = {
     "triton": "a CUDA GPU and the 'triton' package",
     "cuda": "a CUDA GPU and the compiled omniace CUDA extension (csrc/)",
+    "dense": "nothing (kernels/dense.py: masked dense ops with no host reads, for tracing)",
     "sdpa": "torch.nn.functional.scaled_dot_product_attention (attention only)",
     "flex": "torch FlexAttention on a CUDA GPU (attention only)",
     "varlen": "torch's varlen attention on a CUDA GPU (attention only)",
