@@ -58,8 +58,9 @@ def make_denoiser(model: torch.nn.Module, backend: str, artifact: str | os.PathL
 
         return OnnxRuntimeDenoiser(onnx_for_model(model, artifact, log=log))
     if backend == "tensorrt":
-        from .tensorrt import denoiser_for_model
+        from .tensorrt import denoiser_for_model, require_tensorrt
 
+        require_tensorrt()  # the missing package first: it is what most machines lack
         if artifact is None:
             raise ValueError("the tensorrt backend needs an `omniace export --tensorrt` folder (artifact=, --artifact)")
         return denoiser_for_model(model, artifact, device=next(model.parameters()).device)

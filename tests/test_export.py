@@ -234,3 +234,23 @@ def test_onnx_folder_of_other_weights_is_refused(tmp_path):
     (folder / "denoiser.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="flavour 'plugin'"):
         onnx_for_model(a, folder)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["ace-tiny", "sd3-tiny-editnet"])
+def test_forward_has_no_host_sync_on_gpu(preset):
+    """Issue 13 item 6 on the hardware: with the plan built, a forward through the kernel backends issues no
+    device-to-host sync (``torch.cuda.set_sync_debug_mode("error")`` raises on one)."""
+    model = _model(preset).cuda()
+    batch, x, t = list(_batches(model.cfg))[1]
+    batch, x, t = batch.to("cuda"), x.cuda(), t.cuda()
+    plan = batch if preset == "ace-tiny" else model.plan(batch)
+    with torch.no_grad():
+        ref = model.forward_plan(plan, x, t)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = model.forward_plan(plan, x, t)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(out, ref)
