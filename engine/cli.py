@@ -19,6 +19,7 @@ from .config import ACEConfig, PRESETS, get_config
 from .imageio import decode_image
 from .lcu import MAX_INDICATORS
 from .model import build_model, count_parameters
+from .resize import RESIZE_MODES
 from .sampler import check_finite, check_int
 
 # what a user can cause: bad values and files (ValueError, OSError), a missing extra (ImportError),
@@ -142,7 +143,7 @@ def cmd_edit(args: argparse.Namespace) -> None:
         pipe = EditPipeline.tiny("sd3")  # no trained SD3 default ships: an untrained tiny EditNet
     # guidance None: the pipeline's default (1.5 for the embedded default, validated; ACE's 4.5 otherwise)
     result = pipe.edit(images or None, args.instruction, masks=masks, steps=args.steps, guidance=args.guidance,
-                       seed=args.seed, size=args.size, truncate=args.truncate)[0]
+                       seed=args.seed, size=args.size, truncate=args.truncate, resize=args.resize)[0]
     try:
         if missing is not None:
             missing.mkdir(parents=True, exist_ok=True)
@@ -240,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-encoder")
     p.add_argument("--vae")
     p.add_argument("--size", type=SIZE, help="WIDTHxHEIGHT for text-to-image")
+    p.add_argument("--resize", choices=RESIZE_MODES, default="resize",
+                   help="how an image off the model grid or over its pixel budget is fitted: resize it (aspect kept), "
+                        "crop its centre (the rest of the input is kept in the output), or refuse it (error); the "
+                        "output has the input's size")
     p.add_argument("--steps", type=STEPS, default=20)
     p.add_argument("--guidance", type=GUIDANCE, default=None,
                    help="default: the model's (1.5 for the embedded default, 4.5 for ACE checkpoints)")

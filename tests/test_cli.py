@@ -223,7 +223,7 @@ def test_huge_sizes_are_one_line_errors_before_any_work(capsys, src, tmp_path):
     big = tmp_path / "big.png"
     Image.new("RGB", (4000, 4000)).save(big)
     code, _, err = run(["edit", "--image", str(big), "--instruction", "{image} x", "--steps", "1",
-                        "--out", str(tmp_path / "o.png")], capsys)
+                        "--out", str(tmp_path / "o.png"), "--resize", "error"], capsys)
     assert_user_error(code, err, "needs 500000 image tokens per sample")
 
 
@@ -243,3 +243,27 @@ def test_edit_with_a_trainer_export(capsys, src, tmp_path):
     assert code == 0, err
     ref = EditPipeline.pretrained().edit(demo_scene(32, 32), "{image} make it blue", steps=2)[0]
     assert Image.open(out).tobytes() == ref.tobytes()  # the same default guidance (1.5) as the Python API
+
+
+@pytest.mark.parametrize("mode", ["resize", "crop"])
+def test_edit_takes_any_size(mode, tmp_path, capsys):
+    demo_scene(37, 53).save(tmp_path / "in.png")
+    Image.new("L", (37, 53), 255).save(tmp_path / "m.png")
+    out = tmp_path / "o.png"
+    code, _, err = run(["edit", "--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "m.png"),
+                        "--instruction", "{image} make it blue", "--steps", "2", "--resize", mode, "--out", str(out)],
+                       capsys)
+    assert code == 0, err
+    ref = EditPipeline.pretrained().edit(demo_scene(37, 53), "{image} make it blue", masks=Image.new("L", (37, 53), 255),
+                                         steps=2, resize=mode)[0]
+    assert Image.open(out).size == (37, 53) and Image.open(out).tobytes() == ref.tobytes()
+
+
+def test_edit_resize_error_keeps_the_strict_message(tmp_path, capsys, no_model):
+    Image.new("RGB", (1, 300)).save(tmp_path / "thin.png")
+    code, _, err = run(["edit", "--image", str(tmp_path / "thin.png"), "--instruction", "x", "--out",
+                        str(tmp_path / "o.png")], capsys)
+    assert_user_error(code, err, "image 0: image size 1x300 is too small for the model")
+    code, _, err = run(["edit", "--image", str(tmp_path / "thin.png"), "--instruction", "x", "--resize", "fit"],
+                       capsys)
+    assert_user_error(code, err, "argument --resize: invalid choice: 'fit'")
