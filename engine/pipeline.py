@@ -20,6 +20,7 @@ from .imageio import decode_image
 from .config import ACEConfig, SD3Config, get_config
 from .lcu import (MAX_INDICATORS, ConditionUnit, ImageInput, LCUSample, PackedLCU, indicator_indices,
                   indicator_token, pack, unpatchify, validate)
+from .memory import MemoryEstimate, estimate_memory
 from .model import build_model
 from .resize import Fit, check_mode, fit, pixel_budget
 from .sampler import StepSampler, check_finite, check_guidance, check_int, guide, initial_noise, make_sampler
@@ -124,6 +125,14 @@ def check_output_path(path: str | os.PathLike, inputs: Sequence[str | os.PathLik
 
 
 DEFAULT_WEIGHTS = Path(__file__).parent / "assets" / "ace-small-edit.safetensors"
+
+
+def check_device(device: str | torch.device) -> None:
+    """ValueError naming ``device`` if torch cannot allocate on it here (a typo, CUDA without a GPU)."""
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as err:  # "xyz", or cuda on a machine without it
+        raise ValueError(f"device {str(device)!r} is not usable here ({str(err).splitlines()[0]})") from None
 
 
 def tiny_text_encoder(cfg: ACEConfig | SD3Config) -> TinyTextEncoder:
@@ -243,22 +252,20 @@ class EditPipeline:
     """Edit or generate images with an ACE or SD3(+EditNet) model, a text encoder and a codec."""
 
     def __init__(self, model, text_encoder, codec, device: str = "cpu", max_tokens: int = 16384,
-                 default_guidance: float = 4.5, max_pixels: int | None = None):
+                 default_guidance: float = 4.5, max_pixels: int | None = None, dtype: torch.dtype | None = None):
         """``max_tokens``: image tokens one sample may hold (every frame of one CFG branch; memory and time grow
         with it, the reference attention's quadratically); ``default_guidance``: the CFG scale used when a
         call passes ``guidance=None`` (ACE's 4.5; the embedded default was validated at 1.5); ``max_pixels``:
         the pixel budget one input image is scaled down to (default: the model's,
-        :func:`~omniace.engine.resize.pixel_budget`)."""
+        :func:`~omniace.engine.resize.pixel_budget`); ``dtype``: the model's (default: as given). ValueError for
+        a device that is not usable here."""
         self.max_tokens = check_int(max_tokens, "max_tokens", 1)
         self.max_pixels, self.max_side = pixel_budget(model.cfg)
         if max_pixels is not None:
             self.max_pixels = check_int(max_pixels, "max_pixels", 1)
         self.default_guidance = check_finite(default_guidance, "default_guidance")
-        try:
-            torch.empty(0, device=device)
-        except (RuntimeError, AssertionError) as err:  # "xyz", or cuda on a machine without it
-            raise ValueError(f"device {device!r} is not usable here ({str(err).splitlines()[0]})") from None
-        self.model = model.to(device).eval()
+        check_device(device)
+        self.model = model.to(device=device, dtype=dtype).eval()
         self.text_encoder = text_encoder
         self.codec = codec
         self.device = device
@@ -268,26 +275,38 @@ class EditPipeline:
             raise ValueError(f"codec factor {codec.factor} differs from the model's codec_factor {self.cfg.codec_factor}")
 
     @classmethod
-    def pretrained(cls, path: str | Path | None = None, device: str = "cpu") -> "EditPipeline":
+    def pretrained(cls, path: str | Path | None = None, device: str = "cpu", dtype: torch.dtype | None = None,
+                   preset: str | None = None) -> "EditPipeline":
         """The embedded default: ``ace-small`` trained on the synthetic OmniEdit-style corpus (README recipe),
-        with its byte-level text encoder and the pixel codec. ``path`` loads another trainer export."""
+        with its byte-level text encoder and the pixel codec. ``path`` loads another trainer export (its config
+        from its metadata, or ``preset`` for a file without it)."""
         from .model import load_model
 
         path = Path(path) if path is not None else DEFAULT_WEIGHTS
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no trained weights there; train them with the README's recipe "
                                     f"(python -m omniace.train.trainer ... --preset ace-small)")
-        model = load_model(path)
+        model = load_model(path, preset)
         text_dim = model.cfg.y_channels if isinstance(model.cfg, ACEConfig) else model.cfg.joint_attention_dim
         if model.cfg.codec_factor != 4 or text_dim != 32:
             raise ValueError(f"{path}: not a tiny pixel-space model (codec_factor 4, byte-level text); "
                              f"use EditPipeline(model, text_encoder, codec) for it")
         # guidance 1.5: chosen for the embedded default on a validation split (docs/default_model.md)
         return cls(model, tiny_text_encoder(model.cfg), PixelCodec(model.cfg.codec_factor), device=device,
-                   default_guidance=1.5)
+                   default_guidance=1.5, dtype=dtype)
 
     @classmethod
-    def tiny(cls, family: str = "ace", seed: int = 0) -> "EditPipeline":
+    def dry(cls, cfg: ACEConfig | SD3Config, dtype: torch.dtype = torch.float32, **kw) -> "EditPipeline":
+        """A pipeline of ``cfg`` on the meta device, with no weights: it checks requests and estimates their
+        memory (:meth:`memory_estimate`) before a real one is loaded; it cannot sample. ``kw`` as the
+        constructor's (``max_pixels``, ``max_tokens``)."""
+        with torch.device("meta"):
+            model = build_model(cfg)
+        return cls(model, None, PixelCodec(cfg.codec_factor), device="meta", dtype=dtype, **kw)
+
+    @classmethod
+    def tiny(cls, family: str = "ace", seed: int = 0, device: str = "cpu",
+             dtype: torch.dtype | None = None) -> "EditPipeline":
         """An untrained tiny model (tests, shapes and timing; :meth:`pretrained` is the trained default)."""
         cfg = get_config("ace-tiny" if family == "ace" else "sd3-tiny-editnet")
         with torch.random.fork_rng(devices=[]):
@@ -297,7 +316,7 @@ class EditPipeline:
         if family == "ace":
             with torch.no_grad():
                 model.text_position_embeddings.pos.copy_(indicator_table(text))
-        return cls(model, text, PixelCodec(cfg.codec_factor))
+        return cls(model, text, PixelCodec(cfg.codec_factor), device=device, dtype=dtype)
 
     @property
     def multiple(self) -> int:
@@ -364,6 +383,22 @@ class EditPipeline:
                              f"branch(es) of {sizes}), more than {budget[1]} of {budget[0]}; use fewer or "
                              f"smaller images")
         return fits, target
+
+    def memory_estimate(self, current: Turn, size: tuple[int, int] | None = None, guidance: float | None = None,
+                        history: Sequence[Turn] = (), weights_resident: bool = True,
+                        device: str | None = None) -> MemoryEstimate:
+        """Bytes a request would need on ``device`` (default: the pipeline's) by :mod:`omniace.engine.memory`'s
+        formula, after the request checks of :meth:`prepare` (the same ValueError/TypeError).
+        ``weights_resident``: the weights are already loaded (they count 0)."""
+        branches = 1 if (self.default_guidance if guidance is None else guidance) == 1.0 else 2
+        fits, target = self._check_request(list(history), current, size, "", branches)
+        grids = [target.grid] + [f.grid for turn_fits in fits for f in turn_fits]
+        tokens = sum((w // self.multiple) * (h // self.multiple) for w, h in grids)
+        element = next(self.model.parameters()).dtype.itemsize
+        return estimate_memory(self.model, tokens, (len(history) + 1) * self.cfg.text_len, branches,
+                               max(w * h for w, h in grids), element, weights_resident,
+                               vae=not isinstance(self.codec, PixelCodec),
+                               scores=torch.device(device or self.device).type != "cuda")
 
     def _unit(self, turn: Turn, fits: list[Fit]) -> ConditionUnit:
         """A turn's images (each brought to the grid by its own fit, its mask through the same geometry)
@@ -455,12 +490,13 @@ class EditPipeline:
         ``resize`` = ``"resize"`` (aspect kept up to rounding), ``"crop"`` (aspect kept, the centre cropped; the
         output is the input with the edited crop pasted back) or ``"error"`` (refuse a size off the grid); see
         :mod:`omniace.engine.resize`. With no images, generates an image of ``size`` (width, height; on the
-        grid below it, resized to it unless ``"error"``). ``masks`` (white = edit) go with
-        the images in order (ACE family); each has its image's size, or its aspect ratio, and follows its image.
-        ``{image}``, ``{image1}`` ... name the images. ``steps``: an int >= 1; ``guidance``: finite, or None for ``default_guidance``;
-        ``rescale``: in [0, 1]; ``seed``: an int >= 0. Text past the encoder's limit is cut with a
-        warning, or refused if not ``truncate``. Raises ValueError/TypeError naming a bad argument
-        before any model work, FloatingPointError if the latent turns NaN/inf (naming the step).
+        grid below it, resized to it unless ``"error"``). ``masks`` (white = edit) go with the images in order
+        (ACE family); each has its image's size, or its aspect ratio, and follows its image. ``{image}``,
+        ``{image1}`` ... name the images. ``steps``: an int >= 1; ``guidance``: finite, or None for
+        ``default_guidance``; ``rescale``: in [0, 1]; ``seed``: an int >= 0. Text past the encoder's limit is
+        cut with a warning, or refused if not ``truncate``. Raises ValueError/TypeError naming a bad argument
+        (an image too small for the grid too) before any model work, FloatingPointError if the latent turns
+        NaN/inf (naming the step).
         """
         check_mode(resize)
         images, masks = turn_inputs(images, masks)
