@@ -19,7 +19,7 @@ from .config import ACEConfig, PRESETS, get_config
 from .imageio import decode_image
 from .lcu import MAX_INDICATORS
 from .model import build_model, count_parameters
-from .resize import RESIZE_MODES
+from .resize import RESIZE_MODES, pixel_budget
 from .sampler import check_finite, check_int
 
 # what a user can cause: bad values and files (ValueError, OSError), a missing extra (ImportError),
@@ -158,8 +158,11 @@ def _load_pipeline(args: argparse.Namespace, dtype: torch.dtype):
                              f"file with --text-encoder and --vae")
         return load(args.weights, device=args.device, dtype=dtype)
     model = load_model(args.weights, args.preset)
+    # a preset's own pixel budget (ace-0.6b-512 shares the 1024 px model's config)
+    max_pixels = pixel_budget(args.preset)[0] if args.preset else None
     return EditPipeline(model, T5TextEncoder(args.text_encoder, device=args.device, dtype=dtype),
-                        AutoencoderKLCodec(args.vae, device=args.device, dtype=dtype), device=args.device, dtype=dtype)
+                        AutoencoderKLCodec(args.vae, device=args.device, dtype=dtype), device=args.device, dtype=dtype,
+                        max_pixels=max_pixels)
 
 
 def cmd_edit(args: argparse.Namespace) -> None:

@@ -322,6 +322,10 @@ class EditPipeline:
     def multiple(self) -> int:
         return self.cfg.patch_size * self.cfg.codec_factor
 
+    def _tokens(self, grids: list[tuple[int, int]]) -> int:
+        """Image tokens of frames of these (width, height) grid sizes."""
+        return sum((w // self.multiple) * (h // self.multiple) for w, h in grids)
+
     def fit(self, size: tuple[int, int], resize: str = "resize", what: str = "image") -> Fit:
         """How an input image of ``size`` (width, height) reaches this model's grid within its pixel budget
         (:func:`~omniace.engine.resize.fit`; ValueError naming ``what`` for a size it refuses)."""
@@ -371,8 +375,8 @@ class EditPipeline:
                 raise ValueError(f"size {wh[0]}x{wh[1]} is not a multiple of {self.multiple} pixels")
             # the size asked for is generated (no pixel budget; max_tokens bounds it), on the grid below it
             target = fit(wh, self.multiple, "resize", what=f"size {wh[0]}x{wh[1]}")
-        frames = [target.grid] + [f.grid for turn_fits in fits for f in turn_fits]
-        per_sample = sum((w // self.multiple) * (h // self.multiple) for w, h in frames)
+        frames = _grids(fits, target)
+        per_sample = self._tokens(frames)
         sizes = ", ".join(f"{w}x{h}" for w, h in frames)
         if per_sample > self.max_tokens:
             raise ValueError(f"this request needs {per_sample} image tokens per sample (target and condition "
@@ -392,10 +396,9 @@ class EditPipeline:
         ``weights_resident``: the weights are already loaded (they count 0)."""
         branches = 1 if (self.default_guidance if guidance is None else guidance) == 1.0 else 2
         fits, target = self._check_request(list(history), current, size, "", branches)
-        grids = [target.grid] + [f.grid for turn_fits in fits for f in turn_fits]
-        tokens = sum((w // self.multiple) * (h // self.multiple) for w, h in grids)
+        grids = _grids(fits, target)
         element = next(self.model.parameters()).dtype.itemsize
-        return estimate_memory(self.model, tokens, (len(history) + 1) * self.cfg.text_len, branches,
+        return estimate_memory(self.model, self._tokens(grids), (len(history) + 1) * self.cfg.text_len, branches,
                                max(w * h for w, h in grids), element, weights_resident,
                                vae=not isinstance(self.codec, PixelCodec),
                                scores=torch.device(device or self.device).type != "cuda")
@@ -502,6 +505,11 @@ class EditPipeline:
         images, masks = turn_inputs(images, masks)
         return [self.run([], Turn(instruction, images, masks, resize), size, steps, guidance, rescale, seed,
                          negative, truncate)]
+
+
+def _grids(fits: list[list[Fit]], target: Fit) -> list[tuple[int, int]]:
+    """The (width, height) on the grid of a request's frames: the target, then every image in order."""
+    return [target.grid] + [f.grid for turn_fits in fits for f in turn_fits]
 
 
 def _n_images(turns: list[Turn]) -> int:

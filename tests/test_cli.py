@@ -360,3 +360,37 @@ def test_device_dtype_and_latent_exports(src, tmp_path, capsys):
                         "--preset", "ace-0.6b-512"], capsys)
     assert_user_error(code, err, "is a latent-space ace model (codec factor 8); give --text-encoder and --vae")
     del big
+
+
+def test_edit_a_latent_model_with_t5_and_a_vae(src, tmp_path, capsys):
+    """--weights with --text-encoder and --vae: real transformers T5 and diffusers AutoencoderKL folders (tiny,
+    random), an odd-size image, --dtype, and the memory check once they are loaded."""
+    tokenizers = pytest.importorskip("tokenizers")
+    diffusers = pytest.importorskip("diffusers")
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    from omniace.engine.config import get_config
+    from omniace.engine.model import build_model, save_model
+
+    words = ["<pad>", "</s>", "<unk>", "make", "it", "blue"]
+    tk = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(tmp_path / "t5")
+    T5EncoderModel(T5Config(vocab_size=len(words), d_model=16, d_kv=4, d_ff=32, num_layers=1,
+                            num_heads=2)).save_pretrained(tmp_path / "t5")
+    diffusers.AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                            up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4,
+                            norm_num_groups=8, layers_per_block=1).save_pretrained(tmp_path / "vae")
+    cfg = get_config("ace-tiny", in_channels=4, y_channels=16, text_len=120, codec_factor=2)
+    save_model(build_model(cfg), tmp_path / "m.safetensors")
+    Image.new("RGB", (37, 53), (30, 90, 200)).save(tmp_path / "odd.png")
+    args = ["edit", "--image", str(tmp_path / "odd.png"), "--instruction", "{image} make it blue", "--steps", "1",
+            "--weights", str(tmp_path / "m.safetensors"), "--text-encoder", str(tmp_path / "t5"), "--vae",
+            str(tmp_path / "vae"), "--dtype", "float32"]
+    code, _, err = run(args + ["--out", str(tmp_path / "o.png")], capsys)
+    assert code == 0, err
+    assert Image.open(tmp_path / "o.png").size == (37, 53)
+    code, _, err = run(args + ["--max-memory", "0.0001", "--out", str(tmp_path / "p.png")], capsys)
+    assert_user_error(code, err, "(weights 0.0 MiB, activations")  # loaded first: its weights are resident
+    assert not (tmp_path / "p.png").exists()
