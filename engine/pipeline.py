@@ -374,7 +374,7 @@ class EditPipeline:
             if current.resize == "error" and (wh[0] % self.multiple or wh[1] % self.multiple):
                 raise ValueError(f"size {wh[0]}x{wh[1]} is not a multiple of {self.multiple} pixels")
             # the size asked for is generated (no pixel budget; max_tokens bounds it), on the grid below it
-            target = fit(wh, self.multiple, "resize", what=f"size {wh[0]}x{wh[1]}")
+            target = fit(wh, self.multiple, "resize", what="size")
         frames = _grids(fits, target)
         per_sample = self._tokens(frames)
         sizes = ", ".join(f"{w}x{h}" for w, h in frames)

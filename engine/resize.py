@@ -13,7 +13,8 @@ The grid is ``m = patch_size x codec_factor`` pixels. An image of ``w x h`` pixe
 A mask follows its image through the same geometry with nearest-neighbour resampling. The model's output comes
 back at the input's size with :meth:`Fit.restore`: resized back (``resize``), or pasted back over the cropped
 region of the input, whose margins stay the input's own pixels (``crop``). An image whose fitted side would be
-under ``m`` pixels (``1x300`` at ``m = 8``) is refused with a ``ValueError`` naming it.
+under ``m`` pixels (``1x300`` at ``m = 8``) is refused with a ``ValueError`` naming it. A text-to-image size
+is generated on the grid below it (no budget) and the output resized to it (``EditPipeline``).
 """
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ from .config import ACEConfig, SD3Config, get_config
 
 RESIZE_MODES = ("resize", "crop", "error")
 RESAMPLE = Image.Resampling.LANCZOS  # VaeImageProcessor's default ("lanczos")
-# ACE's released inference caps one image at 4096 tokens (1024x1024 px for the 0.6B model); the 512 px checkpoint
-# shares the 1024 one's config, so its budget is named here
+# ACE: 4096 tokens a frame, 1024x1024 px for ACE-0.6B (its 1024 px checkpoint's resolution); the 512 px checkpoint
+# shares that config, so its budget is named here
 ACE_TOKENS = 4096
 PIXEL_BUDGETS = {"ace-0.6b-512": 512 * 512}
 
