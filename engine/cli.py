@@ -19,6 +19,7 @@ from .config import ACEConfig, PRESETS, get_config
 from .imageio import decode_image
 from .lcu import MAX_INDICATORS
 from .model import build_model, count_parameters
+from .resize import RESIZE_MODES, pixel_budget
 from .sampler import check_finite, check_int
 
 # what a user can cause: bad values and files (ValueError, OSError), a missing extra (ImportError),
@@ -83,6 +84,13 @@ def _float(text: str, name: str) -> float:
     return check_finite(value, name)
 
 
+def _positive(text: str, name: str) -> float:
+    value = _float(text, name)
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive number, got {text!r}")
+    return value
+
+
 STEPS = _arg(lambda t: _int(t, "steps", 1))
 SEED = _arg(lambda t: _int(t, "seed", 0))
 PER_TASK = _arg(lambda t: _int(t, "per-task", 1))
@@ -111,38 +119,106 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"done in {time.perf_counter() - t0:.1f}s; 'copy' columns score the unedited source as the output")
 
 
-def cmd_edit(args: argparse.Namespace) -> None:
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _export_config(path: Path, preset: str | None):
+    """The config of a trainer export, from its ``omniace_config`` metadata (no tensor is read) or ``preset``."""
+    import json
+
+    from .config import config_from_dict
+    from .weights import read_safetensors_metadata
+
+    meta = read_safetensors_metadata(path).get("omniace_config") if path.suffix == ".safetensors" else None
+    if meta is None:
+        if preset is None:
+            raise ValueError(f"--weights {str(path)!r} has no omniace_config metadata; pass --preset to name its "
+                             f"config")
+        return get_config(preset)
+    try:
+        return config_from_dict(json.loads(meta))
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"--weights {str(path)!r}: its omniace_config metadata does not describe a model "
+                         f"({err})") from None
+
+
+def _load_pipeline(args: argparse.Namespace, dtype: torch.dtype):
+    """The pipeline ``--weights`` names when it cannot be checked before loading: a pipeline folder
+    (``EditPipeline.from_pretrained``) or a latent-space model with ``--text-encoder`` and ``--vae``."""
     from .codec import AutoencoderKLCodec
     from .model import load_model
-    from .pipeline import EditPipeline, check_output_path
+    from .pipeline import EditPipeline
     from .text import T5TextEncoder
 
+    if Path(args.weights).is_dir():
+        load = getattr(EditPipeline, "from_pretrained", None)
+        if load is None:
+            raise ValueError(f"--weights {args.weights!r} is a folder, but this build has no pipeline-folder loader "
+                             f"(EditPipeline.from_pretrained); give a trainer export (.safetensors), or a model "
+                             f"file with --text-encoder and --vae")
+        return load(args.weights, device=args.device, dtype=dtype)
+    model = load_model(args.weights, args.preset)
+    # a preset's own pixel budget (ace-0.6b-512 shares the 1024 px model's config)
+    max_pixels = pixel_budget(args.preset)[0] if args.preset else None
+    return EditPipeline(model, T5TextEncoder(args.text_encoder, device=args.device, dtype=dtype),
+                        AutoencoderKLCodec(args.vae, device=args.device, dtype=dtype), device=args.device, dtype=dtype,
+                        max_pixels=max_pixels)
+
+
+def cmd_edit(args: argparse.Namespace) -> None:
+    from .memory import GIB, available_memory, check_memory
+    from .pipeline import DEFAULT_WEIGHTS, EditPipeline, Turn, check_device, check_output_path
+
     # every check a user can fail comes before the model is loaded
-    if args.weights and not Path(args.weights).is_file():
-        raise ValueError(f"--weights {args.weights!r} is not a file")
-    if args.weights and (args.text_encoder is None) != (args.vae is None):
+    weights = Path(args.weights) if args.weights else None
+    if weights is not None and not weights.exists():
+        raise ValueError(f"--weights {args.weights!r} is not a file or a folder; expected a trainer export "
+                         f"(.safetensors) or a pipeline folder")
+    if weights is not None and weights.is_dir() and (args.text_encoder or args.vae):
+        raise ValueError(f"--weights {args.weights!r} is a pipeline folder: it holds its own text encoder and VAE; "
+                         f"drop --text-encoder and --vae")
+    if weights is not None and (args.text_encoder is None) != (args.vae is None):
         raise ValueError(f"--weights {args.weights!r}: --text-encoder and --vae go together (a latent-space model); "
                          f"give neither for a trainer export of a pixel-space preset")
+    if weights is None and (args.text_encoder or args.vae):
+        raise ValueError("--text-encoder and --vae go with --weights (the model they encode for)")
+    untrained = weights is None and args.family == "sd3"  # no trained SD3 default ships
+    if untrained and not args.allow_untrained:
+        raise ValueError("--family sd3 without --weights is an untrained tiny EditNet: its output is noise; pass "
+                         "--weights (a trainer export or a pipeline folder), or --allow-untrained to sample it "
+                         "anyway (shapes and timing)")
     if args.size and args.image:
         raise ValueError(f"--size {args.size[0]}x{args.size[1]} is for text-to-image; an edit keeps the size "
                          f"of its first --image")
     if not args.image and not args.size:
         raise ValueError("text-to-image (no --image) needs --size WIDTHxHEIGHT")
+    check_device(args.device)
+    dtype = DTYPES[args.dtype]
     out, missing = check_output_path(args.out, inputs=args.image + args.mask, force=args.force)
     images = [decode_image(p, f"--image {p}") for p in args.image]
     masks = [decode_image(p, f"--mask {p}").convert("L") for p in args.mask]
-    if args.weights and args.text_encoder is not None:
-        model = load_model(args.weights, args.preset)
-        pipe = EditPipeline(model, T5TextEncoder(args.text_encoder), AutoencoderKLCodec(args.vae))
-    elif args.weights:
-        pipe = EditPipeline.pretrained(args.weights)  # a trainer export: byte-level text, pixel codec
-    elif args.family == "ace":
-        pipe = EditPipeline.pretrained()
+    turn = Turn(args.instruction, images, masks + [None] * (len(images) - len(masks)), args.resize)
+    limit = int(args.max_memory * GIB) if args.max_memory is not None else available_memory(args.device)
+    where = f"free on {args.device}" if args.max_memory is None else "allowed by --max-memory"
+    if weights is not None and (weights.is_dir() or args.text_encoder):
+        pipe = _load_pipeline(args, dtype)  # its config is known once loaded; the weights are then resident
+        check_memory(pipe.memory_estimate(turn, args.size, args.guidance, device=args.device), limit, where)
     else:
-        pipe = EditPipeline.tiny("sd3")  # no trained SD3 default ships: an untrained tiny EditNet
+        cfg = get_config("sd3-tiny-editnet") if untrained else _export_config(weights or DEFAULT_WEIGHTS, args.preset)
+        if cfg.codec_factor != 4:
+            raise ValueError(f"--weights {args.weights!r} is a latent-space {cfg.family} model (codec factor "
+                             f"{cfg.codec_factor}); give --text-encoder and --vae with it, or a pipeline folder")
+        estimate = EditPipeline.dry(cfg, dtype).memory_estimate(turn, args.size, args.guidance,
+                                                                weights_resident=False, device=args.device)
+        check_memory(estimate, limit, where)
+        if untrained:
+            warnings.warn("sampling an untrained tiny SD3 EditNet (--allow-untrained): the output is noise")
+            pipe = EditPipeline.tiny("sd3", device=args.device, dtype=dtype)
+        else:
+            pipe = EditPipeline.pretrained(weights, device=args.device, dtype=dtype, preset=args.preset)
     # guidance None: the pipeline's default (1.5 for the embedded default, validated; ACE's 4.5 otherwise)
     result = pipe.edit(images or None, args.instruction, masks=masks, steps=args.steps, guidance=args.guidance,
-                       seed=args.seed, size=args.size, truncate=args.truncate)[0]
+                       seed=args.seed, size=args.size, truncate=args.truncate, resize=args.resize)[0]
     try:
         if missing is not None:
             missing.mkdir(parents=True, exist_ok=True)
@@ -258,12 +334,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instruction", required=True)
     p.add_argument("--out", default="edited.png", help="image file; its extension picks the format")
     p.add_argument("--force", action="store_true", help="allow --out to overwrite an input image")
-    p.add_argument("--family", choices=["ace", "sd3"], default="ace")
-    p.add_argument("--weights", help="a trainer export (pixel-space preset), or with --text-encoder and --vae a "
+    p.add_argument("--family", choices=["ace", "sd3"], default="ace",
+                   help="without --weights: ace is the embedded trained default; sd3 an untrained tiny EditNet "
+                        "(needs --allow-untrained)")
+    p.add_argument("--weights", help="a trainer export (pixel-space preset, built-in text encoder), a pipeline "
+                                     "folder (EditPipeline.from_pretrained), or with --text-encoder and --vae a "
                                      "latent-space model's safetensors")
+    p.add_argument("--allow-untrained", action="store_true",
+                   help="sample an untrained model (--family sd3 without --weights); its output is noise")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="the model's (and VAE's, T5's)")
+    p.add_argument("--max-memory", type=_arg(lambda t: _positive(t, "max-memory")), default=None,
+                   help="GiB a request may use (default: the device's free memory); a request whose estimate "
+                        "(weights + activations, omniace.engine.memory) is larger is refused before sampling")
     p.add_argument("--text-encoder")
     p.add_argument("--vae")
     p.add_argument("--size", type=SIZE, help="WIDTHxHEIGHT for text-to-image")
+    p.add_argument("--resize", choices=RESIZE_MODES, default="resize",
+                   help="how an image off the model grid or over its pixel budget is fitted: resize it (aspect kept), "
+                        "crop its centre (the rest of the input is kept in the output), or refuse it (error); the "
+                        "output has the input's size")
     p.add_argument("--steps", type=STEPS, default=20)
     p.add_argument("--guidance", type=GUIDANCE, default=None,
                    help="default: the model's (1.5 for the embedded default, 4.5 for ACE checkpoints)")

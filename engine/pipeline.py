@@ -20,7 +20,9 @@ from .imageio import decode_image
 from .config import ACEConfig, SD3Config, get_config
 from .lcu import (MAX_INDICATORS, ConditionUnit, ImageInput, LCUSample, PackedLCU, indicator_indices,
                   indicator_token, pack, unpatchify, validate)
+from .memory import MemoryEstimate, estimate_memory
 from .model import build_model
+from .resize import Fit, check_mode, fit, pixel_budget
 from .sampler import StepSampler, check_finite, check_guidance, check_int, guide, initial_noise, make_sampler
 from .text import TinyTextEncoder, indicator_table
 
@@ -125,6 +127,14 @@ def check_output_path(path: str | os.PathLike, inputs: Sequence[str | os.PathLik
 DEFAULT_WEIGHTS = Path(__file__).parent / "assets" / "ace-small-edit.safetensors"
 
 
+def check_device(device: str | torch.device) -> None:
+    """ValueError naming ``device`` if torch cannot allocate on it here (a typo, CUDA without a GPU)."""
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as err:  # "xyz", or cuda on a machine without it
+        raise ValueError(f"device {str(device)!r} is not usable here ({str(err).splitlines()[0]})") from None
+
+
 def tiny_text_encoder(cfg: ACEConfig | SD3Config) -> TinyTextEncoder:
     """The fixed-seed byte-level encoder that the tiny presets train and run with."""
     if isinstance(cfg, ACEConfig):
@@ -139,8 +149,9 @@ ImageLike = Image.Image | str | bytes | os.PathLike  # what decode_image reads
 @dataclass
 class Turn:
     instruction: str  # with indicators already renamed to sample-global indices
-    images: list[Image.Image]
+    images: list[Image.Image]  # at the size the user gave them
     masks: list[Image.Image | Tensor | None]
+    resize: str = "resize"  # how its images reach the model grid (omniace.engine.resize)
 
 
 def turn_inputs(images: ImageLike | Sequence[ImageLike] | None,
@@ -198,6 +209,8 @@ class EditJob:
     rescale: float
     target_size: tuple[int, int]  # latent (h, w)
     patch_size: int
+    output: Fit | None = None  # how the decoded grid-size output returns to the request's size
+    source: Image.Image | None = None  # the edited image as given (a crop is pasted back over it)
     i: int = 0  # steps taken
 
     @property
@@ -239,17 +252,20 @@ class EditPipeline:
     """Edit or generate images with an ACE or SD3(+EditNet) model, a text encoder and a codec."""
 
     def __init__(self, model, text_encoder, codec, device: str = "cpu", max_tokens: int = 16384,
-                 default_guidance: float = 4.5):
+                 default_guidance: float = 4.5, max_pixels: int | None = None, dtype: torch.dtype | None = None):
         """``max_tokens``: image tokens one sample may hold (every frame of one CFG branch; memory and time grow
         with it, the reference attention's quadratically); ``default_guidance``: the CFG scale used when a
-        call passes ``guidance=None`` (ACE's 4.5; the embedded default was validated at 1.5)."""
+        call passes ``guidance=None`` (ACE's 4.5; the embedded default was validated at 1.5); ``max_pixels``:
+        the pixel budget one input image is scaled down to (default: the model's,
+        :func:`~omniace.engine.resize.pixel_budget`); ``dtype``: the model's (default: as given). ValueError for
+        a device that is not usable here."""
         self.max_tokens = check_int(max_tokens, "max_tokens", 1)
+        self.max_pixels, self.max_side = pixel_budget(model.cfg)
+        if max_pixels is not None:
+            self.max_pixels = check_int(max_pixels, "max_pixels", 1)
         self.default_guidance = check_finite(default_guidance, "default_guidance")
-        try:
-            torch.empty(0, device=device)
-        except (RuntimeError, AssertionError) as err:  # "xyz", or cuda on a machine without it
-            raise ValueError(f"device {device!r} is not usable here ({str(err).splitlines()[0]})") from None
-        self.model = model.to(device).eval()
+        check_device(device)
+        self.model = model.to(device=device, dtype=dtype).eval()
         self.text_encoder = text_encoder
         self.codec = codec
         self.device = device
@@ -259,26 +275,38 @@ class EditPipeline:
             raise ValueError(f"codec factor {codec.factor} differs from the model's codec_factor {self.cfg.codec_factor}")
 
     @classmethod
-    def pretrained(cls, path: str | Path | None = None, device: str = "cpu") -> "EditPipeline":
+    def pretrained(cls, path: str | Path | None = None, device: str = "cpu", dtype: torch.dtype | None = None,
+                   preset: str | None = None) -> "EditPipeline":
         """The embedded default: ``ace-small`` trained on the synthetic OmniEdit-style corpus (README recipe),
-        with its byte-level text encoder and the pixel codec. ``path`` loads another trainer export."""
+        with its byte-level text encoder and the pixel codec. ``path`` loads another trainer export (its config
+        from its metadata, or ``preset`` for a file without it)."""
         from .model import load_model
 
         path = Path(path) if path is not None else DEFAULT_WEIGHTS
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no trained weights there; train them with the README's recipe "
                                     f"(python -m omniace.train.trainer ... --preset ace-small)")
-        model = load_model(path)
+        model = load_model(path, preset)
         text_dim = model.cfg.y_channels if isinstance(model.cfg, ACEConfig) else model.cfg.joint_attention_dim
         if model.cfg.codec_factor != 4 or text_dim != 32:
             raise ValueError(f"{path}: not a tiny pixel-space model (codec_factor 4, byte-level text); "
                              f"use EditPipeline(model, text_encoder, codec) for it")
         # guidance 1.5: chosen for the embedded default on a validation split (docs/default_model.md)
         return cls(model, tiny_text_encoder(model.cfg), PixelCodec(model.cfg.codec_factor), device=device,
-                   default_guidance=1.5)
+                   default_guidance=1.5, dtype=dtype)
 
     @classmethod
-    def tiny(cls, family: str = "ace", seed: int = 0) -> "EditPipeline":
+    def dry(cls, cfg: ACEConfig | SD3Config, dtype: torch.dtype = torch.float32, **kw) -> "EditPipeline":
+        """A pipeline of ``cfg`` on the meta device, with no weights: it checks requests and estimates their
+        memory (:meth:`memory_estimate`) before a real one is loaded; it cannot sample. ``kw`` as the
+        constructor's (``max_pixels``, ``max_tokens``)."""
+        with torch.device("meta"):
+            model = build_model(cfg)
+        return cls(model, None, PixelCodec(cfg.codec_factor), device="meta", dtype=dtype, **kw)
+
+    @classmethod
+    def tiny(cls, family: str = "ace", seed: int = 0, device: str = "cpu",
+             dtype: torch.dtype | None = None) -> "EditPipeline":
         """An untrained tiny model (tests, shapes and timing; :meth:`pretrained` is the trained default)."""
         cfg = get_config("ace-tiny" if family == "ace" else "sd3-tiny-editnet")
         with torch.random.fork_rng(devices=[]):
@@ -288,35 +316,43 @@ class EditPipeline:
         if family == "ace":
             with torch.no_grad():
                 model.text_position_embeddings.pos.copy_(indicator_table(text))
-        return cls(model, text, PixelCodec(cfg.codec_factor))
+        return cls(model, text, PixelCodec(cfg.codec_factor), device=device, dtype=dtype)
 
     @property
     def multiple(self) -> int:
         return self.cfg.patch_size * self.cfg.codec_factor
 
-    def _check_image(self, image: object, what: str) -> None:
-        if not isinstance(image, Image.Image):
-            raise TypeError(f"{what} must be a PIL image, got {type(image).__name__}")
-        w, h = image.size
-        if w % self.multiple or h % self.multiple:
-            raise ValueError(f"{what}: image size {w}x{h} is not a multiple of patch x codec factor = "
-                             f"{self.multiple} pixels; resize or crop it first")
+    def _tokens(self, grids: list[tuple[int, int]]) -> int:
+        """Image tokens of frames of these (width, height) grid sizes."""
+        return sum((w // self.multiple) * (h // self.multiple) for w, h in grids)
+
+    def fit(self, size: tuple[int, int], resize: str = "resize", what: str = "image") -> Fit:
+        """How an input image of ``size`` (width, height) reaches this model's grid within its pixel budget
+        (:func:`~omniace.engine.resize.fit`; ValueError naming ``what`` for a size it refuses)."""
+        return fit(size, self.multiple, resize, self.max_pixels, self.max_side, what)
 
     def _check_request(self, history: list[Turn], current: Turn, size: tuple[int, int] | None,
-                       negative: str, branches: int = 1, budget: tuple[int, str] | None = None) -> None:
+                       negative: str, branches: int = 1, budget: tuple[int, str] | None = None
+                       ) -> tuple[list[list[Fit]], Fit]:
         """Every argument of :meth:`run` except the sampler's, before any model work; then the request's
-        image tokens against ``max_tokens`` per sample and ``budget`` = (tokens, what it is) for all
-        ``branches`` together (a server's token budget)."""
+        image tokens (at their fitted sizes) against ``max_tokens`` per sample and ``budget`` = (tokens, what it
+        is) for all ``branches`` together (a server's token budget). Returns each turn's image fits and the
+        target's."""
         if not isinstance(negative, str):
             raise TypeError(f"negative must be a str, got {type(negative).__name__}")
+        fits: list[list[Fit]] = []
         for i, turn in enumerate(history + [current]):
             where = "" if turn is current else f"history turn {i}: "
             if not isinstance(turn.instruction, str):
                 raise TypeError(f"{where}instruction must be a str, got {type(turn.instruction).__name__}")
+            check_mode(turn.resize)
             if len(turn.masks) != len(turn.images):
                 raise ValueError(f"{where}{len(turn.masks)} masks for {len(turn.images)} images")
+            fits.append([])
             for j, (img, mask) in enumerate(zip(turn.images, turn.masks)):
-                self._check_image(img, f"{where}image {j}")
+                if not isinstance(img, Image.Image):
+                    raise TypeError(f"{where}image {j} must be a PIL image, got {type(img).__name__}")
+                fits[-1].append(self.fit(img.size, turn.resize, f"{where}image {j}"))
                 if mask is None:
                     continue
                 if not self.is_ace:
@@ -328,17 +364,19 @@ class EditPipeline:
                 w, h = current.images[0].size
                 raise ValueError(f"size={size!r} is for text-to-image; an edit keeps the size of its first "
                                  f"image ({w}x{h})")
-            target = current.images[0].size
+            target = fits[-1][0]
         else:
             if size is None:
                 raise ValueError("text-to-image needs size=(width, height)")
             if not isinstance(size, (tuple, list)) or len(size) != 2:
                 raise ValueError(f"size must be (width, height) in pixels, got {size!r}")
-            target = check_int(size[0], "size width", 1), check_int(size[1], "size height", 1)
-            if target[0] % self.multiple or target[1] % self.multiple:
-                raise ValueError(f"size {target[0]}x{target[1]} is not a multiple of {self.multiple} pixels")
-        frames = [target] + [img.size for t in history + [current] for img in t.images]
-        per_sample = sum((w // self.multiple) * (h // self.multiple) for w, h in frames)
+            wh = check_int(size[0], "size width", 1), check_int(size[1], "size height", 1)
+            if current.resize == "error" and (wh[0] % self.multiple or wh[1] % self.multiple):
+                raise ValueError(f"size {wh[0]}x{wh[1]} is not a multiple of {self.multiple} pixels")
+            # the size asked for is generated (no pixel budget; max_tokens bounds it), on the grid below it
+            target = fit(wh, self.multiple, "resize", what="size")
+        frames = _grids(fits, target)
+        per_sample = self._tokens(frames)
         sizes = ", ".join(f"{w}x{h}" for w, h in frames)
         if per_sample > self.max_tokens:
             raise ValueError(f"this request needs {per_sample} image tokens per sample (target and condition "
@@ -348,12 +386,33 @@ class EditPipeline:
             raise ValueError(f"this request needs {branches * per_sample} image tokens per step ({branches} CFG "
                              f"branch(es) of {sizes}), more than {budget[1]} of {budget[0]}; use fewer or "
                              f"smaller images")
+        return fits, target
 
-    def _unit(self, turn: Turn) -> ConditionUnit:
+    def memory_estimate(self, current: Turn, size: tuple[int, int] | None = None, guidance: float | None = None,
+                        history: Sequence[Turn] = (), weights_resident: bool = True,
+                        device: str | None = None) -> MemoryEstimate:
+        """Bytes a request would need on ``device`` (default: the pipeline's) by :mod:`omniace.engine.memory`'s
+        formula, after the request checks of :meth:`prepare` (the same ValueError/TypeError).
+        ``weights_resident``: the weights are already loaded (they count 0)."""
+        branches = 1 if (self.default_guidance if guidance is None else guidance) == 1.0 else 2
+        fits, target = self._check_request(list(history), current, size, "", branches)
+        grids = _grids(fits, target)
+        element = next(self.model.parameters()).dtype.itemsize
+        return estimate_memory(self.model, self._tokens(grids), (len(history) + 1) * self.cfg.text_len, branches,
+                               max(w * h for w, h in grids), element, weights_resident,
+                               vae=not isinstance(self.codec, PixelCodec),
+                               scores=torch.device(device or self.device).type != "cuda")
+
+    def _unit(self, turn: Turn, fits: list[Fit]) -> ConditionUnit:
+        """A turn's images (each brought to the grid by its own fit, its mask through the same geometry)
+        encoded by the codec."""
         images = []
-        for img, mask in zip(turn.images, turn.masks):
-            lat = self.codec.encode(to_tensor(img))
-            images.append(ImageInput(lat, None if mask is None else mask_to_latent(mask, *lat.shape[1:])))
+        for img, mask, f in zip(turn.images, turn.masks, fits):
+            lat = self.codec.encode(to_tensor(f.image(img)))
+            if isinstance(mask, Tensor):  # binarised as mask_to_latent does, so nearest resampling keeps it
+                mask = Image.fromarray(((mask.float().reshape(mask.shape[-2:]) > 128) * 255).to(torch.uint8).numpy())
+            m = None if mask is None else mask_to_latent(f.mask(mask.convert("L")), *lat.shape[1:])
+            images.append(ImageInput(lat, m))
         return ConditionUnit(turn.instruction, images)
 
     @torch.no_grad()
@@ -371,13 +430,13 @@ class EditPipeline:
         guidance = self.default_guidance if guidance is None else guidance
         check_guidance(guidance, rescale)
         seed = check_int(seed, "seed", 0, 2**63 - 1)
-        self._check_request(history, current, size, negative, 1 if guidance == 1.0 else 2, budget)
-        units = [self._unit(t) for t in history] + [self._unit(current)]
-        if units[-1].images:  # editing: the target takes the size (and mask) of the first current image
+        fits, output = self._check_request(history, current, size, negative, 1 if guidance == 1.0 else 2, budget)
+        units = [self._unit(t, f) for t, f in zip(history + [current], fits)]
+        if units[-1].images:  # editing: the target takes the fitted size (and mask) of the first current image
             first = units[-1].images[0]
             target = ImageInput(torch.zeros_like(first.latent), first.mask)
         else:
-            w, h = size
+            w, h = output.grid
             f = self.codec.factor
             target = ImageInput(torch.zeros(self.codec.latent_channels, h // f, w // f))
         encs = self.text_encoder.encode([u.instruction for u in units] + [negative], truncate=truncate)
@@ -391,7 +450,8 @@ class EditPipeline:
         validate(samples, self.cfg.patch_size, self.cfg.codec_factor, self.is_ace)
         h, w = target.latent.shape[1:]
         x = initial_noise([(h, w)], self.cfg.patch_size, seed, self.codec.latent_channels).to(self.device)
-        return EditJob(samples, x, sampler, guidance, rescale, (h, w), self.cfg.patch_size)
+        return EditJob(samples, x, sampler, guidance, rescale, (h, w), self.cfg.patch_size, output,
+                       current.images[0] if current.images else None)
 
     def pack(self, samples: list[LCUSample]) -> PackedLCU:
         """One packed batch of ``samples`` on the pipeline's device."""
@@ -400,9 +460,10 @@ class EditPipeline:
 
     @torch.no_grad()
     def finish(self, job: "EditJob") -> Image.Image:
-        """Decode a finished job's latent to the output image."""
+        """Decode a finished job's latent to the output image, at the size of the request's image (or size)."""
         h, w = job.target_size
-        return to_pil(self.codec.decode(unpatchify(job.x.cpu(), h, w, self.cfg.patch_size)))
+        out = to_pil(self.codec.decode(unpatchify(job.x.cpu(), h, w, self.cfg.patch_size)))
+        return out if job.output is None else job.output.restore(out, job.source)
 
     @torch.no_grad()
     def run(self, history: list[Turn], current: Turn, size: tuple[int, int] | None, steps: int,
@@ -424,19 +485,31 @@ class EditPipeline:
     def edit(self, images: Image.Image | list[Image.Image] | None, instruction: str,
              masks: Image.Image | Tensor | list | None = None, steps: int = 20, guidance: float | None = None,
              rescale: float = 0.5, seed: int = 0, negative: str = "",
-             size: tuple[int, int] | None = None, truncate: bool = True) -> list[Image.Image]:
-        """Edit ``images`` (the first is the one edited) following ``instruction``; returns ``[PIL]``.
+             size: tuple[int, int] | None = None, truncate: bool = True, resize: str = "resize") -> list[Image.Image]:
+        """Edit ``images`` (the first is the one edited) following ``instruction``; returns ``[PIL]`` at the
+        size of the first image.
 
-        With no images, generates an image of ``size`` (width, height). ``masks`` (white = edit) go with
-        the images in order (ACE family); each has its image's size, or its aspect ratio (then resized).
-        ``{image}``, ``{image1}`` ... name the images. ``steps``: an int >= 1; ``guidance``: finite, or None for ``default_guidance``;
-        ``rescale``: in [0, 1]; ``seed``: an int >= 0. Text past the encoder's limit is cut with a
-        warning, or refused if not ``truncate``. Raises ValueError/TypeError naming a bad argument
-        before any model work, FloatingPointError if the latent turns NaN/inf (naming the step).
+        Images of any size: each is brought to the model grid within the pixel budget (``max_pixels``) by
+        ``resize`` = ``"resize"`` (aspect kept up to rounding), ``"crop"`` (aspect kept, the centre cropped; the
+        output is the input with the edited crop pasted back) or ``"error"`` (refuse a size off the grid); see
+        :mod:`omniace.engine.resize`. With no images, generates an image of ``size`` (width, height; on the
+        grid below it, resized to it unless ``"error"``). ``masks`` (white = edit) go with the images in order
+        (ACE family); each has its image's size, or its aspect ratio, and follows its image. ``{image}``,
+        ``{image1}`` ... name the images. ``steps``: an int >= 1; ``guidance``: finite, or None for
+        ``default_guidance``; ``rescale``: in [0, 1]; ``seed``: an int >= 0. Text past the encoder's limit is
+        cut with a warning, or refused if not ``truncate``. Raises ValueError/TypeError naming a bad argument
+        (an image too small for the grid too) before any model work, FloatingPointError if the latent turns
+        NaN/inf (naming the step).
         """
+        check_mode(resize)
         images, masks = turn_inputs(images, masks)
-        return [self.run([], Turn(instruction, images, masks), size, steps, guidance, rescale, seed, negative,
-                         truncate)]
+        return [self.run([], Turn(instruction, images, masks, resize), size, steps, guidance, rescale, seed,
+                         negative, truncate)]
+
+
+def _grids(fits: list[list[Fit]], target: Fit) -> list[tuple[int, int]]:
+    """The (width, height) on the grid of a request's frames: the target, then every image in order."""
+    return [target.grid] + [f.grid for turn_fits in fits for f in turn_fits]
 
 
 def _n_images(turns: list[Turn]) -> int:
@@ -446,7 +519,7 @@ def _n_images(turns: list[Turn]) -> int:
 def _drop_turns(turns: list[Turn], n: int) -> list[Turn]:
     """``turns`` without its first ``n``, the indicators of the rest renumbered to start at ``{image}``."""
     shift = _n_images(turns[:n])
-    return [Turn(renumber(t.instruction, -shift), t.images, t.masks) for t in turns[n:]]
+    return [Turn(renumber(t.instruction, -shift), t.images, t.masks, t.resize) for t in turns[n:]]
 
 
 class EditSession:
@@ -496,16 +569,18 @@ class EditSession:
     def edit(self, instruction: str, images: Image.Image | list[Image.Image] | None = None,
              masks: Image.Image | Tensor | list | None = None, *, steps: int = 20, guidance: float | None = None,
              rescale: float = 0.5, seed: int = 0, negative: str = "", size: tuple[int, int] | None = None,
-             truncate: bool = True) -> Image.Image:
+             truncate: bool = True, resize: str = "resize") -> Image.Image:
         """One turn; ``images`` defaults to the previous output. Returns the new image.
 
-        Arguments and errors as :meth:`EditPipeline.edit`. The history changes only when the turn succeeds.
+        Arguments and errors as :meth:`EditPipeline.edit`; the turn's images keep their ``resize`` mode while
+        they stay in the history. The history changes only when the turn succeeds.
         """
+        check_mode(resize)
         if images is None:
             images = [] if self.last is None else [self.last]
         images, masks = turn_inputs(images, masks)
         history = self._fitting_history(len(images))
-        turn = Turn(self.rename(instruction, len(images), _n_images(history)), images, masks)
+        turn = Turn(self.rename(instruction, len(images), _n_images(history)), images, masks, resize)
         out = self.pipe.run(history, turn, size, steps, guidance, rescale, seed, negative, truncate)
         history = history + [turn] if turn.images else history
         if self.max_history is not None:

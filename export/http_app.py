@@ -3,7 +3,8 @@
 Endpoints:
 - ``POST /v1/edit``: multipart form (files ``images``/``masks``, fields ``instruction``, ``steps``,
   ``guidance`` (default: the pipeline's), ``rescale``, ``seed``, ``size`` as ``WIDTHxHEIGHT``, ``negative``,
-  ``truncate``, ``response``) or JSON with base64 ``images``/``masks``. Returns ``image/png``, or JSON
+  ``truncate``, ``resize`` (``resize``, ``crop`` or ``error``: how an image off the model grid is fitted),
+  ``response``) or JSON with base64 ``images``/``masks``. Returns ``image/png``, or JSON
   ``{"image": <base64 PNG>, ...}`` with ``response=json``. A bad or unknown field gives 422 naming it; a
   full queue 429 with ``Retry-After``; a closed server 503; a client that disconnects has its request
   cancelled (499 in the metrics). Decoding and encoding run off the event loop. No request can take the
@@ -25,6 +26,7 @@ from typing import Any
 from omniace import require
 from omniace.engine.cli import parse_size
 from omniace.engine.imageio import decode_image
+from omniace.engine.resize import RESIZE_MODES
 from omniace.engine.sampler import check_finite, check_int
 
 from .runtime import EditServer, ServerClosed, ServerOverloaded
@@ -33,7 +35,7 @@ MAX_STEPS = 200  # one HTTP request may not hold the server for longer than this
 MAX_PART_BYTES = 64 << 20  # one uploaded image (Starlette's default, 1 MB, refuses ordinary photos)
 MAX_FILES = 16
 FIELDS = {"images", "masks", "instruction", "steps", "guidance", "rescale", "seed", "negative", "size", "response",
-          "truncate"}
+          "truncate", "resize"}
 
 
 class FieldError(ValueError):
@@ -190,13 +192,17 @@ def create_app(server: EditServer, retry_after_s: int = 1, timeout_s: float = 60
         response = form.get("response", "png")
         if response not in ("png", "json"):
             raise FieldError("response", f"{response!r}; expected 'png' or 'json'")
+        resize = form.get("resize", "resize")
+        if resize not in RESIZE_MODES:
+            raise FieldError("resize", f"{resize!r}; expected one of {list(RESIZE_MODES)}")
         negative = form.get("negative", "")
         if not isinstance(negative, str):
             raise FieldError("negative", "a string is required")
         guidance = None if form.get("guidance") in (None, "") else _float(form, "guidance", 0.0)
         kw = dict(steps=_int(form, "steps", 20, 1, MAX_STEPS), guidance=guidance,
                   rescale=_float(form, "rescale", 0.5), seed=_int(form, "seed", 0, 0, 2**63 - 1),
-                  negative=negative, size=_size(form.get("size")), truncate=_bool(form, "truncate", True))
+                  negative=negative, size=_size(form.get("size")), truncate=_bool(form, "truncate", True),
+                  resize=resize)
         images, masks = _images(image_blobs, "images"), _images(mask_blobs, "masks")
         return response, server.submit(images or None, instruction, masks=masks or None, **kw)
 

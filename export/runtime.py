@@ -149,7 +149,7 @@ class EditServer:
     def submit(self, images: Image.Image | list[Image.Image] | None, instruction: str,
                masks: Image.Image | list | None = None, steps: int = 20, guidance: float | None = None,
                rescale: float = 0.5, seed: int = 0, negative: str = "",
-               size: tuple[int, int] | None = None, truncate: bool = True) -> Future:
+               size: tuple[int, int] | None = None, truncate: bool = True, resize: str = "resize") -> Future:
         """Queue one request; the Future resolves to what ``EditPipeline.edit`` returns (``[PIL image]``).
 
         ``guidance=None`` takes the pipeline's ``default_guidance``.
@@ -157,7 +157,7 @@ class EditServer:
         pipeline's error. Raises :class:`ServerOverloaded` at once when ``max_queue`` requests are waiting,
         and :class:`ServerClosed` after :meth:`close`. ``future.cancel()`` drops the request at the next step.
         """
-        return self._submit([], lambda: Turn(instruction, *turn_inputs(images, masks)), size, steps, guidance,
+        return self._submit([], lambda: Turn(instruction, *turn_inputs(images, masks), resize), size, steps, guidance,
                             rescale, seed, negative, truncate, wrap=True)
 
     def edit(self, *args, **kw) -> list[Image.Image]:

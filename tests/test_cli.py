@@ -223,7 +223,7 @@ def test_huge_sizes_are_one_line_errors_before_any_work(capsys, src, tmp_path):
     big = tmp_path / "big.png"
     Image.new("RGB", (4000, 4000)).save(big)
     code, _, err = run(["edit", "--image", str(big), "--instruction", "{image} x", "--steps", "1",
-                        "--out", str(tmp_path / "o.png")], capsys)
+                        "--out", str(tmp_path / "o.png"), "--resize", "error"], capsys)
     assert_user_error(code, err, "needs 500000 image tokens per sample")
 
 
@@ -243,3 +243,154 @@ def test_edit_with_a_trainer_export(capsys, src, tmp_path):
     assert code == 0, err
     ref = EditPipeline.pretrained().edit(demo_scene(32, 32), "{image} make it blue", steps=2)[0]
     assert Image.open(out).tobytes() == ref.tobytes()  # the same default guidance (1.5) as the Python API
+
+
+@pytest.mark.parametrize("mode", ["resize", "crop"])
+def test_edit_takes_any_size(mode, tmp_path, capsys):
+    demo_scene(37, 53).save(tmp_path / "in.png")
+    Image.new("L", (37, 53), 255).save(tmp_path / "m.png")
+    out = tmp_path / "o.png"
+    code, _, err = run(["edit", "--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "m.png"),
+                        "--instruction", "{image} make it blue", "--steps", "2", "--resize", mode, "--out", str(out)],
+                       capsys)
+    assert code == 0, err
+    ref = EditPipeline.pretrained().edit(demo_scene(37, 53), "{image} make it blue",
+                                         masks=Image.new("L", (37, 53), 255), steps=2, resize=mode)[0]
+    assert Image.open(out).size == (37, 53) and Image.open(out).tobytes() == ref.tobytes()
+
+
+def test_edit_resize_error_keeps_the_strict_message(tmp_path, capsys, no_model):
+    Image.new("RGB", (1, 300)).save(tmp_path / "thin.png")
+    code, _, err = run(["edit", "--image", str(tmp_path / "thin.png"), "--instruction", "x", "--out",
+                        str(tmp_path / "o.png")], capsys)
+    assert_user_error(code, err, "image 0: image size 1x300 is too small for the model")
+    code, _, err = run(["edit", "--image", str(tmp_path / "thin.png"), "--instruction", "x", "--resize", "fit"],
+                       capsys)
+    assert_user_error(code, err, "argument --resize: invalid choice: 'fit'")
+
+
+# item 5: the CLI runs what the Python API runs ---------------------------------------------------------------
+
+def test_an_untrained_model_needs_an_explicit_flag(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "o.png"
+    monkeypatch.setattr(EditPipeline, "tiny", lambda *a, **k: pytest.fail("loaded before refusing"))
+    code, _, err = run(["edit", "--family", "sd3", "--instruction", "x", "--size", "64x64", "--out", str(out)],
+                       capsys)
+    assert_user_error(code, err, "--family sd3 without --weights is an untrained tiny EditNet: its output is noise; "
+                                 "pass --weights")
+    assert not out.exists()
+    monkeypatch.undo()
+    with pytest.warns(UserWarning, match=r"sampling an untrained tiny SD3 EditNet \(--allow-untrained\): the "
+                                         r"output is noise"):
+        code, stdout, err = run(["edit", "--family", "sd3", "--allow-untrained", "--instruction", "x", "--size",
+                                 "40x24", "--steps", "1", "--out", str(out)], capsys)
+    assert code == 0 and "wrote" in stdout, err
+    assert Image.open(out).size == (40, 24)
+
+
+def test_a_request_over_the_memory_limit_is_refused_before_loading(src, tmp_path, capsys, monkeypatch, no_model):
+    out = tmp_path / "o.png"
+    code, _, err = run(["edit", "--image", str(src), "--instruction", "{image} x", "--max-memory", "0.001",
+                        "--out", str(out)], capsys)
+    assert_user_error(code, err, "this request needs an estimated ")
+    from omniace.engine import memory
+    from omniace.engine.model import build_model, count_parameters
+
+    weights = memory.human(count_parameters(build_model("ace-small")) * 4)  # the embedded default, fp32
+    assert f"(weights {weights}, activations" in err and "more than the 1.0 MiB allowed by --max-memory" in err
+    monkeypatch.setattr(memory, "available_memory", lambda device: 5 << 20)  # a tiny fake free memory
+    code, _, err = run(["edit", "--image", str(src), "--instruction", "{image} x", "--out", str(out)], capsys)
+    assert_user_error(code, err, "more than the 5.0 MiB free on cpu; use smaller images")
+    assert not out.exists()
+    code, _, err = run(["edit", "--image", str(src), "--instruction", "x", "--max-memory", "0"], capsys)
+    assert_user_error(code, err, "argument --max-memory: max-memory must be a positive number, got '0'")
+
+
+def test_memory_is_checked_after_loading_a_pipeline_folder(src, tmp_path, capsys, monkeypatch):
+    calls = []
+
+    def from_pretrained(path, device, dtype):
+        calls.append((path, device, dtype))
+        return EditPipeline.pretrained(device=device, dtype=dtype)
+    monkeypatch.setattr(EditPipeline, "from_pretrained", from_pretrained, raising=False)
+    out = tmp_path / "o.png"
+    code, _, err = run(["edit", "--image", str(src), "--instruction", "{image} make it blue", "--steps", "2",
+                        "--weights", str(tmp_path), "--out", str(out)], capsys)
+    assert code == 0, err
+    assert calls == [(str(tmp_path), "cpu", torch.float32)]
+    ref = EditPipeline.pretrained().edit(demo_scene(32, 32), "{image} make it blue", steps=2)[0]
+    assert Image.open(out).tobytes() == ref.tobytes()
+    code, _, err = run(["edit", "--image", str(src), "--instruction", "{image} x", "--weights", str(tmp_path),
+                        "--max-memory", "0.0001", "--out", str(tmp_path / "p.png")], capsys)
+    assert_user_error(code, err, "(weights 0.0 MiB, activations")  # resident once loaded: counted 0
+    code, _, err = run(["edit", "--image", str(src), "--instruction", "{image} x", "--weights", str(tmp_path),
+                        "--vae", "v", "--text-encoder", "t"], capsys)
+    assert_user_error(code, err, "is a pipeline folder: it holds its own text encoder and VAE")
+
+
+def test_a_pipeline_folder_needs_the_folder_loader(src, tmp_path, capsys, monkeypatch, no_model):
+    monkeypatch.delattr(EditPipeline, "from_pretrained", raising=False)
+    code, _, err = run(["edit", "--image", str(src), "--instruction", "x", "--weights", str(tmp_path)], capsys)
+    assert_user_error(code, err, f"--weights '{tmp_path}' is a folder, but this build has no pipeline-folder loader")
+
+
+def test_device_dtype_and_latent_exports(src, tmp_path, capsys):
+    from omniace.engine.model import build_model, save_model
+
+    out = tmp_path / "o.png"
+    code, _, err = run(["edit", "--image", str(src), "--instruction", "{image} x", "--steps", "2", "--dtype",
+                        "bfloat16", "--out", str(out)], capsys)
+    assert code == 0, err
+    ref = EditPipeline.pretrained(dtype=torch.bfloat16).edit(demo_scene(32, 32), "{image} x", steps=2)[0]
+    fp32 = EditPipeline.pretrained().edit(demo_scene(32, 32), "{image} x", steps=2)[0]
+    assert Image.open(out).tobytes() == ref.tobytes() != fp32.tobytes()
+    code, _, err = run(["edit", "--image", str(src), "--instruction", "x", "--device", "cuda:99"], capsys)
+    assert_user_error(code, err, "device 'cuda:99' is not usable here")
+    save_model(build_model("sd3-tiny-editnet"), tmp_path / "sd3.safetensors")  # a pixel-space SD3 export
+    code, _, err = run(["edit", "--image", str(src), "--instruction", "x", "--steps", "1", "--weights",
+                        str(tmp_path / "sd3.safetensors"), "--out", str(out)], capsys)
+    assert code == 0 and Image.open(out).size == (32, 32), err
+    with torch.device("meta"):
+        big = build_model("ace-0.6b-512")
+    torch.save({}, tmp_path / "empty.pth")
+    code, _, err = run(["edit", "--image", str(src), "--instruction", "x", "--weights", str(tmp_path / "empty.pth")],
+                       capsys)
+    assert_user_error(code, err, "has no omniace_config metadata; pass --preset to name its config")
+    code, _, err = run(["edit", "--image", str(src), "--instruction", "x", "--weights", str(tmp_path / "empty.pth"),
+                        "--preset", "ace-0.6b-512"], capsys)
+    assert_user_error(code, err, "is a latent-space ace model (codec factor 8); give --text-encoder and --vae")
+    del big
+
+
+def test_edit_a_latent_model_with_t5_and_a_vae(src, tmp_path, capsys):
+    """--weights with --text-encoder and --vae: real transformers T5 and diffusers AutoencoderKL folders (tiny,
+    random), an odd-size image, --dtype, and the memory check once they are loaded."""
+    tokenizers = pytest.importorskip("tokenizers")
+    diffusers = pytest.importorskip("diffusers")
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    from omniace.engine.config import get_config
+    from omniace.engine.model import build_model, save_model
+
+    words = ["<pad>", "</s>", "<unk>", "make", "it", "blue"]
+    tk = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(tmp_path / "t5")
+    T5EncoderModel(T5Config(vocab_size=len(words), d_model=16, d_kv=4, d_ff=32, num_layers=1,
+                            num_heads=2)).save_pretrained(tmp_path / "t5")
+    diffusers.AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                            up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4,
+                            norm_num_groups=8, layers_per_block=1).save_pretrained(tmp_path / "vae")
+    cfg = get_config("ace-tiny", in_channels=4, y_channels=16, text_len=120, codec_factor=2)
+    save_model(build_model(cfg), tmp_path / "m.safetensors")
+    Image.new("RGB", (37, 53), (30, 90, 200)).save(tmp_path / "odd.png")
+    args = ["edit", "--image", str(tmp_path / "odd.png"), "--instruction", "{image} make it blue", "--steps", "1",
+            "--weights", str(tmp_path / "m.safetensors"), "--text-encoder", str(tmp_path / "t5"), "--vae",
+            str(tmp_path / "vae"), "--dtype", "float32"]
+    code, _, err = run(args + ["--out", str(tmp_path / "o.png")], capsys)
+    assert code == 0, err
+    assert Image.open(tmp_path / "o.png").size == (37, 53)
+    code, _, err = run(args + ["--max-memory", "0.0001", "--out", str(tmp_path / "p.png")], capsys)
+    assert_user_error(code, err, "(weights 0.0 MiB, activations")  # loaded first: its weights are resident
+    assert not (tmp_path / "p.png").exists()

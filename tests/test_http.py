@@ -220,9 +220,22 @@ def test_a_client_that_disconnects_cancels_its_request(live):
     assert st["requests"][-1]["status"] == "cancelled" and st["requests"][-1]["steps"] < 200
 
 
+def test_an_image_of_any_size_comes_back_at_its_size(live):
+    url, pipe, _ = live
+    img = demo_scene(101, 67, 4)
+    files = {"images": ("in.png", _png(img), "image/png")}
+    r = httpx.post(f"{url}/v1/edit", data={"instruction": "{image} x", "steps": "2", "resize": "crop", "seed": "1"},
+                   files=files, timeout=120)
+    assert r.status_code == 200, r.text
+    got = np.asarray(Image.open(io.BytesIO(r.content)), dtype=int)
+    ref = np.asarray(pipe.edit(img, "{image} x", steps=2, resize="crop", seed=1)[0], dtype=int)
+    assert got.shape == (67, 101, 3) and np.abs(got - ref).max() <= 2
+
+
 @pytest.mark.parametrize("body, field", [
     ({"instruction": "{image3} x", "images": "one"}, "instruction"),
-    ({"instruction": "x", "size": "60x64", "steps": 1}, "size"),
+    ({"instruction": "x", "size": "60x64", "steps": 1, "resize": "error"}, "size"),  # off the grid, strict
+    ({"instruction": "x", "size": "60x64", "steps": 1, "resize": "fill"}, "resize"),
     ({"instruction": "x", "size": "64x64", "rescale": 2}, "rescale"),
     ({"instruction": "x", "size": "16000x16000"}, "size"),
 ])

@@ -68,7 +68,9 @@ def test_edit_is_seeded_and_keeps_size(pipe):
 
 def test_pipeline_errors(pipe):
     with pytest.raises(ValueError, match="not a multiple of patch x codec factor = 8 pixels"):
-        pipe.edit(Image.new("RGB", (30, 32)), "x", steps=1)
+        pipe.edit(Image.new("RGB", (30, 32)), "x", steps=1, resize="error")  # today's strict behaviour
+    with pytest.raises(ValueError, match="size 36x24 is not a multiple of 8 pixels"):
+        pipe.edit(None, "a red ball", steps=1, size=(36, 24), resize="error")
     with pytest.raises(ValueError, match=r"names \{image1\} but the sample has 1 condition image"):
         pipe.edit(demo_scene(), "put {image1} here", steps=1)
     with pytest.raises(ValueError, match="text-to-image needs size"):
@@ -132,3 +134,33 @@ def test_cli(tmp_path, capsys):
     torch.save(model.state_dict(), tmp_path / "w.pth")
     main(["convert", str(tmp_path / "w.pth"), str(tmp_path / "w.safetensors")])
     assert set(load_state_dict_file(tmp_path / "w.safetensors")) == set(model.state_dict())
+
+
+def test_memory_estimate_formula():
+    """omniace.engine.memory's documented formula, by hand for ace-tiny (d 64, 4 heads) and the SD3 EditNet."""
+    from omniace.engine.memory import estimate_memory
+    from omniace.engine.model import count_parameters
+
+    model = build_model("ace-tiny")
+    est = estimate_memory(model, image_tokens=100, text_tokens=28, branches=2, pixels=6400)
+    assert est.weights == count_parameters(model) * 4
+    assert est.activations == 2 * 128 * 64 * 4 * 16 + 4 * 128**2 * 8 and est.codec == 6400 * 48
+    on_gpu = estimate_memory(model, 100, 28, 2, 6400, element_size=2, weights_resident=True, vae=True, scores=False)
+    assert (on_gpu.weights, on_gpu.activations, on_gpu.codec) == (0, 2 * 128 * 64 * 2 * 16, 6400 * 3072)
+    sd3 = estimate_memory(build_model("sd3-tiny-editnet"), 10, 6, 1, 0)
+    assert sd3.activations == 2 * 16 * 64 * 4 * 16 + 4 * 16**2 * 8  # two streams: base and EditNet
+
+
+def test_pipeline_memory_estimate_checks_the_request_first():
+    from omniace.engine.config import get_config
+    from omniace.engine.pipeline import Turn, turn_inputs
+
+    dry = EditPipeline.dry(get_config("ace-0.6b-1024"), dtype=torch.bfloat16)
+    assert next(dry.model.parameters()).device.type == "meta"
+    turn = Turn("{image} x", *turn_inputs(Image.new("RGB", (4000, 3000)), None))
+    est = dry.memory_estimate(turn, weights_resident=False, device="cuda")
+    # 4000x3000 into the 1024^2 budget: 1168x880, 73 x 55 = 4015 tokens a frame (target and condition)
+    assert est.weights == 611_030_688 * 2 and est.activations == 2 * (2 * 4015 + 120) * 1152 * 2 * 16
+    assert dry.memory_estimate(turn, device="cpu").activations > est.activations  # + the reference's scores
+    with pytest.raises(ValueError, match="image 0: image size 1x300 is too small"):
+        dry.memory_estimate(Turn("x", *turn_inputs(Image.new("RGB", (1, 300)), None)))

@@ -90,7 +90,7 @@ def test_a_bad_request_fails_only_its_own_future(pipe):
     with EditServer(pipe, log_every=0) as server:
         good = server.submit(**REQUESTS[0])
         bad_indicator = server.submit(demo_scene(64, 64), "{image3} make it blue", steps=2)
-        bad_size = server.submit(demo_scene(60, 64), "{image} make it blue", steps=2)
+        bad_size = server.submit(demo_scene(60, 64), "{image} make it blue", steps=2, resize="error")
         nan = server.submit(demo_scene(64, 64), "{image} make it blue", steps=2, guidance=float("nan"))
         after = server.submit(**REQUESTS[1])
         with pytest.raises(ValueError, match=r"\{image3\}"):
