@@ -177,4 +177,5 @@ def test_the_readme_serving_example_runs_as_written(capsys):
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     block = text.split("## Serving", 1)[1].split("```python", 1)[1].split("```", 1)[0]
     exec(compile(block, "README.md (Serving)", "exec"), {})
-    assert 0 < float(capsys.readouterr().out.strip()) <= 1
+    # the example prints the mean occupancy last; a slow machine may also get the server's periodic log line
+    assert 0 < float(capsys.readouterr().out.strip().splitlines()[-1]) <= 1
