@@ -85,13 +85,11 @@ def _mask2d(m: Tensor | None) -> Tensor | None:
 
 # ----------------------------------------------------------------------------------------------- SD3
 def sd3_config_from_diffusers(config: dict, editnet: bool = False) -> SD3Config:
-    """Map a diffusers ``SD3Transformer2DModel`` config dict onto :class:`SD3Config`."""
-    if config.get("dual_attention_layers"):
-        raise ValueError("SD3.5 dual-attention layers are not supported (dual_attention_layers="
-                         f"{tuple(config['dual_attention_layers'])}); expected ()")
+    """Map a diffusers ``SD3Transformer2DModel`` config dict onto :class:`SD3Config` (SD3, SD3.5 Medium's
+    MMDiT-X ``dual_attention_layers``, SD3.5 Large's ``qk_norm``)."""
     keys = ("sample_size", "patch_size", "in_channels", "num_layers", "attention_head_dim", "num_attention_heads",
             "joint_attention_dim", "caption_projection_dim", "pooled_projection_dim", "out_channels",
-            "pos_embed_max_size", "qk_norm")
+            "pos_embed_max_size", "qk_norm", "dual_attention_layers")
     kw = {k: config[k] for k in keys if k in config and config[k] is not None}
     kw.setdefault("out_channels", kw.get("in_channels", 16))
     return SD3Config(editnet=editnet, **kw)
