@@ -84,6 +84,36 @@ def load_state_dict_file(path: str | os.PathLike) -> StateDict:
     return dict(obj)
 
 
+def load_diffusers_folder(folder: str | os.PathLike, name: str = "diffusion_pytorch_model") -> tuple[dict, StateDict]:
+    """A diffusers model folder (``config.json`` and ``NAME.safetensors``, its shards listed in
+    ``NAME.safetensors.index.json``, or ``NAME.bin``) -> ``(config, state_dict)``.
+
+    Raises FileNotFoundError naming the folder and what it lacks, ValueError for an unreadable file."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{str(folder)!r} has no config.json; expected a diffusers model folder")
+    config = json.loads((folder / "config.json").read_text())
+    index = folder / f"{name}.safetensors.index.json"
+    if index.is_file():  # sharded (SD3.5 Large's transformer): every shard the index names
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        sd: StateDict = {}
+        for shard in shards:
+            sd.update(load_state_dict_file(folder / shard))
+        return config, sd
+    for suffix in (".safetensors", ".bin"):
+        if (folder / (name + suffix)).is_file():
+            return config, load_state_dict_file(folder / (name + suffix))
+    raise FileNotFoundError(f"{str(folder)!r} has no {name}.safetensors (nor its shard index, nor {name}.bin)")
+
+
+def ace_state_dict(sd: StateDict, in_channels: int) -> StateDict:
+    """A released ACE checkpoint's state dict in the engine's keys: scepter's remap (:func:`remap_ace_keys`,
+    the x embedder padded to ``in_channels + 1`` for the mask channel) and the wrapper's ``model.`` prefix
+    dropped. Keys already in the engine's layout pass through unchanged."""
+    sd = remap_ace_keys(dict(sd), x_embed_in_channels=in_channels + 1)
+    return {k.removeprefix("model."): v for k, v in sd.items()}
+
+
 def remap_ace_keys(sd: StateDict, x_embed_in_channels: int | None = None) -> StateDict:
     """ACE's ``load_pretrained_model`` remap of PixArt-style keys (ACE_NOTES §10).
 
