@@ -204,7 +204,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
     dst, missing = check_output_path(args.dst, inputs=[args.src], force=args.force, suffixes=(".safetensors",),
                                      what="destination")
-    n = convert(args.src, dst, args.family)  # creates a missing folder only when it writes
+    n = convert(args.src, dst, args.family, args.preset)  # creates a missing folder only when it writes
     if missing is not None:
         print(f"created folder {missing}")
     print(f"wrote {n} tensors to {dst}")
@@ -255,10 +255,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=RESOLUTION, default="512", help="side or WIDTHxHEIGHT in pixels")
     p.add_argument("--images", type=IMAGES, default=1, help="condition images")
     p.set_defaults(fn=cmd_info)
-    p = sub.add_parser("convert", parents=[common], help="convert a checkpoint to safetensors")
-    p.add_argument("src")
+    p = sub.add_parser("convert", parents=[common], help="convert a checkpoint to self-describing safetensors "
+                                                         "(config in the metadata: omniace edit needs no --preset)")
+    p.add_argument("src", help="a checkpoint file, or with --family sd3 a diffusers transformer folder")
     p.add_argument("dst", help="a .safetensors file")
     p.add_argument("--family", choices=FAMILIES, default="ace")
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="the model config written with the weights (default: ace-0.6b-512 for ace, sd3-medium-editnet "
+                        "for an sd3 file; an sd3 folder's config.json; none for --family none)")
     p.add_argument("--force", action="store_true", help="allow dst to replace src")
     p.set_defaults(fn=cmd_convert)
     p = sub.add_parser("serve", parents=[common], help="serve edits over HTTP (EditServer; extra 'serve')")

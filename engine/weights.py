@@ -1,7 +1,7 @@
 """Checkpoint I/O: safetensors and pickle-free ``.pth`` loading, key maps, atomic saves, converter.
 
-``python -m omniace.engine.weights IN.pth OUT.safetensors [--family ace]`` converts a released
-checkpoint to safetensors (after the family's key remap).
+``python -m omniace.engine.weights IN.pth OUT.safetensors [--family ace] [--preset P]`` converts a released
+checkpoint to self-describing safetensors (the family's key remap, the config in the metadata).
 """
 from __future__ import annotations
 
@@ -249,17 +249,54 @@ def save_safetensors(sd: StateDict, path: str | os.PathLike, metadata: dict[str,
         raise
 
 
-def convert(src: str | os.PathLike, dst: str | os.PathLike, family: str = "ace") -> int:
-    """Convert checkpoint ``src`` to safetensors ``dst`` after the family's key remap (``"ace"``,
-    ``"sd3"`` or ``"none"``: no remap); returns the number of tensor names written (aliases included)."""
+def convert(src: str | os.PathLike, dst: str | os.PathLike, family: str = "ace", preset: str | None = None) -> int:
+    """Convert checkpoint ``src`` to self-describing safetensors ``dst``: the family's key remap, then the model
+    config in the ``omniace_config`` metadata, so that :func:`~.model.load_model` (and ``omniace edit``) need
+    no preset. Returns the number of tensor names written (aliases included).
+
+    ``family``: ``"ace"`` (scepter's keys converted; config ``preset``, default ``ace-0.6b-512``), ``"sd3"``
+    (``src`` a diffusers transformer folder, whose config.json is the config, or a file with ``preset``,
+    default ``sd3-medium-editnet``, EditNet on if the file holds ``editnet.*`` tensors) or ``"none"`` (keys kept;
+    a config only with ``preset``). Raises ValueError naming a preset of another family or a checkpoint that
+    does not fit its config (nothing is written then), FileNotFoundError for a missing ``src``."""
+    from dataclasses import replace
+
+    from .config import ACEConfig, SD3Config, get_config
+    from .model import build_model, save_weights
+
     if family not in FAMILIES:
         raise ValueError(f"family {family!r}; expected one of {FAMILIES}")
-    sd = load_state_dict_file(src)
-    if family == "ace":
-        sd = remap_ace_keys(sd, x_embed_in_channels=sd["x_embedder.proj.weight"].shape[1] + 1
-                            if "x_embedder.proj.weight" in sd and sd["x_embedder.proj.weight"].shape[1] == 4
-                            else None)
-    save_safetensors(sd, dst, metadata={"format": "pt", "family": family})
+    src = Path(src)
+    cfg = get_config(preset) if preset is not None else None
+    want = {"ace": ACEConfig, "sd3": SD3Config}.get(family)
+    if cfg is not None and want is not None and not isinstance(cfg, want):
+        raise ValueError(f"preset {preset!r} is a {cfg.family!r} model; --family {family} needs a preset of "
+                         f"that family")
+    if src.is_dir():
+        if family != "sd3" or preset is not None:
+            raise ValueError(f"{str(src)!r} is a folder: only --family sd3 converts one (a diffusers transformer "
+                             f"folder, whose config.json is the config; no --preset)")
+        from .interop import sd3_config_from_diffusers
+
+        config, sd = load_diffusers_folder(src)
+        cfg = sd3_config_from_diffusers(config)
+    else:
+        sd = load_state_dict_file(src)
+        if family == "ace":
+            cfg = cfg or get_config("ace-0.6b-512")
+            sd = ace_state_dict(sd, cfg.in_channels)
+        elif family == "sd3":
+            cfg = replace(cfg or get_config("sd3-medium-editnet"), editnet=any(k.startswith("editnet.") for k in sd))
+    if cfg is None:
+        save_safetensors(sd, dst, metadata={"format": "pt", "family": family})
+        return len(sd)
+    with torch.device("meta"):  # the checkpoint must fit its config before anything is written
+        model = build_model(cfg)
+    try:
+        load_into(model, sd, allow_missing=("text_position_embeddings.pos",))
+    except ValueError as err:
+        raise ValueError(f"{src}: {err} (config {preset or family!r})") from None
+    save_weights(sd, cfg, dst, metadata={"format": "pt", "family": family})
     return len(sd)
 
 

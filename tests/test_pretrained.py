@@ -2,6 +2,7 @@
 (transformers' CLIP and T5 with their tokenizers, diffusers' AutoencoderKL and SD3Transformer2DModel) and
 saved with ``save_pretrained``; diffusers' own StableDiffusion3Pipeline on the same folder is the oracle."""
 import json
+import re
 import string
 import warnings
 from pathlib import Path
@@ -260,3 +261,58 @@ def test_ace_folder_with_a_released_style_checkpoint(tmp_path):
     with pytest.raises(ValueError, match=r"expected one DiT checkpoint .* found \['dit/ace_tiny.pth', "
                                          r"'dit/second.safetensors'\]"):
         EditPipeline.from_pretrained(folder, preset="ace-tiny")
+
+
+def test_convert_writes_weights_that_edit_loads_with_no_further_flags(tmp_path, capsys):
+    """``omniace convert`` of a released-style ACE .pth writes the config into the file; ``omniace edit`` then
+    loads it with only --text-encoder and --vae (no --preset)."""
+    from PIL import Image
+
+    from omniace.engine.cli import main
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = randomise(build_model(get_config("ace-tiny")), seed=5)
+        folder = ace_folder(tmp_path / "ace", model)
+    out = tmp_path / "ace-tiny.safetensors"
+    main(["convert", str(folder / "dit" / "ace_tiny.pth"), str(out), "--preset", "ace-tiny"])
+    assert f"tensors to {out}" in capsys.readouterr().out
+    loaded = load_model(out)  # no config given: the file's own
+    assert loaded.cfg == get_config("ace-tiny")
+    got = loaded.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in model.state_dict().items() if k != "text_position_embeddings.pos")
+    Image.fromarray((np.random.default_rng(2).random((16, 24, 3)) * 255).astype(np.uint8)).save(tmp_path / "in.png")
+    main(["edit", "--weights", str(out), "--text-encoder", str(folder / "text_encoder"), "--vae", str(folder / "vae"),
+          "--image", str(tmp_path / "in.png"), "--instruction", "brighter", "--steps", "2", "--out",
+          str(tmp_path / "o.png")])
+    assert Image.open(tmp_path / "o.png").size == (24, 16)
+
+
+def test_convert_a_diffusers_transformer_folder_and_refusals(folders, tmp_path, capsys):
+    """An SD3.5 diffusers transformer folder converts with its config.json as the config; a preset of another
+    family, or a checkpoint that does not fit its preset, is refused and nothing is written."""
+    from omniace.engine.cli import main
+    from omniace.engine.interop import sd3_from_diffusers
+    from omniace.engine.weights import load_diffusers_folder
+
+    out = tmp_path / "sd35.safetensors"
+    main(["convert", str(folders["sd35"] / "transformer"), str(out), "--family", "sd3"])
+    config, sd = load_diffusers_folder(folders["sd35"] / "transformer")
+    want = sd3_from_diffusers(config, sd)
+    loaded = load_model(out)
+    assert loaded.cfg == want.cfg and loaded.cfg.dual_attention_layers == (0,) and loaded.cfg.qk_norm == "rms_norm"
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in want.state_dict().items())
+    pth = tmp_path / "ace.pth"
+    torch.save({"x_embedder.proj.weight": torch.zeros(8, 5, 2, 2)}, pth)
+    for argv, message in (
+        ([str(pth), str(tmp_path / "a.safetensors"), "--preset", "sd3-tiny-editnet"],
+         "preset 'sd3-tiny-editnet' is a 'sd3' model; --family ace needs a preset of that family"),
+        ([str(pth), str(tmp_path / "a.safetensors"), "--preset", "ace-tiny"],
+         r"ace.pth: checkpoint does not fit ACEModel: \d+ missing: .* shape mismatches: \['x_embedder.proj.weight"),
+        ([str(folders["sd35"] / "transformer"), str(tmp_path / "a.safetensors")], "is a folder: only --family sd3"),
+    ):
+        with pytest.raises(SystemExit) as exit:
+            main(["convert", *argv])
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and re.search(message, err), err
+        assert not (tmp_path / "a.safetensors").exists()
