@@ -10,10 +10,11 @@ SD3 folder (``stabilityai/stable-diffusion-3-medium-diffusers``, ``stable-diffus
     model_index.json  scheduler/  transformer/  vae/
     text_encoder/ tokenizer/ (CLIP-L)  text_encoder_2/ tokenizer_2/ (CLIP-G)  [text_encoder_3/ tokenizer_3/ (T5)]
 
-ACE folder (the released ACE-0.6B, arranged as ``docs/real_models.md`` says)::
+ACE folder (``scepter-studio/ACE-0.6B-512px`` as released, its VAE converted once, ``docs/real_models.md``)::
 
-    dit/<one .pth or .safetensors> (or that file at the top)  text_encoder/ (T5, [its tokenizer])
-    [tokenizer/]  vae/ (diffusers AutoencoderKL)
+    [models/]  dit/<one .pth or .safetensors> (or that file at the top)
+               text_encoder/[t5-v1_1-xxl/] (T5, [its tokenizer])  [tokenizer/[t5-v1_1-xxl/]]
+               vae/ (a diffusers AutoencoderKL folder)
 """
 from __future__ import annotations
 
@@ -147,6 +148,13 @@ def find_dit(folder: Path) -> Path:
     return found[0]
 
 
+def model_dir(path: Path) -> Path:
+    """``path``, or its only sub-folder when ``path`` holds nothing but that one (the release's
+    ``text_encoder/t5-v1_1-xxl/``)."""
+    entries = [p for p in path.iterdir() if not p.name.startswith(".")]
+    return entries[0] if len(entries) == 1 and entries[0].is_dir() else path
+
+
 def ace_pipeline(folder: str | Path, preset: str | None = None, *, device: str = "cpu",
                  dtype: torch.dtype = torch.float32):
     """An ACE :class:`~.pipeline.EditPipeline` from an ACE folder (arguments as :func:`from_pretrained`).
@@ -160,10 +168,15 @@ def ace_pipeline(folder: str | Path, preset: str | None = None, *, device: str =
     from .text import T5TextEncoder, indicator_table
 
     folder = Path(folder)
+    if (folder / "models").is_dir() and not (folder / "dit").is_dir():
+        folder = folder / "models"  # the release keeps its parts under models/
     missing = [p for p in ("text_encoder", "vae") if not (folder / p).is_dir()]
     if missing:
         raise FileNotFoundError(f"{str(folder)!r} lacks {', '.join(p + '/' for p in missing)}; expected an ACE folder "
                                 f"(dit/, text_encoder/, vae/) or a diffusers pipeline folder with model_index.json")
+    if not (folder / "vae" / "config.json").is_file():
+        raise FileNotFoundError(f"{folder / 'vae'} holds no diffusers AutoencoderKL (config.json); convert the "
+                                f"release's vae.bin to one once with diffusers (docs/real_models.md)")
     dit = find_dit(folder)
     meta = read_safetensors_metadata(dit) if dit.suffix == ".safetensors" else {}
     if "omniace_config" in meta:
@@ -180,8 +193,8 @@ def ace_pipeline(folder: str | Path, preset: str | None = None, *, device: str =
         raise ValueError(f"{folder}: the VAE has {codec.latent_channels} latent channels, the DiT takes "
                          f"{cfg.in_channels}")
     cfg = replace(cfg, codec_factor=codec.factor)  # the config's codec factor is the paired VAE's
-    tokenizer = folder / "tokenizer" if (folder / "tokenizer").is_dir() else None
-    text = T5TextEncoder(folder / "text_encoder", max_len=cfg.text_len, device=device,
+    tokenizer = model_dir(folder / "tokenizer") if (folder / "tokenizer").is_dir() else None
+    text = T5TextEncoder(model_dir(folder / "text_encoder"), max_len=cfg.text_len, device=device,
                          dtype=dtype, tokenizer=tokenizer)
     if text.dim != cfg.y_channels:
         raise ValueError(f"{folder}: T5's d_model {text.dim} differs from the DiT's y_channels {cfg.y_channels}")

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from helpers import randomise
 from omniace.engine import build_model, get_config
@@ -38,11 +39,12 @@ def clip_tokenizer() -> "transformers.CLIPTokenizer":
     return transformers.CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
-def t5(folder: Path, d_model: int) -> None:
-    """A T5 encoder and its (Unigram, sentencepiece-style) tokenizer, both saved in ``folder``."""
+def t5(folder: Path, d_model: int, tokenizer: Path | None = None) -> None:
+    """A T5 encoder saved in ``folder`` and its (Unigram, sentencepiece-style) tokenizer in ``tokenizer``
+    (default: the same folder)."""
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
     vocab += [(c, -3.0) for c in T5_CHARS] + [("\u2581" + c, -2.5) for c in string.ascii_lowercase]
-    transformers.T5Tokenizer(vocab=vocab, extra_ids=0).save_pretrained(folder)
+    transformers.T5Tokenizer(vocab=vocab, extra_ids=0).save_pretrained(tokenizer or folder)
     cfg = transformers.T5Config(vocab_size=len(vocab), d_model=d_model, d_kv=8, d_ff=64, num_layers=2, num_heads=2)
     transformers.T5EncoderModel(cfg).save_pretrained(folder)
 
@@ -65,8 +67,7 @@ def sd3_folder(root: Path, sd35: bool) -> Path:
                                           num_hidden_layers=2, num_attention_heads=2, projection_dim=proj,
                                           max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)
         transformers.CLIPTextModelWithProjection(cfg).save_pretrained(root / enc)
-    t5(root / "text_encoder_3", 48)
-    t5(root / "tokenizer_3", 48)
+    t5(root / "text_encoder_3", 48, tokenizer=root / "tokenizer_3")
     vae(root / "vae", 4, 2)
     extra = dict(dual_attention_layers=(0,), qk_norm="rms_norm") if sd35 else {}
     tr = diffusers.SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, num_layers=2,
@@ -178,8 +179,6 @@ def test_sd3_folder_with_editnet_weights(folders, tmp_path):
     pipe = EditPipeline.from_pretrained(folder, tmp_path / "editnet.safetensors")
     got = pipe.model.state_dict()
     assert all(torch.equal(got[k], v) for k, v in model.state_dict().items())
-    from PIL import Image
-
     src = Image.fromarray((np.random.default_rng(0).random((24, 40, 3)) * 255).astype(np.uint8))
     out = pipe.edit(src, "make it red", steps=2, seed=1)[0]
     assert out.size == (40, 24) and np.asarray(out).std() > 0
@@ -229,45 +228,53 @@ def scepter_keys(sd: dict) -> dict:
     return out
 
 
-def ace_folder(root: Path, model) -> Path:
-    (root / "dit").mkdir(parents=True)
-    torch.save(scepter_keys(model.state_dict()), root / "dit" / "ace_tiny.pth")
-    t5(root / "text_encoder", model.cfg.y_channels)
-    vae(root / "vae", model.cfg.in_channels, 3)  # factor 4, as ace-tiny's codec
+def ace_folder(root: Path, model, release: bool = False) -> Path:
+    """An ACE folder: flat (dit/, text_encoder/ with its tokenizer, vae/) or, with ``release``, the release's
+    layout (models/dit/, models/text_encoder/t5-v1_1-xxl/, models/tokenizer/t5-v1_1-xxl/, models/vae/)."""
+    base = root / "models" if release else root
+    (base / "dit").mkdir(parents=True)
+    torch.save(scepter_keys(model.state_dict()), base / "dit" / "ace_tiny.pth")
+    if release:
+        t5(base / "text_encoder" / "t5-v1_1-xxl", model.cfg.y_channels, tokenizer=base / "tokenizer" / "t5-v1_1-xxl")
+    else:
+        t5(base / "text_encoder", model.cfg.y_channels)
+    vae(base / "vae", model.cfg.in_channels, 3)  # factor 4, as ace-tiny's codec
     return root
 
 
 def test_ace_folder_with_a_released_style_checkpoint(tmp_path):
-    """An ACE folder whose DiT is a scepter-layout .pth: the checkpoint conversion restores every weight, the
-    unfilled indicator table is filled from T5 (as scepter does), and an edit keeps its input's size."""
+    """An ACE folder in the release's layout (models/, nested T5 and tokenizer folders) whose DiT is a
+    scepter-layout .pth: the checkpoint conversion restores every weight, the unfilled indicator table is filled
+    from T5 (as scepter does), and an edit keeps its input's size. The release's vae.bin must be converted."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = randomise(build_model(get_config("ace-tiny")), seed=4)
-        folder = ace_folder(tmp_path / "ace", model)
+        folder = ace_folder(tmp_path / "ace", model, release=True)
     pipe = EditPipeline.from_pretrained(folder, preset="ace-tiny")
     got = pipe.model.state_dict()
     assert all(torch.equal(got[k], v) for k, v in model.state_dict().items() if k != "text_position_embeddings.pos")
-    text = T5TextEncoder(folder / "text_encoder", dtype=torch.float32)
+    text = T5TextEncoder(folder / "models" / "text_encoder" / "t5-v1_1-xxl", dtype=torch.float32,
+                         tokenizer=folder / "models" / "tokenizer" / "t5-v1_1-xxl")
     table = indicator_table(text)
     assert table.abs().max() > 0 and torch.equal(got["text_position_embeddings.pos"], table)
-    from PIL import Image
-
     src = Image.fromarray((np.random.default_rng(1).random((16, 24, 3)) * 255).astype(np.uint8))
     out = pipe.edit(src, "make {image} brighter", steps=2, seed=0)[0]
     assert out.size == (24, 16) and np.asarray(out).std() > 0
     with pytest.raises(ValueError, match=r"the VAE has 48 latent channels, the DiT takes 4"):
         EditPipeline.from_pretrained(folder)  # ace-0.6b-512's config for a tiny checkpoint
-    (folder / "dit" / "second.safetensors").write_bytes(b"")
+    (folder / "models" / "dit" / "second.safetensors").write_bytes(b"")
     with pytest.raises(ValueError, match=r"expected one DiT checkpoint .* found \['dit/ace_tiny.pth', "
                                          r"'dit/second.safetensors'\]"):
+        EditPipeline.from_pretrained(folder, preset="ace-tiny")
+    for name in ("config.json", "diffusion_pytorch_model.safetensors"):  # the release's vae/ holds vae.bin
+        (folder / "models" / "vae" / name).unlink()
+    with pytest.raises(FileNotFoundError, match=r"models/vae holds no diffusers AutoencoderKL \(config.json\)"):
         EditPipeline.from_pretrained(folder, preset="ace-tiny")
 
 
 def test_convert_writes_weights_that_edit_loads_with_no_further_flags(tmp_path, capsys):
     """``omniace convert`` of a released-style ACE .pth writes the config into the file; ``omniace edit`` then
     loads it with only --text-encoder and --vae (no --preset)."""
-    from PIL import Image
-
     from omniace.engine.cli import main
 
     with warnings.catch_warnings():
