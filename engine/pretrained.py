@@ -10,11 +10,11 @@ SD3 folder (``stabilityai/stable-diffusion-3-medium-diffusers``, ``stable-diffus
     model_index.json  scheduler/  transformer/  vae/
     text_encoder/ tokenizer/ (CLIP-L)  text_encoder_2/ tokenizer_2/ (CLIP-G)  [text_encoder_3/ tokenizer_3/ (T5)]
 
-ACE folder (``scepter-studio/ACE-0.6B-512px`` as released, its VAE converted once, ``docs/real_models.md``)::
+ACE folder (``scepter-studio/ACE-0.6B-512px`` as released, ``docs/real_models.md``)::
 
     [models/]  dit/<one .pth or .safetensors> (or that file at the top)
                text_encoder/[t5-v1_1-xxl/] (T5, [its tokenizer])  [tokenizer/[t5-v1_1-xxl/]]
-               vae/ (a diffusers AutoencoderKL folder)
+               vae/ (the release's LDM-layout vae.bin, or a diffusers AutoencoderKL folder)
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from .weights import (ace_state_dict, load_diffusers_folder, load_into, load_sta
 
 SD3_PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 T5_PARTS = ("text_encoder_3", "tokenizer_3")
-DIT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 SAMPLER_SHIFT = 3.0  # the engine's FlowEulerSampler shift (SD3's scheduler_config.json)
 
 
@@ -138,14 +138,20 @@ def load_editnet(model: torch.nn.Module, path: str | Path) -> None:
     load_into(model, {**model.state_dict(), **sd})
 
 
-def find_dit(folder: Path) -> Path:
-    """The one DiT checkpoint of an ACE folder: in ``dit/`` or at the top; ValueError for none or several."""
-    found = [p for d in (folder / "dit", folder) if d.is_dir() for p in sorted(d.iterdir())
-             if p.is_file() and p.suffix in DIT_SUFFIXES]
-    if len(found) != 1:
-        raise ValueError(f"{str(folder)!r}: expected one DiT checkpoint ({', '.join(DIT_SUFFIXES)}) in dit/ or at "
-                         f"the top, found {[str(p.relative_to(folder)) for p in found] or 'none'}")
-    return found[0]
+def find_checkpoint(folder: Path, dirs: tuple[str, ...], what: str) -> Path:
+    """The one checkpoint file (``.safetensors``, ``.pth``, ``.pt``, ``.bin``, ``.ckpt``) in the first of ``dirs``
+    (relative to ``folder``, ``""`` the folder itself) that holds any; ValueError for none or several."""
+    found: list[Path] = []
+    for d in dirs:
+        if (folder / d).is_dir():
+            found = [p for p in sorted((folder / d).iterdir()) if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES]
+        if found:
+            break
+    if len(found) == 1:
+        return found[0]
+    raise ValueError(f"{str(folder)!r}: expected one {what} checkpoint ({', '.join(CHECKPOINT_SUFFIXES)}) in "
+                     f"{' or '.join((d or '.') + '/' for d in dirs)}, found "
+                     f"{[str(p.relative_to(folder)) for p in found] or 'none'}")
 
 
 def model_dir(path: Path) -> Path:
@@ -174,10 +180,9 @@ def ace_pipeline(folder: str | Path, preset: str | None = None, *, device: str =
     if missing:
         raise FileNotFoundError(f"{str(folder)!r} lacks {', '.join(p + '/' for p in missing)}; expected an ACE folder "
                                 f"(dit/, text_encoder/, vae/) or a diffusers pipeline folder with model_index.json")
-    if not (folder / "vae" / "config.json").is_file():
-        raise FileNotFoundError(f"{folder / 'vae'} holds no diffusers AutoencoderKL (config.json); convert the "
-                                f"release's vae.bin to one once with diffusers (docs/real_models.md)")
-    dit = find_dit(folder)
+    # the release's vae/vae.bin (LDM layout), or a diffusers AutoencoderKL folder
+    vae = folder / "vae" if (folder / "vae" / "config.json").is_file() else find_checkpoint(folder, ("vae",), "VAE")
+    dit = find_checkpoint(folder, ("dit", ""), "DiT")
     meta = read_safetensors_metadata(dit) if dit.suffix == ".safetensors" else {}
     if "omniace_config" in meta:
         if preset is not None:
@@ -188,7 +193,7 @@ def ace_pipeline(folder: str | Path, preset: str | None = None, *, device: str =
         cfg = get_config(preset or "ace-0.6b-512")
     if not isinstance(cfg, ACEConfig):
         raise ValueError(f"{dit}: an {cfg.family!r} model; an ACE folder holds an ACE DiT")
-    codec = AutoencoderKLCodec(folder / "vae", device=device, dtype=dtype)
+    codec = AutoencoderKLCodec(vae, device=device, dtype=dtype)
     if codec.latent_channels != cfg.in_channels:
         raise ValueError(f"{folder}: the VAE has {codec.latent_channels} latent channels, the DiT takes "
                          f"{cfg.in_channels}")

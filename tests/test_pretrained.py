@@ -49,12 +49,37 @@ def t5(folder: Path, d_model: int, tokenizer: Path | None = None) -> None:
     transformers.T5EncoderModel(cfg).save_pretrained(folder)
 
 
-def vae(folder: Path, latent_channels: int, blocks: int) -> None:
-    """An AutoencoderKL with downsampling factor ``2 ** (blocks - 1)`` and SD3's scaling and shift."""
-    diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * blocks,
-                            up_block_types=["UpDecoderBlock2D"] * blocks, block_out_channels=[8] * blocks,
-                            layers_per_block=1, latent_channels=latent_channels, norm_num_groups=4, sample_size=32,
-                            scaling_factor=1.5305, shift_factor=0.0609).save_pretrained(folder)
+def vae(folder: Path | None, latent_channels: int, blocks: int, groups: int = 4, width: int = 8):
+    """An AutoencoderKL with downsampling factor ``2 ** (blocks - 1)`` and SD3's scaling and shift, saved in
+    ``folder`` (if given) and returned."""
+    model = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * blocks,
+                                    up_block_types=["UpDecoderBlock2D"] * blocks, block_out_channels=[width] * blocks,
+                                    layers_per_block=1, latent_channels=latent_channels, norm_num_groups=groups,
+                                    sample_size=32, scaling_factor=1.5305, shift_factor=0.0609)
+    if folder is not None:
+        model.save_pretrained(folder)
+    return model
+
+
+def ldm_keys(sd: dict, blocks: int) -> dict:
+    """A diffusers AutoencoderKL state dict in the LDM layout that SD 1.x and scepter save (``vae.bin``):
+    ``down.{i}.block.{j}``, decoder ``up`` blocks in reverse order, ``mid.block_{k}``, ``mid.attn_1`` with 1x1-conv
+    q/k/v/proj_out, ``nin_shortcut``, ``norm_out``."""
+    out = {}
+    for k, v in sd.items():
+        k = k.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
+        k = re.sub(r"down_blocks\.(\d+)\.resnets\.", r"down.\1.block.", k)
+        k = re.sub(r"down_blocks\.(\d+)\.downsamplers\.0\.", r"down.\1.downsample.", k)
+        k = re.sub(r"up_blocks\.(\d+)\.(resnets|upsamplers\.0)\.",
+                   lambda m: f"up.{blocks - 1 - int(m.group(1))}.{'block' if m.group(2) == 'resnets' else 'upsample'}.",
+                   k)
+        k = re.sub(r"mid_block\.resnets\.(\d)\.", lambda m: f"mid.block_{int(m.group(1)) + 1}.", k)
+        if "mid_block.attentions.0." in k:
+            k = k.replace("mid_block.attentions.0.", "mid.attn_1.").replace("group_norm", "norm")
+            k = k.replace("to_q", "q").replace("to_k", "k").replace("to_v", "v").replace("to_out.0", "proj_out")
+            v = v[:, :, None, None] if v.dim() == 2 else v
+        out[k] = v
+    return out
 
 
 def sd3_folder(root: Path, sd35: bool) -> Path:
@@ -228,9 +253,10 @@ def scepter_keys(sd: dict) -> dict:
     return out
 
 
-def ace_folder(root: Path, model, release: bool = False) -> Path:
+def ace_folder(root: Path, model, release: bool = False):
     """An ACE folder: flat (dit/, text_encoder/ with its tokenizer, vae/) or, with ``release``, the release's
-    layout (models/dit/, models/text_encoder/t5-v1_1-xxl/, models/tokenizer/t5-v1_1-xxl/, models/vae/)."""
+    layout (models/dit/, models/text_encoder/t5-v1_1-xxl/, models/tokenizer/t5-v1_1-xxl/, models/vae/vae.bin).
+    Returns the folder and its VAE."""
     base = root / "models" if release else root
     (base / "dit").mkdir(parents=True)
     torch.save(scepter_keys(model.state_dict()), base / "dit" / "ace_tiny.pth")
@@ -238,19 +264,28 @@ def ace_folder(root: Path, model, release: bool = False) -> Path:
         t5(base / "text_encoder" / "t5-v1_1-xxl", model.cfg.y_channels, tokenizer=base / "tokenizer" / "t5-v1_1-xxl")
     else:
         t5(base / "text_encoder", model.cfg.y_channels)
-    vae(base / "vae", model.cfg.in_channels, 3)  # factor 4, as ace-tiny's codec
-    return root
+    if release:  # scepter's LDM-layout VAE file; LDM's GroupNorm has 32 groups
+        ldm = vae(None, model.cfg.in_channels, 3, groups=32, width=32)
+        (base / "vae").mkdir()
+        torch.save(ldm_keys(ldm.state_dict(), 3), base / "vae" / "vae.bin")
+        return root, ldm
+    return root, vae(base / "vae", model.cfg.in_channels, 3)  # factor 4, as ace-tiny's codec
 
 
 def test_ace_folder_with_a_released_style_checkpoint(tmp_path):
     """An ACE folder in the release's layout (models/, nested T5 and tokenizer folders) whose DiT is a
-    scepter-layout .pth: the checkpoint conversion restores every weight, the unfilled indicator table is filled
-    from T5 (as scepter does), and an edit keeps its input's size. The release's vae.bin must be converted."""
+    scepter-layout .pth and whose VAE is an LDM-layout vae.bin: the conversions restore every weight, the unfilled
+    indicator table is filled from T5 (as scepter does), and an edit keeps its input's size."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = randomise(build_model(get_config("ace-tiny")), seed=4)
-        folder = ace_folder(tmp_path / "ace", model, release=True)
+        folder, ldm = ace_folder(tmp_path / "ace", model, release=True)
     pipe = EditPipeline.from_pretrained(folder, preset="ace-tiny")
+    # the LDM-layout vae.bin converted by diffusers: every weight back, ACE's scaling factor
+    vae_sd = pipe.codec.vae.state_dict()
+    assert vae_sd.keys() == ldm.state_dict().keys()
+    assert all(torch.equal(vae_sd[k], v) for k, v in ldm.state_dict().items())
+    assert pipe.codec.scale == 0.18215 and pipe.codec.factor == 4
     got = pipe.model.state_dict()
     assert all(torch.equal(got[k], v) for k, v in model.state_dict().items() if k != "text_position_embeddings.pos")
     text = T5TextEncoder(folder / "models" / "text_encoder" / "t5-v1_1-xxl", dtype=torch.float32,
@@ -266,9 +301,10 @@ def test_ace_folder_with_a_released_style_checkpoint(tmp_path):
     with pytest.raises(ValueError, match=r"expected one DiT checkpoint .* found \['dit/ace_tiny.pth', "
                                          r"'dit/second.safetensors'\]"):
         EditPipeline.from_pretrained(folder, preset="ace-tiny")
-    for name in ("config.json", "diffusion_pytorch_model.safetensors"):  # the release's vae/ holds vae.bin
-        (folder / "models" / "vae" / name).unlink()
-    with pytest.raises(FileNotFoundError, match=r"models/vae holds no diffusers AutoencoderKL \(config.json\)"):
+    (folder / "models" / "dit" / "second.safetensors").unlink()
+    torch.save({"encoder.conv_in.weight": torch.zeros(1)}, folder / "models" / "vae" / "other.bin")
+    with pytest.raises(ValueError, match=r"expected one VAE checkpoint .* in vae/, found \['vae/other.bin', "
+                                         r"'vae/vae.bin'\]"):
         EditPipeline.from_pretrained(folder, preset="ace-tiny")
 
 
@@ -280,7 +316,7 @@ def test_convert_writes_weights_that_edit_loads_with_no_further_flags(tmp_path, 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = randomise(build_model(get_config("ace-tiny")), seed=5)
-        folder = ace_folder(tmp_path / "ace", model)
+        folder, _ = ace_folder(tmp_path / "ace", model)
     out = tmp_path / "ace-tiny.safetensors"
     main(["convert", str(folder / "dit" / "ace_tiny.pth"), str(out), "--preset", "ace-tiny"])
     assert f"tensors to {out}" in capsys.readouterr().out
