@@ -167,8 +167,8 @@ def ace_pipeline(folder: str | Path, preset: str | None = None, *, device: str =
 
     The DiT is a self-describing safetensors (``omniace convert``) or a released checkpoint (.pth or
     safetensors, scepter's keys converted as ``omniace convert --family ace`` does) with ``preset``'s config.
-    An all-zero image-indicator table (the release's lazily-filled ``text_position_embeddings``) is filled
-    from the T5 encoder, as scepter does on first use."""
+    An image-indicator table never filled (``text_position_embeddings``; scepter's test: its sum is not > 0)
+    is filled from the T5 encoder, as scepter does on first use."""
     from .model import build_model
     from .pipeline import EditPipeline
     from .text import T5TextEncoder, indicator_table
@@ -197,7 +197,9 @@ def ace_pipeline(folder: str | Path, preset: str | None = None, *, device: str =
     if codec.latent_channels != cfg.in_channels:
         raise ValueError(f"{folder}: the VAE has {codec.latent_channels} latent channels, the DiT takes "
                          f"{cfg.in_channels}")
-    cfg = replace(cfg, codec_factor=codec.factor)  # the config's codec factor is the paired VAE's
+    if "omniace_config" in meta and cfg.codec_factor != codec.factor:
+        raise ValueError(f"{dit} was made for a VAE of factor {cfg.codec_factor}; {vae} has factor {codec.factor}")
+    cfg = replace(cfg, codec_factor=codec.factor)  # a preset's codec factor is the paired VAE's
     tokenizer = model_dir(folder / "tokenizer") if (folder / "tokenizer").is_dir() else None
     text = T5TextEncoder(model_dir(folder / "text_encoder"), max_len=cfg.text_len, device=device,
                          dtype=dtype, tokenizer=tokenizer)
@@ -207,7 +209,7 @@ def ace_pipeline(folder: str | Path, preset: str | None = None, *, device: str =
     load_into(model, ace_state_dict(load_state_dict_file(dit), cfg.in_channels),
               allow_missing=("text_position_embeddings.pos",))
     table = model.text_position_embeddings.pos
-    if not table.sum() > 0:  # scepter's test: a table never filled is all zeros
+    if not table.sum() > 0:
         with torch.no_grad():
             table.copy_(indicator_table(text, cfg.num_indicators))
-    return EditPipeline(model.to(dtype).eval(), text, codec, device=device)
+    return EditPipeline(model.to(dtype), text, codec, device=device)

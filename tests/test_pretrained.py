@@ -329,6 +329,15 @@ def test_convert_writes_weights_that_edit_loads_with_no_further_flags(tmp_path, 
           "--image", str(tmp_path / "in.png"), "--instruction", "brighter", "--steps", "2", "--out",
           str(tmp_path / "o.png")])
     assert Image.open(tmp_path / "o.png").size == (24, 16)
+    # the converted file in an ACE folder: its own config, so a VAE of another factor is refused
+    (folder / "dit" / "ace_tiny.pth").unlink()
+    out.rename(folder / "dit" / out.name)
+    assert EditPipeline.from_pretrained(folder).cfg == get_config("ace-tiny")
+    vae(tmp_path / "vae2", 48, 2)
+    (folder / "vae").rename(tmp_path / "vae4")
+    (tmp_path / "vae2").rename(folder / "vae")
+    with pytest.raises(ValueError, match=r"ace-tiny.safetensors was made for a VAE of factor 4; .*vae has factor 2"):
+        EditPipeline.from_pretrained(folder)
 
 
 def test_convert_a_diffusers_transformer_folder_and_refusals(folders, tmp_path, capsys):
