@@ -261,8 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", help="a .safetensors file")
     p.add_argument("--family", choices=FAMILIES, default="ace")
     p.add_argument("--preset", choices=sorted(PRESETS),
-                   help="the model config written with the weights (default: ace-0.6b-512 for ace, sd3-medium-editnet "
-                        "for an sd3 file; an sd3 folder's config.json; none for --family none)")
+                   help="the model config written with the weights (default: the family's preset whose shapes the "
+                        "checkpoint fits; an sd3 folder's config.json; none for --family none)")
     p.add_argument("--force", action="store_true", help="allow dst to replace src")
     p.set_defaults(fn=cmd_convert)
     p = sub.add_parser("serve", parents=[common], help="serve edits over HTTP (EditServer; extra 'serve')")

@@ -249,27 +249,38 @@ def save_safetensors(sd: StateDict, path: str | os.PathLike, metadata: dict[str,
         raise
 
 
+def _fits(cfg, sd: StateDict) -> str | None:
+    """None if ``sd`` loads into ``cfg``'s model (built on the meta device), else why not."""
+    from .model import build_model
+
+    with torch.device("meta"):
+        model = build_model(cfg)
+    try:
+        load_into(model, sd, allow_missing=("text_position_embeddings.pos",))
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 def convert(src: str | os.PathLike, dst: str | os.PathLike, family: str = "ace", preset: str | None = None) -> int:
     """Convert checkpoint ``src`` to self-describing safetensors ``dst``: the family's key remap, then the model
     config in the ``omniace_config`` metadata, so that :func:`~.model.load_model` (and ``omniace edit``) need
     no preset. Returns the number of tensor names written (aliases included).
 
-    ``family``: ``"ace"`` (scepter's keys converted; config ``preset``, default ``ace-0.6b-512``), ``"sd3"``
-    (``src`` a diffusers transformer folder, whose config.json is the config, or a file with ``preset``,
-    default ``sd3-medium-editnet``, EditNet on if the file holds ``editnet.*`` tensors) or ``"none"`` (keys kept;
-    a config only with ``preset``). Raises ValueError naming a preset of another family or a checkpoint that
-    does not fit its config (nothing is written then), FileNotFoundError for a missing ``src``."""
+    ``family``: ``"ace"`` (scepter's keys converted) or ``"sd3"`` (EditNet on if the file holds ``editnet.*``
+    tensors): the config is ``preset``'s, or without one the family's preset whose shapes the checkpoint fits;
+    an sd3 ``src`` may be a diffusers transformer folder, whose config.json is the config. ``"none"``: keys
+    kept, a config only with ``preset``. Raises ValueError naming a preset of another family, a checkpoint
+    that fits no preset, or several (nothing is written then); FileNotFoundError for a missing ``src``."""
     from dataclasses import replace
 
-    from .config import ACEConfig, SD3Config, get_config
-    from .model import build_model, save_weights
+    from .config import PRESETS, get_config
 
     if family not in FAMILIES:
         raise ValueError(f"family {family!r}; expected one of {FAMILIES}")
     src = Path(src)
     cfg = get_config(preset) if preset is not None else None
-    want = {"ace": ACEConfig, "sd3": SD3Config}.get(family)
-    if cfg is not None and want is not None and not isinstance(cfg, want):
+    if cfg is not None and family != "none" and cfg.family != family:
         raise ValueError(f"preset {preset!r} is a {cfg.family!r} model; --family {family} needs a preset of "
                          f"that family")
     if src.is_dir():
@@ -282,20 +293,34 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, family: str = "ace",
         cfg = sd3_config_from_diffusers(config)
     else:
         sd = load_state_dict_file(src)
-        if family == "ace":
-            cfg = cfg or get_config("ace-0.6b-512")
-            sd = ace_state_dict(sd, cfg.in_channels)
-        elif family == "sd3":
-            cfg = replace(cfg or get_config("sd3-medium-editnet"), editnet=any(k.startswith("editnet.") for k in sd))
-    if cfg is None:
-        save_safetensors(sd, dst, metadata={"format": "pt", "family": family})
-        return len(sd)
-    with torch.device("meta"):  # the checkpoint must fit its config before anything is written
-        model = build_model(cfg)
-    try:
-        load_into(model, sd, allow_missing=("text_position_embeddings.pos",))
-    except ValueError as err:
-        raise ValueError(f"{src}: {err} (config {preset or family!r})") from None
+        if family == "none" and cfg is None:
+            save_safetensors(sd, dst, metadata={"format": "pt", "family": family})
+            return len(sd)
+    editnet = any(k.startswith("editnet.") for k in sd)
+
+    def fit(c):  # the family's remap and EditNet flag (no branch: no branch kind), then whether sd fits
+        if family == "sd3" and not src.is_dir():
+            c = replace(c, editnet=editnet, control=c.control if editnet else "editnet")
+        keys = ace_state_dict(sd, c.in_channels) if family == "ace" else sd
+        return c, keys, _fits(c, keys)
+
+    if cfg is not None:
+        cfg, sd, why = fit(cfg)
+        if why:
+            raise ValueError(f"{src}: {why} (config {preset or 'config.json'!r})")
+    else:  # the family's presets whose shapes it fits, told apart by config
+        found: list[tuple[str, object, StateDict]] = []
+        for name, c in PRESETS.items():
+            if c.family == family:
+                c, keys, why = fit(c)
+                if why is None and all(c != f[1] for f in found):
+                    found.append((name, c, keys))
+        if len(found) != 1:
+            fits = f"several {family} presets ({', '.join(f[0] for f in found)})" if found else f"no {family} preset"
+            raise ValueError(f"{src}: fits {fits}; name its config with --preset")
+        _, cfg, sd = found[0]
+    from .model import save_weights
+
     save_weights(sd, cfg, dst, metadata={"format": "pt", "family": family})
     return len(sd)
 

@@ -322,6 +322,9 @@ def test_convert_writes_weights_that_edit_loads_with_no_further_flags(tmp_path, 
     assert f"tensors to {out}" in capsys.readouterr().out
     loaded = load_model(out)  # no config given: the file's own
     assert loaded.cfg == get_config("ace-tiny")
+    # without --preset: the ace preset whose shapes it fits (ace-tiny, of ace-0.6b, ace-small, ace-tiny)
+    main(["convert", str(folder / "dit" / "ace_tiny.pth"), str(tmp_path / "inferred.safetensors")])
+    assert load_model(tmp_path / "inferred.safetensors").cfg == get_config("ace-tiny")
     got = loaded.state_dict()
     assert all(torch.equal(got[k], v) for k, v in model.state_dict().items() if k != "text_position_embeddings.pos")
     Image.fromarray((np.random.default_rng(2).random((16, 24, 3)) * 255).astype(np.uint8)).save(tmp_path / "in.png")
@@ -354,6 +357,11 @@ def test_convert_a_diffusers_transformer_folder_and_refusals(folders, tmp_path, 
     loaded = load_model(out)
     assert loaded.cfg == want.cfg and loaded.cfg.dual_attention_layers == (0,) and loaded.cfg.qk_norm == "rms_norm"
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in want.state_dict().items())
+    # a base sd3-small file: its preset found by shape (sd3-small-controlnet without its branch is the same model)
+    base = build_model(get_config("sd3-small"))
+    torch.save(base.state_dict(), tmp_path / "small.pth")
+    main(["convert", str(tmp_path / "small.pth"), str(tmp_path / "small.safetensors"), "--family", "sd3"])
+    assert load_model(tmp_path / "small.safetensors").cfg == get_config("sd3-small")
     pth = tmp_path / "ace.pth"
     torch.save({"x_embedder.proj.weight": torch.zeros(8, 5, 2, 2)}, pth)
     for argv, message in (
@@ -362,6 +370,7 @@ def test_convert_a_diffusers_transformer_folder_and_refusals(folders, tmp_path, 
         ([str(pth), str(tmp_path / "a.safetensors"), "--preset", "ace-tiny"],
          r"ace.pth: checkpoint does not fit ACEModel: \d+ missing: .* shape mismatches: \['x_embedder.proj.weight"),
         ([str(folders["sd35"] / "transformer"), str(tmp_path / "a.safetensors")], "is a folder: only --family sd3"),
+        ([str(pth), str(tmp_path / "a.safetensors")], r"ace.pth: fits no ace preset; name its config with --preset"),
     ):
         with pytest.raises(SystemExit) as exit:
             main(["convert", *argv])
