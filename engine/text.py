@@ -86,13 +86,13 @@ class TinyTextEncoder(nn.Module):
     encode = forward
 
 
-def check_length(tokenizer, texts: list[str], max_len: int, name: str, truncate: bool) -> None:
-    """Warn (``truncate``) or raise for each text whose token ids (special tokens included) exceed ``max_len``;
-    the message names the tail the tokenizer's ``truncation=True`` would drop."""
+def check_length(tokenizer, texts: list[str], max_len: int, unit: str, encoder: str, truncate: bool) -> None:
+    """Warn (``truncate``) or raise for each text whose token ids (special tokens included) exceed ``max_len``:
+    "is N ``unit`` tokens; ``encoder`` keeps ``max_len``", naming the tail ``truncation=True`` would drop."""
     for text, ids in zip(texts, tokenizer(texts, truncation=False)["input_ids"]):
         if len(ids) > max_len:  # truncation keeps max_len - 1 tokens and the closing special token
             dropped = tokenizer.decode(ids[max_len - 1:], skip_special_tokens=True)
-            overflow(text, dropped, f"{len(ids)} {name} tokens; the encoder keeps {max_len}", truncate)
+            overflow(text, dropped, f"{len(ids)} {unit} tokens; {encoder} keeps {max_len}", truncate)
 
 
 def _local(transformers_cls, path: str | Path, what: str, **kw):
@@ -119,7 +119,7 @@ class T5TextEncoder:
     @torch.no_grad()
     def encode(self, texts: list[str], truncate: bool = True) -> list[EncodedText]:
         """``texts`` -> per text ``tokens [L, d_model]`` float32, L <= max_len (EOS included)."""
-        check_length(self.tokenizer, texts, self.max_len, "T5", truncate)
+        check_length(self.tokenizer, texts, self.max_len, "T5", "T5TextEncoder", truncate)
         tok = self.tokenizer(texts, max_length=self.max_len, padding="max_length", truncation=True,
                              return_tensors="pt").to(self.device)
         states = self.model(**tok).last_hidden_state.float()
@@ -168,7 +168,7 @@ class SD3TextEncoder:
         """``texts`` -> per text ``tokens [clip_len + t5_len, dim]`` and ``pooled [pooled_dim]``, float32."""
         states, pooled = [], []
         for tokenizer, model in self.clips:
-            check_length(tokenizer, texts, self.clip_len, "CLIP", truncate)
+            check_length(tokenizer, texts, self.clip_len, "CLIP", "SD3TextEncoder", truncate)
             ids = tokenizer(texts, padding="max_length", max_length=self.clip_len, truncation=True,
                             return_tensors="pt").input_ids.to(self.device)
             out = model(ids, output_hidden_states=True)
@@ -180,7 +180,7 @@ class SD3TextEncoder:
             t5 = clip.new_zeros(len(texts), self.t5_len, self.dim)
         else:
             tokenizer, model = self.t5
-            check_length(tokenizer, texts, self.t5_len, "T5", truncate)
+            check_length(tokenizer, texts, self.t5_len, "T5", "SD3TextEncoder", truncate)
             ids = tokenizer(texts, padding="max_length", max_length=self.t5_len, truncation=True,
                             add_special_tokens=True, return_tensors="pt").input_ids.to(self.device)
             t5 = model(ids)[0].float()

@@ -184,7 +184,7 @@ def test_sd3_prompt_embedding_layout_and_truncation(folders):
     assert enc.tokens[:77, 40:].abs().max() == 0 and enc.tokens[:77, :40].abs().max() > 0
     assert enc.tokens[77:].abs().max() > 0
     long = "x" * 75 + " tail"  # 75 + 4 characters + the two specials: over 77
-    with pytest.warns(TruncationWarning, match=r"CLIP tokens; the encoder keeps 77: dropped 'tail'"):
+    with pytest.warns(TruncationWarning, match=r"CLIP tokens; SD3TextEncoder keeps 77: dropped 'tail'"):
         pipe.text_encoder.encode([long])
     with pytest.raises(ValueError, match="it would drop 'tail'"):
         pipe.text_encoder.encode([long], truncate=False)
