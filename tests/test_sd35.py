@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from helpers import randomise
 from omniace.engine.cli import main
 from omniace.engine.config import SD3Config, config_from_dict, config_to_dict, get_config
 from omniace.engine.interop import sd3_config_from_diffusers, sd3_from_diffusers
@@ -19,12 +20,7 @@ LARGE = dict(TINY, qk_norm="rms_norm")
 
 def _diffusers(config: dict):
     diffusers = pytest.importorskip("diffusers")
-    model = diffusers.SD3Transformer2DModel(**config).eval()
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():  # non-zero everywhere, RMSNorm weights included
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * (0.2 if p.dim() > 1 else 0.5))
-    return model
+    return randomise(diffusers.SD3Transformer2DModel(**config).eval(), seed=5)  # RMSNorm weights included
 
 
 def _samples(sizes):
