@@ -51,8 +51,9 @@ def test_sd35_packed_batch_matches_diffusers(config):
 
 
 def test_editnet_on_sd35_base_starts_as_the_base_and_learns():
-    """EditNet's control copies of dual-attention blocks run over condition + target tokens; zero-initialised
-    injections leave the SD3.5 base's output unchanged, and a non-zero injection changes it."""
+    """EditNet's control copies of dual-attention blocks run over condition + target tokens (a condition of
+    another size than the target); zero-initialised injections leave the SD3.5 base's output unchanged, and once
+    they are non-zero the output depends on the branch, its attn2 included."""
     ref = _diffusers(MEDIUM)
     base = sd3_from_diffusers(dict(ref.config), ref.state_dict())
     edit = sd3_from_diffusers(dict(ref.config), ref.state_dict(), editnet=True)
@@ -71,7 +72,9 @@ def test_editnet_on_sd35_base_starts_as_the_base_and_learns():
         for lin in edit.editnet.img_inject:
             torch.nn.init.normal_(lin.weight, std=0.2)
         changed = edit(batch, batch.target_tokens(), t)
-    assert (changed - want).abs().max() > 1e-3
+        edit.editnet.blocks[0].attn2.to_out[0].weight.mul_(2)  # the control copy's attn2 is on the path
+        again = edit(batch, batch.target_tokens(), t)
+    assert (changed - want).abs().max() > 1e-3 and (again - changed).abs().max() > 1e-4
 
 
 @pytest.mark.parametrize("preset,published", [
