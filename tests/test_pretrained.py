@@ -3,8 +3,10 @@
 saved with ``save_pretrained``; diffusers' own StableDiffusion3Pipeline on the same folder is the oracle."""
 import json
 import re
+import shutil
 import string
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -197,7 +199,7 @@ def test_sd3_folder_with_editnet_weights(folders, tmp_path):
     its EditNet tensors are the pipeline's, and an edit keeps its input's size."""
     folder = folders["sd35"]
     base = EditPipeline.from_pretrained(folder)
-    model = build_model(base.cfg.__class__(**{**base.cfg.__dict__, "editnet": True}))
+    model = build_model(replace(base.cfg, editnet=True))
     model.load_state_dict({**model.state_dict(), **base.model.state_dict()})
     randomise(model.editnet, seed=9)
     save_weights(model.state_dict(), model.cfg, tmp_path / "editnet.safetensors")
@@ -232,6 +234,15 @@ def test_sd3_folder_refusals(folders, tmp_path):
         EditPipeline.from_pretrained(bad)
     with pytest.raises(ValueError, match="preset='ace-tiny' is for ACE folders"):
         EditPipeline.from_pretrained(folders["sd3"], preset="ace-tiny")
+    other = shutil.copytree(folders["sd3"], tmp_path / "shift1")
+    (other / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 1.0}))
+    with pytest.raises(ValueError, match=r"scheduler_config.json: FlowMatchEulerDiscreteScheduler with shift 1.0, "
+                                         r"use_dynamic_shifting False; the engine samples SD3 with .* shift 3.0"):
+        EditPipeline.from_pretrained(other)
+    shutil.rmtree(other / "text_encoder_3")
+    with pytest.raises(FileNotFoundError, match=r"shift1' lacks text_encoder_3; expected a diffusers"):
+        EditPipeline.from_pretrained(other, t5=True)  # T5 asked for, not there
 
 
 def scepter_keys(sd: dict) -> dict:
