@@ -150,13 +150,8 @@ def _load_pipeline(args: argparse.Namespace, dtype: torch.dtype):
     from .pipeline import EditPipeline
     from .text import T5TextEncoder
 
-    if Path(args.weights).is_dir():
-        load = getattr(EditPipeline, "from_pretrained", None)
-        if load is None:
-            raise ValueError(f"--weights {args.weights!r} is a folder, but this build has no pipeline-folder loader "
-                             f"(EditPipeline.from_pretrained); give a trainer export (.safetensors), or a model "
-                             f"file with --text-encoder and --vae")
-        return load(args.weights, device=args.device, dtype=dtype)
+    if Path(args.weights).is_dir():  # a diffusers SD3/SD3.5 pipeline folder or an ACE folder
+        return EditPipeline.from_pretrained(args.weights, device=args.device, dtype=dtype, preset=args.preset)
     model = load_model(args.weights, args.preset)
     # a preset's own pixel budget (ace-0.6b-512 shares the 1024 px model's config)
     max_pixels = pixel_budget(args.preset)[0] if args.preset else None
@@ -280,7 +275,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
     dst, missing = check_output_path(args.dst, inputs=[args.src], force=args.force, suffixes=(".safetensors",),
                                      what="destination")
-    n = convert(args.src, dst, args.family)  # creates a missing folder only when it writes
+    n = convert(args.src, dst, args.family, args.preset)  # creates a missing folder only when it writes
     if missing is not None:
         print(f"created folder {missing}")
     print(f"wrote {n} tensors to {dst}")
@@ -369,10 +364,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=RESOLUTION, default="512", help="side or WIDTHxHEIGHT in pixels")
     p.add_argument("--images", type=IMAGES, default=1, help="condition images")
     p.set_defaults(fn=cmd_info)
-    p = sub.add_parser("convert", parents=[common], help="convert a checkpoint to safetensors")
-    p.add_argument("src")
+    p = sub.add_parser("convert", parents=[common], help="convert a checkpoint to self-describing safetensors "
+                                                         "(config in the metadata: omniace edit needs no --preset)")
+    p.add_argument("src", help="a checkpoint file, or with --family sd3 a diffusers transformer folder")
     p.add_argument("dst", help="a .safetensors file")
     p.add_argument("--family", choices=FAMILIES, default="ace")
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="the model config written with the weights (default: the family's preset whose shapes the "
+                        "checkpoint fits; an sd3 folder's config.json; none for --family none)")
     p.add_argument("--force", action="store_true", help="allow dst to replace src")
     p.set_defaults(fn=cmd_convert)
     p = sub.add_parser("export", parents=[common], help="export the denoiser to ONNX (extra 'export')")

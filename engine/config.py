@@ -68,6 +68,8 @@ class SD3Config:
     pooled_projection_dim: int = 2048
     pos_embed_max_size: int = 192
     qk_norm: str | None = None  # None or "rms_norm" (per head)
+    # MMDiT-X (SD3.5 Medium): these blocks add a second, image-only self-attention (diffusers' attn2)
+    dual_attention_layers: tuple[int, ...] = ()
     text_len: int = 333  # text tokens per prompt (SD3: 77 CLIP + 256 T5)
     editnet: bool = True
     # how the control branch conditions the base (OmniEdit table 7): "editnet" (sees the main tokens of
@@ -86,6 +88,12 @@ class SD3Config:
         return self.num_attention_heads * self.attention_head_dim
 
     def __post_init__(self) -> None:
+        # a JSON config (diffusers' config.json, omniace_config metadata) gives a list
+        object.__setattr__(self, "dual_attention_layers", tuple(self.dual_attention_layers))
+        bad = [i for i in self.dual_attention_layers if not isinstance(i, int) or not 0 <= i < self.num_layers]
+        if bad or len(set(self.dual_attention_layers)) != len(self.dual_attention_layers):
+            raise ValueError(f"dual_attention_layers {self.dual_attention_layers} must be distinct block indices in "
+                             f"[0, {self.num_layers}) (num_layers {self.num_layers})")
         if self.qk_norm not in (None, "rms_norm"):
             raise ValueError(f"qk_norm {self.qk_norm!r} is not supported; expected None or 'rms_norm'")
         if self.control not in ("editnet", "controlnet"):
@@ -105,6 +113,12 @@ PRESETS: dict[str, ACEConfig | SD3Config] = {
     "ace-small": ACEConfig(in_channels=48, hidden_size=192, depth=4, num_heads=4, y_channels=32,
                            text_len=64, codec_factor=4, prediction="x0"),
     "sd3-medium-editnet": SD3Config(),
+    # SD3.5 (diffusers configs of stabilityai/stable-diffusion-3.5-medium and -large, transformer/config.json):
+    # Medium is MMDiT-X (dual attention in blocks 0-12, 384-wide positional table), Large is a wider, deeper MMDiT;
+    # both normalise q and k with RMSNorm
+    "sd35-medium-editnet": SD3Config(pos_embed_max_size=384, qk_norm="rms_norm", dual_attention_layers=tuple(range(13))),
+    "sd35-large-editnet": SD3Config(num_layers=38, num_attention_heads=38, caption_projection_dim=2432,
+                                    qk_norm="rms_norm"),
     "sd3-tiny-editnet": SD3Config(sample_size=32, in_channels=48, out_channels=48, num_layers=2,
                                   attention_head_dim=16, num_attention_heads=4, joint_attention_dim=32,
                                   caption_projection_dim=64, pooled_projection_dim=32,

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .config import ACEConfig, SD3Config
 from .lcu import ConditionUnit, ImageInput, LCUSample, pack
-from .weights import StateDict, load_into, remap_ace_keys
+from .weights import StateDict, ace_state_dict, load_into
 
 
 # ----------------------------------------------------------------------------------------------- ACE
@@ -39,8 +39,7 @@ def ace_from_scepter(config: dict, state_dict: StateDict):
 
     cfg = ace_config_from_scepter(config)
     model = ACEModel(cfg)
-    sd = remap_ace_keys(dict(state_dict), x_embed_in_channels=cfg.in_channels + 1)
-    sd = {k.removeprefix("model."): v for k, v in sd.items()}
+    sd = ace_state_dict(state_dict, cfg.in_channels)
     load_into(model, sd, allow_missing=("text_position_embeddings.pos",))
     return model.eval()
 
@@ -84,28 +83,27 @@ def _mask2d(m: Tensor | None) -> Tensor | None:
 
 
 # ----------------------------------------------------------------------------------------------- SD3
-def sd3_config_from_diffusers(config: dict, editnet: bool = False) -> SD3Config:
-    """Map a diffusers ``SD3Transformer2DModel`` config dict onto :class:`SD3Config`."""
-    if config.get("dual_attention_layers"):
-        raise ValueError("SD3.5 dual-attention layers are not supported (dual_attention_layers="
-                         f"{tuple(config['dual_attention_layers'])}); expected ()")
+def sd3_config_from_diffusers(config: dict, editnet: bool = False, **overrides) -> SD3Config:
+    """Map a diffusers ``SD3Transformer2DModel`` config dict onto :class:`SD3Config` (SD3, SD3.5 Medium's
+    MMDiT-X ``dual_attention_layers``, SD3.5 Large's ``qk_norm``)."""
     keys = ("sample_size", "patch_size", "in_channels", "num_layers", "attention_head_dim", "num_attention_heads",
             "joint_attention_dim", "caption_projection_dim", "pooled_projection_dim", "out_channels",
-            "pos_embed_max_size", "qk_norm")
+            "pos_embed_max_size", "qk_norm", "dual_attention_layers")
     kw = {k: config[k] for k in keys if k in config and config[k] is not None}
     kw.setdefault("out_channels", kw.get("in_channels", 16))
-    return SD3Config(editnet=editnet, **kw)
+    return SD3Config(editnet=editnet, **{**kw, **overrides})
 
 
-def sd3_from_diffusers(config: dict, state_dict: StateDict, editnet: bool = False):
-    """Build an :class:`~omniace.engine.sd3.SD3Model` holding a diffusers SD3 transformer's weights.
+def sd3_from_diffusers(config: dict, state_dict: StateDict, editnet: bool = False, **overrides):
+    """Build an :class:`~omniace.engine.sd3.SD3Model` holding a diffusers SD3 transformer's weights;
+    ``overrides`` are :class:`SD3Config` fields the diffusers config does not hold (``codec_factor``).
 
     With ``editnet=True`` the control branch is added and initialised from the loaded base blocks
     (its zero-initialised injections leave the output unchanged until trained).
     """
     from .sd3 import SD3Model
 
-    model = SD3Model(sd3_config_from_diffusers(config, editnet))
+    model = SD3Model(sd3_config_from_diffusers(config, editnet, **overrides))
     sd = dict(state_dict)
     if editnet:
         sd.update({k: v for k, v in model.state_dict().items() if k.startswith("editnet.")})

@@ -305,6 +305,15 @@ class EditPipeline:
         return cls(model, None, PixelCodec(cfg.codec_factor), device="meta", dtype=dtype, **kw)
 
     @classmethod
+    def from_pretrained(cls, folder: str | Path, editnet: str | Path | None = None, **kwargs) -> "EditPipeline":
+        """A pipeline from a downloaded folder: a diffusers SD3 / SD3.5 pipeline folder (+ an optional EditNet
+        weights file) or an ACE folder; see :func:`omniace.engine.pretrained.from_pretrained` for the layouts,
+        ``kwargs`` (``device``, ``dtype``, ``t5``, ``preset``) and the errors raised."""
+        from .pretrained import from_pretrained
+
+        return from_pretrained(folder, editnet, **kwargs)
+
+    @classmethod
     def tiny(cls, family: str = "ace", seed: int = 0, device: str = "cpu",
              dtype: torch.dtype | None = None) -> "EditPipeline":
         """An untrained tiny model (tests, shapes and timing; :meth:`pretrained` is the trained default)."""

@@ -172,6 +172,12 @@ class FeedForward(nn.Module):
         return self.net[2](F.gelu(self.net[0].proj(x), approximate="tanh"))
 
 
+def split_heads(x: Tensor, heads: int, norm: nn.Module | None) -> Tensor:
+    """``[L, heads*Dh] -> [L, heads, Dh]``, then the per-head qk-norm if any."""
+    x = x.unflatten(-1, (heads, -1))
+    return x if norm is None else norm(x)
+
+
 class JointAttention(nn.Module):
     def __init__(self, dim: int, heads: int, head_dim: int, pre_only: bool, qk_norm: str | None):
         super().__init__()
@@ -187,8 +193,7 @@ class JointAttention(nn.Module):
             self.norm_q = self.norm_k = self.norm_added_q = self.norm_added_k = None
 
     def _heads(self, x: Tensor, norm: nn.Module | None) -> Tensor:
-        x = x.unflatten(-1, (self.heads, -1))
-        return x if norm is None else norm(x)
+        return split_heads(x, self.heads, norm)
 
     def forward(self, img: Tensor, txt: Tensor, layout: Interleave) -> tuple[Tensor, Tensor]:
         q = layout.join(self._heads(self.to_q(img), self.norm_q), self._heads(self.add_q_proj(txt), self.norm_added_q))
@@ -197,6 +202,25 @@ class JointAttention(nn.Module):
         o = segment_attention(q, k, v, layout.cu_seqlens, layout.cu_seqlens, layout.max_seqlen, layout.max_seqlen)
         o_img, o_txt = layout.split(o.flatten(1))
         return self.to_out[0](o_img), (None if self.to_add_out is None else self.to_add_out(o_txt))
+
+
+class SelfAttention(nn.Module):
+    """diffusers ``Attention`` as MMDiT-X's ``attn2``: image-only self-attention per sample (packed segments)."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, qk_norm: str | None):
+        super().__init__()
+        self.heads = heads
+        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, heads * head_dim) for _ in range(3))
+        self.to_out = nn.ModuleList([nn.Linear(heads * head_dim, dim), nn.Identity()])
+        self.norm_q, self.norm_k = (RMSNorm(head_dim), RMSNorm(head_dim)) if qk_norm == "rms_norm" else (None, None)
+
+    def forward(self, x: Tensor, seg: Segments) -> Tensor:
+        """x ``[L, D]`` packed tokens; attention within each segment of ``seg`` (no host sync)."""
+        q = split_heads(self.to_q(x), self.heads, self.norm_q)
+        k = split_heads(self.to_k(x), self.heads, self.norm_k)
+        v = split_heads(self.to_v(x), self.heads, None)
+        o = segment_attention(q, k, v, seg.cu, seg.cu, seg.max_seqlen, seg.max_seqlen)
+        return self.to_out[0](o.flatten(1))
 
 
 @dataclass
@@ -210,13 +234,15 @@ class InputModulation:
 
 
 class JointBlock(nn.Module):
-    """diffusers JointTransformerBlock (without dual attention) over packed streams."""
+    """diffusers JointTransformerBlock over packed streams; with ``dual`` (MMDiT-X, SD3.5 Medium) an extra
+    image-only self-attention ``attn2`` whose input has its own modulation (SD35AdaLayerNormZeroX: 9 vectors)."""
 
-    def __init__(self, cfg: SD3Config, pre_only: bool):
+    def __init__(self, cfg: SD3Config, pre_only: bool, dual: bool = False):
         super().__init__()
         d = cfg.hidden_size
         self.pre_only = pre_only
-        self.norm1 = _AdaLinear(d, 6)
+        self.norm1 = _AdaLinear(d, 9 if dual else 6)
+        self.attn2 = SelfAttention(d, cfg.num_attention_heads, cfg.attention_head_dim, cfg.qk_norm) if dual else None
         self.norm1_context = _AdaLinear(d, 2 if pre_only else 6)
         self.attn = JointAttention(d, cfg.num_attention_heads, cfg.attention_head_dim, pre_only, cfg.qk_norm)
         self.ff = FeedForward(d)
@@ -233,7 +259,7 @@ class JointBlock(nn.Module):
     def forward(self, h: Tensor, e: Tensor, temb: Tensor, img: Segments, txt: Segments, layout: Interleave,
                 h_in: Tensor | None = None, e_in: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """h ``[L_img, D]``, e ``[L_txt, D]``; ``h_in``/``e_in``: inputs already normed and modulated."""
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(temb)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, *dual = self.norm1(temb)
         ctx = self.norm1_context(temb)
         if h_in is None:
             h_in = ada_norm(h, shift_msa, scale_msa, img.seg)
@@ -241,6 +267,10 @@ class JointBlock(nn.Module):
             c_shift, c_scale = (ctx[1], ctx[0]) if self.pre_only else (ctx[0], ctx[1])
             e_in = ada_norm(e, c_shift, c_scale, txt.seg)
         a_img, a_txt = self.attn(h_in, e_in, layout)
+        if self.attn2 is not None:  # both attentions read the block's input h; their gated outputs add up
+            shift_msa2, scale_msa2, gate_msa2 = dual
+            a2 = self.attn2(ada_norm(h, shift_msa2, scale_msa2, img.seg), img)
+            h = h + gate_msa2[img.seg] * a2
         # gated attention residual fused with the MLP's LayerNorm + modulation
         h, m = editnet_inject(h, a_img, shift_mlp, scale_mlp, gate_msa, img.cu)
         h = h + gate_mlp[img.seg] * self.ff(m)
@@ -312,7 +342,8 @@ class SD3Model(nn.Module):
         self.time_text_embed = TimeTextEmbed(d, cfg.pooled_projection_dim)
         self.context_embedder = nn.Linear(cfg.joint_attention_dim, cfg.caption_projection_dim)
         self.transformer_blocks = nn.ModuleList(
-            JointBlock(cfg, pre_only=i == cfg.num_layers - 1) for i in range(cfg.num_layers))
+            JointBlock(cfg, pre_only=i == cfg.num_layers - 1, dual=i in cfg.dual_attention_layers)
+            for i in range(cfg.num_layers))
         self.norm_out = _AdaLinear(d, 2)  # AdaLayerNormContinuous: (scale, shift)
         self.proj_out = nn.Linear(d, cfg.patch_size**2 * cfg.out_channels)
         self.gradient_checkpointing = False  # recompute each block (base and control) in the backward
@@ -403,10 +434,14 @@ class SD3Model(nn.Module):
             attn = sum((a + b) ** 2 for a, b in zip(img, txt))
             return cfg.num_layers * 2 * ((4 * d * d + 8 * d * d) * (n + tt) + 2 * attn * d)
 
-        total = stack(n_img, n_txt) + 2 * sum(n_txt) * cfg.joint_attention_dim * d
+        def dual(img: list[int]) -> int:  # MMDiT-X's image-only attn2: q, k, v, out projections + attention
+            return len(cfg.dual_attention_layers) * 2 * (4 * d * d * sum(img) + 2 * sum(a * a for a in img) * d)
+
+        total = stack(n_img, n_txt) + dual(n_img) + 2 * sum(n_txt) * cfg.joint_attention_dim * d
         total += 2 * sum(n_img) * d * p2 * (cfg.in_channels + cfg.out_channels)
         if self.editnet is not None and n_cond is not None:
             controlnet = cfg.control == "controlnet"  # a parallel branch over the target tokens only
-            total += stack(n_img if controlnet else [a + c for a, c in zip(n_img, n_cond)], n_txt)
+            ctrl_img = n_img if controlnet else [a + c for a, c in zip(n_img, n_cond)]
+            total += stack(ctrl_img, n_txt) + dual(ctrl_img)
             total += cfg.num_layers * 2 * d * d * (sum(n_img) + sum(n_txt)) + 2 * sum(n_cond) * d * p2 * cfg.in_channels
         return total

@@ -1,4 +1,5 @@
-"""Text encoders: a small built-in byte-level encoder for the tiny default, T5 from a local folder.
+"""Text encoders: a small built-in byte-level encoder for the tiny default; T5 (ACE) and SD3's CLIP-L + CLIP-G
+(+ T5) from local folders, with ``transformers``.
 
 An encoder maps instructions to per-instruction token states ``[L_i, Y]`` (only valid rows) and, for
 the SD3 family, a pooled vector ``[P]``: ``encode(texts, truncate=True) -> list[EncodedText]``. Text past
@@ -85,14 +86,32 @@ class TinyTextEncoder(nn.Module):
     encode = forward
 
 
-class T5TextEncoder:
-    """T5 encoder from a local folder (``transformers``), ACE-style: 120 tokens, valid rows only."""
+def check_length(tokenizer, texts: list[str], max_len: int, unit: str, encoder: str, truncate: bool) -> None:
+    """Warn (``truncate``) or raise for each text whose token ids (special tokens included) exceed ``max_len``:
+    "is N ``unit`` tokens; ``encoder`` keeps ``max_len``", naming the tail ``truncation=True`` would drop."""
+    for text, ids in zip(texts, tokenizer(texts, truncation=False)["input_ids"]):
+        if len(ids) > max_len:  # truncation keeps max_len - 1 tokens and the closing special token
+            dropped = tokenizer.decode(ids[max_len - 1:], skip_special_tokens=True)
+            overflow(text, dropped, f"{len(ids)} {unit} tokens; {encoder} keeps {max_len}", truncate)
 
-    def __init__(self, path: str | Path, max_len: int = 120, device: str = "cpu", dtype=torch.bfloat16):
+
+def _local(transformers_cls, path: str | Path, what: str, **kw):
+    """``from_pretrained`` of a local folder only; a missing folder is a FileNotFoundError naming ``what``."""
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"{what}: {str(path)!r} is not a folder")
+    return transformers_cls.from_pretrained(str(path), local_files_only=True, **kw)
+
+
+class T5TextEncoder:
+    """T5 encoder from a local folder (``transformers``), ACE-style: 120 tokens, valid rows only.
+
+    ``tokenizer``: the tokenizer's folder when it is not ``path`` itself."""
+
+    def __init__(self, path: str | Path, max_len: int = 120, device: str = "cpu", dtype=torch.bfloat16,
+                 tokenizer: str | Path | None = None):
         transformers = require("transformers", "dev", "T5TextEncoder (pip install transformers sentencepiece)")
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        self.model = transformers.T5EncoderModel.from_pretrained(str(path), local_files_only=True,
-                                                                 torch_dtype=dtype).to(device).eval()
+        self.tokenizer = _local(transformers.AutoTokenizer, tokenizer or path, "T5 tokenizer")
+        self.model = _local(transformers.T5EncoderModel, path, "T5 encoder", dtype=dtype).to(device).eval()
         self.max_len, self.device = max_len, device
         self.dim = self.model.config.d_model
         self.pooled_dim = None
@@ -100,14 +119,73 @@ class T5TextEncoder:
     @torch.no_grad()
     def encode(self, texts: list[str], truncate: bool = True) -> list[EncodedText]:
         """``texts`` -> per text ``tokens [L, d_model]`` float32, L <= max_len (EOS included)."""
-        for text, ids in zip(texts, self.tokenizer(texts, truncation=False)["input_ids"]):
-            if len(ids) > self.max_len:  # truncation keeps max_len - 1 tokens and the EOS
-                dropped = self.tokenizer.decode(ids[self.max_len - 1:], skip_special_tokens=True)
-                overflow(text, dropped, f"{len(ids)} T5 tokens; T5TextEncoder keeps {self.max_len}", truncate)
+        check_length(self.tokenizer, texts, self.max_len, "T5", "T5TextEncoder", truncate)
         tok = self.tokenizer(texts, max_length=self.max_len, padding="max_length", truncation=True,
                              return_tensors="pt").to(self.device)
         states = self.model(**tok).last_hidden_state.float()
         return [EncodedText(states[i, : int(tok.attention_mask[i].sum())]) for i in range(len(texts))]
+
+
+class SD3TextEncoder:
+    """SD3's prompt embedding (diffusers ``StableDiffusion3Pipeline.encode_prompt``) from a pipeline folder:
+    CLIP-L (``text_encoder/``, ``tokenizer/``), CLIP-G (``text_encoder_2/``, ``tokenizer_2/``) and optionally
+    T5 (``text_encoder_3/``, ``tokenizer_3/``), all loaded with ``transformers``.
+
+    Per text: ``tokens [77 + t5_len, width]``: both CLIPs' penultimate hidden states joined on the channel axis,
+    zero-padded to ``width`` (T5's d_model = the transformer's ``joint_attention_dim``), then T5's ``t5_len``
+    states (zeros without T5, as diffusers does); every row, padding included (SD3 attends to all of them).
+    ``pooled [P]``: both CLIPs' projected pooled outputs joined. Raises FileNotFoundError for a missing
+    sub-folder, ValueError if the CLIP widths exceed ``width``.
+    """
+
+    def __init__(self, folder: str | Path, width: int, t5: bool = True, t5_len: int = 256, device: str = "cpu",
+                 dtype=torch.float32):
+        transformers = require("transformers", "dev", "SD3TextEncoder (pip install transformers sentencepiece)")
+        folder = Path(folder)
+        self.clips = []
+        for enc, tok in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
+            model = _local(transformers.CLIPTextModelWithProjection, folder / enc, f"SD3 CLIP {enc}", dtype=dtype)
+            self.clips.append((_local(transformers.CLIPTokenizer, folder / tok, f"SD3 CLIP {tok}"),
+                               model.to(device).eval()))
+        self.t5 = None
+        if t5:
+            self.t5 = (_local(transformers.AutoTokenizer, folder / "tokenizer_3", "SD3 T5 tokenizer_3"),
+                       _local(transformers.T5EncoderModel, folder / "text_encoder_3", "SD3 T5 text_encoder_3",
+                              dtype=dtype).to(device).eval())
+            if self.t5[1].config.d_model != width:
+                raise ValueError(f"{folder}: T5's d_model {self.t5[1].config.d_model} differs from the transformer's "
+                                 f"joint_attention_dim {width}")
+        clip_width = sum(m.config.hidden_size for _, m in self.clips)
+        if clip_width > width:
+            raise ValueError(f"{folder}: the CLIP hidden states ({clip_width} wide together) do not fit the "
+                             f"transformer's joint_attention_dim {width}")
+        self.dim, self.t5_len, self.device = width, t5_len, device
+        self.pooled_dim = sum(m.config.projection_dim for _, m in self.clips)
+        self.clip_len = self.clips[0][0].model_max_length  # 77: diffusers' tokenizer_max_length
+
+    @torch.no_grad()
+    def encode(self, texts: list[str], truncate: bool = True) -> list[EncodedText]:
+        """``texts`` -> per text ``tokens [clip_len + t5_len, dim]`` and ``pooled [pooled_dim]``, float32."""
+        states, pooled = [], []
+        for tokenizer, model in self.clips:
+            check_length(tokenizer, texts, self.clip_len, "CLIP", "SD3TextEncoder", truncate)
+            ids = tokenizer(texts, padding="max_length", max_length=self.clip_len, truncation=True,
+                            return_tensors="pt").input_ids.to(self.device)
+            out = model(ids, output_hidden_states=True)
+            states.append(out.hidden_states[-2].float())  # diffusers' default clip_skip: the penultimate layer
+            pooled.append(out[0].float())
+        clip = torch.cat(states, dim=-1)
+        clip = torch.nn.functional.pad(clip, (0, self.dim - clip.shape[-1]))
+        if self.t5 is None:
+            t5 = clip.new_zeros(len(texts), self.t5_len, self.dim)
+        else:
+            tokenizer, model = self.t5
+            check_length(tokenizer, texts, self.t5_len, "T5", "SD3TextEncoder", truncate)
+            ids = tokenizer(texts, padding="max_length", max_length=self.t5_len, truncation=True,
+                            add_special_tokens=True, return_tensors="pt").input_ids.to(self.device)
+            t5 = model(ids)[0].float()
+        tokens, pooled = torch.cat([clip, t5], dim=1), torch.cat(pooled, dim=-1)
+        return [EncodedText(tokens[i], pooled[i]) for i in range(len(texts))]
 
 
 def indicator_table(encoder, n: int = 10) -> Tensor:

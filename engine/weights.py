@@ -1,7 +1,7 @@
 """Checkpoint I/O: safetensors and pickle-free ``.pth`` loading, key maps, atomic saves, converter.
 
-``python -m omniace.engine.weights IN.pth OUT.safetensors [--family ace]`` converts a released
-checkpoint to safetensors (after the family's key remap).
+``python -m omniace.engine.weights IN.pth OUT.safetensors [--family ace] [--preset P]`` converts a released
+checkpoint to self-describing safetensors (the family's key remap, the config in the metadata).
 """
 from __future__ import annotations
 
@@ -82,6 +82,36 @@ def load_state_dict_file(path: str | os.PathLike) -> StateDict:
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
         raise ValueError(f"{path}: expected a mapping of tensor names to tensors")
     return dict(obj)
+
+
+def load_diffusers_folder(folder: str | os.PathLike, name: str = "diffusion_pytorch_model") -> tuple[dict, StateDict]:
+    """A diffusers model folder (``config.json`` and ``NAME.safetensors``, its shards listed in
+    ``NAME.safetensors.index.json``, or ``NAME.bin``) -> ``(config, state_dict)``.
+
+    Raises FileNotFoundError naming the folder and what it lacks, ValueError for an unreadable file."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{str(folder)!r} has no config.json; expected a diffusers model folder")
+    config = json.loads((folder / "config.json").read_text())
+    index = folder / f"{name}.safetensors.index.json"
+    if index.is_file():  # sharded (SD3.5 Large's transformer): every shard the index names
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        sd: StateDict = {}
+        for shard in shards:
+            sd.update(load_state_dict_file(folder / shard))
+        return config, sd
+    for suffix in (".safetensors", ".bin"):
+        if (folder / (name + suffix)).is_file():
+            return config, load_state_dict_file(folder / (name + suffix))
+    raise FileNotFoundError(f"{str(folder)!r} has no {name}.safetensors (nor its shard index, nor {name}.bin)")
+
+
+def ace_state_dict(sd: StateDict, in_channels: int) -> StateDict:
+    """A released ACE checkpoint's state dict in the engine's keys: scepter's remap (:func:`remap_ace_keys`,
+    the x embedder padded to ``in_channels + 1`` for the mask channel) and the wrapper's ``model.`` prefix
+    dropped. Keys already in the engine's layout pass through unchanged."""
+    sd = remap_ace_keys(dict(sd), x_embed_in_channels=in_channels + 1)
+    return {k.removeprefix("model."): v for k, v in sd.items()}
 
 
 def remap_ace_keys(sd: StateDict, x_embed_in_channels: int | None = None) -> StateDict:
@@ -219,17 +249,79 @@ def save_safetensors(sd: StateDict, path: str | os.PathLike, metadata: dict[str,
         raise
 
 
-def convert(src: str | os.PathLike, dst: str | os.PathLike, family: str = "ace") -> int:
-    """Convert checkpoint ``src`` to safetensors ``dst`` after the family's key remap (``"ace"``,
-    ``"sd3"`` or ``"none"``: no remap); returns the number of tensor names written (aliases included)."""
+def _fits(cfg, sd: StateDict) -> str | None:
+    """None if ``sd`` loads into ``cfg``'s model (built on the meta device), else why not."""
+    from .model import build_model
+
+    with torch.device("meta"):
+        model = build_model(cfg)
+    try:
+        load_into(model, sd, allow_missing=("text_position_embeddings.pos",))
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, family: str = "ace", preset: str | None = None) -> int:
+    """Convert checkpoint ``src`` to self-describing safetensors ``dst``: the family's key remap, then the model
+    config in the ``omniace_config`` metadata, so that :func:`~.model.load_model` (and ``omniace edit``) need
+    no preset. Returns the number of tensor names written (aliases included).
+
+    ``family``: ``"ace"`` (scepter's keys converted) or ``"sd3"`` (EditNet on if the file holds ``editnet.*``
+    tensors): the config is ``preset``'s, or without one the family's preset whose shapes the checkpoint fits;
+    an sd3 ``src`` may be a diffusers transformer folder, whose config.json is the config. ``"none"``: keys
+    kept, a config only with ``preset``. Raises ValueError naming a preset of another family, a checkpoint
+    that fits no preset, or several (nothing is written then); FileNotFoundError for a missing ``src``."""
+    from dataclasses import replace
+
+    from .config import PRESETS, get_config
+
     if family not in FAMILIES:
         raise ValueError(f"family {family!r}; expected one of {FAMILIES}")
-    sd = load_state_dict_file(src)
-    if family == "ace":
-        sd = remap_ace_keys(sd, x_embed_in_channels=sd["x_embedder.proj.weight"].shape[1] + 1
-                            if "x_embedder.proj.weight" in sd and sd["x_embedder.proj.weight"].shape[1] == 4
-                            else None)
-    save_safetensors(sd, dst, metadata={"format": "pt", "family": family})
+    src = Path(src)
+    cfg = get_config(preset) if preset is not None else None
+    if cfg is not None and family != "none" and cfg.family != family:
+        raise ValueError(f"preset {preset!r} is a {cfg.family!r} model; --family {family} needs a preset of "
+                         f"that family")
+    if src.is_dir():
+        if family != "sd3" or preset is not None:
+            raise ValueError(f"{str(src)!r} is a folder: only --family sd3 converts one (a diffusers transformer "
+                             f"folder, whose config.json is the config; no --preset)")
+        from .interop import sd3_config_from_diffusers
+
+        config, sd = load_diffusers_folder(src)
+        cfg = sd3_config_from_diffusers(config)
+    else:
+        sd = load_state_dict_file(src)
+        if family == "none" and cfg is None:
+            save_safetensors(sd, dst, metadata={"format": "pt", "family": family})
+            return len(sd)
+    editnet = any(k.startswith("editnet.") for k in sd)
+
+    def fit(c):  # the family's remap and EditNet flag (no branch: no branch kind), then whether sd fits
+        if family == "sd3" and not src.is_dir():
+            c = replace(c, editnet=editnet, control=c.control if editnet else "editnet")
+        keys = ace_state_dict(sd, c.in_channels) if family == "ace" else sd
+        return c, keys, _fits(c, keys)
+
+    if cfg is not None:
+        cfg, sd, why = fit(cfg)
+        if why:
+            raise ValueError(f"{src}: {why} (config {preset or 'config.json'!r})")
+    else:  # the family's presets whose shapes it fits, told apart by config
+        found: list[tuple[str, object, StateDict]] = []
+        for name, c in PRESETS.items():
+            if c.family == family:
+                c, keys, why = fit(c)
+                if why is None and all(c != f[1] for f in found):
+                    found.append((name, c, keys))
+        if len(found) != 1:
+            fits = f"several {family} presets ({', '.join(f[0] for f in found)})" if found else f"no {family} preset"
+            raise ValueError(f"{src}: fits {fits}; name its config with --preset")
+        _, cfg, sd = found[0]
+    from .model import save_weights
+
+    save_weights(sd, cfg, dst, metadata={"format": "pt", "family": family})
     return len(sd)
 
 

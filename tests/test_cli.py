@@ -328,10 +328,9 @@ def test_memory_is_checked_after_loading_a_pipeline_folder(src, tmp_path, capsys
     assert_user_error(code, err, "is a pipeline folder: it holds its own text encoder and VAE")
 
 
-def test_a_pipeline_folder_needs_the_folder_loader(src, tmp_path, capsys, monkeypatch, no_model):
-    monkeypatch.delattr(EditPipeline, "from_pretrained", raising=False)
+def test_a_folder_that_is_no_pipeline_is_named(src, tmp_path, capsys, no_model):
     code, _, err = run(["edit", "--image", str(src), "--instruction", "x", "--weights", str(tmp_path)], capsys)
-    assert_user_error(code, err, f"--weights '{tmp_path}' is a folder, but this build has no pipeline-folder loader")
+    assert_user_error(code, err, f"'{tmp_path}' lacks text_encoder/, vae/; expected an ACE folder")
 
 
 def test_device_dtype_and_latent_exports(src, tmp_path, capsys):

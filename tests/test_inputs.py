@@ -167,7 +167,7 @@ def test_t5_encoder_truncation(tmp_path):
     with pytest.warns(TruncationWarning, match="is 9 T5 tokens; T5TextEncoder keeps 6: dropped 'w6 w7 w8'"):
         out = enc.encode(["w1 w2 w3", "w1 w2 w3 w4 w5 w6 w7 w8"])
     assert [o.tokens.shape[0] for o in out] == [4, 6]
-    with pytest.raises(ValueError, match="it would drop 'w7'"):
+    with pytest.raises(ValueError, match="it would drop 'w6 w7'"):  # 7 words + EOS: 5 words and the EOS kept
         enc.encode(["w1 w2 w3 w4 w5 w6 w7"], truncate=False)
 
 
