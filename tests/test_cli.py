@@ -309,15 +309,15 @@ def test_a_request_over_the_memory_limit_is_refused_before_loading(src, tmp_path
 def test_memory_is_checked_after_loading_a_pipeline_folder(src, tmp_path, capsys, monkeypatch):
     calls = []
 
-    def from_pretrained(path, device, dtype):
-        calls.append((path, device, dtype))
+    def from_pretrained(path, device, dtype, preset):
+        calls.append((path, device, dtype, preset))
         return EditPipeline.pretrained(device=device, dtype=dtype)
     monkeypatch.setattr(EditPipeline, "from_pretrained", from_pretrained, raising=False)
     out = tmp_path / "o.png"
     code, _, err = run(["edit", "--image", str(src), "--instruction", "{image} make it blue", "--steps", "2",
                         "--weights", str(tmp_path), "--out", str(out)], capsys)
     assert code == 0, err
-    assert calls == [(str(tmp_path), "cpu", torch.float32)]
+    assert calls == [(str(tmp_path), "cpu", torch.float32, None)]
     ref = EditPipeline.pretrained().edit(demo_scene(32, 32), "{image} make it blue", steps=2)[0]
     assert Image.open(out).tobytes() == ref.tobytes()
     code, _, err = run(["edit", "--image", str(src), "--instruction", "{image} x", "--weights", str(tmp_path),
