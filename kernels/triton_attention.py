@@ -349,27 +349,31 @@ def forward_config(D: int, max_q: int, max_k: int, segments: int, heads: int, dt
                    interpret: bool | None = None) -> AttnConfig:
     """Heuristic tiles (hand-picked for Hopper; the interpreter gets small tiles so tests cover many blocks).
 
-    fp32 inputs take half-height tiles: their exact (non-tf32) dots need twice the shared memory and
-    registers per element, and fp32 attention is a correctness path, not the fast one.
+    Half precision: 128-row tiles, 4 warps up to head dim 64 and 8 above, no spills at head dims 64, 72
+    and 128 (``triton_aot`` checks it). fp32 inputs take 16-row tiles and 8 warps: their exact (non-tf32)
+    dots run on CUDA cores and keep a whole head-dim slice per thread, which spills at larger tiles; fp32
+    attention is a correctness path, not the fast one.
     """
     if interpreting() if interpret is None else interpret:
         short = max_k <= 32
         return AttnConfig(16, max(16, next_pow2(max_k)) if short else 16, 2 if short else 1, 1, 1)
-    block_m = 64 if dtype == torch.float32 else 128
-    warps = 8 if D > 64 else 4
+    fp32 = dtype == torch.float32
+    block_m = 16 if fp32 else 128
+    warps = 8 if D > 64 or fp32 else 4
     if max_k <= SHORT_KEYS:
         block_n = max(16, next_pow2(max_k))
         programs = segments * heads * triton.cdiv(max(max_q, 1), block_m)
         q_blocks = max(1, min(4, programs // (4 * 132)))  # keep several waves of programs per SM
         return AttnConfig(block_m, block_n, q_blocks, num_warps=warps, num_stages=2)
-    return AttnConfig(block_m, 64 if dtype != torch.float32 else 32, 1, num_warps=warps, num_stages=3)
+    return AttnConfig(block_m, 32 if fp32 else 64, 1, num_warps=warps, num_stages=2 if fp32 else 3)
 
 
 def backward_config(D: int, dtype: torch.dtype = torch.bfloat16, interpret: bool | None = None) -> AttnConfig:
+    """Heuristic backward tiles (both kernels). fp32: the least spilling of those ``triton_aot`` measured."""
     if interpreting() if interpret is None else interpret:
         return AttnConfig(16, 16, 1, 1, 1)
     if dtype == torch.float32:
-        return AttnConfig(32, 32, 1, num_warps=4, num_stages=1)
+        return AttnConfig(32, 32, 1, num_warps=8, num_stages=1)
     return AttnConfig(64, 64, 1, num_warps=4 if D <= 64 else 8, num_stages=2)
 
 
