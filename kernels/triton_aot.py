@@ -1,16 +1,17 @@
 """Compile every Triton kernel variant the launchers use, for a GPU architecture, with no GPU present.
 
-``python -m omniace.kernels.triton_aot [--arch 90] [--quick] [--json PATH]`` calls the real launchers
-(``attention_forward/backward``, ``rope3d_rotate``, ``inject_forward/backward``) on meta tensors at the
-bench's preset shapes, captures each kernel launch instead of running it, and compiles it exactly as
-Triton's JIT would at that launch: the JIT's own argument specialisation (16-byte pointer alignment,
-integers divisible by 16, i32 or i64 by value, ``1`` folded to a constant) through Triton's whole
-pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin). Per variant it reports, from ``ptxas -v`` and the PTX:
-registers, spill bytes, shared memory, occupancy (blocks and warps per SM, what limits them) and the
-global load mix (bytes per load instruction, ``cp.async`` by size, TMA), and fails a variant whose
-shared memory exceeds the architecture's limit. ``--json`` keeps the report (``bench/results/aot_sm90_*``)
-so a GPU run can be set beside it. Needs ``TRITON_INTERPRET`` unset or 0 (the tests run it in its own
-process) and Triton's JIT internals of 3.3 or later (``create_function_from_signature``, ``_pack_args``).
+``python -m omniace.kernels.triton_aot [--arch 90] [--quick] [--candidates] [--json PATH]`` calls the
+real launchers (``attention_forward/backward``, ``rope3d_rotate``, ``inject_forward/backward``) on meta
+tensors at the bench's preset shapes (every dtype; ``--candidates`` adds every tuning tile), captures
+each kernel launch instead of running it, and compiles it exactly as Triton's JIT would at that launch:
+the JIT's own argument specialisation (16-byte pointer alignment, integers divisible by 16, i32 or i64
+by value, ``1`` folded to a constant) through Triton's whole pipeline (TTIR -> TTGIR -> LLVM -> PTX ->
+cubin). Per variant it reports, from ``ptxas -v`` and the PTX: registers, spill bytes, shared memory,
+occupancy (blocks and warps per SM, what limits them) and the global load mix (bytes per load
+instruction, ``cp.async`` by size, TMA), and fails a variant whose shared memory exceeds the
+architecture's limit. ``--json`` keeps the report (``bench/results/aot_sm90_*``) so a GPU run can be
+set beside it. Needs ``TRITON_INTERPRET`` unset or 0 (the tests run it in its own process) and Triton's
+JIT internals of 3.3 or later (``create_function_from_signature``, ``_pack_args``).
 """
 from __future__ import annotations
 
@@ -71,10 +72,10 @@ class Variant:
 @contextlib.contextmanager
 def captured(modules) -> Iterator[list[Launch]]:
     """Within the block, launching any ``@triton.jit`` kernel of ``modules`` records it instead of running."""
-    from triton.runtime.jit import JITFunction
+    from triton.runtime.jit import KernelInterface  # JITFunction, and InterpretedFunction under TRITON_INTERPRET
 
     record: list[Launch] = []
-    kernels = [v for m in modules for v in vars(m).values() if isinstance(v, JITFunction)]
+    kernels = [v for m in modules for v in vars(m).values() if isinstance(v, KernelInterface)]
 
     def recorder(kernel):
         def run(*args, grid, warmup, **kwargs):
@@ -82,7 +83,7 @@ def captured(modules) -> Iterator[list[Launch]]:
         return run
 
     for k in kernels:
-        k.run = recorder(k)  # instance attribute shadows JITFunction.run, which kernel[grid](...) calls
+        k.run = recorder(k)  # the instance attribute shadows the class's run, which kernel[grid](...) calls
     try:
         yield record
     finally:
@@ -94,7 +95,7 @@ def _meta(*shape, dtype=torch.bfloat16) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device="meta")  # data_ptr() is 0: 16-byte aligned, as allocations are
 
 
-def _attention_calls(quick: bool) -> Iterator[tuple[str, torch.dtype, bool, Callable[[], None]]]:
+def _attention_calls(quick: bool, candidates: bool) -> Iterator[tuple[str, torch.dtype, bool, Callable[[], None]]]:
     """``(case, dtype, is the heuristics' config, launcher call)`` at the bench's attention shapes."""
     from omniace.bench.cases import AttnCase, attention_cases
 
@@ -115,11 +116,11 @@ def _attention_calls(quick: bool) -> Iterator[tuple[str, torch.dtype, bool, Call
             lse = _meta(Lq, H, dtype=torch.float32)
             fwd = ta.forward_config(D, mq, mk, S, H, dt, interpret=False)
             one_kv = ta._one_kv(fwd, mk)
-            for i, cfg in enumerate([fwd] if quick else tuning.forward_candidates(fwd, one_kv, dt)):
+            for i, cfg in enumerate(tuning.forward_candidates(fwd, one_kv, dt) if candidates else [fwd]):
                 yield c.name, dt, i == 0, functools.partial(ta.attention_forward, q, k, v, cu_q, cu_k, mq, mk,
                                                             D ** -0.5, config=cfg)
             bwd = ta.backward_config(D, dt, interpret=False)
-            for i, cfg in enumerate([bwd] if quick else tuning.backward_candidates(bwd, dt)):
+            for i, cfg in enumerate(tuning.backward_candidates(bwd, dt) if candidates else [bwd]):
                 yield c.name, dt, i == 0, functools.partial(ta.attention_backward, q, q, k, v, q, lse, cu_q, cu_k,
                                                             mq, mk, D ** -0.5, config=cfg)
 
@@ -160,13 +161,13 @@ def jit_source(launch: Launch, target):
     return ASTSource(fn, signature, constexprs, attrs), options.__dict__
 
 
-def collect(quick: bool, target) -> list[Variant]:
+def collect(quick: bool, target, candidates: bool = False) -> list[Variant]:
     """The distinct specialisations the launchers produce at the preset shapes, in first-seen order."""
     from . import triton_attention, triton_inject, triton_rope
 
     found: dict[str, Variant] = {}
     with captured((triton_attention, triton_rope, triton_inject)) as record:
-        for case, dt, default, call in (*_attention_calls(quick), *_other_calls(quick)):
+        for case, dt, default, call in (*_attention_calls(quick, candidates), *_other_calls(quick)):
             record.clear()
             call()
             for launch in record:
@@ -282,12 +283,32 @@ def meets_targets(row: dict) -> list[str]:
     return misses
 
 
+def _provenance(arch: int) -> dict:
+    """The source's git commit (``+dirty`` with local changes) and the ptxas that assembled, for the report."""
+    here = os.path.dirname(os.path.abspath(__file__))
+
+    def run(*cmd: str) -> str:
+        try:
+            return subprocess.run(cmd, cwd=here, capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    sha = run("git", "rev-parse", "HEAD")
+    dirty = bool(run("git", "status", "--porcelain", "--untracked-files=no"))
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        ptxas = get_ptxas(arch).path
+    except (ImportError, AttributeError):
+        ptxas = "ptxas"
+    return {"git_sha": (sha + "+dirty" if dirty else sha) or None,
+            "ptxas": next((line for line in run(ptxas, "--version").splitlines() if "release" in line), None)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90, choices=sorted(LIMITS), help="compute capability x 10")
-    ap.add_argument("--quick", action="store_true",
-                    help="heuristic tiles only, bf16/fp32, one ACE case per kernel (the full run adds every "
-                         "preset shape, fp16 and every tuning candidate)")
+    ap.add_argument("--quick", action="store_true", help="bf16/fp32 and one ACE case per kernel only")
+    ap.add_argument("--candidates", action="store_true",
+                    help="every tuning candidate too, not only the heuristics' tiles (about 4x the variants)")
     ap.add_argument("--json", metavar="PATH", help="write the report here (e.g. bench/results/aot_sm90_<date>.json)")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -297,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
 
     lim = LIMITS[args.arch]
     print(f"triton {triton.__version__}, sm_{args.arch}, shared memory limit {lim.smem_per_block} B per block")
-    variants = collect(args.quick, GPUTarget("cuda", args.arch, 32))
+    variants = collect(args.quick, GPUTarget("cuda", args.arch, 32), args.candidates)
     rows, failures = [], 0
     for v in variants:
         try:
@@ -322,8 +343,9 @@ def main(argv: list[str] | None = None) -> int:
           "(* = the heuristics' choice)")
     if args.json:
         meta = {"arch": args.arch, "triton": triton.__version__, "torch": torch.__version__, "quick": args.quick,
+                "candidates": args.candidates,
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "limits": asdict(lim), "variants": rows}
+                **_provenance(args.arch), "limits": asdict(lim), "variants": rows}
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(meta, f, indent=1)
