@@ -191,6 +191,7 @@ _LD = re.compile(r"\bld\.global(\S*)")
 _ST = re.compile(r"\bst\.global(\S*)")
 _CP = re.compile(r"\bcp\.async\.c[ag]\.shared\.global\S*\s+\[[^\]]+\],\s*\[[^\]]+\],\s*(0x[0-9a-fA-F]+|\d+)")
 _TMA = re.compile(r"\bcp\.async\.bulk\.tensor")
+_MMA = re.compile(r"\b(?:wgmma\.mma_async|mma\.sync)\.")  # tensor-core instructions (none: CUDA-core FMAs)
 
 
 def _access_bytes(suffix: str) -> int:
@@ -202,12 +203,13 @@ def _access_bytes(suffix: str) -> int:
 
 
 def memory_mix(ptx: str) -> dict:
-    """Static counts of global memory instructions in the PTX, keyed by bytes per instruction."""
+    """Static counts of global memory instructions in the PTX, keyed by bytes per instruction, and of
+    tensor-core (``mma``/``wgmma``) instructions."""
     def by_size(sizes) -> dict[str, int]:
         return {str(k): n for k, n in sorted(Counter(sizes).items())}
     return {"ld_global": by_size(_access_bytes(s) for s in _LD.findall(ptx)),
             "cp_async": by_size(int(n, 0) for n in _CP.findall(ptx)),
-            "tma_loads": len(_TMA.findall(ptx)),
+            "tma_loads": len(_TMA.findall(ptx)), "mma": len(_MMA.findall(ptx)),
             "st_global": by_size(_access_bytes(s) for s in _ST.findall(ptx))}
 
 
