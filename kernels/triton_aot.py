@@ -150,12 +150,16 @@ def _other_calls(quick: bool) -> Iterator[tuple[str, torch.dtype, bool, Callable
 
 def jit_source(launch: Launch, target):
     """``(ASTSource, options dict)`` exactly as ``JITFunction.run`` builds them for this launch."""
+    import triton
     from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import create_function_from_signature
+    from triton.runtime import jit
 
     fn, backend = launch.kernel, make_backend(target)
+    if not (hasattr(jit, "create_function_from_signature") and hasattr(fn, "_pack_args")):
+        raise RuntimeError(f"triton_aot reuses the JIT's specialisation (create_function_from_signature, "
+                           f"JITFunction._pack_args), which Triton {triton.__version__} lacks: expected 3.3 or later")
     kwargs = dict(launch.kwargs, debug=False)
-    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    binder = jit.create_function_from_signature(fn.signature, fn.params, backend)
     bound, specialization, options = binder(*launch.args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
     return ASTSource(fn, signature, constexprs, attrs), options.__dict__
@@ -213,13 +217,18 @@ def memory_mix(ptx: str) -> dict:
             "st_global": by_size(_access_bytes(s) for s in _ST.findall(ptx))}
 
 
-def ptxas_usage(ptx: str, arch: int) -> dict:
-    """Registers, spill bytes and static shared memory from ``ptxas -v`` with the flags Triton compiles with."""
+def _ptxas(arch: int) -> tuple[str, str]:
+    """The ptxas Triton assembles ``sm_<arch>`` with, and the ``--gpu-name`` it passes."""
     try:
         from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
-        ptxas, gpu = get_ptxas(arch).path, sm_arch_from_capability(arch)
+        return get_ptxas(arch).path, sm_arch_from_capability(arch)
     except (ImportError, AttributeError):  # other Triton versions: the ptxas on PATH
-        ptxas, gpu = "ptxas", f"sm_{arch}{'a' if arch >= 90 else ''}"
+        return "ptxas", f"sm_{arch}{'a' if arch >= 90 else ''}"
+
+
+def ptxas_usage(ptx: str, arch: int) -> dict:
+    """Registers, spill bytes and static shared memory from ``ptxas -v`` with the flags Triton compiles with."""
+    ptxas, gpu = _ptxas(arch)
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "k.ptx")
         with open(src, "w") as f:
@@ -296,13 +305,8 @@ def _provenance(arch: int) -> dict:
             return ""
     sha = run("git", "rev-parse", "HEAD")
     dirty = bool(run("git", "status", "--porcelain", "--untracked-files=no"))
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas
-        ptxas = get_ptxas(arch).path
-    except (ImportError, AttributeError):
-        ptxas = "ptxas"
     return {"git_sha": (sha + "+dirty" if dirty else sha) or None,
-            "ptxas": next((line for line in run(ptxas, "--version").splitlines() if "release" in line), None)}
+            "ptxas": next((line for line in run(_ptxas(arch)[0], "--version").splitlines() if "release" in line), None)}
 
 
 def main(argv: list[str] | None = None) -> int:
