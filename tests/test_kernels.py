@@ -76,6 +76,8 @@ ATTN_CASES = {
     "self_ragged": ([37, 0, 5, 50], [37, 0, 5, 50]),  # odd, empty, shorter than a tile, several tiles
     "cross_short_keys": ([70, 33, 0, 9], [7, 20, 3, 0]),  # per-CU text keys; one unit with no text
     "one_long_segment": ([211], [211]),
+    # whole tiles only (the interpreter's tiles are 16): every block takes the mask-free interior path
+    "tile_multiples": ([32, 16, 48], [64, 16, 48]),
 }
 
 
@@ -110,6 +112,52 @@ def test_segment_attention_takes_strided_views():
         return segment_attention(q, qkv[:, 1], qkv[:, 2], cu, cu, 30, 30)
 
     check_against_reference(fn, [qkv, q], [torch.randn(43, 2, 24)], torch.float32, "strided attention")
+
+
+@pytest.mark.parametrize("dtype,strides,align", [
+    (torch.bfloat16, (1152, 72), 8),  # the ACE preset: 16 heads of 72, a 144-byte head the JIT cannot prove
+    (torch.float16, (3 * 1152, 72, 1152, 72), 8),  # q/k/v as views of a packed qkv
+    (torch.float16, (1156, 72), 4),  # a padded row: 8-byte alignment only
+    (torch.float32, (216, 72), 4),
+    (torch.float32, (78, 26), 2),
+    (torch.bfloat16, (39, 13), 1),  # odd head dim: scalar loads
+])
+def test_row_align_is_the_widest_alignment_every_stride_allows(dtype, strides, align):
+    from omniace.kernels.triton_attention import row_align
+
+    assert row_align(dtype, strides) == align
+
+
+@pytest.mark.parametrize("pad", [1, 2, 4])
+def test_segment_attention_with_rows_aligned_below_16_bytes(pad):
+    """Row strides of 24 + pad fp32 elements give ALIGN 1, 2 and 4: the kernels scale every stride back."""
+    from omniace.kernels.triton_attention import row_align
+
+    lens, H, D = [21, 40], 2, 24
+    buf = torch.randn(61, 3, H * D + pad)  # q, k, v rows padded by `pad` elements
+
+    def view(i, t):
+        return t[:, i, :H * D].unflatten(-1, (H, D))
+
+    assert row_align(torch.float32, (view(0, buf).stride(0), D)) == {1: 1, 2: 2, 4: 4}[pad]
+    cu = cu_seqlens(lens)
+
+    def fn(buf):
+        return segment_attention(view(0, buf), view(1, buf), view(2, buf), cu, cu, 40, 40)
+
+    check_against_reference(fn, [buf], [torch.randn(61, H, D)], torch.float32, f"attention pad={pad}")
+
+
+def test_attention_backward_is_two_kernels_dq_first():
+    """``delta`` is computed inside the dQ kernel, so it must launch before the dK/dV kernel that reads it."""
+    from omniace.kernels import triton_attention as ta
+    from omniace.kernels.triton_aot import captured
+
+    q, lse = torch.randn(20, 2, 16), torch.zeros(20, 2)
+    cu = cu_seqlens([20])
+    with captured((ta,)) as launches:
+        ta.attention_backward(q, q, q, q, q, lse, cu, cu, 20, 20, 0.25)
+    assert [launch.kernel.__name__ for launch in launches] == ["_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel"]
 
 
 def test_ops_export_as_single_custom_ops():
