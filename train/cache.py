@@ -267,6 +267,8 @@ def prepare(out: Path, manifest: dict) -> bool:
         _write_json(path, manifest)
         return False
     old = json.loads(path.read_text())
+    old["units"] = [{k: u.get(k) for k in manifest["units"][0]} for u in old.get("units", [])] if manifest["units"] \
+        else old.get("units")  # as planned (a complete cache adds the rows kept)
     diffs = [k for k in ("format", "codec", "settings", "sources", "units") if old.get(k) != manifest[k]]
     for k in ("codec", "settings"):
         if k in diffs and isinstance(old.get(k), dict):
