@@ -250,6 +250,18 @@ def test_the_trainer_takes_a_preset_only_from_data_it_can_read(vae, corpus, tmp_
         TrainConfig(data=[c, str(tmp_path / "c16")], preset="sd3-tiny-editnet")
 
 
+def test_bad_arguments_stop_before_any_work(tmp_path, capsys):
+    for args, message in (([], "--vae nope: not a diffusers AutoencoderKL folder (no config.json there)"),
+                          (["--dtype", "int8"], "dtype 'int8'; expected one of ['bf16', 'fp16', 'fp32']"),
+                          (["--max-aspect", "0.5"], "max_aspect 0.5")):
+        with pytest.raises(SystemExit) as exit:
+            cache_mod.main(["--data", str(tmp_path), "--vae", "nope" if not args else "pixel", "--out",
+                            str(tmp_path / "c"), *args])
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "c").exists()
+
+
 # end to end (the test) -----------------------------------------------------------------------------
 def torchrun(module: str, args: list[str]) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", module, *args]

@@ -68,7 +68,8 @@ def _opt(default, help: str):
 @dataclass
 class CacheConfig:
     data: list[str] = _opt([], "OmniEdit Parquet files or folders of them (required)")
-    vae: str = _opt("", "diffusers AutoencoderKL folder: config.json and its weights (required)")
+    vae: str = _opt("", "diffusers AutoencoderKL folder: config.json and its weights (required); 'pixel': the tiny "
+                        "presets' pixel codec (comparisons)")
     out: str = _opt("", "cache folder: cache.json, units/, skipped.jsonl (required)")
     patch_size: int = _opt(2, "the model's patch size: a side must be a multiple of patch size x VAE factor")
     max_pixels: int = _opt(_CAPS.max_pixels, "skip rows with more pixels per image (the loader's cap)")
@@ -491,13 +492,13 @@ def main(argv: list[str] | None = None) -> None:
     ns = vars(build_parser().parse_args(argv))
     debug = ns.pop("debug")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    say = print if rank == 0 else (lambda msg: None)
     try:
         cfg = CacheConfig(**ns)
     except ValueError as err:
         if debug:
             raise
-        say(f"omniace-cache: error: {err}")
+        if rank == 0:  # every rank parses the same argv: one line
+            print(f"omniace-cache: error: {err}", file=sys.stderr)
         sys.exit(2)
     dist, share = None, _alone
     if world > 1:

@@ -112,7 +112,7 @@ class RecordStream:
     A shard that cannot be opened or lacks a required column is left out and listed in ``bad_shards``
     (path, reason); ``files`` holds the usable ones. Raises ``ValueError`` naming every shard and what is
     wrong with it when none is usable, ``FileNotFoundError`` for a path that does not exist. Subclasses
-    (the latent cache's ``CacheStream``) override ``_open`` and ``_rows`` and keep the order and the resume.
+    (the latent cache's ``CacheStream``) override ``_open`` and ``rows`` and keep the order and the resume.
     """
 
     def __init__(self, paths: list[str], seed: int, rank: int = 0, world: int = 1):
