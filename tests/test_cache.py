@@ -2,6 +2,7 @@
 the loader's skips, atomic units that a rerun resumes, ranks sharing the units; the loader trains from it with the
 Parquet loader's batches and exact resume; end to end, a tiny random AutoencoderKL folder -> a two-rank cache ->
 a two-rank sd3-tiny-editnet run in latent space, killed and resumed bit for bit -> its export edits an image."""
+import dataclasses
 import io
 import json
 import os
@@ -21,7 +22,8 @@ from PIL import Image  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
 from omniace.engine.codec import AutoencoderKLCodec  # noqa: E402
-from omniace.engine.pipeline import to_tensor  # noqa: E402
+from omniace.engine.config import get_config  # noqa: E402
+from omniace.engine.pipeline import tiny_text_encoder, to_tensor  # noqa: E402
 from omniace.engine.text import TinyTextEncoder  # noqa: E402
 from omniace.train import cache as cache_mod  # noqa: E402
 from omniace.train.cache import CacheConfig, build_cache, encode_batch  # noqa: E402
@@ -156,27 +158,44 @@ def test_the_released_schema_caches_one_unit_per_row_group(vae, tmp_path):
     assert all(t.dtype == torch.bfloat16 for t in tensors.values())
 
 
-@pytest.mark.parametrize("family", ["ace", "sd3"])
-def test_a_cache_yields_the_parquet_loaders_batches_and_resumes_exactly(family, tmp_path):
-    """Through the pixel codec, a cache's batches are the Parquet loader's, bit for bit (masks and history
-    included): the same order, buckets and budget; a loader restored from a state continues exactly."""
+def same_batches(x, y) -> None:
+    """Every field of two packed batches equal, bit for bit (tokens with masks, text, pooled, metadata)."""
+    assert x.ids == y.ids and x.tasks == y.tasks and torch.equal(x.weights, y.weights)
+    for f in dataclasses.fields(x.packed):
+        a, b = getattr(x.packed, f.name), getattr(y.packed, f.name)
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b, f.name
+
+
+@pytest.mark.parametrize("preset", ["ace-tiny", "sd3-tiny-editnet"])
+def test_a_cache_yields_the_parquet_loaders_batches_and_resumes_exactly(preset, tmp_path):
+    """Through the pixel codec and the preset's text encoder, a cache's batches are the Parquet loader's, bit
+    for bit (masks, history, dropped prompts, ACE's indicators included): the same order, buckets and budget; a
+    loader restored from a state continues exactly."""
     data = clean_corpus(tmp_path / "data")
-    build_cache(CacheConfig([str(data)], "pixel", str(tmp_path / "c")), **QUIET)
+    build_cache(CacheConfig([str(data)], "pixel", str(tmp_path / "c"), text_encoder=f"tiny:{preset}"), **QUIET)
+    family = get_config(preset).family
     cfg = dict(token_budget=400, family=family, drop_prompt=0.3, seed=2)
-    parquet = EditLoader(DataConfig([str(data)], decoder="pil", **cfg), text_encode, **QUIET)
-    cached = EditLoader(DataConfig([str(tmp_path / "c")], **cfg), text_encode, **QUIET)
+    encoder = tiny_text_encoder(get_config(preset))
+    sent = []
+    parquet = EditLoader(DataConfig([str(data)], decoder="pil", **cfg), lambda t: sent.extend(t) or encoder.encode(t),
+                         **QUIET)
+
+    def refuse(texts):
+        raise AssertionError(f"the cache holds the text states; {texts} were sent to the encoder")
+
+    cached = EditLoader(DataConfig([str(tmp_path / "c")], **cfg), refuse, **QUIET)
     assert cached.decoder is None and cached.source.startswith(f"latent cache: {tmp_path / 'c'} (16 rows; pixel")
     a, b = iter(parquet), iter(cached)
     for _ in range(8):  # several epochs
-        x, y = next(a), next(b)
-        assert x.ids == y.ids and torch.equal(x.weights, y.weights)
-        assert torch.equal(x.packed.tokens, y.packed.tokens) and x.packed.target_sizes == y.packed.target_sizes
+        same_batches(next(a), next(b))
+    assert "" in sent  # dropped prompts, and ACE's history turns behind their indicators, were compared too
+    assert family == "sd3" or any(t.startswith("{image1} ") for t in sent), sent
     state = cached.state_dict()
     expected = [next(b) for _ in range(3)]
-    restored = EditLoader(DataConfig([str(tmp_path / "c")], **cfg), text_encode, **QUIET)
+    restored = EditLoader(DataConfig([str(tmp_path / "c")], **cfg), refuse, **QUIET)
     restored.load_state_dict(state)
     for x, y in zip(expected, iter(restored)):
-        assert x.ids == y.ids and torch.equal(x.packed.tokens, y.packed.tokens)
+        same_batches(x, y)
 
 
 def test_an_interrupted_cache_resumes_and_a_changed_one_is_refused(vae, tmp_path, monkeypatch):
@@ -248,6 +267,14 @@ def test_the_trainer_takes_a_preset_only_from_data_it_can_read(vae, corpus, tmp_
     build_cache(CacheConfig([str(corpus)], str(small), str(tmp_path / "c16")), **QUIET)
     with pytest.raises(ValueError, match=r"encoded with different VAEs"):
         TrainConfig(data=[c, str(tmp_path / "c16")], preset="sd3-tiny-editnet")
+    # cached text states must be what the preset reads: its family's instructions at its text width
+    build_cache(CacheConfig([str(corpus)], str(vae), str(tmp_path / "t"), text_encoder="tiny:sd3-tiny-editnet"), **QUIET)
+    assert TrainConfig(data=[str(tmp_path / "t")], preset="sd3-small-editnet").preset == "sd3-small-editnet"
+    with pytest.raises(ValueError, match=r"preset 'ace-tiny' takes ace-family instructions of width 32 \(pooled None\); "
+                                         r"the latent cache .* holds text states of tiny:sd3-tiny-editnet: sd3 family"):
+        TrainConfig(data=[str(tmp_path / "t")], preset="ace-tiny")
+    with pytest.raises(ValueError, match=r"encoded with different text encoders"):
+        TrainConfig(data=[c, str(tmp_path / "t")], preset="sd3-tiny-editnet")
 
 
 def test_bad_arguments_stop_before_any_work(tmp_path, capsys):
@@ -284,7 +311,7 @@ def test_latent_space_training_end_to_end(corpus, vae, tmp_path):
 
     cache = tmp_path / "cache"
     out = run(torchrun("omniace.train.cache", ["--data", str(corpus), "--vae", str(vae), "--out", str(cache),
-                                               "--decoder", "pil"]))
+                                               "--decoder", "pil", "--text-encoder", "tiny:sd3-tiny-editnet"]))
     assert "cache: rank 0: unit 1/1" in out.stdout and "cache: rank 1: unit 1/1" in out.stdout, out.stdout
     assert "cache: complete" in out.stdout and json.loads((cache / "cache.json").read_text())["totals"]["rows"] == 22
 

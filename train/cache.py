@@ -10,12 +10,20 @@ The VAE is a diffusers ``AutoencoderKL`` folder (``config.json`` and its weights
 SD3 pipeline); a latent is ``(posterior mode - shift_factor) * scaling_factor`` with both factors from its
 config (``engine.codec.AutoencoderKLCodec``), the mean of the posterior: no sampling noise is cached.
 
-``--out`` holds ``cache.json`` (the format, the VAE and its factors, the settings, the source shards, one
-entry per unit; once every unit is written, ``complete`` and the totals), ``skipped.jsonl`` (once complete)
-and ``units/SSSSS-GGGGG.safetensors``: one per row group ``G`` of source shard ``S``, holding per kept row
-``i`` the latents ``i/src_img``, ``i/edited_img``, ``i/history[k].image`` (``[C, H/f, W/f]``, ``--dtype``)
-and ``i/mask_img`` (``[H/f, W/f]`` float, 1 = edit: the binarised mask the loader trains on), and in its
-metadata the rows' other columns (``rows``) and the row group's skipped records (``skipped``).
+With ``--text-encoder`` the instructions' text states are cached too (every instruction the loader can
+build from a row for ``--text-family``, see ``data.instruction_texts``), and the trainer takes them instead of
+running a text encoder: ``tiny:PRESET`` (the byte-level encoder a tiny preset trains with) or ``t5:FOLDER``
+(``engine.text.T5TextEncoder``, ACE's).
+
+``--out`` holds ``cache.json`` (the format, the VAE and its factors, the text encoder, the settings, the
+source shards, one entry per unit; once every unit is written, ``complete`` and the totals),
+``skipped.jsonl`` (once complete), ``texts.safetensors`` (with a text encoder: the empty instruction and the
+image indicators) and ``units/SSSSS-GGGGG.safetensors``: one per row group ``G`` of source shard ``S``,
+holding per kept row ``i`` the latents ``i/src_img``, ``i/edited_img``, ``i/history[k].image``
+(``[C, H/f, W/f]``, ``--dtype``) and ``i/mask_img`` (``[H/f, W/f]`` float, 1 = edit: the binarised mask the
+loader trains on), with a text encoder ``i/text/j`` (``[L, Y]``) and ``i/pooled/j`` (``[P]``, SD3 family)
+for the row's instruction ``j`` (its ``_texts``), and in its metadata the rows' other columns (``rows``) and
+the row group's skipped records (``skipped``).
 
 Rows are checked as the loader checks them (``omniedit_format.check_row`` with ``--patch-size`` times the
 VAE's factor as the size unit and the size caps), images decoded by the loader's decoders (header size
@@ -45,16 +53,21 @@ import torch
 from torch import Tensor
 
 from omniace.engine.codec import AutoencoderKLCodec, PixelCodec
-from omniace.engine.pipeline import to_tensor
+from omniace.engine.lcu import indicator_token
+from omniace.engine.pipeline import tiny_text_encoder, to_tensor
+from omniace.engine.text import EncodedText
 
-from .data import (DataConfig, RecordStream, decode_images, first_error, image_fields, make_decoder, mask_latent,
-                   record_id, report_skip)
+from .data import (DataConfig, RecordStream, decode_images, first_error, image_fields, instruction_texts,
+                   make_decoder, mask_latent, record_id, report_skip)
 from .omniedit_format import check_row
 
 FORMAT = "omniace-latent-cache/1"
 MANIFEST = "cache.json"
 UNITS = "units"
 SKIPPED = "skipped.jsonl"
+TEXTS = "texts.safetensors"
+# the instructions every cache with text holds once: the empty one (a dropped prompt) and ACE's indicators
+SHARED_TEXTS = ["", *(indicator_token(i) for i in range(10))]
 STORE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _CAPS = DataConfig(paths=[])  # the loader's default size caps
 
@@ -80,6 +93,10 @@ class CacheConfig:
     device: str = _opt("auto", "auto (cuda:LOCAL_RANK if a GPU is there, else cpu) | cpu | cuda[:N]")
     decoder: str = _opt("auto", "image decoder: auto (DALI if installed, else PIL) | dali | pil")
     batch_size: int = _opt(16, "images of one size per VAE call")
+    text_encoder: str | None = _opt(None, "also cache the instructions' text states: tiny:PRESET (a tiny preset's "
+                                          "byte-level encoder) | t5:FOLDER (T5TextEncoder)")
+    text_family: str | None = _opt(None, "the instruction formats to cache: ace (image indicators, history) | sd3; "
+                                         "default: the tiny preset's family, ace for t5")
 
     def __post_init__(self) -> None:
         for name in ("data", "vae", "out"):
@@ -96,12 +113,19 @@ class CacheConfig:
         vae = Path(self.vae)
         if self.vae != "pixel" and not (vae / "config.json").is_file():
             raise ValueError(f"--vae {self.vae}: not a diffusers AutoencoderKL folder (no config.json there)")
+        if self.text_family not in (None, "ace", "sd3"):
+            raise ValueError(f"text_family {self.text_family!r}; expected ace or sd3")
+        if self.text_encoder is not None:
+            kind, _, arg = self.text_encoder.partition(":")
+            if kind not in ("tiny", "t5") or not arg:
+                raise ValueError(f"text_encoder {self.text_encoder!r}; expected tiny:PRESET or t5:FOLDER")
 
     def settings(self) -> dict:
         """What decides the cache's content: a resume must repeat these exactly."""
         return {"data": [str(Path(p).resolve()) for p in self.data], "patch_size": self.patch_size,
                 "max_pixels": self.max_pixels, "max_aspect": self.max_aspect, "max_side": self.max_side,
-                "dtype": self.dtype, "vae_dtype": self.vae_dtype}
+                "dtype": self.dtype, "vae_dtype": self.vae_dtype, "text_encoder": self.text_encoder,
+                "text_family": self.text_family}
 
 
 # --- codecs ----------------------------------------------------------------------------------------
@@ -127,6 +151,35 @@ def describe_codec(codec: AutoencoderKLCodec | PixelCodec, path: str) -> dict:
     return {"kind": "AutoencoderKL", "path": str(folder), "fingerprint": digest.hexdigest()[:16],
             "factor": codec.factor, "latent_channels": codec.latent_channels,
             "scaling_factor": codec.scale, "shift_factor": codec.shift}
+
+
+def open_text_encoder(cfg: CacheConfig, device: torch.device):
+    """``(encoder, info)`` for ``--text-encoder``, or ``(None, None)``; ``info`` (family, widths) goes in the
+    manifest, where the trainer checks a model against it."""
+    if cfg.text_encoder is None:
+        return None, None
+    kind, _, arg = cfg.text_encoder.partition(":")
+    if kind == "tiny":
+        from omniace.engine.config import get_config
+
+        model_cfg = get_config(arg)
+        encoder, family = tiny_text_encoder(model_cfg), model_cfg.family
+    else:
+        from omniace.engine.text import T5TextEncoder
+
+        encoder, family = T5TextEncoder(arg, device=str(device), dtype=torch.float32), "ace"
+    family = cfg.text_family or family
+    return encoder, {"encoder": cfg.text_encoder, "family": family, "dim": encoder.dim,
+                     "pooled_dim": encoder.pooled_dim}
+
+
+def _text_tensors(encoded: list[EncodedText], prefix: str, dtype: torch.dtype) -> dict[str, Tensor]:
+    out = {}
+    for j, e in enumerate(encoded):
+        out[f"{prefix}text/{j}"] = e.tokens.to(dtype).contiguous()
+        if e.pooled is not None:
+            out[f"{prefix}pooled/{j}"] = e.pooled.to(dtype).contiguous()
+    return out
 
 
 @torch.no_grad()
@@ -168,8 +221,9 @@ class Encoder:
     """Encodes row groups of a :class:`~omniace.train.data.RecordStream` into unit tensors, skipping (with
     ``on_skip`` and a count in ``stats``) what the loader would skip."""
 
-    def __init__(self, cfg: CacheConfig, codec, log: Callable[[str], None] = print):
+    def __init__(self, cfg: CacheConfig, codec, log: Callable[[str], None] = print, text=(None, None)):
         self.cfg, self.codec, self.log = cfg, codec, log
+        self.text_encoder, self.text = text
         self.decoder = make_decoder(cfg.decoder)
         self.stats: dict[str, int] = {"rows": 0, "bad_row": 0, "corrupt_image": 0}
         self._warned: set[str] = set()
@@ -211,9 +265,14 @@ class Encoder:
                 for (key, _), lat in zip(chunk, encode_batch(self.codec, torch.stack([x for _, x in chunk]))):
                     tensors[key] = lat.to(self.dtype).contiguous()
                 n_images += len(chunk)
+        stored = [_stored_row(row) for row, _ in kept]
+        if self.text_encoder is not None:
+            for i, row in enumerate(stored):
+                row["_texts"] = instruction_texts(row, self.text["family"])
+                tensors.update(_text_tensors(self.text_encoder.encode(row["_texts"]), f"{i}/", self.dtype))
         self.stats["rows"] += len(kept)
         source = str(stream.files[s])
-        return UnitResult(tensors, [_stored_row(row) for row, _ in kept],
+        return UnitResult(tensors, stored,
                           [{**r, "source": source, "row_group": g} for r in skipped], n_images)
 
 
@@ -248,9 +307,9 @@ def _write_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def plan(cfg: CacheConfig, codec, stream: RecordStream) -> dict:
+def plan(cfg: CacheConfig, codec, stream: RecordStream, text: dict | None = None) -> dict:
     """The manifest of a cache of ``stream``'s row groups, before any unit is written."""
-    return {"format": FORMAT, "complete": False, "codec": describe_codec(codec, cfg.vae),
+    return {"format": FORMAT, "complete": False, "codec": describe_codec(codec, cfg.vae), "text": text,
             "settings": cfg.settings(), "sources": [str(f.resolve()) for f in stream.files],
             "bad_shards": [{"id": str(f), "kind": "bad_shard", "reason": why} for f, why in stream.bad_shards],
             "units": [{"file": unit_file(s, g), "source": s, "row_group": g, "source_rows": n}
@@ -270,7 +329,7 @@ def prepare(out: Path, manifest: dict) -> bool:
     old = json.loads(path.read_text())
     old["units"] = [{k: u.get(k) for k in manifest["units"][0]} for u in old.get("units", [])] if manifest["units"] \
         else old.get("units")  # as planned (a complete cache adds the rows kept)
-    diffs = [k for k in ("format", "codec", "settings", "sources", "units") if old.get(k) != manifest[k]]
+    diffs = [k for k in ("format", "codec", "text", "settings", "sources", "units") if old.get(k) != manifest[k]]
     for k in ("codec", "settings"):
         if k in diffs and isinstance(old.get(k), dict):
             diffs[diffs.index(k)] = ", ".join(f"{k}.{n} (cache {old[k].get(n)!r}, this run {v!r})"
@@ -315,7 +374,7 @@ def finalize(out: Path, log: Callable[[str], None] = print) -> dict:
 
 
 def encode_units(cfg: CacheConfig, codec, stream: RecordStream, manifest: dict, rank: int = 0, world: int = 1,
-                 log: Callable[[str], None] = print) -> dict:
+                 log: Callable[[str], None] = print, text=(None, None)) -> dict:
     """Write this rank's units (``i % world == rank``) that are not there yet; returns this rank's counts
     (units written, rows kept, images encoded, seconds)."""
     out = Path(cfg.out)
@@ -323,7 +382,7 @@ def encode_units(cfg: CacheConfig, codec, stream: RecordStream, manifest: dict, 
     todo = [u for u in mine if not (out / u["file"]).is_file()]
     if len(todo) < len(mine):
         log(f"cache: rank {rank}: {len(mine) - len(todo)} of its {len(mine)} units are written already")
-    encoder = Encoder(cfg, codec, log)
+    encoder = Encoder(cfg, codec, log, text)
     start, images, rows_done = time.perf_counter(), 0, 0
     rows_todo = sum(u["source_rows"] for u in todo)
     for k, u in enumerate(todo, 1):
@@ -351,8 +410,9 @@ def build_cache(cfg: CacheConfig, rank: int = 0, world: int = 1, log: Callable[[
     ``obj`` on every rank (a broadcast under torchrun; it also synchronises them), so a refusal on rank 0
     (another cache in ``--out``) is raised on every rank."""
     codec = open_codec(cfg, device or torch.device("cpu"))
+    text = open_text_encoder(cfg, device or torch.device("cpu"))
     stream = RecordStream(cfg.data, seed=0)  # every rank plans the same units from the same shards
-    manifest = plan(cfg, codec, stream)
+    manifest = plan(cfg, codec, stream, text[1])
     refused = None
     if rank == 0:
         try:
@@ -360,6 +420,10 @@ def build_cache(cfg: CacheConfig, rank: int = 0, world: int = 1, log: Callable[[
         except ValueError as err:
             refused = err
         else:
+            if text[0] is not None:
+                write_unit(Path(cfg.out) / TEXTS, UnitResult(
+                    _text_tensors(text[0].encode(SHARED_TEXTS), "", STORE_DTYPES[cfg.dtype]),
+                    [{"_texts": SHARED_TEXTS}], [], 0))
             for rec in manifest["bad_shards"]:
                 log(f"cache: skipping a shard (bad_shard): {rec['id']}: {rec['reason']}")
             log(f"cache: {'resuming ' if resumed else ''}{len(manifest['units'])} units "
@@ -368,7 +432,7 @@ def build_cache(cfg: CacheConfig, rank: int = 0, world: int = 1, log: Callable[[
     refused = share(refused)
     if refused is not None:
         raise refused
-    done = encode_units(cfg, codec, stream, manifest, rank, world, log)
+    done = encode_units(cfg, codec, stream, manifest, rank, world, log, text)
     log(f"cache: rank {rank}: encoded {done['images']} images ({done['rows']} rows, {done['units']} units) in "
         f"{done['seconds']:.1f} s: {done['images'] / max(done['seconds'], 1e-9):.1f} images/s")
     share(None)  # every rank's units are written
@@ -401,10 +465,50 @@ def cache_codec(paths: list[str]) -> dict | None:
     if not all(flags):
         raise ValueError(f"--data mixes latent caches and Parquet data ({[p for p, c in zip(paths, flags) if not c]} "
                          f"hold no {MANIFEST}); give all of one kind")
-    codecs = [read_manifest(p)["codec"] for p in paths]
-    if any(c != codecs[0] for c in codecs):
-        raise ValueError(f"the latent caches {paths} were encoded with different VAEs: {codecs}")
-    return codecs[0]
+    manifests = [read_manifest(p) for p in paths]
+    for what, key in (("VAEs", "codec"), ("text encoders", "text")):
+        if any(m[key] != manifests[0][key] for m in manifests):
+            raise ValueError(f"the latent caches {paths} were encoded with different {what}: "
+                             f"{[m[key] for m in manifests]}")
+    return manifests[0]["codec"]
+
+
+def cache_text(paths: list[str]) -> dict | None:
+    """The text encoder the latent caches ``paths`` hold text states of (family, widths), or None."""
+    return read_manifest(paths[0])["text"] if cache_codec(paths) is not None else None
+
+
+class CachedText:
+    """A text encoder that looks its instructions up in text states a latent cache holds (``table``)."""
+
+    def __init__(self, table: dict[str, EncodedText], info: dict):
+        self.table, self.info = table, info
+        self.dim, self.pooled_dim = info["dim"], info["pooled_dim"]
+
+    def encode(self, texts: list[str], truncate: bool = True) -> list[EncodedText]:
+        """The cached states of ``texts``; ValueError naming an instruction the cache holds none of."""
+        missing = [t for t in texts if t not in self.table]
+        if missing:
+            raise ValueError(f"instruction {missing[0]!r} has no text state in the latent cache (its instructions "
+                             f"were encoded by {self.info['encoder']} for the {self.info['family']} family)")
+        return [self.table[t] for t in texts]
+
+
+def _read_texts(path: Path, row: int | None, texts: list[str]) -> dict[str, EncodedText]:
+    from safetensors import safe_open
+
+    prefix = "" if row is None else f"{row}/"
+    with safe_open(str(path), "pt") as f:
+        keys = set(f.keys())
+        return {t: EncodedText(f.get_tensor(f"{prefix}text/{j}").float(),
+                               f.get_tensor(f"{prefix}pooled/{j}").float() if f"{prefix}pooled/{j}" in keys else None)
+                for j, t in enumerate(texts)}
+
+
+def cached_text_encoder(paths: list[str]) -> CachedText:
+    """The shared instructions (the empty one, the image indicators) of a cache with text: what the trainer
+    asks a text encoder for besides the records' instructions (ACE's indicator table)."""
+    return CachedText(_read_texts(Path(paths[0]) / TEXTS, None, SHARED_TEXTS), cache_text(paths))
 
 
 class CacheStream(RecordStream):
@@ -423,6 +527,8 @@ class CacheStream(RecordStream):
             raise ValueError(f"the latent cache's VAE has factor {self.codec['factor']}; the model's codec factor is "
                              f"{self.codec_factor}")
         self.caches = [(Path(p), read_manifest(p)) for p in paths]
+        self.text = self.caches[0][1]["text"]
+        self._shared = cached_text_encoder(paths).table if self.text is not None else {}
         for folder, manifest in self.caches:
             for u in manifest["units"]:
                 self.groups.append((len(self.files), 0, u["rows"]))
@@ -441,7 +547,15 @@ class CacheStream(RecordStream):
         s, _, r = key
         prefix = f"{r}/"
         with safe_open(str(self.files[s]), "pt") as f:
-            return {k[len(prefix):]: f.get_tensor(k).float() for k in f.keys() if k.startswith(prefix)}
+            return {k[len(prefix):]: f.get_tensor(k).float() for k in f.keys()
+                    if k.startswith(prefix) and k.split("/")[1] not in ("text", "pooled")}
+
+    def text_encoder(self, items: list[tuple[tuple[int, int, int], dict]]) -> CachedText:
+        """The cached text states of these records' instructions (their ``_texts``) and the shared ones."""
+        table = dict(self._shared)
+        for (s, _, r), row in items:
+            table.update(_read_texts(self.files[s], r, row["_texts"]))
+        return CachedText(table, self.text)
 
     def describe(self) -> str:
         c = self.codec
@@ -473,8 +587,8 @@ def build_parser() -> argparse.ArgumentParser:
             ap.add_argument(flag, nargs="+", required=True, help=f.metadata["help"])
         elif f.name in ("vae", "out"):
             ap.add_argument(flag, required=True, help=f.metadata["help"])
-        elif f.name == "max_side":
-            ap.add_argument(flag, type=int, default=None, help=f.metadata["help"])
+        elif value is None:
+            ap.add_argument(flag, type=int if f.name == "max_side" else str, default=None, help=f.metadata["help"])
         else:
             ap.add_argument(flag, type=type(value), default=value, help=f.metadata["help"])
     ap.add_argument("--debug", action="store_true", help="on an error, show the full traceback")

@@ -363,6 +363,19 @@ def mask_latent(rgb: np.ndarray, factor: int) -> Tensor:
     return mask_to_latent(Image.fromarray(rgb), rgb.shape[0] // factor, rgb.shape[1] // factor)
 
 
+def instruction_texts(row: dict, family: str) -> list[str]:
+    """Every instruction the loader may build from a validated row (besides the empty one of a dropped
+    prompt): SD3 family, each usable prompt; ACE family, each prompt and history prompt behind each image
+    indicator it can get (which depends on how many history turns are kept: ``max_history``)."""
+    prompts = row["edited_prompt_list"]
+    if family == "sd3":
+        return list(dict.fromkeys(prompts))
+    turns = row.get("history") or []
+    out = [f"{indicator_token(k)} {p}" for k in range(len(turns) + 1) for p in prompts]
+    out += [f"{indicator_token(i)} {t['prompt']}" for j, t in enumerate(turns) for i in range(j + 1)]
+    return list(dict.fromkeys(out))
+
+
 def aspect_key(width: int, height: int) -> str:
     r = Fraction(width, height).limit_denominator(16)
     return f"{r.numerator}:{r.denominator}"
@@ -490,6 +503,12 @@ class EditLoader:
                         for name, arr in images.items()})
         return out
 
+    def _encode_texts(self, items: list[tuple[tuple[int, int, int], dict]], texts: list[str]) -> list:
+        """``text_encode(texts)``, or the text states a latent cache holds for these records' instructions."""
+        if self.decoder is not None or self.stream.text is None:
+            return self.text_encode(texts)
+        return self.stream.text_encoder(items).encode(texts)
+
     def _decode_and_pack(self, items: list[tuple[tuple[int, int, int], dict]]) -> TrainBatch | None:
         samples, weights, tasks, ids = [], [], [], []
         for (_, row), latents in zip(items, self._latents(items)):
@@ -502,7 +521,7 @@ class EditLoader:
         if not samples:
             return None
         units = [u for s in samples for u in s.units]
-        for u, enc in zip(units, self.text_encode([u.instruction for u in units])):
+        for u, enc in zip(units, self._encode_texts(items, [u.instruction for u in units])):
             u.text, u.pooled = (enc, None) if isinstance(enc, Tensor) else (enc.tokens, enc.pooled)
         packed = pack(samples, self.cfg.patch_size, codec_factor=self.cfg.codec_factor,
                       with_mask=self.cfg.family == "ace")

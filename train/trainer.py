@@ -40,7 +40,7 @@ from omniace.engine.text import indicator_table
 from omniace.engine.weights import load_into, load_state_dict_file
 
 from .checkpoint import EXPORT_DTYPES, CheckpointManager
-from .cache import cache_codec
+from .cache import cache_codec, cache_text, cached_text_encoder
 from .data import DataConfig, EditLoader, size_caps
 from .importance import ImportanceConfig
 from .lifecycle import StopSignal, die_with_parent, launched_by_torchrun
@@ -159,6 +159,15 @@ def check_data_codec(preset: str, model_cfg, data: list[str]) -> None:
             raise ValueError(f"preset {preset!r} takes {model_cfg.in_channels}-channel latents at factor "
                              f"{model_cfg.codec_factor}; the latent cache {data} holds {codec['latent_channels']}-"
                              f"channel latents at factor {codec['factor']} ({codec['kind']} {codec.get('path', '')})")
+        text = cache_text(data)
+        if text is not None:
+            ace = isinstance(model_cfg, ACEConfig)
+            want = ("ace", model_cfg.y_channels, None) if ace else \
+                ("sd3", model_cfg.joint_attention_dim, model_cfg.pooled_projection_dim)
+            if (text["family"], text["dim"], text["pooled_dim"]) != want:
+                raise ValueError(f"preset {preset!r} takes {want[0]}-family instructions of width {want[1]} (pooled "
+                                 f"{want[2]}); the latent cache {data} holds text states of {text['encoder']}: "
+                                 f"{text['family']} family, width {text['dim']} (pooled {text['pooled_dim']})")
         return
     pixel = PixelCodec(4)
     if (model_cfg.codec_factor, model_cfg.in_channels) != (pixel.factor, pixel.latent_channels):
@@ -269,7 +278,9 @@ class Trainer:
                                    signature(asdict(cfg), self.world, config_to_dict(model_cfg)),
                                    cfg.allow_config_change, self.resume_from)
         self.is_ace = isinstance(model_cfg, ACEConfig)
-        self.text = tiny_text_encoder(model_cfg)
+        # a cache's text states when it holds them (the shared ones serve ACE's indicator table), else the
+        # byte-level encoder the tiny presets train with
+        self.text = cached_text_encoder(cfg.data) if cache_text(cfg.data) else tiny_text_encoder(model_cfg)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = build_model(model_cfg)
         self._initial_weights(model)
