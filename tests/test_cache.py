@@ -280,7 +280,9 @@ def test_the_trainer_takes_a_preset_only_from_data_it_can_read(vae, corpus, tmp_
 def test_bad_arguments_stop_before_any_work(tmp_path, capsys):
     for args, message in (([], "--vae nope: not a diffusers AutoencoderKL folder (no config.json there)"),
                           (["--dtype", "int8"], "dtype 'int8'; expected one of ['bf16', 'fp16', 'fp32']"),
-                          (["--max-aspect", "0.5"], "max_aspect 0.5")):
+                          (["--max-aspect", "0.5"], "max_aspect 0.5"),
+                          (["--text-encoder", "tiny:bogus"], "unknown preset 'bogus'"),
+                          (["--text-encoder", "clip:x"], "text_encoder 'clip:x'; expected tiny:PRESET or t5:FOLDER")):
         with pytest.raises(SystemExit) as exit:
             cache_mod.main(["--data", str(tmp_path), "--vae", "nope" if not args else "pixel", "--out",
                             str(tmp_path / "c"), *args])

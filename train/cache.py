@@ -53,6 +53,7 @@ import torch
 from torch import Tensor
 
 from omniace.engine.codec import AutoencoderKLCodec, PixelCodec
+from omniace.engine.config import get_config
 from omniace.engine.lcu import indicator_token
 from omniace.engine.pipeline import tiny_text_encoder, to_tensor
 from omniace.engine.text import EncodedText
@@ -88,7 +89,7 @@ class CacheConfig:
     max_pixels: int = _opt(_CAPS.max_pixels, "skip rows with more pixels per image (the loader's cap)")
     max_aspect: float = _opt(_CAPS.max_aspect, "skip rows whose longer / shorter side exceeds this")
     max_side: int | None = _opt(None, "skip rows with a longer side in pixels (default: no cap)")
-    dtype: str = _opt("fp32", "dtype of the stored latents: fp32 | bf16 | fp16 (half the disk)")
+    dtype: str = _opt("fp32", "dtype of the stored latents and text states: fp32 | bf16 | fp16 (half the disk)")
     vae_dtype: str = _opt("fp32", "dtype the VAE runs in: fp32 | bf16 | fp16")
     device: str = _opt("auto", "auto (cuda:LOCAL_RANK if a GPU is there, else cpu) | cpu | cuda[:N]")
     decoder: str = _opt("auto", "image decoder: auto (DALI if installed, else PIL) | dali | pil")
@@ -119,6 +120,10 @@ class CacheConfig:
             kind, _, arg = self.text_encoder.partition(":")
             if kind not in ("tiny", "t5") or not arg:
                 raise ValueError(f"text_encoder {self.text_encoder!r}; expected tiny:PRESET or t5:FOLDER")
+            if kind == "tiny":
+                get_config(arg)  # ValueError naming the presets
+            elif not Path(arg).is_dir():
+                raise ValueError(f"text_encoder {self.text_encoder!r}: {arg} is not a folder")
 
     def settings(self) -> dict:
         """What decides the cache's content: a resume must repeat these exactly."""
@@ -160,8 +165,6 @@ def open_text_encoder(cfg: CacheConfig, device: torch.device):
         return None, None
     kind, _, arg = cfg.text_encoder.partition(":")
     if kind == "tiny":
-        from omniace.engine.config import get_config
-
         model_cfg = get_config(arg)
         encoder, family = tiny_text_encoder(model_cfg), model_cfg.family
     else:
