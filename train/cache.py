@@ -93,7 +93,7 @@ class CacheConfig:
     vae_dtype: str = _opt("fp32", "dtype the VAE runs in: fp32 | bf16 | fp16")
     device: str = _opt("auto", "auto (cuda:LOCAL_RANK if a GPU is there, else cpu) | cpu | cuda[:N]")
     decoder: str = _opt("auto", "image decoder: auto (DALI if installed, else PIL) | dali | pil")
-    batch_size: int = _opt(16, "images of one size per VAE call")
+    batch_size: int = _opt(16, "rows decoded at a time, and images of one size per VAE call")
     text_encoder: str | None = _opt(None, "also cache the instructions' text states: tiny:PRESET (a tiny preset's "
                                           "byte-level encoder) | t5:FOLDER (T5TextEncoder)")
     text_family: str | None = _opt(None, "the instruction formats to cache: ace (image indicators, history) | sd3; "
@@ -245,30 +245,32 @@ class Encoder:
                 valid.append(check_row(row, cfg.patch_size * f, cfg.max_pixels, cfg.max_aspect, cfg.max_side))
             except ValueError as err:  # BadRow
                 skip("bad_row", record_id(row, stream.files[s], g, r), err.args[0])
-        named = [(image_fields(row, None, mask=True), (row["width"], row["height"])) for row in valid]
-        kept: list[tuple[dict, dict]] = []
-        for row, images in zip(valid, decode_images(self.decoder, named)):
-            why = first_error(images)
-            if why is None:
-                kept.append((row, images))
-            else:
-                skip("corrupt_image", row["omni_edit_id"], why)
         tensors: dict[str, Tensor] = {}
-        by_size: dict[tuple[int, int], list[tuple[str, Tensor]]] = {}
-        for i, (row, images) in enumerate(kept):
-            for name, arr in images.items():
-                if name == "mask_img":
-                    tensors[f"{i}/{name}"] = mask_latent(arr, f)
-                else:
-                    by_size.setdefault(arr.shape[:2], []).append((f"{i}/{name}", to_tensor(arr)))
+        kept: list[dict] = []
         n_images = 0
-        for todo in by_size.values():
-            for start in range(0, len(todo), cfg.batch_size):
-                chunk = todo[start:start + cfg.batch_size]
-                for (key, _), lat in zip(chunk, encode_batch(self.codec, torch.stack([x for _, x in chunk]))):
-                    tensors[key] = lat.to(self.dtype).contiguous()
-                n_images += len(chunk)
-        stored = [_stored_row(row) for row, _ in kept]
+        for start in range(0, len(valid), cfg.batch_size):  # a few rows at a time: decoded images are large
+            rows = valid[start:start + cfg.batch_size]
+            named = [(image_fields(row, None, mask=True), (row["width"], row["height"])) for row in rows]
+            by_size: dict[tuple[int, int], list[tuple[str, Tensor]]] = {}
+            for row, images in zip(rows, decode_images(self.decoder, named)):
+                why = first_error(images)
+                if why is not None:
+                    skip("corrupt_image", row["omni_edit_id"], why)
+                    continue
+                i = len(kept)
+                kept.append(row)
+                for name, arr in images.items():
+                    if name == "mask_img":
+                        tensors[f"{i}/{name}"] = mask_latent(arr, f)
+                    else:
+                        by_size.setdefault(arr.shape[:2], []).append((f"{i}/{name}", to_tensor(arr)))
+            for todo in by_size.values():  # one VAE call per image size
+                for k in range(0, len(todo), cfg.batch_size):
+                    chunk = todo[k:k + cfg.batch_size]
+                    for (key, _), lat in zip(chunk, encode_batch(self.codec, torch.stack([x for _, x in chunk]))):
+                        tensors[key] = lat.to(self.dtype).contiguous()
+                    n_images += len(chunk)
+        stored = [_stored_row(row) for row in kept]
         if self.text_encoder is not None:
             for i, row in enumerate(stored):
                 row["_texts"] = instruction_texts(row, self.text["family"])
@@ -376,6 +378,10 @@ def finalize(out: Path, log: Callable[[str], None] = print) -> dict:
     return manifest
 
 
+def _rate(images: int, seconds: float) -> str:
+    return f"{images / max(seconds, 1e-9):.3g} images/s"  # 3 digits: a CPU encodes well under 1 image/s
+
+
 def encode_units(cfg: CacheConfig, codec, stream: RecordStream, manifest: dict, rank: int = 0, world: int = 1,
                  log: Callable[[str], None] = print, text=(None, None)) -> dict:
     """Write this rank's units (``i % world == rank``) that are not there yet; returns this rank's counts
@@ -397,7 +403,7 @@ def encode_units(cfg: CacheConfig, codec, stream: RecordStream, manifest: dict, 
         eta = timedelta(seconds=round(took / rows_done * (rows_todo - rows_done))) if rows_done else "?"
         log(f"cache: rank {rank}: unit {k}/{len(todo)} ({Path(stream.files[u['source']]).name} row group "
             f"{u['row_group']}): {len(result.rows)} rows, {len(result.skipped)} skipped | "
-            f"{images / max(took, 1e-9):.1f} images/s | ETA {eta}")
+            f"{_rate(images, took)} | ETA {eta}")
     took = time.perf_counter() - start
     return {"units": len(todo), "rows": encoder.stats["rows"], "images": images, "seconds": took}
 
@@ -437,7 +443,7 @@ def build_cache(cfg: CacheConfig, rank: int = 0, world: int = 1, log: Callable[[
         raise refused
     done = encode_units(cfg, codec, stream, manifest, rank, world, log, text)
     log(f"cache: rank {rank}: encoded {done['images']} images ({done['rows']} rows, {done['units']} units) in "
-        f"{done['seconds']:.1f} s: {done['images'] / max(done['seconds'], 1e-9):.1f} images/s")
+        f"{done['seconds']:.1f} s: {_rate(done['images'], done['seconds'])}")
     share(None)  # every rank's units are written
     return finalize(Path(cfg.out), log) if rank == 0 else None
 
