@@ -316,6 +316,13 @@ def test_latent_space_training_end_to_end(corpus, vae, tmp_path):
                                                "--decoder", "pil", "--text-encoder", "tiny:sd3-tiny-editnet"]))
     assert "cache: rank 0: unit 1/1" in out.stdout and "cache: rank 1: unit 1/1" in out.stdout, out.stdout
     assert "cache: complete" in out.stdout and json.loads((cache / "cache.json").read_text())["totals"]["rows"] == 22
+    # rerun with other settings: rank 0's refusal reaches rank 1 (no rank waits forever), one error line
+    bad = subprocess.run(torchrun("omniace.train.cache", ["--data", str(corpus), "--vae", str(vae), "--out", str(cache),
+                                                          "--dtype", "bf16"]), capture_output=True, text=True, env=ENV,
+                         timeout=300)
+    said = bad.stdout + bad.stderr
+    assert bad.returncode != 0 and said.count("omniace-cache: error") == 1, said[-3000:]
+    assert "settings.dtype (cache 'fp32', this run 'bf16')" in said
 
     args = ["--data", str(cache), "--preset", "sd3-tiny-editnet", "--steps", "6", "--ckpt-every", "2", "--log-every",
             "1", "--token-budget", "300", "--warmup", "1", "--lr", "3e-3"]

@@ -67,6 +67,7 @@ MANIFEST = "cache.json"
 UNITS = "units"
 SKIPPED = "skipped.jsonl"
 TEXTS = "texts.safetensors"
+PLANNED = ("file", "source", "row_group", "source_rows")  # a unit's entry in the manifest before it is written
 # the instructions every cache with text holds once: the empty one (a dropped prompt) and ACE's indicators
 SHARED_TEXTS = ["", *(indicator_token(i) for i in range(10))]
 STORE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -317,8 +318,7 @@ def plan(cfg: CacheConfig, codec, stream: RecordStream, text: dict | None = None
     return {"format": FORMAT, "complete": False, "codec": describe_codec(codec, cfg.vae), "text": text,
             "settings": cfg.settings(), "sources": [str(f.resolve()) for f in stream.files],
             "bad_shards": [{"id": str(f), "kind": "bad_shard", "reason": why} for f, why in stream.bad_shards],
-            "units": [{"file": unit_file(s, g), "source": s, "row_group": g, "source_rows": n}
-                      for s, g, n in stream.groups]}
+            "units": [dict(zip(PLANNED, (unit_file(s, g), s, g, n))) for s, g, n in stream.groups]}
 
 
 def prepare(out: Path, manifest: dict) -> bool:
@@ -332,8 +332,7 @@ def prepare(out: Path, manifest: dict) -> bool:
         _write_json(path, manifest)
         return False
     old = json.loads(path.read_text())
-    old["units"] = [{k: u.get(k) for k in manifest["units"][0]} for u in old.get("units", [])] if manifest["units"] \
-        else old.get("units")  # as planned (a complete cache adds the rows kept)
+    old["units"] = [{k: u.get(k) for k in PLANNED} for u in old.get("units", [])]  # (a complete one adds "rows")
     diffs = [k for k in ("format", "codec", "text", "settings", "sources", "units") if old.get(k) != manifest[k]]
     for k in ("codec", "settings"):
         if k in diffs and isinstance(old.get(k), dict):
@@ -639,8 +638,11 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as err:  # noqa: BLE001 - one line, as the trainer prints its errors
         if debug:
             raise
-        print(f"omniace-cache: error{f' on rank {rank}' if world > 1 else ''}: {type(err).__name__}: {err}",
-              file=sys.stderr, flush=True)
+        # a ValueError comes from what every rank shares (arguments, shards, VAE, the cache in --out): rank 0
+        # says it; another error (a full disk) may be this rank's own
+        if rank == 0 or not isinstance(err, ValueError):
+            print(f"omniace-cache: error{f' on rank {rank}' if rank else ''}: {type(err).__name__}: {err}",
+                  file=sys.stderr, flush=True)
         sys.exit(1)
     finally:
         if dist is not None and dist.is_initialized():
