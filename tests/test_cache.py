@@ -122,26 +122,31 @@ def test_batched_encoding_equals_the_codecs_one_image_encode(vae):
         torch.testing.assert_close(got[i], codec.encode(x[i]), atol=1e-5, rtol=1e-5)
 
 
-def test_bad_rows_and_corrupt_images_are_skipped_counted_and_reported(corpus, vae, tmp_path):
+def test_bad_rows_corrupt_images_and_bad_shards_are_skipped_counted_and_reported(corpus, vae, tmp_path):
     logs = []
     out = tmp_path / "c"
-    manifest = build_cache(CacheConfig([str(corpus)], str(vae), str(out), decoder="pil"), log=logs.append)
-    assert manifest["totals"] == {"rows": 22, "images": manifest["totals"]["images"], "bad_row": 1,
-                                  "corrupt_image": 1, "bad_shard": 0}
+    (tmp_path / "bad.parquet").write_bytes(b"not a parquet file")
+    data = [str(corpus / "part-00000.parquet"), str(corpus / "part-00001.parquet"), str(tmp_path / "bad.parquet")]
+    manifest = build_cache(CacheConfig(data, str(vae), str(out), decoder="pil"), log=logs.append)
+    rows = [r for shard in ("part-00000", "part-00001") for r in pq.read_table(corpus / f"{shard}.parquet").to_pylist()]
+    images = sum(2 + len(r["history"] or []) for r in rows[2:])  # masks are not put through the VAE
+    assert manifest["totals"] == {"rows": 22, "images": images, "bad_row": 1, "corrupt_image": 1, "bad_shard": 1}
     skipped = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
-    rows = pq.read_table(corpus / "part-00000.parquet").to_pylist()
-    assert [(s["id"], s["kind"]) for s in skipped] == [(rows[1]["omni_edit_id"], "bad_row"),
+    assert [(s["id"], s["kind"]) for s in skipped] == [(str(tmp_path / "bad.parquet"), "bad_shard"),
+                                                       (rows[1]["omni_edit_id"], "bad_row"),
                                                        (rows[0]["omni_edit_id"], "corrupt_image")]
-    assert "width" in skipped[0]["reason"] and "not a positive multiple of 8" in skipped[0]["reason"]
-    assert skipped[1]["source"].endswith("part-00000.parquet") and skipped[1]["row_group"] == 0
-    assert any("skipping a record (corrupt_image)" in m for m in logs)
-    assert any("images/s" in m for m in logs)
+    assert "not a readable Parquet file" in skipped[0]["reason"]
+    assert "width" in skipped[1]["reason"] and "not a positive multiple of 8" in skipped[1]["reason"]
+    assert skipped[2]["source"].endswith("part-00000.parquet") and skipped[2]["row_group"] == 0
+    assert "edited_img" in skipped[2]["reason"]
+    assert any("skipping a record (corrupt_image)" in m for m in logs) and any("bad_shard" in m for m in logs)
+    assert any(m.startswith("cache: rank 0: unit 2/2 ") and "images/s" in m for m in logs)
     # the loader says what the cache left out, once
     logs.clear()
     EditLoader(DataConfig([str(out)], family="sd3"), text_encode, log=logs.append)
     assert [m for m in logs if "left out" in m] == [
-        f"data: the latent cache {out} left out {{'bad_row': 1, 'corrupt_image': 1}} when it was encoded; each one "
-        f"is in {out / 'skipped.jsonl'}"]
+        f"data: the latent cache {out} left out {{'bad_row': 1, 'corrupt_image': 1, 'bad_shard': 1}} when it was "
+        f"encoded; each one is in {out / 'skipped.jsonl'}"]
 
 
 def test_the_released_schema_caches_one_unit_per_row_group(vae, tmp_path):
