@@ -111,16 +111,21 @@ class RecordStream:
 
     A shard that cannot be opened or lacks a required column is left out and listed in ``bad_shards``
     (path, reason); ``files`` holds the usable ones. Raises ``ValueError`` naming every shard and what is
-    wrong with it when none is usable, ``FileNotFoundError`` for a path that does not exist.
+    wrong with it when none is usable, ``FileNotFoundError`` for a path that does not exist. Subclasses
+    (the latent cache's ``CacheStream``) override ``_open`` and ``rows`` and keep the order and the resume.
     """
 
     def __init__(self, paths: list[str], seed: int, rank: int = 0, world: int = 1):
-        pq = require("pyarrow.parquet", "train", "reading OmniEdit Parquet shards")
         self.seed, self.rank, self.world = seed, rank, world
         self.files: list[Path] = []
         self.bad_shards: list[tuple[Path, str]] = []
-        self._pf = {}
         self.groups: list[tuple[int, int, int]] = []  # (shard, row group, rows)
+        self._open(paths)
+        self.epoch, self.group_cursor, self.row_cursor, self.global_index = 0, 0, 0, 0
+
+    def _open(self, paths: list[str]) -> None:
+        pq = require("pyarrow.parquet", "train", "reading OmniEdit Parquet shards")
+        self._pf = {}
         for f in list_shards(paths):
             try:
                 pf = pq.ParquetFile(f)
@@ -137,21 +142,21 @@ class RecordStream:
             self.groups += [(s, g, pf.metadata.row_group(g).num_rows) for g in range(pf.num_row_groups)]
         if not self.files:
             raise ValueError("no usable OmniEdit shard: " + "; ".join(f"{f}: {why}" for f, why in self.bad_shards))
-        self.epoch, self.group_cursor, self.row_cursor, self.global_index = 0, 0, 0, 0
 
     def _order(self, epoch: int) -> list[int]:
         order = list(range(len(self.groups)))
         random.Random(f"{self.seed}:{epoch}:groups").shuffle(order)
         return order
 
-    def _rows(self, s: int, g: int) -> list[dict]:
+    def rows(self, s: int, g: int) -> list[dict]:
+        """The rows of row group ``g`` of shard ``s``, in file order."""
         pf = self._pf[s]
         cols = [c for c in COLUMNS if c in pf.schema_arrow.names]
         return pf.read_row_group(g, columns=cols).to_pylist()
 
     def read(self, key: tuple[int, int, int]) -> dict:
         s, g, r = key
-        return self._rows(s, g)[r]
+        return self.rows(s, g)[r]
 
     def __iter__(self) -> Iterator[tuple[tuple[int, int, int], dict]]:
         while True:
@@ -166,7 +171,7 @@ class RecordStream:
                     self.row_cursor += 1
                     self.global_index += 1
                     if i % self.world == self.rank:
-                        rows = rows if rows is not None else self._rows(s, g)
+                        rows = rows if rows is not None else self.rows(s, g)
                         yield (s, g, r), rows[r]
                 self.group_cursor, self.row_cursor = self.group_cursor + 1, 0
             self.epoch, self.group_cursor = self.epoch + 1, 0
@@ -284,6 +289,93 @@ def make_decoder(kind: str) -> PILDecoder | DALIDecoder:
         return PILDecoder()
 
 
+def record_id(row: dict, shard: Path, group: int, index: int) -> str:
+    """The row's ``omni_edit_id``, or where it is when it has no usable one."""
+    rid = row.get("omni_edit_id")
+    return rid if isinstance(rid, str) and rid.strip() else f"{shard}:row_group={group}:row={index}"
+
+
+def report_skip(stats: dict[str, int], warned: set[str], on_skip: Callable[[dict], None] | None,
+                log: Callable[[str], None], kind: str, rid: str, reason: str) -> None:
+    """Count a skipped record in ``stats``; ``on_skip`` (a skipped.jsonl) gets every one of them, the log
+    the first of each kind (``warned`` holds the kinds logged)."""
+    stats[kind] = stats.get(kind, 0) + 1
+    if on_skip is not None:
+        on_skip({"id": str(rid), "kind": kind, "reason": reason})
+    if kind not in warned:
+        warned.add(kind)
+        rest = "counted in stats" + (" and passed to on_skip" if on_skip is not None else "")
+        log(f"data: skipping a record ({kind}): {rid}: {reason}; further ones are {rest}")
+
+
+def image_fields(row: dict, history: int | None, mask: bool) -> dict[str, dict]:
+    """The image structs of a validated row by field name: ``src_img``, ``edited_img``, ``mask_img`` (with
+    ``mask``, when the row has one) and ``history[k].image`` for its last ``history`` turns (all when None),
+    ``k`` being the turn's index in the row's list."""
+    named = {"src_img": row["src_img"], "edited_img": row["edited_img"]}
+    if mask and row.get("mask_img") is not None:
+        named["mask_img"] = row["mask_img"]
+    turns = row.get("history") or []
+    for k in range(0 if history is None else max(0, len(turns) - history), len(turns)):
+        named[f"history[{k}].image"] = turns[k]["image"]
+    return named
+
+
+def decode_images(decoder: Callable[[list[bytes], list[str]], list[Decoded]],
+                  items: list[tuple[dict[str, dict], tuple[int, int]]]) -> list[dict[str, Decoded]]:
+    """Decode every named image struct of each item ``(named, (width, height))`` in one decoder call.
+
+    Returns per item ``{name: RGB uint8 [H, W, 3] array or ValueError}`` in ``named``'s order. Each image's
+    size is read from its header first: one that differs from its row's (a small file that decodes to a
+    huge image, or another image than the row's) is refused before any pixel is decoded; an image that
+    fails to decode, or decodes to another size, is a ValueError naming it.
+    """
+    out: list[dict[str, Decoded | None]] = [dict.fromkeys(named) for named, _ in items]
+    blobs, where = [], []
+    for j, (named, (w, h)) in enumerate(items):
+        for name, img in named.items():
+            try:
+                size = oriented_size(img["bytes"], name)
+            except ValueError as err:
+                out[j][name] = err
+                continue
+            if size != (w, h):
+                out[j][name] = ValueError(f"{name} is {size[0]}x{size[1]} (its header), the row says {w}x{h} "
+                                          f"(width x height)")
+                continue
+            blobs.append(img["bytes"])
+            where.append((j, name))
+    for (j, name), arr in zip(where, decoder(blobs, [name for _, name in where]) if blobs else []):
+        w, h = items[j][1]
+        if not isinstance(arr, ValueError) and arr.shape[:2] != (h, w):
+            arr = ValueError(f"{name} decodes to {arr.shape[1]}x{arr.shape[0]}, the row says {w}x{h} (width x height)")
+        out[j][name] = arr
+    return out
+
+
+def first_error(images: dict[str, Decoded]) -> str | None:
+    """Why the first image of ``decode_images``' result for one row cannot be used, or None if all can."""
+    return next((str(arr) for arr in images.values() if isinstance(arr, ValueError)), None)
+
+
+def mask_latent(rgb: np.ndarray, factor: int) -> Tensor:
+    """A decoded ``mask_img`` as the loader trains on it: its luma binarised, on the latent grid ``[H/f, W/f]``."""
+    return mask_to_latent(Image.fromarray(rgb), rgb.shape[0] // factor, rgb.shape[1] // factor)
+
+
+def instruction_texts(row: dict, family: str) -> list[str]:
+    """Every instruction the loader may build from a validated row (besides the empty one of a dropped
+    prompt): SD3 family, each usable prompt; ACE family, each prompt and history prompt behind each image
+    indicator it can get (which depends on how many history turns are kept: ``max_history``)."""
+    prompts = row["edited_prompt_list"]
+    if family == "sd3":
+        return list(dict.fromkeys(prompts))
+    turns = row.get("history") or []
+    out = [f"{indicator_token(k)} {p}" for k in range(len(turns) + 1) for p in prompts]
+    out += [f"{indicator_token(i)} {t['prompt']}" for j, t in enumerate(turns) for i in range(j + 1)]
+    return list(dict.fromkeys(out))
+
+
 def aspect_key(width: int, height: int) -> str:
     r = Fraction(width, height).limit_denominator(16)
     return f"{r.numerator}:{r.denominator}"
@@ -293,8 +385,11 @@ class EditLoader:
     """Yields :class:`TrainBatch` es of packed samples, bucketed by aspect ratio, within ``token_budget``.
 
     ``text_encode(list[str])`` encodes instructions to ``[L, Y]`` tensors or ``EncodedText`` (with the
-    pooled vector the SD3 family needs); images go through the pixel codec (space-to-depth by
-    ``codec_factor``), the tiny models' codec. A row whose tokens alone exceed the budget is skipped
+    pooled vector the SD3 family needs). ``cfg.paths`` are OmniEdit Parquet shards, whose images go through
+    the pixel codec (space-to-depth by ``codec_factor``, the tiny models' codec), or latent caches written
+    by ``python -m omniace.train.cache`` (VAE latents, read as they are; their factor must be
+    ``codec_factor``): the same order, buckets, budget, skips and resume either way, one kind per loader.
+    A row whose tokens alone exceed the budget is skipped
     (``over_budget``), never yielded over it. With ``drop_prompt`` the current instruction is emptied for a
     seeded fraction of draws (a fresh choice every epoch), as the pipeline's unconditional CFG branch sees it.
     """
@@ -309,25 +404,29 @@ class EditLoader:
         self.stats: dict[str, int] = {"records": 0, "corrupt_image": 0, "bad_row": 0, "over_budget": 0,
                                       "zero_weight": 0, "bad_shard": 0}
         self._warned: set[str] = set()
-        self.stream = RecordStream(cfg.paths, cfg.seed, rank, world)
+        from .cache import CacheStream, is_cache  # (cache.py builds on this module)
+
+        self.decoder: PILDecoder | DALIDecoder | None = None
+        if any(map(is_cache, cfg.paths)):
+            self.stream = CacheStream(cfg.paths, cfg.seed, rank, world, codec_factor=cfg.codec_factor)
+            self.source = f"latent cache: {self.stream.describe()}"
+            if rank == 0:
+                for line in self.stream.skipped_when_encoded():
+                    self.log(f"data: {line}")
+        else:
+            self.stream = RecordStream(cfg.paths, cfg.seed, rank, world)
+            self.decoder = make_decoder(cfg.decoder)
+            self.codec = PixelCodec(cfg.codec_factor)
+            self.source = f"decoder {self.decoder.name}"
         if rank == 0:  # every rank scans the same shards: one report, so stats summed over ranks count each once
             for f, why in self.stream.bad_shards:
                 self._report("bad_shard", str(f), why)
-        self.decoder = make_decoder(cfg.decoder)
-        self.codec = PixelCodec(cfg.codec_factor)
         self.buckets: dict[str, list[tuple[tuple[int, int, int], dict]]] = {}
         self.batches_yielded = 0
         self.since_batch = 0  # records drawn since the last batch
 
     def _report(self, kind: str, record_id: str, reason: str) -> None:
-        """Count a skipped record; ``on_skip`` (the trainer's skipped.jsonl) gets every one of them."""
-        self.stats[kind] = self.stats.get(kind, 0) + 1
-        if self.on_skip is not None:
-            self.on_skip({"id": str(record_id), "kind": kind, "reason": reason})
-        if kind not in self._warned:
-            self._warned.add(kind)
-            rest = "counted in stats" + (" and passed to on_skip" if self.on_skip is not None else "")
-            self.log(f"data: skipping a record ({kind}): {record_id}: {reason}; further ones are {rest}")
+        report_skip(self.stats, self._warned, self.on_skip, self.log, kind, record_id, reason)
 
     def tokens(self, row: dict) -> int:
         unit = self.cfg.patch_size * self.cfg.codec_factor
@@ -335,16 +434,14 @@ class EditLoader:
         return per_image * (1 + self.cfg.condition + min(len(row.get("history") or []), self.cfg.history))
 
     def _record_id(self, key: tuple[int, int, int], row: dict) -> str:
-        rid = row.get("omni_edit_id")
-        if isinstance(rid, str) and rid.strip():
-            return rid
-        s, g, r = key  # a row without a usable id is named by where it is
-        return f"{self.stream.files[s]}:row_group={g}:row={r}"
+        return record_id(row, self.stream.files[key[0]], *key[1:])
 
     def _validated(self, row: dict) -> dict:
-        """``check_row`` with this config's caps: the row with its usable prompts only, or ``BadRow``."""
+        """``check_row`` with this config's caps: the row with its usable prompts only, or ``BadRow``. A cached
+        row's images were checked when they were encoded; it holds their latents, not their bytes."""
         cfg = self.cfg
-        return check_row(row, cfg.patch_size * cfg.codec_factor, cfg.max_pixels, cfg.max_aspect, cfg.max_side)
+        return check_row(row, cfg.patch_size * cfg.codec_factor, cfg.max_pixels, cfg.max_aspect, cfg.max_side,
+                         images=self.decoder is not None)
 
     def _admit(self, key: tuple[int, int, int], row: dict) -> tuple[dict, float] | None:
         """The validated row and its importance weight, or None once the row is reported as skipped."""
@@ -361,82 +458,70 @@ class EditLoader:
             return None
         return row, weight
 
-    def _sample(self, row: dict, images: dict[str, Decoded]) -> LCUSample | None:
-        f = self.cfg.codec_factor
-        w, h = row["width"], row["height"]
-        for name, arr in images.items():
-            if isinstance(arr, ValueError) or arr.shape[:2] != (h, w):
-                why = str(arr) if isinstance(arr, ValueError) else \
-                    f"{name} decodes to {arr.shape[1]}x{arr.shape[0]}, the row says {w}x{h} (width x height)"
-                self._report("corrupt_image", row["omni_edit_id"], why)
-                return None
+    def _sample(self, row: dict, latents: dict[str, Tensor]) -> LCUSample:
+        """One LCU sample from a row and its latents by field name (``mask_img`` on the latent grid)."""
         rng = random.Random(f"{self.cfg.seed}:{row['omni_edit_id']}")
         prompts = row["edited_prompt_list"]
         prompt = prompts[0] if self.cfg.prompt == "first" else rng.choice(prompts)
         if self.cfg.drop_prompt and random.Random(f"{self.cfg.seed}:{row['_draw']}:drop").random() < self.cfg.drop_prompt:
             prompt = None
         ace = self.cfg.family == "ace"
-        mask = None
-        if ace and "mask_img" in images:  # its luma, binarised, as the pipeline reads a user's mask
-            mask = mask_to_latent(Image.fromarray(images["mask_img"]), h // f, w // f)
+        mask = latents.get("mask_img") if ace else None  # its luma, binarised, as the pipeline reads a user's mask
         units = []
-        history = self._history(row)
+        turns = row.get("history") or []
+        first = len(turns) - len(self._history(row))
         # each unit names its image by its index in the whole context, as EditSession renames them
-        for i, turn in enumerate(history):
+        for i, turn in enumerate(self._history(row)):
             units.append(ConditionUnit(f"{indicator_token(i)} {turn['prompt']}",
-                                       [ImageInput(self._latent(images[f"history[{i}].image"]))]))
+                                       [ImageInput(latents[f"history[{first + i}].image"])]))
         # the empty instruction is exactly the pipeline's negative prompt (no indicator either)
-        text = "" if prompt is None else (f"{indicator_token(len(history))} {prompt}" if ace else prompt)
-        source = [ImageInput(self._latent(images["src_img"]), mask)] if self.cfg.condition else []
+        text = "" if prompt is None else (f"{indicator_token(len(units))} {prompt}" if ace else prompt)
+        source = [ImageInput(latents["src_img"], mask)] if self.cfg.condition else []
         units.append(ConditionUnit(text, source))
-        return LCUSample(units, ImageInput(self._latent(images["edited_img"]), mask))
+        return LCUSample(units, ImageInput(latents["edited_img"], mask))
 
     def _history(self, row: dict) -> list[dict]:
         n = self.cfg.history
         return (row.get("history") or [])[-n:] if n else []
 
-    def _latent(self, rgb: np.ndarray) -> Tensor:
-        return self.codec.encode(to_tensor(rgb))
+    def _latents(self, items: list[tuple[tuple[int, int, int], dict]]) -> list[dict[str, Tensor] | None]:
+        """Each item's latents by field name: read from the cache, or decoded and put through the pixel
+        codec; None for a row with an image that cannot be used (reported as ``corrupt_image``)."""
+        if self.decoder is None:
+            return [self.stream.latents(key) for key, _ in items]
+        f = self.cfg.codec_factor
+        named = [(image_fields(row, self.cfg.history, self.cfg.family == "ace"), (row["width"], row["height"]))
+                 for _, row in items]
+        out = []
+        for (_, row), images in zip(items, decode_images(self.decoder, named)):
+            why = first_error(images)
+            if why is not None:
+                self._report("corrupt_image", row["omni_edit_id"], why)
+                out.append(None)
+                continue
+            out.append({name: mask_latent(arr, f) if name == "mask_img" else self.codec.encode(to_tensor(arr))
+                        for name, arr in images.items()})
+        return out
+
+    def _encode_texts(self, items: list[tuple[tuple[int, int, int], dict]], texts: list[str]) -> list:
+        """``text_encode(texts)``, or the text states a latent cache holds for these records' instructions."""
+        if self.decoder is not None or self.stream.text is None:
+            return self.text_encode(texts)
+        return self.stream.text_encoder(items).encode(texts)
 
     def _decode_and_pack(self, items: list[tuple[tuple[int, int, int], dict]]) -> TrainBatch | None:
-        blobs, where, early = [], [], {}
-        for j, (_, row) in enumerate(items):  # rows passed check_row: every image named here has bytes
-            named = {"src_img": row["src_img"], "edited_img": row["edited_img"]}
-            if self.cfg.family == "ace" and row.get("mask_img") is not None:
-                named["mask_img"] = row["mask_img"]
-            for i, turn in enumerate(self._history(row)):
-                named[f"history[{i}].image"] = turn["image"]
-            for name, img in named.items():
-                # the header's size first: a small file that decodes to a huge image (a bomb, or another
-                # image than the row's) is refused before any pixel is decoded
-                try:
-                    size = oriented_size(img["bytes"], name)
-                except ValueError as err:
-                    early[(j, name)] = err
-                    continue
-                if size != (row["width"], row["height"]):
-                    early[(j, name)] = ValueError(f"{name} is {size[0]}x{size[1]} (its header), the row says "
-                                                  f"{row['width']}x{row['height']} (width x height)")
-                    continue
-                blobs.append(img["bytes"])
-                where.append((j, name))
-        decoded = self.decoder(blobs, [name for _, name in where]) if blobs else []
-        per_item: list[dict[str, Decoded]] = [{} for _ in items]
-        for (j, name), arr in [*zip(where, decoded), *early.items()]:
-            per_item[j][name] = arr
         samples, weights, tasks, ids = [], [], [], []
-        for (_, row), imgs in zip(items, per_item):
-            s = self._sample(row, imgs)
-            if s is None:
+        for (_, row), latents in zip(items, self._latents(items)):
+            if latents is None:
                 continue
-            samples.append(s)
+            samples.append(self._sample(row, latents))
             weights.append(importance_weight(row, self.cfg.importance))
             tasks.append(row["task"])
             ids.append(row["omni_edit_id"])
         if not samples:
             return None
         units = [u for s in samples for u in s.units]
-        for u, enc in zip(units, self.text_encode([u.instruction for u in units])):
+        for u, enc in zip(units, self._encode_texts(items, [u.instruction for u in units])):
             u.text, u.pooled = (enc, None) if isinstance(enc, Tensor) else (enc.tokens, enc.pooled)
         packed = pack(samples, self.cfg.patch_size, codec_factor=self.cfg.codec_factor,
                       with_mask=self.cfg.family == "ace")

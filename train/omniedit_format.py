@@ -38,7 +38,8 @@ def _text(field: str, value) -> None:
         raise BadRow(f"{field} {_short(value)} is not a non-empty string")
 
 
-def check_row(row: dict, unit: int, max_pixels: int, max_aspect: float, max_side: int | None = None) -> dict:
+def check_row(row: dict, unit: int, max_pixels: int, max_aspect: float, max_side: int | None = None,
+              images: bool = True) -> dict:
     """Validate every field of an OmniEdit row that training reads; returns the row with
     ``edited_prompt_list`` reduced to its usable entries (non-empty strings; nulls and blanks dropped).
 
@@ -47,14 +48,16 @@ def check_row(row: dict, unit: int, max_pixels: int, max_aspect: float, max_side
     multiples of ``unit`` (pixels per token), ``width * height <= max_pixels``, longer / shorter side
     ``<= max_aspect``, each side ``<= max_side`` when given; every score column (``SCORES``) a finite number;
     ``history`` null or a list of ``{prompt: non-empty str, image: image struct}`` with no null entry.
-    Raises :class:`BadRow` (a ``ValueError``) naming the first bad field and its value.
+    With ``images=False`` the image fields are not checked (a latent cache's row, whose images were checked
+    when they were encoded). Raises :class:`BadRow` (a ``ValueError``) naming the first bad field and its value.
     """
     _text("omni_edit_id", row.get("omni_edit_id"))
     _text("task", row.get("task"))
-    for field in ("src_img", "edited_img"):
-        _image(field, row.get(field))
-    if row.get("mask_img") is not None:
-        _image("mask_img", row["mask_img"])
+    if images:
+        for field in ("src_img", "edited_img"):
+            _image(field, row.get(field))
+        if row.get("mask_img") is not None:
+            _image("mask_img", row["mask_img"])
     prompts = row.get("edited_prompt_list")
     if not isinstance(prompts, list):
         raise BadRow(f"edited_prompt_list {_short(prompts)} is not a list")
@@ -84,7 +87,8 @@ def check_row(row: dict, unit: int, max_pixels: int, max_aspect: float, max_side
             if not isinstance(turn, dict):
                 raise BadRow(f"history[{i}] {_short(turn)} is not a {{prompt, image}} struct")
             _text(f"history[{i}].prompt", turn.get("prompt"))
-            _image(f"history[{i}].image", turn.get("image"))
+            if images:
+                _image(f"history[{i}].image", turn.get("image"))
     return {**row, "edited_prompt_list": usable}
 
 

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from omniace.engine.codec import PixelCodec
 from omniace.engine.config import ACEConfig, config_to_dict, get_config
 from omniace.engine.model import build_model, forward_flops, save_weights
 from omniace.engine.pipeline import tiny_text_encoder
@@ -39,6 +40,7 @@ from omniace.engine.text import indicator_table
 from omniace.engine.weights import load_into, load_state_dict_file
 
 from .checkpoint import EXPORT_DTYPES, CheckpointManager
+from .cache import cache_codec, cache_text, cached_text_encoder
 from .data import DataConfig, EditLoader, size_caps
 from .importance import ImportanceConfig
 from .lifecycle import StopSignal, die_with_parent, launched_by_torchrun
@@ -58,7 +60,8 @@ def _opt(default, help: str):
 
 @dataclass
 class TrainConfig:
-    data: list[str] = _opt([], "OmniEdit Parquet files or folders of them (required)")
+    data: list[str] = _opt([], "OmniEdit Parquet files or folders of them, or latent cache folders written by "
+                               "python -m omniace.train.cache, which latent-space presets train from (required)")
     out: str = _opt("runs/train", "output folder: checkpoints/, metrics.jsonl, skipped.jsonl, model.safetensors; "
                                   "one run at a time (run.lock)")
     preset: str = _opt("ace-tiny", "model preset (omniace.engine.config)")
@@ -129,10 +132,7 @@ class TrainConfig:
             raise ValueError(f"importance_threshold {self.importance_threshold} is outside the 0-10 score scale: "
                              f"binary importance would keep no pair (or every pair)")
         model_cfg = get_config(self.preset)  # ValueError naming the presets
-        if model_cfg.codec_factor != 4:
-            raise ValueError(f"preset {self.preset!r} is a latent-space model (codec factor {model_cfg.codec_factor}): "
-                             f"this trainer's loader encodes pixels only; use a pixel-space preset (ace-tiny, "
-                             f"ace-small, sd3-tiny*, sd3-small*)")
+        check_data_codec(self.preset, model_cfg, self.data)
         if self.mode == "editnet" and not getattr(model_cfg, "editnet", False):
             raise ValueError(f"--mode editnet needs a preset with an EditNet branch; {self.preset!r} has none")
         ok = allowable(f.name for f in fields(self))
@@ -148,6 +148,34 @@ class TrainConfig:
             out.append(f"--warmup {self.warmup} is longer than --steps {self.steps}: the learning rate never "
                        f"reaches --lr (it ends at {lr_at(self, self.steps - 1) / self.lr:.0%} of it) and never decays")
         return out
+
+
+def check_data_codec(preset: str, model_cfg, data: list[str]) -> None:
+    """The model must read the latents the data gives: a latent cache's VAE (factor and channels), or the
+    pixel codec (factor 4, 48 channels) for Parquet data. Raises ValueError naming both sides."""
+    codec = cache_codec(data) if data else None
+    if codec is not None:
+        if (codec["factor"], codec["latent_channels"]) != (model_cfg.codec_factor, model_cfg.in_channels):
+            raise ValueError(f"preset {preset!r} takes {model_cfg.in_channels}-channel latents at factor "
+                             f"{model_cfg.codec_factor}; the latent cache {data} holds {codec['latent_channels']}-"
+                             f"channel latents at factor {codec['factor']} ({codec['kind']} {codec.get('path', '')})")
+        text = cache_text(data)
+        if text is not None:
+            ace = isinstance(model_cfg, ACEConfig)
+            want = ("ace", model_cfg.y_channels, None) if ace else \
+                ("sd3", model_cfg.joint_attention_dim, model_cfg.pooled_projection_dim)
+            if (text["family"], text["dim"], text["pooled_dim"]) != want:
+                raise ValueError(f"preset {preset!r} takes {want[0]}-family instructions of width {want[1]} (pooled "
+                                 f"{want[2]}); the latent cache {data} holds text states of {text['encoder']}: "
+                                 f"{text['family']} family, width {text['dim']} (pooled {text['pooled_dim']})")
+        return
+    pixel = PixelCodec(4)
+    if (model_cfg.codec_factor, model_cfg.in_channels) != (pixel.factor, pixel.latent_channels):
+        raise ValueError(f"preset {preset!r} is a latent-space model (codec factor {model_cfg.codec_factor}, "
+                         f"{model_cfg.in_channels} channels): Parquet data is encoded with the pixel codec, which "
+                         f"only the pixel-space presets (ace-tiny, ace-small, sd3-tiny*, sd3-small*) read; encode "
+                         f"the data with its VAE first (python -m omniace.train.cache --vae ...) and train on the "
+                         f"cache")
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -250,7 +278,9 @@ class Trainer:
                                    signature(asdict(cfg), self.world, config_to_dict(model_cfg)),
                                    cfg.allow_config_change, self.resume_from)
         self.is_ace = isinstance(model_cfg, ACEConfig)
-        self.text = tiny_text_encoder(model_cfg)
+        # a cache's text states when it holds them (the shared ones serve ACE's indicator table), else the
+        # byte-level encoder the tiny presets train with
+        self.text = cached_text_encoder(cfg.data) if cache_text(cfg.data) else tiny_text_encoder(model_cfg)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = build_model(model_cfg)
         self._initial_weights(model)
@@ -450,7 +480,7 @@ class Trainer:
             self.log(f"nothing to do: at step {self.step}, the run ends at {end}")
         self.log(f"training {cfg.preset} ({cfg.mode}) on {self.world} rank(s), {self.device.type}: "
                  f"{sum(p.numel() for p in self.params):,} trainable parameters; steps {self.step} -> {end}; "
-                 f"decoder {self.loader.decoder.name}")
+                 f"{self.loader.source}")
         from tqdm import tqdm
 
         bar = tqdm(total=end, initial=self.step, disable=self.rank != 0 or not sys.stderr.isatty(),
