@@ -32,7 +32,7 @@ from omniace.engine.ace import ACEPlan
 from omniace.engine.config import ACEConfig, SD3Config, config_to_dict
 from omniace.engine.layers import Interleave
 from omniace.engine.lcu import ConditionUnit, ImageInput, LCUSample, PackedLCU, pack
-from omniace.engine.sd3 import SD3Plan, Segments
+from omniace.engine.sd3 import SD3Plan, Segments, cached_plan
 from omniace.kernels import use_backend
 
 from .spec import InputSpec, input_specs
@@ -45,11 +45,7 @@ META_FILE = "denoiser.json"
 
 
 def _plan(model_cfg: ACEConfig | SD3Config, batch: PackedLCU) -> ACEPlan | PackedLCU | SD3Plan:
-    if isinstance(model_cfg, ACEConfig):
-        return batch
-    from omniace.engine.sd3 import cached_plan
-
-    return cached_plan(batch, model_cfg)
+    return batch if isinstance(model_cfg, ACEConfig) else cached_plan(batch, model_cfg)
 
 
 def graph_inputs(model_cfg: ACEConfig | SD3Config, batch: PackedLCU, x: Tensor, t: Tensor,

@@ -23,7 +23,8 @@ BASE_DIMS = ("B", "F", "L_img", "L_tgt", "L_txt", "L_ft", "L_cond")
 
 @dataclass(frozen=True)
 class InputSpec:
-    """One graph input: ``dtype`` is ``"float"`` (the engine precision), ``"int32"`` or ``"int64"``;
+    """One graph input: ``dtype`` is ``"float"`` (fp32 at every export precision: the graph casts), ``"int32"``
+    or ``"int64"``;
     ``dims`` are ints, base dim names, or sums such as ``"B+1"`` and ``"L_tgt+L_txt"``."""
 
     name: str
