@@ -10,9 +10,11 @@ the kernels compile for sm_90 with no GPU, so the compilation is checked in CI (
 What the AOT interface imposes, and how it is met without touching ``kernels/``:
 - TensorRT launches ``kernel(inputs..., extra int32 args..., outputs...)``; our kernels interleave inputs,
   outputs, strides and float scalars. Each op has a small ``@triton.jit`` adapter here in that order, which
-  calls the project kernel (Triton inlines it); strides of TensorRT's contiguous tensors and the float
-  attributes (theta via ``inv_freq``, scale, eps) are compile-time constants, token and segment counts are
-  the int32 extra args, read from the input shapes at run time.
+  calls the project kernel (Triton inlines it); strides of TensorRT's contiguous tensors (attention's in
+  units of the launcher's ``row_align``) and the float attributes (theta via ``inv_freq``, scale, eps) are
+  compile-time constants, token and segment counts are the int32 extra args, read from the input shapes at
+  run time. Pointers are compiled as 16-byte aligned, as the JIT compiles the launchers' (TensorRT's
+  tensors are 256-byte aligned), so the plugin kernels are the launchers' code.
 - An AOT plugin has no workspace, so the kernels' side outputs are declared plugin outputs: attention's
   log-sum-exp ``[Lq, H]`` fp32, the injection's per-row mean and 1/std ``[L]`` fp32 (unused downstream),
   and rope's inverse frequencies ``[P]`` fp32 are an input. :func:`adapt_plugin_graph` adds these to the
