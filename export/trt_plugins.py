@@ -10,9 +10,11 @@ the kernels compile for sm_90 with no GPU, so the compilation is checked in CI (
 What the AOT interface imposes, and how it is met without touching ``kernels/``:
 - TensorRT launches ``kernel(inputs..., extra int32 args..., outputs...)``; our kernels interleave inputs,
   outputs, strides and float scalars. Each op has a small ``@triton.jit`` adapter here in that order, which
-  calls the project kernel (Triton inlines it); strides of TensorRT's contiguous tensors and the float
-  attributes (theta via ``inv_freq``, scale, eps) are compile-time constants, token and segment counts are
-  the int32 extra args, read from the input shapes at run time.
+  calls the project kernel (Triton inlines it); strides of TensorRT's contiguous tensors (attention's in
+  units of the launcher's ``row_align``) and the float attributes (theta via ``inv_freq``, scale, eps) are
+  compile-time constants, token and segment counts are the int32 extra args, read from the input shapes at
+  run time. Pointers are compiled as 16-byte aligned, as the JIT compiles the launchers' (TensorRT's
+  tensors are 256-byte aligned), so the plugin kernels are the launchers' code.
 - An AOT plugin has no workspace, so the kernels' side outputs are declared plugin outputs: attention's
   log-sum-exp ``[Lq, H]`` fp32, the injection's per-row mean and 1/std ``[L]`` fp32 (unused downstream),
   and rope's inverse frequencies ``[P]`` fp32 are an input. :func:`adapt_plugin_graph` adds these to the
@@ -184,10 +186,13 @@ def trt_rope3d(q, k, pos, inv_freq, L, qo, ko, H: tl.constexpr, HK: tl.constexpr
 @triton.jit
 def trt_segment_attention(Q, K, V, cu_q, cu_k, O, LSE, H: tl.constexpr, QK_SCALE: tl.constexpr,
                           D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
-                          PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          PREC: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           Q_BLOCKS: tl.constexpr, ONE_KV: tl.constexpr):
-    _attn_fwd_kernel(Q, K, V, O, LSE, cu_q, cu_k, QK_SCALE, H * D, D, H * D, D, H * D, D, H * D, D, H,
-                     D, D0, D1, HAS_D1, PREC, BLOCK_M, BLOCK_N, Q_BLOCKS, ONE_KV)
+    # row/head strides in units of ALIGN, as the launcher passes them (ALIGN divides both: row_align);
+    # the lse row stride is in elements
+    _attn_fwd_kernel(Q, K, V, O, LSE, cu_q, cu_k, QK_SCALE, H * D // ALIGN, D // ALIGN, H * D // ALIGN,
+                     D // ALIGN, H * D // ALIGN, D // ALIGN, H * D // ALIGN, D // ALIGN, H,
+                     D, D0, D1, HAS_D1, PREC, ALIGN, BLOCK_M, BLOCK_N, Q_BLOCKS, ONE_KV)
 
 
 @triton.jit
@@ -211,15 +216,24 @@ class PluginKernel:
 
 def _compile(op: str, fn, pointers: dict[str, str], ints: tuple[str, ...], meta: dict, arch: int) -> PluginKernel:
     """Lower adapter ``fn`` for ``arch`` (``triton_aot``'s way): the named pointers and int32 args, every
-    other argument a constexpr from ``meta`` (which also holds ``num_warps`` / ``num_stages``)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    other argument a constexpr from ``meta`` (which also holds ``num_warps`` / ``num_stages``).
 
+    Pointers carry the JIT's 16-byte alignment specialisation, as at every launcher call (torch
+    allocations), so the kernels keep their vector loads and ``cp.async``: TensorRT requires 256-byte
+    aligned I/O addresses and allocates its internal tensors itself. The int32 args are left unspecialised
+    (the JIT would specialise them on their run-time values, unknown here).
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+
+    target = GPUTarget("cuda", arch, 32)
     options = {k: meta[k] for k in ("num_warps", "num_stages") if k in meta}
     consts = {k: v for k, v in meta.items() if k not in options}
     sig = {a: pointers[a] if a in pointers else "i32" if a in ints else "constexpr" for a in fn.arg_names}
-    src = ASTSource(fn, sig, {(fn.arg_names.index(k),): v for k, v in consts.items()})
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    aligned = make_backend(target).parse_attr("D")  # the JIT's spelling of "divisible by 16"
+    src = ASTSource(fn, sig, {(fn.arg_names.index(k),): v for k, v in consts.items()},
+                    {(fn.arg_names.index(a),): aligned for a in pointers})
+    compiled = triton.compile(src, target=target, options=options)
     md = compiled.metadata
     scratch = int(getattr(md, "global_scratch_size", 0) or 0) + int(getattr(md, "profile_scratch_size", 0) or 0)
     return PluginKernel(op, md.name, compiled.asm["ptx"], options["num_warps"], int(md.shared), scratch, consts)
@@ -235,8 +249,10 @@ def segment_attention_meta(dtype: str, H: int, D: int, scale: float) -> dict:
     from omniace.kernels import triton_attention as ta
 
     # general path: the key length is a run-time shape; max_k above SHORT_KEYS selects the multi-tile config
-    cfg = ta.forward_config(D, 4096, ta.SHORT_KEYS + 1, 1, H, TORCH_DTYPE[dtype], interpret=False)
-    return dict(H=H, QK_SCALE=float(scale) * ta.LOG2E, **ta.forward_meta(TORCH_DTYPE[dtype], D, cfg, one_kv=False))
+    dt = TORCH_DTYPE[dtype]
+    cfg = ta.forward_config(D, 4096, ta.SHORT_KEYS + 1, 1, H, dt, interpret=False)
+    align = ta.row_align(dt, (H * D, D) * 4)  # q, k, v, out: contiguous [L, H, D], as TensorRT passes them
+    return dict(H=H, QK_SCALE=float(scale) * ta.LOG2E, **ta.forward_meta(dt, D, cfg, one_kv=False, align=align))
 
 
 def editnet_inject_meta(C: int, eps: float, max_segments: int) -> dict:
@@ -451,17 +467,18 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     from omniace.engine.config import get_config
-    from omniace.kernels.triton_aot import SMEM_LIMIT
+    from omniace.kernels.triton_aot import LIMITS
 
     ap = argparse.ArgumentParser(description="Compile the TensorRT plugin kernels (Triton AOT, no GPU needed).")
-    ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90 = Hopper)")
+    ap.add_argument("--arch", type=int, default=90, choices=sorted(LIMITS),
+                    help="compute capability x 10 (90 = Hopper)")
     ap.add_argument("--presets", default="ace-0.6b-512,sd3-medium-editnet", help="comma-separated model presets")
     ap.add_argument("--dtypes", default="bfloat16,float16,float32")
     ap.add_argument("--max-segments", type=int, default=64)
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("unset TRITON_INTERPRET: the interpreter compiles nothing")
-    limit = SMEM_LIMIT.get(args.arch, 101376)
+    limit = LIMITS[args.arch].smem_per_block
     params = {op: len(ins) + extra + len(outs) for op, (ins, extra, outs) in PLUGIN_IO.items()}
     failures = 0
     for preset in args.presets.split(","):

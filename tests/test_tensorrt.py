@@ -16,7 +16,13 @@ from omniace.engine.config import get_config
 from omniace.export import tensorrt as ot
 from omniace.export import trt_plugins as tp
 from omniace.export.spec import evaluate_dims, input_specs
-from omniace.kernels.reference import rope3d_inv_freq
+from omniace.kernels import triton_attention as ta
+from omniace.kernels import triton_inject as ti
+from omniace.kernels import triton_rope as tr
+from omniace.kernels.reference import rope3d_inv_freq, segment_attention
+from omniace.kernels.triton_aot import captured
+
+from helpers import cu_seqlens
 
 
 # --- profiles ---------------------------------------------------------------------------------------------------
@@ -414,6 +420,105 @@ def test_adapt_plugin_graph_adds_what_the_kernels_need(tmp_path):
         tp.adapt_plugin_graph(bad, max_segments=8)
 
 
+@pytest.mark.parametrize("dtype, H, D, align", [(torch.float16, 2, 72, 8), (torch.float32, 3, 13, 1)])
+def test_plugin_attention_adapter_calls_the_kernel_as_the_launcher_does(dtype, H, D, align):
+    """Head dim 72 (16-byte rows in ALIGN=8 units) and an odd one (ALIGN=1): the plugin's constexprs and
+    strides are the launcher's for the same tiles, and the adapter, run by the interpreter, computes what
+    the launcher computes (bitwise) and what the reference computes."""
+    g = torch.Generator().manual_seed(0)
+    lengths = [70, 150, 0, 9]  # partial blocks, whole key blocks (the mask-free interior), an empty segment
+    L, cu = sum(lengths), cu_seqlens(lengths)
+    q, k, v = (torch.randn(L, H, D, generator=g).to(dtype) for _ in range(3))
+    scale = D**-0.5
+    meta = tp.segment_attention_meta(str(dtype).removeprefix("torch."), H, D, scale)
+    assert meta["ALIGN"] == align and meta["ONE_KV"] is False
+
+    grid, extra = tp.segment_attention_launch(L, cu.numel(), H, meta)
+    out, lse = torch.empty_like(q), torch.empty(L, H)
+    tp.trt_segment_attention[grid](q, k, v, cu, cu, out, lse, *extra, **meta)
+
+    # the launcher at the plugin's tiles (general path: a key bound above SHORT_KEYS)
+    cfg = ta.forward_config(D, 4096, ta.SHORT_KEYS + 1, 1, H, dtype, interpret=False)
+    args = (q, k, v, cu, cu, max(lengths), ta.SHORT_KEYS + 1, scale)
+    with captured((ta,)) as record:
+        ta.attention_forward(*args, config=cfg)
+    (launch,) = record
+    assert launch.kwargs == {key: val for key, val in meta.items() if key not in ("H", "QK_SCALE")}
+    assert launch.args[7] == pytest.approx(meta["QK_SCALE"])
+    assert launch.args[8:17] == (H * D // align, D // align) * 4 + (H,)  # row/head strides in ALIGN units; lse's
+    ref_out, ref_lse = ta.attention_forward(*args, config=cfg)
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+    expected = segment_attention(q.double(), k.double(), v.double(), cu, cu, 0, 0, scale)
+    assert (out.double() - expected).abs().max().item() < (2e-5 if dtype == torch.float32 else 4e-3)
+
+
+def test_plugin_rope_and_inject_adapters_match_their_launchers():
+    """The other two adapters under the interpreter, against the launchers (bitwise) at the plugin's meta."""
+    g = torch.Generator().manual_seed(1)
+    L, H, HK, D, axes = 37, 3, 2, 20, (4, 6, 6)  # 4 rest dims copied unchanged
+    q, k = torch.randn(L, H, D, generator=g), torch.randn(L, HK, D, generator=g)
+    pos = torch.randint(0, 9, (L, 3), generator=g, dtype=torch.int32)
+    meta = tp.rope3d_meta(H, HK, D, axes)
+    grid, extra = tp.rope3d_launch(L, H, HK, meta)
+    qo, ko = torch.empty_like(q), torch.empty_like(k)
+    tp.trt_rope3d[grid](q, k, pos, rope3d_inv_freq(axes, 500.0, torch.device("cpu")), *extra, qo, ko, **meta)
+    ref_q, ref_k = tr.rope3d_rotate(q, k, pos, axes, 500.0)
+    assert torch.equal(qo, ref_q) and torch.equal(ko, ref_k) and not torch.equal(qo, q)
+
+    C, lengths = 40, [5, 0, 11]
+    cu, Lh = cu_seqlens(lengths), sum(lengths)
+    h, ctrl = torch.randn(Lh, C, generator=g), torch.randn(Lh, C, generator=g)
+    shift, scale, gate = (torch.randn(len(lengths), C, generator=g) for _ in range(3))
+    meta = tp.editnet_inject_meta(C, 1e-6, max_segments=8)  # the plugin compiles for a bound above S
+    grid, extra = tp.editnet_inject_launch(Lh, cu.numel(), meta)
+    outs = (torch.empty_like(h), torch.empty_like(h), torch.empty(Lh), torch.empty(Lh))
+    tp.trt_editnet_inject[grid](h, ctrl, shift, scale, gate, cu, *extra, *outs, **meta)
+    for got, want in zip(outs, ti.inject_forward(h, ctrl, shift, scale, gate, cu, 1e-6)):
+        assert torch.equal(got, want)
+
+
+# Compiles each plugin kernel and the launcher's own variant of it (triton_aot: as the JIT would) for sm_90
+# and prints what their PTX moves per load, and their shared memory and warps; TRITON_INTERPRET=0 only.
+_SAME_CODE = """
+import json, torch, triton
+from triton.backends.compiler import GPUTarget
+from omniace.export import trt_plugins as tp
+from omniace.kernels import triton_aot as aot, triton_attention as ta, triton_inject as ti
+def launcher(module, call):
+    with aot.captured((module,)) as record:
+        call()
+    src, opts = aot.jit_source(record[0], GPUTarget("cuda", 90, 32))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts), opts["num_warps"]
+m = lambda *s, dtype=torch.bfloat16: torch.empty(s, dtype=dtype, device="meta")
+H, D, C, S = 16, 72, 1536, 8
+q, cu = m(4096, H, D), m(S + 1, dtype=torch.int32)
+cfg = ta.forward_config(D, 4096, ta.SHORT_KEYS + 1, 1, H, torch.bfloat16, interpret=False)
+h, mod = m(4096, C), m(S, C)
+pairs = {"attention": (tp.compile_segment_attention("bfloat16", H, D, D**-0.5),
+                       launcher(ta, lambda: ta.attention_forward(q, q, q, cu, cu, 4096, ta.SHORT_KEYS + 1, D**-0.5,
+                                                                 config=cfg))),
+         "inject": (tp.compile_editnet_inject("bfloat16", C, 1e-6, S),
+                    launcher(ti, lambda: ti.inject_forward(h, h, mod, mod, mod, cu, 1e-6)))}
+print(json.dumps({op: [[aot.memory_mix(p.ptx), p.shared, p.num_warps],
+                       [aot.memory_mix(k.asm["ptx"]), k.metadata.shared, w]] for op, (p, (k, w)) in pairs.items()}))
+"""
+
+
+def test_plugin_kernels_compile_to_the_launchers_code(tmp_path):
+    """The plugins' pointers carry the JIT's 16-byte alignment: for head dim 72 in bf16 the plugin attention
+    kernel has the launcher's 16-byte loads and cp.async (no 2-byte scalar loads) and its shared memory
+    (the pipelined tiles); the injection kernel's loads are the launcher's too."""
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, "-c", _SAME_CODE], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    for op, (plugin, launcher) in found.items():
+        assert plugin == launcher, op
+    mix = found["attention"][0][0]
+    assert "2" not in mix["ld_global"] and mix["cp_async"].get("16", 0) > 0 and mix["mma"] > 0
+    assert "16" in found["inject"][0][0]["ld_global"]
+
+
 def test_plugin_kernels_compile_for_sm90(tmp_path):
     """The adapters lower through Triton's whole pipeline for Hopper: shared memory within the limit, no
     scratch buffer, and TensorRT's parameter list (inputs, extra args, outputs) plus Triton's two pointers."""
@@ -426,6 +531,15 @@ def test_plugin_kernels_compile_for_sm90(tmp_path):
                  "sd3-medium-editnet   EditNetInject     bfloat16"):
         assert line in proc.stdout
     assert proc.stdout.count("ok  ") == 8
+
+
+def test_plugin_compile_check_refuses_an_arch_without_limits(capsys):
+    """The shared-memory limit comes from triton_aot.LIMITS: an architecture it lacks is refused up front."""
+    with pytest.raises(SystemExit) as exc:
+        tp.main(["--arch", "75"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--arch: invalid choice: 75" in err and "90" in err
 
 
 class _FakeDim:
