@@ -36,6 +36,14 @@ Denoiser = Callable[[PackedLCU, Tensor, Tensor], Tensor]
 BACKENDS = ("torch", "torch-compile", "onnxruntime", "tensorrt")
 
 
+class ServerOverloaded(RuntimeError):
+    """The request queue is full: retry later (HTTP 429/503)."""
+
+
+class ServerClosed(RuntimeError):
+    """The server was closed: it takes no new requests, and ``close(cancel=True)`` fails the unfinished ones."""
+
+
 def make_denoiser(model: torch.nn.Module, backend: str, artifact: str | os.PathLike | None = None,
                   log: Callable[[str], None] = print) -> Denoiser:
     """The model call for ``backend``:
