@@ -257,7 +257,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             raise ValueError(f"--max-replicas {args.max_replicas} is below --replicas {args.replicas}")
 
         run(RayServeConfig(args.weights, args.device, args.cpus_per_replica, args.replicas,
-                           max(args.replicas, args.max_replicas or args.replicas), backend=args.backend,
+                           max(args.replicas, args.max_replicas or args.replicas), backend=args.backend, artifact=args.artifact,
                            token_budget=args.token_budget, max_queue=args.max_queue), args.host, args.port,
             address=args.ray_address)
         return

@@ -28,6 +28,7 @@ class RayServeConfig:
     target_ongoing_requests: float = 8.0  # autoscaling: requests in flight per replica
     max_ongoing_requests: int = 64  # per replica, beyond which Ray Serve queues at the proxy
     backend: str = "torch"
+    artifact: str | None = None  # the onnxruntime / tensorrt backend's export folder (see make_denoiser)
     token_budget: int = 4096
     max_queue: int = 64
     torch_threads: int | None = None  # intra-op threads per replica (default: cpus_per_replica)
