@@ -139,3 +139,41 @@ def test_backend_switch(monkeypatch):
         rope3d(q, q, pos, (2, 2, 0))
     monkeypatch.setenv("OMNIACE_BACKEND", "reference")
     rope3d(q, q, pos, (2, 2, 0))
+
+
+def test_auto_ranks_triton_attention_above_the_cuda_cross_kernel(monkeypatch):
+    """The CUDA cross-attention runs on CUDA cores: on a GPU ``auto`` picks Triton (tensor cores) for
+    attention, and keeps the CUDA kernels for rope3d and editnet_inject."""
+    import dataclasses
+
+    from omniace.kernels import ops
+
+    for op in ops.OPS:  # pretend a GPU where both kernel backends pass their checks
+        for name in ("cuda", "triton"):
+            entry = ops._REGISTRY[op][name]
+            monkeypatch.setitem(ops._REGISTRY[op], name, dataclasses.replace(entry, available=lambda d: True))
+    gpu = torch.device("cuda")
+    assert ops._auto("segment_attention", gpu, torch.bfloat16).name == "triton"
+    assert ops._auto("rope3d", gpu, torch.bfloat16).name == "cuda"
+    assert ops._auto("editnet_inject", gpu, torch.float16).name == "cuda"
+    assert ops._resolve("segment_attention", "cuda", gpu, torch.bfloat16) is ops._REGISTRY["segment_attention"]["cuda"].fn
+
+
+def test_auto_on_the_cpu_runs_attention_one_sdpa_per_segment(monkeypatch):
+    """On the CPU ``auto`` picks per-segment SDPA (no padding), which matches the reference, including an
+    empty key segment (zeros) and a strided q; under torch.compile it traces without a graph break."""
+    from omniace.kernels import ops
+
+    monkeypatch.delenv("OMNIACE_BACKEND", raising=False)
+    q = torch.randn(3 + 6 + 4, 3, 16)[:, :, :13]  # a view: head dim 13 of 16
+    k, v = torch.randn(2, 5 + 0 + 7, 3, 13)
+    cu_q, cu_k = _cu([3, 6, 4]), _cu([5, 0, 7])
+    assert ops._auto("segment_attention", q.device, q.dtype).name == "sdpa_segments"
+    assert "sdpa_segments" not in available_backends("segment_attention", "meta")  # offered on the CPU only
+    got = segment_attention(q, k, v, cu_q, cu_k, 6, 7)
+    want = segment_attention(q, k, v, cu_q, cu_k, 6, 7, backend="reference")
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert bool((got[3:9] == 0).all())
+    traced = torch.compile(lambda q, k, v: segment_attention(q, k, v, cu_q, cu_k, 6, 7), fullgraph=True,
+                           backend="eager")
+    torch.testing.assert_close(traced(q, k, v), want, atol=1e-5, rtol=1e-5)
