@@ -48,4 +48,30 @@ def measure(fn: Callable[[], object], device: torch.device, warmup: int = 10, re
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    return Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), rep)
+    return _timing(times)
+
+
+def _timing(times: list[float]) -> Timing:
+    return Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), len(times))
+
+
+def measure_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int = 2,
+                        rep: int = 5) -> dict[str, Timing]:
+    """Time several calls round-robin (wall clock, synchronised on a GPU): on a shared machine a burst of
+    load then slows every provider in the same round, instead of whichever was running at the time."""
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rep):
+        for name, fn in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: _timing(ts) for name, ts in times.items()}
