@@ -63,14 +63,20 @@ def sdpa_segments_attention(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k:
     if torch.compiler.is_compiling():  # the loop's bounds are data: trace the padded form instead
         return sdpa_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale)
     bq, bk = cu_q.tolist(), cu_k.tolist()
-    out = q.new_zeros(q.shape)  # a q segment with no keys keeps zeros, as the contract says
+    outs = []
     for s in range(len(bq) - 1):
-        if bq[s + 1] > bq[s] and bk[s + 1] > bk[s]:
-            # [l, H, D] -> [1, H, l, D] views, as diffusers passes them: SDPA's CPU flash kernel takes the
-            # strides as they are, and only 4-D inputs reach it (3-D ones run the slower math path)
-            qs, ks, vs = (x[None, b[s]:b[s + 1]].transpose(1, 2) for x, b in ((q, bq), (k, bk), (v, bk)))
-            out[bq[s]:bq[s + 1]] = F.scaled_dot_product_attention(qs, ks, vs, scale=scale)[0].transpose(0, 1)
-    return out
+        if bq[s + 1] == bq[s]:
+            continue
+        if bk[s + 1] == bk[s]:  # no keys: the contract says zeros
+            outs.append(q.new_zeros(bq[s + 1] - bq[s], *q.shape[1:]))
+            continue
+        # [l, H, D] -> [1, H, l, D] views, as diffusers passes them: SDPA's CPU flash kernel takes the
+        # strides as they are, and only 4-D inputs reach it (3-D ones run the slower math path)
+        qs, ks, vs = (x[None, b[s]:b[s + 1]].transpose(1, 2) for x, b in ((q, bq), (k, bk), (v, bk)))
+        outs.append(F.scaled_dot_product_attention(qs, ks, vs, scale=scale)[0].transpose(0, 1))
+    if len(outs) == 1 and outs[0].shape[0] == q.shape[0]:
+        return outs[0]  # one segment: a strided view; the caller's reshape makes the one copy, as in diffusers
+    return torch.cat(outs) if outs else q.new_zeros(q.shape)
 
 
 @functools.lru_cache(maxsize=32)

@@ -223,6 +223,53 @@ def test_editnet_inject_kernels_use_no_atomics():
     assert not calls, calls
 
 
+_INJECT_PTX = """
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from omniace.kernels import triton_inject as ti
+
+F32 = {"cu": "i32", "mean": "fp32", "rstd": "fp32", "p_shift": "fp32", "p_scale": "fp32", "p_gate": "fp32"}
+HALF = ("dh_out", "dy", "h_out", "ctrl", "scale", "gate", "dh", "dctrl")
+C = 1152
+bwd = ti.backward_meta(C, 2, 8192, interpret=False)
+red = dict(ROWS=bwd["ROWS"], **ti.reduce_meta(C, interpret=False))
+for fn, meta, partial in ((ti._inject_bwd_kernel, bwd, "fp32"), (ti._inject_reduce_kernel, red, "bf16")):
+    meta = dict(meta)
+    warps = meta.pop("num_warps")
+    sig = {}
+    for a in fn.arg_names:
+        if a in meta:
+            sig[a] = "constexpr"
+        elif a in F32 or a in HALF or a.startswith("d_"):
+            sig[a] = "*" + (F32.get(a) or ("bf16" if a in HALF else partial))
+        else:
+            sig[a] = "i64" if a.startswith("s_") else "i32"
+    k = triton.compile(ASTSource(fn, sig, {(fn.arg_names.index(a),): v for a, v in meta.items()}),
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    ops = [t[1] if t[0].startswith("@") and len(t) > 1 else t[0]  # "@%p1 st.global..." is predicated
+           for t in (line.split() for line in k.asm["ptx"].splitlines()) if t]
+    print(fn.__name__, "atom", sum(o.startswith("atom.") for o in ops), "red", sum(o.startswith("red.") for o in ops),
+          "st.global", sum(o.startswith("st.global") for o in ops))
+"""
+
+
+def test_editnet_inject_backward_ptx_has_no_atomics(tmp_path):
+    """What runs on the GPU: both backward kernels compiled for sm_90 (no GPU needed) hold no atomic
+    (``atom.``) or reduction (``red.``) instruction."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", _INJECT_PTX], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()[:2]
+    assert [ln.split(" st.global")[0] for ln in lines] == ["_inject_bwd_kernel atom 0 red 0",
+                                                           "_inject_reduce_kernel atom 0 red 0"], lines
+    assert all(int(ln.rsplit(" ", 1)[1]) > 0 for ln in lines), lines  # the sums are stored, plainly
+
+
 @GPU
 def test_editnet_inject_backward_is_bit_identical_at_scale():
     """Thousands of programs race on a GPU: the sums must still not depend on which finishes first."""

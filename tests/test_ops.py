@@ -174,6 +174,11 @@ def test_auto_on_the_cpu_runs_attention_one_sdpa_per_segment(monkeypatch):
     want = segment_attention(q, k, v, cu_q, cu_k, 6, 7, backend="reference")
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert bool((got[3:9] == 0).all())
+    one = _cu([13])  # one segment: SDPA's own (strided) output, no copy
+    k1, v1 = torch.randn(2, 13, 3, 13)
+    torch.testing.assert_close(segment_attention(q, k1, v1, one, one, 13, 13).flatten(1),
+                               segment_attention(q, k1, v1, one, one, 13, 13, backend="reference").flatten(1),
+                               atol=1e-5, rtol=1e-5)
     traced = torch.compile(lambda q, k, v: segment_attention(q, k, v, cu_q, cu_k, 6, 7), fullgraph=True,
                            backend="eager")
     torch.testing.assert_close(traced(q, k, v), want, atol=1e-5, rtol=1e-5)
