@@ -8,6 +8,9 @@ timed interleaved so a busy machine slows every provider alike. Two cases:
   and the padding changes the real tokens' attention); ``diffusers-loop`` runs them one at a time
   (exact, no batching). omniace packs them into one ragged batch.
 Each omniace output is checked against diffusers on the unpadded latent (``max_rel_err``) before timing.
+The table gives the median, the p20-p80 spread, the minimum (the least disturbed run) and the median
+process CPU time (all threads): on a shared machine wall times move with other people's load, while
+the CPU time a forward burns barely does.
 Times include omniace's packing, which a caller pays. Default: CPU, fp32, ``backend="auto"``.
 """
 from __future__ import annotations
@@ -60,6 +63,8 @@ class CompareRow:
     median_ms: float
     p20_ms: float
     p80_ms: float
+    min_ms: float
+    cpu_ms: float  # median process CPU time, all threads
     max_rel_err: float | None = None  # omniace vs diffusers on the unpadded latents
     speedup_over: dict[str, float] = field(default_factory=dict)  # other provider -> its time / this time
 
@@ -136,7 +141,7 @@ def run_compare(cfg: CompareConfig, dtype: torch.dtype = torch.float32, warmup: 
             log(f"  {case}: {n} latent(s) {list(shapes)}, omniace vs diffusers max relative error {err:.1e}")
             timings = measure_interleaved(fns, torch.device("cpu"), warmup, rep)
         group = [CompareRow(case, name, n, padded_tokens if name == "diffusers-padded" else tokens, tm.median_ms,
-                            tm.p20_ms, tm.p80_ms, err if name == "omniace" else None) for name, tm in timings.items()]
+                            tm.p20_ms, tm.p80_ms, tm.min_ms, tm.cpu_ms, err if name == "omniace" else None) for name, tm in timings.items()]
         for r in group:
             r.speedup_over = {o.provider: o.median_ms / r.median_ms for o in group if o is not r}
         rows += group
@@ -144,12 +149,14 @@ def run_compare(cfg: CompareConfig, dtype: torch.dtype = torch.float32, warmup: 
 
 
 def table(rows: list[CompareRow]) -> str:
-    lines = [f"{'case':13} {'provider':17} {'images':>6} {'tokens':>7} {'median ms':>10} {'p20-p80 ms':>17}  "
-             "omniace speedup over it"]
+    lines = [f"{'case':13} {'provider':17} {'images':>6} {'tokens':>7} {'median ms':>10} {'p20-p80 ms':>17} "
+             f"{'min ms':>8} {'CPU ms':>8}  omniace speedup over it (median, min, CPU time)"]
     for r in rows:
-        verdict = "" if r.provider == "omniace" else f"{r.median_ms / _omniace(rows, r.case).median_ms:.2f}x"
+        ours = _omniace(rows, r.case)
+        verdict = "" if r is ours else ", ".join(
+            f"{getattr(r, k) / getattr(ours, k):.2f}x" for k in ("median_ms", "min_ms", "cpu_ms"))
         lines.append(f"{r.case:13} {r.provider:17} {r.images:6d} {r.tokens:7d} {r.median_ms:10.1f} "
-                     f"{r.p20_ms:8.1f}-{r.p80_ms:<8.1f}  {verdict}")
+                     f"{r.p20_ms:8.1f}-{r.p80_ms:<8.1f} {r.min_ms:8.1f} {r.cpu_ms:8.1f}  {verdict}")
     return "\n".join(lines)
 
 

@@ -1,13 +1,7 @@
 """Attention baselines behind the same ``segment_attention`` contract, for benchmarks and A/B checks.
 
-None is picked by ``backend="auto"`` on a GPU; on the CPU ``auto`` picks ``sdpa_segments``, the fastest
-correct attention there (torch's varlen has no CPU kernel; the reference materialises fp32 scores and
-the padded ``sdpa`` pays for padding, a mask and two scatters). Each is the honest way to run
-block-diagonal varlen attention with that library:
-- ``sdpa_segments``: one SDPA call per segment on views of the packed tensors (no padding, no mask), so
-  one image costs exactly what a dense model's attention costs. Its loop reads ``cu_seqlens`` on the
-  host, free on the CPU; while ``torch.compile`` traces it runs the padded ``sdpa`` instead, which has
-  no data-dependent Python control flow.
+None is picked by ``backend="auto"`` (on the CPU it picks ``sdpa_segments`` of ``cpu_ops.py``). Each is
+the honest way to run block-diagonal varlen attention with that library:
 - ``sdpa``: pad segments to ``[S, H, max_q, D]``, a key-padding mask, one SDPA call, unpad.
 - ``flex``: FlexAttention over the packed sequence with a document mask (``q_seg == k_seg``); the block
   mask is built once per distinct ``cu_seqlens`` pair and cached, as a model would reuse it across layers.
@@ -56,27 +50,6 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, 
                                          attn_mask=mask, scale=scale)
     out = out.transpose(1, 2)[sq, pq]
     return torch.where((lens_k == 0)[sq][:, None, None], 0.0, out)  # fully masked rows: zeros, not NaN
-
-
-def sdpa_segments_attention(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
-                            scale: float) -> Tensor:
-    if torch.compiler.is_compiling():  # the loop's bounds are data: trace the padded form instead
-        return sdpa_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale)
-    bq, bk = cu_q.tolist(), cu_k.tolist()
-    outs = []
-    for s in range(len(bq) - 1):
-        if bq[s + 1] == bq[s]:
-            continue
-        if bk[s + 1] == bk[s]:  # no keys: the contract says zeros
-            outs.append(q.new_zeros(bq[s + 1] - bq[s], *q.shape[1:]))
-            continue
-        # [l, H, D] -> [1, H, l, D] views, as diffusers passes them: SDPA's CPU flash kernel takes the
-        # strides as they are, and only 4-D inputs reach it (3-D ones run the slower math path)
-        qs, ks, vs = (x[None, b[s]:b[s + 1]].transpose(1, 2) for x, b in ((q, bq), (k, bk), (v, bk)))
-        outs.append(F.scaled_dot_product_attention(qs, ks, vs, scale=scale)[0].transpose(0, 1))
-    if len(outs) == 1 and outs[0].shape[0] == q.shape[0]:
-        return outs[0]  # one segment: a strided view; the caller's reshape makes the one copy, as in diffusers
-    return torch.cat(outs) if outs else q.new_zeros(q.shape)
 
 
 @functools.lru_cache(maxsize=32)
@@ -153,11 +126,8 @@ def _on_cuda_with(module: str) -> Callable[[torch.device], bool]:
 
 
 def register(register_backend: Callable) -> None:
-    """Register the baselines for ``segment_attention``: negative priority (never chosen by ``auto``) but
-    ``sdpa_segments``, which outranks the reference on the CPU, the only device it is offered on."""
+    """Register the baselines for ``segment_attention`` (negative priority: never chosen by ``auto``)."""
     op = "segment_attention"
-    register_backend(op, "sdpa_segments", sdpa_segments_attention, priority=1,
-                     available=lambda device: device.type == "cpu")
     register_backend(op, "sdpa", sdpa_attention, priority=-1)
     register_backend(op, "flex", flex_attention, priority=-2,
                      available=lambda device: has_module("torch.nn.attention.flex_attention"),

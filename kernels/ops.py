@@ -3,9 +3,10 @@
 The models call only these functions for RoPE, attention and control injection, so a faster backend
 speeds up everything. ``backend="auto"`` picks the highest-priority registered backend that can run on
 the inputs' device and dtype: on a GPU the CUDA extension, then Triton, except attention, which goes to
-Triton first (see ``ATTENTION_PRIORITY``); on the CPU the reference, except attention, which runs one
-SDPA call per segment (``sdpa_segments`` in ``baselines.py``). Triton runs on the CPU only under its
-interpreter, for tests, and only when named. ``OMNIACE_BACKEND`` or the
+Triton first (see ``ATTENTION_PRIORITY``); on the CPU the segment-by-segment PyTorch forms of
+``cpu_ops.py`` for attention and injection (one SDPA call, or one fused LayerNorm, per segment; no
+gathered rows) and the reference for rope3d. Triton runs on the CPU only under its interpreter, for
+tests, and only when named. ``OMNIACE_BACKEND`` or the
 :func:`use_backend` context overrides ``auto``. Kernel backends go through the ``torch.library`` custom
 ops of ``custom_ops.py``; the reference (``reference.py``, the definition of every op) and the attention
 baselines (``baselines.py``) are plain PyTorch.
@@ -34,6 +35,7 @@ KNOWN_BACKENDS = {
     "cuda": "a CUDA GPU and the compiled omniace CUDA extension (csrc/)",
     "sdpa": "torch.nn.functional.scaled_dot_product_attention (attention only)",
     "sdpa_segments": "the CPU (one SDPA call per segment; attention only)",
+    "segments": "the CPU (one fused LayerNorm per segment; editnet_inject only)",
     "flex": "torch FlexAttention on a CUDA GPU (attention only)",
     "varlen": "torch's varlen attention on a CUDA GPU (attention only)",
     "flash_attn": "pip install 'omniace[gpu]' (flash-attn; attention only)",
@@ -268,7 +270,7 @@ def _register_kernel_backend(name: str, priority: int, available: Callable[[torc
 
 
 def _register_builtin_backends() -> None:
-    from . import baselines
+    from . import baselines, cpu_ops
     from .cuda_ext import cuda_ext_available
     from .triton_utils import triton_can_run
 
@@ -277,6 +279,7 @@ def _register_builtin_backends() -> None:
     _register_kernel_backend("cuda", 20, cuda_ext_available)
     _register_kernel_backend("triton", 10, triton_can_run)
     baselines.register(register_backend)
+    cpu_ops.register(register_backend)
 
 
 _register_builtin_backends()

@@ -139,7 +139,8 @@ def test_measure_interleaved_runs_round_robin():
     got = measure_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
                               torch.device("cpu"), warmup=1, rep=3)
     assert calls == ["a", "b"] * 4 and got["a"].runs == got["b"].runs == 3
-    assert got["a"].p20_ms <= got["a"].median_ms <= got["a"].p80_ms
+    assert got["a"].min_ms <= got["a"].p20_ms <= got["a"].median_ms <= got["a"].p80_ms
+    assert got["a"].cpu_ms is not None and got["a"].cpu_ms >= 0
 
 
 def test_benchmark_suite_ids_name_the_cli_cases():
