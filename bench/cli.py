@@ -2,6 +2,9 @@
 
 On a GPU the default is the full preset shapes in bf16 with every provider; without one it runs CPU-sized
 shapes in fp32 with the PyTorch providers (a smoke run: the numbers say nothing about GPU speed).
+Results go to ``./bench_results`` (or ``--out``), never into the installed package. Other entry points:
+``omniace bench --compare A.json B.json`` (two results files row by row), ``--plot F.json`` (redraw),
+``omniace bench diffusers`` (SD3 forward against diffusers on the CPU), ``omniace bench serving``.
 """
 from __future__ import annotations
 
@@ -16,11 +19,12 @@ from omniace.kernels import triton_tuning
 
 from . import report
 from .cases import attention_cases, inject_cases, rope_cases
-from .denoiser import CPU_CASES, GPU_CASES, run_denoiser
+from .denoiser import cases as denoiser_cases
+from .denoiser import run_denoiser
 from .hardware import describe
 from .op_bench import MODES, OPS, run_ops
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path("bench_results")  # relative to the working directory: an installed package may be read-only
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -40,8 +44,13 @@ def main(argv: list[str] | None = None) -> int:
         from .serving import main as serving_main
 
         return serving_main(argv[1:])
+    if argv[:1] == ["diffusers"]:
+        from .diffusers_compare import main as diffusers_main
+
+        return diffusers_main(argv[1:])
     ap = argparse.ArgumentParser(prog="omniace bench", description=__doc__.splitlines()[0],
-                                 epilog="omniace bench serving --help: the serving benchmark")
+                                 epilog="omniace bench serving --help: the serving benchmark; "
+                                        "omniace bench diffusers --help: SD3 against diffusers on the CPU")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on a GPU, fp32 on the CPU")
     ap.add_argument("--small", action="store_true", help="CPU-sized shapes (the default without a GPU)")
@@ -54,10 +63,19 @@ def main(argv: list[str] | None = None) -> int:
                     help="include torch.compile providers in the denoiser bench (default: on a GPU)")
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--rep", type=int, default=None)
-    ap.add_argument("--out", type=Path, default=RESULTS, help=f"results folder (default {RESULTS})")
+    ap.add_argument("--out", type=Path, default=RESULTS, help=f"results folder (default ./{RESULTS})")
     ap.add_argument("--plot", type=Path, metavar="JSON", help="only (re)draw the plots of a results file")
+    ap.add_argument("--compare", type=Path, nargs=2, metavar=("A.json", "B.json"),
+                    help="only compare two results files row by row (A/B above 1: B is faster)")
     args = ap.parse_args(argv)
 
+    if args.compare:
+        try:
+            a, b = (report.load_results(p) for p in args.compare)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
+        print(report.compare(a, b, str(args.compare[0]), str(args.compare[1])))
+        return 0
     if args.plot:
         for p in report.write_plots(args.plot):
             print(f"wrote {p}")
@@ -81,12 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = [] if args.skip_ops else run_ops(ops, providers, modes, small, dtype, hw, device, warmup, rep, log)
     steps = [] if args.skip_denoiser else run_denoiser(small, dtype, hw, device, compile_, max(1, warmup // 2),
                                                          max(3, rep // 5), log)
+    report.mark_impossible(rows, steps)
     print(report.table(hw, rows, steps))
     shapes = {"rope3d": [asdict(c) for c in rope_cases(small)],
               "segment_attention": [asdict(c) for c in attention_cases(small)],
               "editnet_inject": [asdict(c) for c in inject_cases(small)],
               "denoiser": {k: dict(zip(("resolution", "condition_images", "samples"), v))
-                           for k, v in (CPU_CASES if small else GPU_CASES).items()}}
+                           for k, v in denoiser_cases(small).items()}}
     config = {"shapes": shapes, "small": small, "dtype": str(dtype), "ops": ops, "modes": modes, "providers": providers,
               "warmup": warmup, "rep": rep, "compile": compile_, "argv": argv}
     config["autotuned_tiles"] = triton_tuning.tuned()  # empty unless OMNIACE_AUTOTUNE=1

@@ -1,6 +1,7 @@
 """Whole-denoiser step benchmark: one forward (inference) or forward + backward (training) of a preset.
 
-Providers: ``omniace`` (``backend="auto"``: the CUDA/Triton kernels on a GPU), ``reference`` (every op
+Providers: ``omniace`` (``backend="auto"``: the CUDA/Triton kernels on a GPU, per-segment SDPA attention
+on the CPU), ``reference`` (every op
 on its PyTorch reference), and each of those under ``torch.compile``. Reported: step time, image tokens
 per second and model FLOP utilisation (``model.flops`` matmul FLOPs, x3 for training, over the matmul
 throughput measured in the same run).
@@ -35,6 +36,8 @@ class StepRow:
     image_tokens: int
     status: str = "ok"
     median_ms: float | None = None
+    p20_ms: float | None = None
+    p80_ms: float | None = None
     tokens_per_s: float | None = None
     tflop_s: float | None = None
     mfu: float | None = None
@@ -59,56 +62,87 @@ def _batch(cfg, resolution: int, conds: int, samples: int, device: torch.device)
     return batch
 
 
+@dataclass
+class DenoiserCase:
+    """A preset's model and packed batch on the device, ready to step."""
+
+    preset: str
+    model: torch.nn.Module
+    batch: object  # PackedLCU
+    x: torch.Tensor
+    t: torch.Tensor
+    tokens: int
+    flops: float  # matmul FLOPs of one forward
+
+
+def cases(small: bool) -> dict[str, tuple[int, int, int]]:
+    """preset -> (resolution in pixels, condition images, samples per batch)."""
+    return CPU_CASES if small else GPU_CASES
+
+
+def setup_case(preset: str, small: bool, dtype: torch.dtype, device: torch.device) -> DenoiserCase:
+    res, conds, samples = cases(small)[preset]
+    cfg = get_config(preset)
+    torch.manual_seed(0)
+    model = build_model(cfg).to(device=device, dtype=dtype)
+    batch = _batch(cfg, res, conds, samples, device)
+    return DenoiserCase(preset, model, batch, batch.target_tokens().to(dtype), torch.full((samples,), 500.0, device=device),
+                        int(batch.tokens.shape[0]), forward_flops(model, batch))
+
+
+def step_fn(case: DenoiserCase, mode: str, provider: str) -> Callable[[], None]:
+    """One inference forward or training step (forward + backward) of ``provider``: ``omniace`` or
+    ``reference``, with ``+compile`` for torch.compile. Shared by the CLI and the pytest-benchmark suite."""
+    if mode not in ("inference", "training"):
+        raise ValueError(f"mode must be 'inference' or 'training', got {mode!r}")
+    backend = "reference" if provider.startswith("reference") else "auto"
+    torch._dynamo.reset()  # a compiled graph bakes in the backend it was traced under
+    fn = torch.compile(case.model) if provider.endswith("+compile") else case.model
+    case.model.train(mode == "training")
+
+    def step():
+        with use_backend(backend):
+            if mode == "inference":
+                with torch.no_grad():
+                    fn(case.batch, case.x, case.t)
+            else:
+                fn(case.batch, case.x, case.t).float().square().mean().backward()
+
+    return step
+
+
+def providers(compile_: bool) -> list[str]:
+    out = ["reference", "omniace"]  # on the CPU omniace's auto differs too: per-segment SDPA attention
+    return out + [p + "+compile" for p in out] if compile_ else out
+
+
 def run_denoiser(small: bool, dtype: torch.dtype, hw: Hardware, device: torch.device, compile_: bool,
                  warmup: int, rep: int, log: Callable[[str], None] = print) -> list[StepRow]:
     rows: list[StepRow] = []
-    providers = ["reference"] + (["omniace"] if device.type == "cuda" else [])
-    if compile_:
-        providers += [p + "+compile" for p in providers]
-    for preset, (res, conds, samples) in (CPU_CASES if small else GPU_CASES).items():
-        cfg = get_config(preset)
-        torch.manual_seed(0)
-        model = build_model(cfg).to(device=device, dtype=dtype)
-        batch = _batch(cfg, res, conds, samples, device)
-        x = batch.target_tokens().to(dtype)
-        t = torch.full((samples,), 500.0, device=device)
-        flops = forward_flops(model, batch)
-        tokens = int(batch.tokens.shape[0])
-        log(f"  {preset}: {tokens} image tokens, {flops / 1e9:,.0f} GFLOP per forward")
+    for preset in cases(small):
+        case = setup_case(preset, small, dtype, device)
+        log(f"  {preset}: {case.tokens} image tokens, {case.flops / 1e9:,.0f} GFLOP per forward")
         for mode in ("inference", "training"):
-            model.train(mode == "training")
             group = []
-            for prov in providers:
-                backend = "reference" if prov.startswith("reference") else "auto"
-                torch._dynamo.reset()  # a compiled graph bakes in the backend it was traced under
-                fn = torch.compile(model) if prov.endswith("+compile") else model
-                row = StepRow(preset, mode, prov, str(dtype), tokens)
-
-                def step():
-                    with use_backend(backend):
-                        if mode == "inference":
-                            with torch.no_grad():
-                                fn(batch, x, t)
-                        else:
-                            fn(batch, x, t).float().square().mean().backward()
-
+            for prov in providers(compile_):
+                row = StepRow(preset, mode, prov, str(dtype), case.tokens)
                 try:
-                    timing = measure(step, device, warmup, rep, flush_l2=False)
+                    timing = measure(step_fn(case, mode, prov), device, warmup, rep, flush_l2=False)
                 except Exception as exc:  # report and go on with the other providers
                     row.status = f"error: {exc}"[:200]
                     rows.append(row)
                     continue
-                model.zero_grad(set_to_none=True)
-                work = flops * (3 if mode == "training" else 1)
-                row.median_ms = timing.median_ms
-                row.tokens_per_s = tokens / (timing.median_ms * 1e-3)
+                case.model.zero_grad(set_to_none=True)
+                work = case.flops * (3 if mode == "training" else 1)
+                row.median_ms, row.p20_ms, row.p80_ms = timing.median_ms, timing.p20_ms, timing.p80_ms
+                row.tokens_per_s = case.tokens / (timing.median_ms * 1e-3)
                 row.tflop_s = work / (timing.median_ms * 1e-3) / 1e12
                 row.mfu = row.tflop_s / hw.matmul_tflop_s
                 group.append(row)
                 rows.append(row)
             for r in group:
                 r.speedup_over = {o.provider: o.median_ms / r.median_ms for o in group if o is not r}
-        del model
+        del case
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows

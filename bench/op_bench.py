@@ -117,13 +117,19 @@ def inject_problem(c: InjectCase, dtype: torch.dtype, device: torch.device) -> P
                    {"fwd": 4 * L * C * e, "bwd": 6 * L * C * e, "full": 10 * L * C * e})
 
 
+CASES = {"rope3d": (rope_cases, rope_problem), "segment_attention": (attention_cases, attention_problem),
+         "editnet_inject": (inject_cases, inject_problem)}
+
+
+def case_names(op: str, small: bool) -> list[str]:
+    """The case names of ``op`` as the CLI's table prints them, in the order of :func:`problems`."""
+    return [c.name for c in CASES[op][0](small)]
+
+
 def problems(op: str, small: bool, dtype: torch.dtype, device: torch.device) -> list[Callable[[], Problem]]:
     """Deferred problem builders (inputs are allocated one case at a time)."""
-    if op == "rope3d":
-        return [functools.partial(rope_problem, c, dtype, device) for c in rope_cases(small)]
-    if op == "segment_attention":
-        return [functools.partial(attention_problem, c, dtype, device) for c in attention_cases(small)]
-    return [functools.partial(inject_problem, c, dtype, device) for c in inject_cases(small)]
+    shapes, build = CASES[op]
+    return [functools.partial(build, c, dtype, device) for c in shapes(small)]
 
 
 def _callable(p: Problem, provider: str) -> Callable[[list[Tensor]], tuple[Tensor, ...]]:

@@ -1,14 +1,16 @@
-"""Bench output: a text table, a JSON file under bench/results/, an SVG plot, and the issue's targets."""
+"""Bench output: a text table, a JSON results file, SVG plots, the issue's targets, and a comparison of
+two results files. Rows whose numbers cannot be true are flagged, never quoted."""
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import asdict
 from pathlib import Path
 
 from .denoiser import StepRow
 from .hardware import Hardware
-from .op_bench import OMNIACE, Row
+from .op_bench import MODES, OMNIACE, Row
 
 BASELINES = ("reference", "compile", "sdpa", "flex", "varlen", "flash_attn", "xformers")
 
@@ -16,42 +18,109 @@ BASELINES = ("reference", "compile", "sdpa", "flex", "varlen", "flash_attn", "xf
 def best_baseline(row: Row, rows: list[Row]) -> tuple[str, float] | None:
     """The fastest baseline measured for the row's (op, case, mode), and this row's speedup over it."""
     same = [r for r in rows if (r.op, r.case, r.mode) == (row.op, row.case, row.mode) and r.provider in BASELINES
-            and r.median_ms is not None and r.provider != row.provider]
+            and r.median_ms is not None and r.provider != row.provider and not r.status.startswith(IMPOSSIBLE)]
     if not same:
         return None
     best = min(same, key=lambda r: r.median_ms)
     return best.provider, best.median_ms / row.median_ms
 
 
+IMPOSSIBLE = "IMPOSSIBLE: "
+
+
+def mark_impossible(rows: list[Row], steps: list[StepRow]) -> int:
+    """Set the status of rows whose numbers cannot be true (a timing or a FLOP/byte count is wrong there)
+    to ``IMPOSSIBLE: <why>``, so no table, target or comparison quotes them; returns how many.
+
+    ``full`` (forward + backward) faster than ``fwd`` or ``bwd`` alone; a throughput above 100% of the
+    measured limit; a training step faster than the inference step, or an MFU above 100%.
+    """
+    out: dict[int, str] = {}
+    by_key = {(r.op, r.case, r.provider, r.mode): r for r in rows if r.median_ms is not None}
+    for r in by_key.values():
+        why = []
+        # full = fwd + bwd: faster than either part means one of the two rows is wrong; flag both
+        if r.mode == "full":
+            why += [f"full faster than {m}" for m in ("fwd", "bwd")
+                    if (o := by_key.get((r.op, r.case, r.provider, m))) and r.median_ms < o.median_ms]
+        elif (full := by_key.get((r.op, r.case, r.provider, "full"))) and full.median_ms < r.median_ms:
+            why.append(f"{r.mode} slower than full ({r.mode} + the other half)")
+        if r.fraction_of_limit is not None and r.fraction_of_limit > 1.0:
+            why.append(f"{100 * r.fraction_of_limit:.0f}% of the measured limit")
+        if why:
+            out[id(r)] = "; ".join(why)
+    timed = {(s.preset, s.provider, s.mode): s for s in steps if s.median_ms is not None}
+    for s in timed.values():
+        why = []
+        inf = timed.get((s.preset, s.provider, "inference"))
+        train = timed.get((s.preset, s.provider, "training"))
+        if s.mode == "training" and inf and s.median_ms < inf.median_ms:
+            why.append("training faster than inference")
+        if s.mode == "inference" and train and train.median_ms < s.median_ms:
+            why.append("inference slower than training")
+        if s.mfu is not None and s.mfu > 1.0:
+            why.append(f"MFU {100 * s.mfu:.0f}%")
+        if why:
+            out[id(s)] = "; ".join(why)
+    for r in [*rows, *steps]:
+        if id(r) in out:
+            r.status = IMPOSSIBLE + out[id(r)]
+    return len(out)
+
+
+def _spread(median: float, p20: float | None, p80: float | None) -> str:
+    """``p20-p80`` as a +-percentage of the median: how far one run's number can be trusted."""
+    if p20 is None or p80 is None or median <= 0:
+        return "-"
+    return f"-{100 * (median - p20) / median:.0f}/+{100 * (p80 - median) / median:.0f}%"
+
+
 def table(hw: Hardware, rows: list[Row], steps: list[StepRow]) -> str:
-    lines = [f"# {hw.name} ({hw.device}), torch {hw.torch}, triton {hw.triton}, {hw.date}",
-             f"# measured limits: copy {hw.copy_gb_s:,.0f} GB/s, {hw.matmul_dtype} matmul {hw.matmul_tflop_s:,.1f} TFLOP/s",
-             f"{'op':18} {'case':22} {'mode':4} {'provider':10} {'ms':>9} {'throughput':>16} {'% limit':>7}  "
-             f"{'vs best baseline':20} status"]
+    cpu = f"{hw.cpu + ', ' if hw.cpu and hw.cpu != hw.name else ''}{hw.threads} threads"
+    lines = [f"# {hw.name} ({hw.device}{', driver ' + hw.driver if hw.driver else ''}), {cpu}, torch {hw.torch}, "
+             f"triton {hw.triton}, omniace {(hw.git_sha or 'unknown')[:10]}{' +local changes' if hw.git_dirty else ''}, "
+             f"{hw.date}",
+             f"# measured limits: copy {_num(hw.copy_gb_s)} GB/s, {hw.matmul_dtype} matmul {_num(hw.matmul_tflop_s)} TFLOP/s",
+             "# ms: median; spread: p20/p80 relative to it",
+             f"{'op':18} {'case':22} {'mode':4} {'provider':10} {'ms':>9} {'spread':>9} {'throughput':>16} "
+             f"{'% limit':>7}  {'vs best baseline':20} status"]
     not_run: dict[tuple[str, str, str], set[str]] = {}
     for r in rows:
         if r.median_ms is None and r.status.startswith(("unavailable", "skipped")):
             not_run.setdefault((r.op, r.provider, r.status), set()).add(r.case)
             continue
+        head = f"{r.op:18} {r.case:22} {r.mode:4} {r.provider:10}"
         if r.median_ms is None:
-            lines.append(f"{r.op:18} {r.case:22} {r.mode:4} {r.provider:10} {'-':>9} {'-':>16} {'-':>7}  {'':20} {r.status}")
+            lines.append(f"{head} {'-':>9} {'-':>9} {'-':>16} {'-':>7}  {'':20} {r.status}")
+            continue
+        spread = _spread(r.median_ms, r.p20_ms, r.p80_ms)
+        if r.status.startswith(IMPOSSIBLE):  # wrong somewhere: show the time, not a throughput to quote
+            lines.append(f"{head} {r.median_ms:9.4f} {spread:>9} {'-':>16} {'-':>7}  {'':20} {r.status}")
             continue
         bb = best_baseline(r, rows)
         vs = f"{bb[1]:.2f}x {bb[0]}" if bb else ""
-        lines.append(f"{r.op:18} {r.case:22} {r.mode:4} {r.provider:10} {r.median_ms:9.4f} "
-                     f"{r.throughput:9.4g} {r.metric:6} {100 * r.fraction_of_limit:6.1f}%  {vs:20} {r.status}")
+        lines.append(f"{head} {r.median_ms:9.4f} {spread:>9} {r.throughput:9.4g} {r.metric:6} "
+                     f"{100 * r.fraction_of_limit:6.1f}%  {vs:20} {r.status}")
     for (op, prov, why), cases in not_run.items():
         lines.append(f"not run: {op} {prov} on {len(cases)} case(s): {why}")
     if steps:
-        lines.append(f"\n{'preset':20} {'mode':9} {'provider':18} {'ms':>9} {'tokens/s':>11} {'TFLOP/s':>8} "
-                     f"{'MFU':>6}  speedup over")
+        lines.append(f"\n{'preset':20} {'mode':9} {'provider':18} {'ms':>9} {'spread':>9} {'tokens/s':>11} "
+                     f"{'TFLOP/s':>8} {'MFU':>6}  speedup over")
         for s in steps:
             if s.median_ms is None:
                 lines.append(f"{s.preset:20} {s.mode:9} {s.provider:18} {s.status}")
                 continue
+            head = f"{s.preset:20} {s.mode:9} {s.provider:18} {s.median_ms:9.2f} " \
+                   f"{_spread(s.median_ms, s.p20_ms, s.p80_ms):>9}"
+            if s.status.startswith(IMPOSSIBLE):
+                lines.append(f"{head} {s.status}")
+                continue
             over = ", ".join(f"{k} {v:.2f}x" for k, v in s.speedup_over.items())
-            lines.append(f"{s.preset:20} {s.mode:9} {s.provider:18} {s.median_ms:9.2f} {s.tokens_per_s:11,.0f} "
-                         f"{s.tflop_s:8.2f} {100 * s.mfu:5.1f}%  {over}")
+            lines.append(f"{head} {s.tokens_per_s:11,.0f} {_num(s.tflop_s):>8} {100 * s.mfu:5.1f}%  {over}")
+    bad = sum(r.status.startswith(IMPOSSIBLE) for r in [*rows, *steps])
+    if bad:
+        lines.append(f"\n{bad} row(s) flagged IMPOSSIBLE: their throughput is not shown; check the timing "
+                     "and the byte/FLOP counts before quoting them")
     return "\n".join(lines)
 
 
@@ -95,7 +164,7 @@ def targets(rows: list[Row], steps: list[StepRow]) -> list[dict]:
         for case, r in ours.items():
             if case in base:
                 add(f"cross-attention {mode}: speedup over best varlen baseline", case, base[case].median_ms / r.median_ms, 1.5)
-    for s in steps:
+    for s in (s for s in steps if s.status == "ok"):
         if s.preset.startswith("ace-0.6b") and s.provider == "omniace" and "reference" in s.speedup_over:
             add(f"denoiser {s.mode}: speedup over reference (eager)", s.preset, s.speedup_over["reference"], 1.5)
         if s.preset.startswith("ace-0.6b") and s.provider == "omniace+compile" and "reference+compile" in s.speedup_over:
@@ -122,41 +191,74 @@ def write_json(path: Path, hw: Hardware, rows: list[Row], steps: list[StepRow], 
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f")
 
 
+def nice_ticks(top: float, count: int = 5) -> list[float]:
+    """Round tick values ``0, step, 2 step, ...`` covering ``[0, top]`` with ``step`` 1, 2 or 5 x 10^k."""
+    if top <= 0:
+        return [0.0, 1.0]
+    raw = top / count
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
+    return [i * step for i in range(int(math.ceil(top / step - 1e-9)) + 1)]
+
+
+def _num(x: float) -> str:
+    """Three significant digits, thousands as k/M: 0.0123, 4.5, 1,250 -> 1.25k."""
+    for div, suffix in ((1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x / div:.3g}{suffix}"
+    return f"{x:.3g}"
+
+
 def svg_plot(doc: dict, op: str, mode: str = "fwd", kind: str | None = None) -> str | None:
-    """Throughput vs tokens per provider for one op and mode, with the measured hardware limit as a line."""
+    """Throughput vs tokens per provider for one op and mode, with the measured hardware limit as a line
+    (or named in the corner when it is over 3x the best measurement and would flatten every curve)."""
     rows = [r for r in doc["ops"] if r["op"] == op and r["mode"] == mode and r["throughput"]
-            and (kind is None or r["case"].endswith(kind))]
+            and not r["status"].startswith(IMPOSSIBLE) and (kind is None or r["case"].endswith(kind))]
     if not rows:
         return None
     metric = rows[0]["metric"]
     hw = doc["hardware"]
     limit = hw["copy_gb_s"] if metric == "GB/s" else hw["matmul_tflop_s"]
-    W, H, L, B, T, R = 720, 420, 70, 50, 40, 150
+    W, H, L, B, T, R = 760, 440, 80, 56, 44, 170
     xs = sorted({r["tokens"] for r in rows})
-    ymax = max(limit, max(r["throughput"] for r in rows)) * 1.1
+    best_y = max(r["throughput"] for r in rows)
+    limit_on_scale = limit <= 3 * best_y
+    ticks = nice_ticks(max(best_y, limit if limit_on_scale else 0) * 1.05)
+    ymax = ticks[-1]
+    lo = math.log(xs[0])
+    hi = math.log(xs[-1]) if xs[-1] > xs[0] else lo + 1
 
     def px(x):  # log-scale tokens
-        import math
-        lo, hi = math.log(xs[0]), math.log(xs[-1]) if xs[-1] > xs[0] else math.log(xs[0]) + 1
         return L + (math.log(x) - lo) / (hi - lo) * (W - L - R)
 
     def py(y):
         return H - B - y / ymax * (H - B - T)
 
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="11">',
-           f'<text x="{W / 2}" y="18" text-anchor="middle" font-size="13">{op} {kind or ""} ({mode}), '
-           f'{hw["name"]}, {rows[0]["dtype"].removeprefix("torch.")}</text>',
+    title = f"{op} {kind or ''} ({mode}), {hw['name']}, {rows[0]['dtype'].removeprefix('torch.')}"
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
+           f'<rect width="{W}" height="{H}" fill="white"/>',
+           f'<text x="{(L + W - R) / 2}" y="20" text-anchor="middle" font-size="14">{title}</text>',
            f'<line x1="{L}" y1="{H - B}" x2="{W - R}" y2="{H - B}" stroke="black"/>',
            f'<line x1="{L}" y1="{T}" x2="{L}" y2="{H - B}" stroke="black"/>',
-           f'<text x="{(L + W - R) / 2}" y="{H - 12}" text-anchor="middle">tokens (log scale)</text>',
-           f'<text x="16" y="{(H - B + T) / 2}" transform="rotate(-90 16 {(H - B + T) / 2})" text-anchor="middle">{metric}</text>',
-           f'<line x1="{L}" y1="{py(limit):.1f}" x2="{W - R}" y2="{py(limit):.1f}" stroke="black" stroke-dasharray="6 4"/>',
-           f'<text x="{W - R + 4}" y="{py(limit) + 4:.1f}">limit {limit:,.0f}</text>']
-    for i in range(5):
-        y = ymax * i / 4
-        out.append(f'<text x="{L - 6}" y="{py(y) + 4:.1f}" text-anchor="end">{y:,.0f}</text>')
-    for x in xs:
-        out.append(f'<text x="{px(x):.1f}" y="{H - B + 14}" text-anchor="middle">{x}</text>')
+           f'<text x="{(L + W - R) / 2}" y="{H - 14}" text-anchor="middle">tokens per call (log scale)</text>',
+           f'<text x="18" y="{(H - B + T) / 2}" transform="rotate(-90 18 {(H - B + T) / 2})" '
+           f'text-anchor="middle">throughput, {metric} (higher is better)</text>']
+    for y in ticks:
+        out.append(f'<line x1="{L}" y1="{py(y):.1f}" x2="{W - R}" y2="{py(y):.1f}" stroke="#ddd"/>')
+        out.append(f'<text x="{L - 6}" y="{py(y) + 4:.1f}" text-anchor="end">{_num(y)}</text>')
+    last = -1e9
+    for x in xs:  # skip labels that would overlap the previous one
+        if px(x) - last >= 44:
+            out.append(f'<line x1="{px(x):.1f}" y1="{H - B}" x2="{px(x):.1f}" y2="{H - B + 4}" stroke="black"/>')
+            out.append(f'<text x="{px(x):.1f}" y="{H - B + 17}" text-anchor="middle">{_num(x)}</text>')
+            last = px(x)
+    lim = f"measured limit {_num(limit)} {metric}"
+    if limit_on_scale:
+        out.append(f'<line x1="{L}" y1="{py(limit):.1f}" x2="{W - R}" y2="{py(limit):.1f}" stroke="black" '
+                   f'stroke-dasharray="6 4"/>')
+        out.append(f'<text x="{W - R + 4}" y="{py(limit) + 4:.1f}">{lim}</text>')
+    else:
+        out.append(f'<text x="{W - R + 4}" y="{H - B}">{lim} (off scale)</text>')
     providers = sorted({r["provider"] for r in rows})
     for i, prov in enumerate(providers):
         c = COLORS[i % len(COLORS)]
@@ -173,13 +275,69 @@ def svg_plot(doc: dict, op: str, mode: str = "fwd", kind: str | None = None) -> 
 
 
 def write_plots(json_path: Path) -> list[Path]:
+    """One SVG per op (attention: self and cross apart) and mode present in the results file."""
     doc = json.loads(json_path.read_text())
     written = []
+    modes = [m for m in MODES if any(r["mode"] == m for r in doc["ops"])]
     for op, kind in (("rope3d", None), ("editnet_inject", None), ("segment_attention", "self"),
                      ("segment_attention", "cross")):
-        svg = svg_plot(doc, op, "fwd", kind)
-        if svg:
-            path = json_path.with_name(f"{json_path.stem}_{op}{'_' + kind if kind else ''}.svg")
-            path.write_text(svg)
-            written.append(path)
+        for mode in modes:
+            svg = svg_plot(doc, op, mode, kind)
+            if svg:
+                path = json_path.with_name(f"{json_path.stem}_{op}{'_' + kind if kind else ''}_{mode}.svg")
+                path.write_text(svg)
+                written.append(path)
     return written
+
+
+def load_results(path: Path) -> dict:
+    """A results file of ``omniace bench``; raises ValueError naming the file if it is not one."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read a bench results file ({exc})") from None
+    missing = [k for k in ("hardware", "ops", "denoiser") if k not in doc]
+    if missing:
+        raise ValueError(f"{path}: not an omniace bench results file (no {missing}); expected the JSON that "
+                         "'omniace bench' writes")
+    return doc
+
+
+def _overlap(a: dict, b: dict) -> bool:
+    """The p20-p80 ranges of two rows overlap: the difference is within this run's noise."""
+    if None in (a.get("p20_ms"), a.get("p80_ms"), b.get("p20_ms"), b.get("p80_ms")):
+        return False
+    return a["p20_ms"] <= b["p80_ms"] and b["p20_ms"] <= a["p80_ms"]
+
+
+def compare(a: dict, b: dict, name_a: str = "A", name_b: str = "B") -> str:
+    """Row-by-row comparison of two results files: A ms, B ms, A/B (above 1: B is faster), and whether
+    the difference is within the spread. Host differences (commit, device, versions) come first."""
+    ha, hb = a["hardware"], b["hardware"]
+    lines = [f"# A = {name_a}", f"# B = {name_b}"]
+    for key in ("name", "cpu", "threads", "driver", "git_sha", "git_dirty", "versions", "copy_gb_s", "matmul_tflop_s"):
+        if ha.get(key) != hb.get(key):
+            lines.append(f"# differs: {key}: A {ha.get(key)!r} | B {hb.get(key)!r}")
+    lines.append(f"{'op/preset':18} {'case':22} {'mode':9} {'provider':18} {'A ms':>9} {'B ms':>9} {'A/B':>6}  note")
+    unmatched = 0
+    sections = (("ops", ("op", "case", "mode", "provider")), ("denoiser", ("preset", "mode", "provider")))
+    for section, key in sections:
+        rows_b = {tuple(r[k] for k in key): r for r in b[section]}
+        for ra in a[section]:
+            k = tuple(ra[f] for f in key)
+            rb = rows_b.pop(k, None)
+            if rb is None or ra.get("median_ms") is None or rb.get("median_ms") is None:
+                unmatched += 1
+                continue
+            label = (k[0], k[1], k[2], k[3]) if section == "ops" else (k[0], "", k[1], k[2])
+            head = f"{label[0]:18} {label[1]:22} {label[2]:9} {label[3]:18} {ra['median_ms']:9.4g} {rb['median_ms']:9.4g}"
+            bad = [f"{n} {r['status']}" for n, r in (("A", ra), ("B", rb)) if r["status"].startswith(IMPOSSIBLE)]
+            if bad:
+                lines.append(f"{head} {'-':>6}  " + "; ".join(bad))
+                continue
+            note = "within spread" if _overlap(ra, rb) else ""
+            lines.append(f"{head} {ra['median_ms'] / rb['median_ms']:6.2f}  {note}")
+        unmatched += len(rows_b)
+    if unmatched:
+        lines.append(f"{unmatched} row(s) timed in only one of the files (or in neither) are not compared")
+    return "\n".join(lines)

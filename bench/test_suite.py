@@ -1,31 +1,38 @@
 """pytest-benchmark suite: ``python -m pytest bench/test_suite.py --benchmark-only [--benchmark-json F]``.
 
-One benchmark per (op, case, provider, mode) on the same shapes and providers as the CLI (CPU-sized
-without a GPU). Each checks the provider's forward against the reference before timing it, so a fast
-wrong kernel fails instead of winning. Not part of the test suite (``testpaths = tests``).
+The same shapes and providers as the CLI (CPU-sized without a GPU), with IDs named as the CLI's table
+names its rows: ``op-case-mode-provider`` (``rope3d-ace-small-c1-fwd-reference``) and
+``denoiser-preset-mode-provider`` (``denoiser-ace-tiny-inference-omniace``). Each op benchmark checks the
+provider's forward against the reference before timing it, so a fast wrong kernel fails instead of
+winning. Not part of the test suite (``testpaths = tests``).
 """
 import pytest
 import torch
 
-from omniace.bench.op_bench import MISMATCH, MODES, OPS, PROVIDERS, _callable, _max_rel_err, _tup, mode_runner, problems
+from omniace.bench import denoiser
+from omniace.bench.op_bench import (MISMATCH, MODES, OPS, PROVIDERS, _callable, _max_rel_err, _skip_reason, _tup,
+                                    case_names, mode_runner, problems)
 
 GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if GPU else "cpu")
 DTYPE = torch.bfloat16 if GPU else torch.float32
 
 
-def _cases():
+def _op_cases():
     for op in OPS:
-        for i, build in enumerate(problems(op, not GPU, DTYPE, DEVICE)):
-            for provider in PROVIDERS[op]:
-                for mode in MODES:
-                    yield pytest.param(op, i, provider, mode, id=f"{op}-{i}-{provider}-{mode}")
+        for i, case in enumerate(case_names(op, not GPU)):
+            for mode in MODES:
+                for provider in PROVIDERS[op]:
+                    yield pytest.param(op, i, mode, provider, id=f"{op}-{case}-{mode}-{provider}")
 
 
-@pytest.mark.parametrize("op,index,provider,mode", list(_cases()))
-def test_op(benchmark, op, index, provider, mode):
-    from omniace.bench.op_bench import _skip_reason
+def _sync():
+    if GPU:  # wall-clock timing: wait for the kernels
+        torch.cuda.synchronize()
 
+
+@pytest.mark.parametrize("op,index,mode,provider", list(_op_cases()))
+def test_op(benchmark, op, index, mode, provider):
     p = problems(op, not GPU, DTYPE, DEVICE)[index]()
     reason = _skip_reason(p, provider, DEVICE, mode)
     if reason:
@@ -36,10 +43,19 @@ def test_op(benchmark, op, index, provider, mode):
     assert _max_rel_err(got, want) <= MISMATCH[DTYPE]
     benchmark.extra_info.update(case=p.case, tokens=p.tokens, metric=p.metric, amount=p.amount[mode])
     step = mode_runner(fn, p.leaves, mode)
+    benchmark(lambda: (step(), _sync()))
 
-    def run():
-        step()
-        if GPU:  # wall-clock timing: wait for the kernels
-            torch.cuda.synchronize()
 
-    benchmark(run)
+def _denoiser_cases():
+    for preset in denoiser.cases(not GPU):
+        for mode in ("inference", "training"):
+            for provider in denoiser.providers(compile_=GPU):
+                yield pytest.param(preset, mode, provider, id=f"denoiser-{preset}-{mode}-{provider}")
+
+
+@pytest.mark.parametrize("preset,mode,provider", list(_denoiser_cases()))
+def test_denoiser(benchmark, preset, mode, provider):
+    case = denoiser.setup_case(preset, not GPU, DTYPE, DEVICE)
+    benchmark.extra_info.update(preset=preset, image_tokens=case.tokens, forward_flops=case.flops)
+    step = denoiser.step_fn(case, mode, provider)
+    benchmark(lambda: (step(), _sync()))

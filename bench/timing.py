@@ -17,6 +17,8 @@ class Timing:
     p20_ms: float
     p80_ms: float
     runs: int
+    min_ms: float | None = None  # the least disturbed run: the fairest figure on a shared, loaded machine
+    cpu_ms: float | None = None  # median process CPU time (all threads): barely moved by other processes' load
 
 
 def _quantile(xs: list[float], q: float) -> float:
@@ -48,4 +50,33 @@ def measure(fn: Callable[[], object], device: torch.device, warmup: int = 10, re
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    return Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), rep)
+    return _timing(times)
+
+
+def _timing(times: list[float], cpu_times: list[float] | None = None) -> Timing:
+    return Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), len(times), min(times),
+                  statistics.median(cpu_times) if cpu_times else None)
+
+
+def measure_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int = 2,
+                        rep: int = 5) -> dict[str, Timing]:
+    """Time several calls round-robin (wall clock, synchronised on a GPU): on a shared machine a burst of
+    load then slows every provider in the same round, instead of whichever was running at the time."""
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rep):
+        for name, fn in fns.items():
+            sync()
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            sync()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+            cpu[name].append((time.process_time() - c0) * 1e3)
+    return {name: _timing(times[name], cpu[name] if device.type == "cpu" else None) for name in fns}

@@ -8,6 +8,11 @@
 // hit different banks), the softmax statistics are two warp reductions, and for the output each lane
 // owns head dims lane, lane + 32, ... and sweeps the keys. The logsumexp is written for the backward
 // pass, which runs the Triton kernels.
+//
+// Not chosen by backend="auto" (kernels/ops.py, ATTENTION_PRIORITY): the scores and the output are scalar
+// FMAs on CUDA cores, where Triton's kernel uses tensor cores. It runs when backend="cuda" is named, for
+// the A/B measurement (omniace bench --providers triton,cuda) that would justify ranking it again, or an
+// mma.sync rewrite.
 #include "common.cuh"
 #include "launchers.h"
 

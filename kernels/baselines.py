@@ -1,7 +1,7 @@
 """Attention baselines behind the same ``segment_attention`` contract, for benchmarks and A/B checks.
 
-None is picked by ``backend="auto"``; name one to use it. Each is the honest way to run block-diagonal
-varlen attention with that library:
+None is picked by ``backend="auto"`` (on the CPU it picks ``sdpa_segments`` of ``cpu_ops.py``). Each is
+the honest way to run block-diagonal varlen attention with that library:
 - ``sdpa``: pad segments to ``[S, H, max_q, D]``, a key-padding mask, one SDPA call, unpad.
 - ``flex``: FlexAttention over the packed sequence with a document mask (``q_seg == k_seg``); the block
   mask is built once per distinct ``cu_seqlens`` pair and cached, as a model would reuse it across layers.

@@ -7,7 +7,8 @@ kernel is run once against the reference on small random inputs; a kernel that d
 backend with a warning rather than returning wrong numbers.
 
 Coverage: ``rope3d`` forward and backward, ``editnet_inject`` forward, and the short-key cross-attention
-forward run in CUDA. Everything else this backend is asked for (attention with key segments longer
+forward run in CUDA. The cross-attention kernel runs on CUDA cores (no tensor cores), so ``auto`` ranks
+Triton above it for attention (``ops.ATTENTION_PRIORITY``); it runs only when ``backend="cuda"`` is named. Everything else this backend is asked for (attention with key segments longer
 than ``CROSS_MAX_KEYS``, head dims over 128, both backward passes of attention and injection, shapes
 that break 16-byte alignment) runs the Triton kernels, which share the saved-statistics layout.
 """

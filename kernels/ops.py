@@ -2,10 +2,13 @@
 
 The models call only these functions for RoPE, attention and control injection, so a faster backend
 speeds up everything. ``backend="auto"`` picks the highest-priority registered backend that can run on
-the inputs' device and dtype: the CUDA extension, then Triton on a GPU; the reference on the CPU (Triton
-runs on the CPU only under its interpreter, for tests, and only when named). ``dense`` (``dense.py``: no host
-reads of cu_seqlens, so ``torch.compile(fullgraph=True)``, CUDA graphs and ONNX export trace through it; O(L^2)
-attention) is used only when named. ``OMNIACE_BACKEND`` or the
+the inputs' device and dtype: on a GPU the CUDA extension, then Triton, except attention, which goes to
+Triton first (see ``ATTENTION_PRIORITY``); on the CPU the segment-by-segment PyTorch forms of
+``cpu_ops.py`` for attention and injection (one SDPA call, or one fused LayerNorm, per segment; no
+gathered rows) and the reference for rope3d. Triton runs on the CPU only under its interpreter, for
+tests, and only when named. ``dense`` (``dense.py``: no host reads of cu_seqlens, so
+``torch.compile(fullgraph=True)``, CUDA graphs and ONNX export trace through it; O(L^2) attention) is used
+only when named. ``OMNIACE_BACKEND`` or the
 :func:`use_backend` context overrides ``auto``. Kernel backends go through the ``torch.library`` custom
 ops of ``custom_ops.py``; the reference (``reference.py``, the definition of every op) and the attention
 baselines (``baselines.py``) are plain PyTorch.
@@ -34,6 +37,8 @@ KNOWN_BACKENDS = {
     "cuda": "a CUDA GPU and the compiled omniace CUDA extension (csrc/)",
     "dense": "nothing (kernels/dense.py: masked dense ops with no host reads, for tracing)",
     "sdpa": "torch.nn.functional.scaled_dot_product_attention (attention only)",
+    "sdpa_segments": "the CPU (one SDPA call per segment; attention only)",
+    "segments": "the CPU (one fused LayerNorm per segment; editnet_inject only)",
     "flex": "torch FlexAttention on a CUDA GPU (attention only)",
     "varlen": "torch's varlen attention on a CUDA GPU (attention only)",
     "flash_attn": "pip install 'omniace[gpu]' (flash-attn; attention only)",
@@ -52,6 +57,12 @@ class Backend:
 
 
 _REGISTRY: dict[str, dict[str, Backend]] = {op: {} for op in OPS}
+
+# The CUDA cross-attention forward (csrc/cross_attention.cu) computes scores and outputs with scalar FMAs
+# on CUDA cores, one query per warp; Triton's attention runs its dot products on tensor cores (tl.dot).
+# Without a GPU run showing the CUDA kernel faster, ``auto`` ranks it below Triton for attention;
+# ``backend="cuda"`` still runs it, for that A/B measurement (``omniace bench --providers triton,cuda``).
+ATTENTION_PRIORITY = {"cuda": 5, "triton": 10}
 
 
 def register_backend(
@@ -243,7 +254,8 @@ def editnet_inject(
 
 
 def _register_kernel_backend(name: str, priority: int, available: Callable[[torch.device], bool]) -> None:
-    """Route the three ops through the custom ops of ``custom_ops.py`` with kernels ``name``."""
+    """Route the three ops through the custom ops of ``custom_ops.py`` with kernels ``name``; attention
+    ranks by ``ATTENTION_PRIORITY``, the other two by ``priority``."""
     from . import custom_ops as C
 
     register_backend(
@@ -253,7 +265,7 @@ def _register_kernel_backend(name: str, priority: int, available: Callable[[torc
         "segment_attention", name,
         lambda q, k, v, cu_q, cu_k, max_q, max_k, scale: C.segment_attention_op(
             q, k, v, cu_q, cu_k, max_q, max_k, scale, name)[0],
-        priority, available, KERNEL_DTYPES, auto_on_cpu=False)
+        ATTENTION_PRIORITY.get(name, priority), available, KERNEL_DTYPES, auto_on_cpu=False)
     register_backend(
         "editnet_inject", name,
         lambda h, ctrl, shift, scale, gate, cu, eps: C.editnet_inject_op(h, ctrl, shift, scale, gate, cu, eps, name)[:2],
@@ -261,7 +273,7 @@ def _register_kernel_backend(name: str, priority: int, available: Callable[[torc
 
 
 def _register_builtin_backends() -> None:
-    from . import baselines
+    from . import baselines, cpu_ops
     from .cuda_ext import cuda_ext_available
     from .triton_utils import triton_can_run
 
@@ -274,6 +286,7 @@ def _register_builtin_backends() -> None:
     _register_kernel_backend("cuda", 20, cuda_ext_available)
     _register_kernel_backend("triton", 10, triton_can_run)
     baselines.register(register_backend)
+    cpu_ops.register(register_backend)
 
 
 _register_builtin_backends()

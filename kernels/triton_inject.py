@@ -4,10 +4,16 @@ Forward: one program per row reads ``h`` and ``ctrl`` once and writes ``h_out`` 
 row's segment (which picks its shift/scale/gate) is found in-kernel by counting ``cu_seqlens`` bounds,
 so no per-row index tensor is materialised. The per-row mean and 1/std are saved for backward.
 
-Backward: each program walks a run of consecutive rows. Per-row gradients are written directly; the
-per-segment sums (d shift, d scale, d gate) are accumulated in registers while the segment stays the
-same and flushed with one fp32 atomic add per segment boundary, so the atomics are O(programs x C),
-not O(rows x C).
+Backward, deterministic (no atomics, so two runs are bit-identical, which bit-exact resume needs), in
+two passes as Liger's LayerNorm backward reduces its weight gradients:
+1. each program walks a run of ``ROWS`` consecutive rows, writes the per-row gradients directly and
+   accumulates the per-segment sums (d shift, d scale, d gate) in fp32 registers while the segment stays
+   the same; at each segment change it stores the partial sums to slot ``program + segment`` of three
+   ``[programs + S, C]`` fp32 buffers. That slot is unique: along the rows both the program and the
+   segment index only grow, so two different (program, segment) pairs that share a row never sum equal.
+2. one program per (segment, column tile) adds the partials of the row programs the segment overlaps
+   (``cu[s] // ROWS .. (cu[s+1] - 1) // ROWS``) in program order and writes the sums in the
+   modulation dtype; an empty segment gets zeros.
 """
 from __future__ import annotations
 
@@ -54,11 +60,11 @@ def _inject_fwd_kernel(h, ctrl, shift, scale, gate, cu, h_out, y, mean_out, rstd
 
 
 @triton.jit
-def _flush(d_shift, d_scale, d_gate, seg, cols, cm, a_shift, a_scale, a_gate, C):
-    off = seg.to(tl.int64) * C + cols
-    tl.atomic_add(d_shift + off, a_shift, mask=cm)
-    tl.atomic_add(d_scale + off, a_scale, mask=cm)
-    tl.atomic_add(d_gate + off, a_gate, mask=cm)
+def _store_partial(d_shift, d_scale, d_gate, slot, cols, cm, a_shift, a_scale, a_gate, C):
+    off = slot.to(tl.int64) * C + cols
+    tl.store(d_shift + off, a_shift, mask=cm)
+    tl.store(d_scale + off, a_scale, mask=cm)
+    tl.store(d_gate + off, a_gate, mask=cm)
 
 
 @triton.jit
@@ -66,7 +72,9 @@ def _inject_bwd_kernel(dh_out, dy, h_out, ctrl, scale, gate, cu, mean, rstd,
                        dh, dctrl, d_shift, d_scale, d_gate,
                        L, C, S, s_c, s_dho, s_dy,
                        ROWS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    r0 = tl.program_id(0) * ROWS
+    """Pass 1; ``d_shift``/``d_scale``/``d_gate`` are the fp32 partial-sum buffers ``[programs + S, C]``."""
+    pid = tl.program_id(0)
+    r0 = pid * ROWS
     cols = tl.arange(0, BLOCK_C)
     cm = cols < C
     cur = _segment_of(cu, r0, S, BLOCK_S)
@@ -77,8 +85,8 @@ def _inject_bwd_kernel(dh_out, dy, h_out, ctrl, scale, gate, cu, mean, rstd,
         row = r0 + i
         if row < L:
             seg = _segment_of(cu, row, S, BLOCK_S)
-            if seg != cur:  # crossed a segment boundary: hand the partial sums over
-                _flush(d_shift, d_scale, d_gate, cur, cols, cm, a_shift, a_scale, a_gate, C)
+            if seg != cur:  # crossed a segment boundary: the finished segment's partial goes to its slot
+                _store_partial(d_shift, d_scale, d_gate, pid + cur, cols, cm, a_shift, a_scale, a_gate, C)
                 a_shift = tl.zeros([BLOCK_C], dtype=tl.float32)
                 a_scale = tl.zeros([BLOCK_C], dtype=tl.float32)
                 a_gate = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -99,7 +107,32 @@ def _inject_bwd_kernel(dh_out, dy, h_out, ctrl, scale, gate, cu, mean, rstd,
             a_shift += g_y
             a_scale += g_y * n
             a_gate += dx * c
-    _flush(d_shift, d_scale, d_gate, cur, cols, cm, a_shift, a_scale, a_gate, C)
+    _store_partial(d_shift, d_scale, d_gate, pid + cur, cols, cm, a_shift, a_scale, a_gate, C)
+
+
+@triton.jit
+def _inject_reduce_kernel(p_shift, p_scale, p_gate, cu, d_shift, d_scale, d_gate, C,
+                          ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Second pass: segment ``s`` sums the partials of the row programs it overlaps, in program order."""
+    s = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = cols < C
+    start = tl.load(cu + s)
+    end = tl.load(cu + s + 1)
+    p_first = start // ROWS
+    p_last = tl.where(end > start, (end - 1) // ROWS, p_first - 1)  # an empty segment sums nothing: zeros
+    a_shift = tl.zeros([BLOCK_C], dtype=tl.float32)
+    a_scale = tl.zeros([BLOCK_C], dtype=tl.float32)
+    a_gate = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for p in range(p_first, p_last + 1):
+        off = (p + s).to(tl.int64) * C + cols
+        a_shift += tl.load(p_shift + off, mask=cm, other=0.0)
+        a_scale += tl.load(p_scale + off, mask=cm, other=0.0)
+        a_gate += tl.load(p_gate + off, mask=cm, other=0.0)
+    out = s.to(tl.int64) * C + cols
+    tl.store(d_shift + out, a_shift.to(d_shift.dtype.element_ty), mask=cm)
+    tl.store(d_scale + out, a_scale.to(d_scale.dtype.element_ty), mask=cm)
+    tl.store(d_gate + out, a_gate.to(d_gate.dtype.element_ty), mask=cm)
 
 
 def forward_meta(C: int, S: int) -> dict:
@@ -111,9 +144,15 @@ def forward_meta(C: int, S: int) -> dict:
 def backward_meta(C: int, S: int, L: int, interpret: bool | None = None) -> dict:
     if interpreting() if interpret is None else interpret:
         rows = 8  # several rows per program, so tests cross segment boundaries inside one
-    else:  # long runs amortise the flushes; keep >= 2 programs per SM (132 on an H100)
+    else:  # long runs keep the partial buffer small; keep >= 2 programs per SM (132 on an H100)
         rows = 32 if L >= 32 * 264 else max(1, triton.cdiv(L, 264))
     return dict(ROWS=rows, **forward_meta(C, S))
+
+
+def reduce_meta(C: int, interpret: bool | None = None) -> dict:
+    """Column tile of the second (reduction) pass: several tiles per segment, since segments are few."""
+    widest = 16 if (interpreting() if interpret is None else interpret) else 256  # tests: several tiles
+    return dict(BLOCK_C=min(widest, max(16, next_pow2(C))), num_warps=2)
 
 
 def inject_forward(h: Tensor, ctrl: Tensor, shift: Tensor, scale: Tensor, gate: Tensor, cu: Tensor,
@@ -141,11 +180,19 @@ def inject_backward(dh_out: Tensor, dy: Tensor, h_out: Tensor, ctrl: Tensor, sca
     S = cu.numel() - 1
     dh = torch.empty((L, C), dtype=h_out.dtype, device=h_out.device)
     dctrl = torch.empty((L, C), dtype=ctrl.dtype, device=ctrl.device)
-    sums = [torch.zeros((S, C), dtype=torch.float32, device=h_out.device) for _ in range(3)]  # separate: no aliasing
-    if L:
-        meta = backward_meta(C, S, L)
-        _inject_bwd_kernel[(triton.cdiv(L, meta["ROWS"]),)](
-            dh_out, dy, h_out, ctrl, scale, gate, cu, mean, rstd, dh, dctrl, sums[0], sums[1], sums[2],
-            L, C, S, ctrl.stride(0), dh_out.stride(0), dy.stride(0), **meta)
     mod = scale.dtype
-    return dh, dctrl, sums[0].to(mod), sums[1].to(mod), sums[2].to(mod)
+    d_shift, d_scale, d_gate = (torch.empty((S, C), dtype=mod, device=h_out.device) for _ in range(3))
+    meta = backward_meta(C, S, L)
+    programs = triton.cdiv(L, meta["ROWS"])
+    # slot p + s holds program p's partial sums for segment s: distinct for every (program, segment) pair
+    # that shares a row, since both indices only grow along the rows; every written slot is read once
+    parts = [torch.empty((programs + S, C), dtype=torch.float32, device=h_out.device) for _ in range(3)]
+    if L:
+        _inject_bwd_kernel[(programs,)](
+            dh_out, dy, h_out, ctrl, scale, gate, cu, mean, rstd, dh, dctrl, *parts,
+            L, C, S, ctrl.stride(0), dh_out.stride(0), dy.stride(0), **meta)
+    if S:  # also when L == 0: every segment is empty and its sums are zeros
+        rmeta = reduce_meta(C)
+        _inject_reduce_kernel[(S, triton.cdiv(C, rmeta["BLOCK_C"]))](
+            *parts, cu, d_shift, d_scale, d_gate, C, ROWS=meta["ROWS"], **rmeta)
+    return dh, dctrl, d_shift, d_scale, d_gate

@@ -205,6 +205,131 @@ def test_editnet_inject_triton(dtype, lengths, channels):
     check_against_reference(fn, [hc, *mods], grads, dtype, f"editnet_inject C={C}")
 
 
+def _inject_grads(h, ctrl, mods, cu, grads):
+    xs = [t.detach().clone().requires_grad_() for t in (h, ctrl, *mods)]
+    outs = editnet_inject(*xs[:2], *xs[2:], cu, backend="triton")
+    return torch.autograd.grad(outs, xs, grads)
+
+
+# the issue's instance (segments straddling 8-row programs, an empty one) and odd shapes of our own:
+# segments shorter than a program, runs of empty segments, one segment over many programs, no rows at all
+INJECT_DET_CASES = [([5, 0, 30, 1], 37), ([0, 3, 0, 0, 2, 9, 1, 0], 19), ([61], 45), ([0, 0], 24)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16,
+                                   pytest.param(torch.bfloat16, marks=GPU)])
+@pytest.mark.parametrize("lengths,channels", INJECT_DET_CASES)
+def test_editnet_inject_backward_is_deterministic(dtype, lengths, channels):
+    """Two backward runs give bit-identical gradients, and they match the reference (tolerance rule above)."""
+    dev = _device(dtype)
+    L, S, C = sum(lengths), len(lengths), channels
+    cu = cu_seqlens(lengths, dev)
+    h, ctrl = (torch.randn(L, C, device=dev, dtype=dtype) * 2 + 0.5 for _ in range(2))
+    mods = [(torch.randn(S, C, device=dev) * 0.5).to(dtype) for _ in range(3)]
+    grads = [torch.randn(L, C, device=dev, dtype=dtype) for _ in range(2)]
+    first, second = _inject_grads(h, ctrl, mods, cu, grads), _inject_grads(h, ctrl, mods, cu, grads)
+    for name, a, b in zip(("h", "ctrl", "shift", "scale", "gate"), first, second):
+        assert a.dtype == dtype and torch.equal(a.view(torch.int8), b.view(torch.int8)), f"d {name} differs"
+    if L == 0:  # no rows: the modulation gradients are exact zeros, not uninitialised memory
+        assert all(bool((g == 0).all()) for g in first[2:])
+    check_against_reference(lambda h, c, a, b, g: editnet_inject(h, c, a, b, g, cu), [h, ctrl, *mods], grads,
+                            dtype, f"editnet_inject bwd {lengths} C={C}")
+
+
+def test_editnet_inject_backward_sums_in_a_fixed_order():
+    """d shift is exactly the fp32 sum over rows in row order inside each 8-row program, then over the
+    programs in order: a fixed function of the inputs, whatever order the GPU schedules programs in."""
+    from omniace.kernels.triton_inject import backward_meta
+
+    lengths, C = [3, 21, 0, 12], 29
+    rows = backward_meta(C, len(lengths), sum(lengths))["ROWS"]
+    cu = cu_seqlens(lengths)
+    h, ctrl = torch.randn(2, sum(lengths), C)
+    mods = [torch.randn(len(lengths), C) for _ in range(3)]
+    dy = torch.randn(sum(lengths), C) * 1e3  # large and small terms: a different order rounds differently
+    dy[::5] *= 1e-4
+    d_shift = _inject_grads(h, ctrl, mods, cu, [torch.zeros_like(dy), dy])[2]
+    for s in range(len(lengths)):
+        total = torch.zeros(C)
+        for p0 in range(int(cu[s]) // rows * rows, int(cu[s + 1]), rows):  # the programs segment s overlaps
+            part = torch.zeros(C)
+            for r in range(max(p0, int(cu[s])), min(p0 + rows, int(cu[s + 1]))):
+                part = part + dy[r]
+            total = total + part
+        assert torch.equal(d_shift[s], total), f"segment {s}"
+
+
+def test_editnet_inject_kernels_use_no_atomics():
+    """Atomics would make the gradient sums depend on scheduling; the interpreter cannot show that."""
+    import ast
+    import inspect
+
+    from omniace.kernels import triton_inject
+
+    tree = ast.parse(inspect.getsource(triton_inject))
+    calls = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr.startswith("atomic")}
+    assert not calls, calls
+
+
+_INJECT_PTX = """
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from omniace.kernels import triton_inject as ti
+
+F32 = {"cu": "i32", "mean": "fp32", "rstd": "fp32", "p_shift": "fp32", "p_scale": "fp32", "p_gate": "fp32"}
+HALF = ("dh_out", "dy", "h_out", "ctrl", "scale", "gate", "dh", "dctrl")
+C = 1152
+bwd = ti.backward_meta(C, 2, 8192, interpret=False)
+red = dict(ROWS=bwd["ROWS"], **ti.reduce_meta(C, interpret=False))
+for fn, meta, partial in ((ti._inject_bwd_kernel, bwd, "fp32"), (ti._inject_reduce_kernel, red, "bf16")):
+    meta = dict(meta)
+    warps = meta.pop("num_warps")
+    sig = {}
+    for a in fn.arg_names:
+        if a in meta:
+            sig[a] = "constexpr"
+        elif a in F32 or a in HALF or a.startswith("d_"):
+            sig[a] = "*" + (F32.get(a) or ("bf16" if a in HALF else partial))
+        else:
+            sig[a] = "i64" if a.startswith("s_") else "i32"
+    k = triton.compile(ASTSource(fn, sig, {(fn.arg_names.index(a),): v for a, v in meta.items()}),
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    ops = [t[1] if t[0].startswith("@") and len(t) > 1 else t[0]  # "@%p1 st.global..." is predicated
+           for t in (line.split() for line in k.asm["ptx"].splitlines()) if t]
+    print(fn.__name__, "atom", sum(o.startswith("atom.") for o in ops), "red", sum(o.startswith("red.") for o in ops),
+          "st.global", sum(o.startswith("st.global") for o in ops))
+"""
+
+
+def test_editnet_inject_backward_ptx_has_no_atomics(tmp_path):
+    """What runs on the GPU: both backward kernels compiled for sm_90 (no GPU needed) hold no atomic
+    (``atom.``) or reduction (``red.``) instruction."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", _INJECT_PTX], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()[:2]
+    assert [ln.split(" st.global")[0] for ln in lines] == ["_inject_bwd_kernel atom 0 red 0",
+                                                           "_inject_reduce_kernel atom 0 red 0"], lines
+    assert all(int(ln.rsplit(" ", 1)[1]) > 0 for ln in lines), lines  # the sums are stored, plainly
+
+
+@GPU
+def test_editnet_inject_backward_is_bit_identical_at_scale():
+    """Thousands of programs race on a GPU: the sums must still not depend on which finishes first."""
+    lengths, C = [9000, 1, 7000, 4096], 1152
+    cu = cu_seqlens(lengths, "cuda")
+    h, ctrl, dh, dy = (torch.randn(sum(lengths), C, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    mods = [torch.randn(len(lengths), C, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+    runs = [_inject_grads(h, ctrl, mods, cu, [dh, dy]) for _ in range(3)]
+    for later in runs[1:]:
+        assert all(torch.equal(a.view(torch.int16), b.view(torch.int16)) for a, b in zip(runs[0], later))
+
+
 # ---- registration ------------------------------------------------------------------------------------
 def test_auto_never_picks_the_interpreter():
     q = torch.randn(5, 1, 8)

@@ -140,3 +140,70 @@ def test_backend_switch(monkeypatch):
         rope3d(q, q, pos, (2, 2, 0))
     monkeypatch.setenv("OMNIACE_BACKEND", "reference")
     rope3d(q, q, pos, (2, 2, 0))
+
+
+def test_auto_ranks_triton_attention_above_the_cuda_cross_kernel(monkeypatch):
+    """The CUDA cross-attention runs on CUDA cores: on a GPU ``auto`` picks Triton (tensor cores) for
+    attention, and keeps the CUDA kernels for rope3d and editnet_inject."""
+    import dataclasses
+
+    from omniace.kernels import ops
+
+    for op in ops.OPS:  # pretend a GPU where both kernel backends pass their checks
+        for name in ("cuda", "triton"):
+            entry = ops._REGISTRY[op][name]
+            monkeypatch.setitem(ops._REGISTRY[op], name, dataclasses.replace(entry, available=lambda d: True))
+    gpu = torch.device("cuda")
+    assert ops._auto("segment_attention", gpu, torch.bfloat16).name == "triton"
+    assert ops._auto("rope3d", gpu, torch.bfloat16).name == "cuda"
+    assert ops._auto("editnet_inject", gpu, torch.float16).name == "cuda"
+    assert ops._resolve("segment_attention", "cuda", gpu, torch.bfloat16) is ops._REGISTRY["segment_attention"]["cuda"].fn
+
+
+def test_auto_on_the_cpu_runs_attention_one_sdpa_per_segment(monkeypatch):
+    """On the CPU ``auto`` picks per-segment SDPA (no padding), which matches the reference, including an
+    empty key segment (zeros) and a strided q; under torch.compile it traces without a graph break."""
+    from omniace.kernels import ops
+
+    monkeypatch.delenv("OMNIACE_BACKEND", raising=False)
+    q = torch.randn(3 + 6 + 4, 3, 16)[:, :, :13]  # a view: head dim 13 of 16
+    k, v = torch.randn(2, 5 + 0 + 7, 3, 13)
+    cu_q, cu_k = _cu([3, 6, 4]), _cu([5, 0, 7])
+    assert ops._auto("segment_attention", q.device, q.dtype).name == "sdpa_segments"
+    assert "sdpa_segments" not in available_backends("segment_attention", "meta")  # offered on the CPU only
+    got = segment_attention(q, k, v, cu_q, cu_k, 6, 7)
+    want = segment_attention(q, k, v, cu_q, cu_k, 6, 7, backend="reference")
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert bool((got[3:9] == 0).all())
+    one = _cu([13])  # one segment: SDPA's own (strided) output, no copy
+    k1, v1 = torch.randn(2, 13, 3, 13)
+    torch.testing.assert_close(segment_attention(q, k1, v1, one, one, 13, 13).flatten(1),
+                               segment_attention(q, k1, v1, one, one, 13, 13, backend="reference").flatten(1),
+                               atol=1e-5, rtol=1e-5)
+    traced = torch.compile(lambda q, k, v: segment_attention(q, k, v, cu_q, cu_k, 6, 7), fullgraph=True,
+                           backend="eager")
+    torch.testing.assert_close(traced(q, k, v), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_auto_on_the_cpu_injects_segment_by_segment(dtype, monkeypatch):
+    """On the CPU ``auto`` runs editnet_inject per segment (no gathered [L, C] modulation rows); outputs
+    and gradients match the reference (empty segments included), and torch.compile traces it whole."""
+    from omniace.kernels import ops
+
+    monkeypatch.delenv("OMNIACE_BACKEND", raising=False)
+    assert ops._auto("editnet_inject", torch.device("cpu"), dtype).name == "segments"
+    cu = _cu([4, 0, 9, 1])
+    args = [torch.randn(14, 24).to(dtype), torch.randn(14, 24).to(dtype)] + [torch.randn(4, 24).to(dtype) for _ in range(3)]
+    grads = [torch.randn(14, 24).to(dtype) for _ in range(2)]
+    results = []
+    for backend in ("auto", "reference"):
+        xs = [a.clone().requires_grad_() for a in args]
+        outs = editnet_inject(*xs, cu, backend=backend)
+        results.append([o.detach() for o in outs] + list(torch.autograd.grad(outs, xs, grads)))
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    for i, (got, want) in enumerate(zip(*results)):
+        assert got.dtype == want.dtype, i
+        torch.testing.assert_close(got.float(), want.float(), atol=tol * 4, rtol=tol, msg=f"output/grad {i}")
+    traced = torch.compile(lambda *a: editnet_inject(*a, cu), fullgraph=True, backend="eager")
+    torch.testing.assert_close(traced(*args)[1].float(), results[1][1].float(), atol=tol * 4, rtol=tol)
