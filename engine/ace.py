@@ -16,7 +16,7 @@ from torch import Tensor
 from omniace.kernels import editnet_inject, rope3d, segment_attention
 
 from .config import ACEConfig
-from .layers import Mlp, PatchEmbed, RMSNorm, TimestepEmbedder, ada_norm, run_block, tokens_pqc_to_cpq
+from .layers import Mlp, PatchEmbed, RMSNorm, TimestepEmbedder, ada_norm, per_row, run_block, tokens_pqc_to_cpq
 from .lcu import PackedLCU
 
 
@@ -83,7 +83,7 @@ class ACEBlock(nn.Module):
         q, k = rope3d(q, k, batch.pos, cfg.axes, cfg.rope_theta)
         a = segment_attention(q, k, v, batch.cu_seqlens_sample, batch.cu_seqlens_sample,
                               batch.max_seqlen_sample, batch.max_seqlen_sample)
-        x = x + gate_msa[seg] * self.attn.o(a.flatten(1))
+        x = x + per_row(gate_msa, seg) * self.attn.o(a.flatten(1))
 
         q, k, v = self.cross_attn.qkv(x, y)
         c = segment_attention(q, k, v, batch.cu_seqlens_frame, batch.cu_seqlens_frame_txt,
@@ -91,7 +91,7 @@ class ACEBlock(nn.Module):
         # plain cross-attention residual fused with the MLP's LayerNorm + adaLN modulation
         x, h = editnet_inject(x, self.cross_attn.o(c.flatten(1)), shift_mlp, scale_mlp,
                               torch.ones_like(gate_mlp), batch.cu_seqlens_sample)
-        return x + gate_mlp[seg] * self.mlp(h)
+        return x + per_row(gate_mlp, seg) * self.mlp(h)
 
 
 class FinalLayer(nn.Module):

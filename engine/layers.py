@@ -57,10 +57,16 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(feats.to(self.mlp[0].weight.dtype))
 
 
+def per_row(mod: Tensor, seg: Tensor) -> Tensor:
+    """Per-segment rows ``mod [S, D]`` for every row of a packed stream (``seg [L]``: its segment): a gather
+    to ``[L, D]``, or for one segment ``mod`` itself, which broadcasts with no copy (one image per batch)."""
+    return mod if mod.shape[0] == 1 else mod.index_select(0, seg)
+
+
 def ada_norm(x: Tensor, shift: Tensor, scale: Tensor, seg: Tensor, eps: float = 1e-6) -> Tensor:
     """``LN(x) * (1 + scale[seg]) + shift[seg]``: adaLN with one modulation row per segment."""
     normed = F.layer_norm(x, (x.shape[-1],), eps=eps)
-    return normed * (1 + scale[seg]) + shift[seg]
+    return normed * (1 + per_row(scale, seg)) + per_row(shift, seg)
 
 
 def cu_from_lengths(lengths: list[int], device: torch.device | None = None) -> Tensor:
@@ -82,9 +88,11 @@ class Interleave:
     stream lengths (host ints, or symbolic sizes taken from tensor shapes when exported).
     """
 
-    def __init__(self, perm: Tensor, inv: Tensor, cu_seqlens: Tensor, max_seqlen: int, sizes: list[int]):
+    def __init__(self, perm: Tensor, inv: Tensor, cu_seqlens: Tensor, max_seqlen: int, sizes: list[int],
+                 identity: bool = False):
         self.perm, self.inv, self.cu_seqlens = perm, inv, cu_seqlens
         self.max_seqlen, self.sizes = max_seqlen, list(sizes)
+        self.identity = identity  # one sample: the streams are already in joint order, no gather needed
 
     @classmethod
     def from_host(cls, cus: list[list[int]], device: torch.device | None = None) -> "Interleave":
@@ -103,13 +111,14 @@ class Interleave:
             lengths.append(length)
         perm_t = torch.tensor(perm, dtype=torch.long)
         return cls(perm_t.to(device), torch.argsort(perm_t).to(device), cu_from_lengths(lengths, device),
-                   max(lengths) if lengths else 0, [cu[-1] for cu in cus])
+                   max(lengths) if lengths else 0, [cu[-1] for cu in cus], identity=perm == list(range(len(perm))))
 
     def join(self, *streams: Tensor) -> Tensor:
-        return torch.cat(streams, dim=0).index_select(0, self.perm)
+        joint = torch.cat(streams, dim=0)
+        return joint if self.identity else joint.index_select(0, self.perm)
 
     def split(self, joint: Tensor) -> list[Tensor]:
-        return list(joint.index_select(0, self.inv).split(self.sizes, dim=0))
+        return list((joint if self.identity else joint.index_select(0, self.inv)).split(self.sizes, dim=0))
 
 
 class PatchEmbed(nn.Module):

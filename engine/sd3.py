@@ -17,7 +17,7 @@ from torch import Tensor
 from omniace.kernels import editnet_inject, segment_attention
 
 from .config import SD3Config
-from .layers import (Interleave, PatchEmbed, RMSNorm, ada_norm, cu_from_lengths, run_block, timestep_features,
+from .layers import (Interleave, PatchEmbed, RMSNorm, ada_norm, cu_from_lengths, per_row, run_block, timestep_features,
                      tokens_pqc_to_cpq)
 from .lcu import PackedLCU
 
@@ -270,15 +270,15 @@ class JointBlock(nn.Module):
         if self.attn2 is not None:  # both attentions read the block's input h; their gated outputs add up
             shift_msa2, scale_msa2, gate_msa2 = dual
             a2 = self.attn2(ada_norm(h, shift_msa2, scale_msa2, img.seg), img)
-            h = h + gate_msa2[img.seg] * a2
+            h = h + per_row(gate_msa2, img.seg) * a2
         # gated attention residual fused with the MLP's LayerNorm + modulation
         h, m = editnet_inject(h, a_img, shift_mlp, scale_mlp, gate_msa, img.cu)
-        h = h + gate_mlp[img.seg] * self.ff(m)
+        h = h + per_row(gate_mlp, img.seg) * self.ff(m)
         if self.pre_only:
             return h, None
         _, _, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = ctx
         e, m = editnet_inject(e, a_txt, c_shift_mlp, c_scale_mlp, c_gate_msa, txt.cu)
-        return h, e + c_gate_mlp[txt.seg] * self.ff_context(m)
+        return h, e + per_row(c_gate_mlp, txt.seg) * self.ff_context(m)
 
 
 def sincos_2d(dim: int, grid: int, base_size: int) -> Tensor:
