@@ -207,3 +207,21 @@ def test_auto_on_the_cpu_injects_segment_by_segment(dtype, monkeypatch):
         torch.testing.assert_close(got.float(), want.float(), atol=tol * 4, rtol=tol, msg=f"output/grad {i}")
     traced = torch.compile(lambda *a: editnet_inject(*a, cu), fullgraph=True, backend="eager")
     torch.testing.assert_close(traced(*args)[1].float(), results[1][1].float(), atol=tol * 4, rtol=tol)
+
+
+def test_the_kernels_folder_is_inert_as_a_top_level_package():
+    """transformers/diffusers import a top-level ``kernels`` package (Hugging Face's) to read its version; with
+    the checkout on sys.path they found this folder, executed it again and registered the omniace:: custom ops
+    twice, which corrupted torch's dispatcher (a later kernel call crashed). Under that name it is now empty."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = ("import sys, torch; import omniace.kernels.custom_ops; import kernels\n"
+            "print(sorted(m for m in sys.modules if m.startswith('kernels.')), hasattr(kernels, 'segment_attention'))\n"
+            "try:\n    import kernels.ops\nexcept ImportError:\n    print('no-submodules')\n"
+            "print(torch.ops.omniace.segment_attention.default._schema.name)")
+    run = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["[]", "False", "no-submodules", "omniace::segment_attention"]
