@@ -37,8 +37,9 @@ SAMPLER_SHIFT = 3.0  # the engine's FlowEulerSampler shift (SD3's scheduler_conf
 
 def from_pretrained(folder: str | Path, editnet: str | Path | None = None, *, device: str = "cpu",
                     dtype: torch.dtype = torch.float32, t5: bool | None = None, preset: str | None = None):
-    """An :class:`~.pipeline.EditPipeline` from a diffusers SD3 / SD3.5 folder (it has ``model_index.json``)
-    or an ACE folder (see the module docstring).
+    """An :class:`~.pipeline.EditPipeline` from a diffusers SD3 / SD3.5 folder (it has ``model_index.json``),
+    an ACE folder (see the module docstring), or a trainer's output folder (``model.safetensors``, with ``vae/``
+    for a latent-space model: :func:`export_pipeline`).
 
     ``editnet``: an EditNet weights file for an SD3 folder (its ``editnet.*`` tensors; a file that also holds
     base tensors replaces the folder's transformer with them). ``t5``: SD3's T5 (None: used when the folder
@@ -50,6 +51,11 @@ def from_pretrained(folder: str | Path, editnet: str | Path | None = None, *, de
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"pretrained folder {str(folder)!r} does not exist or is not a folder")
+    if (folder / "model.safetensors").is_file() and not (folder / "model_index.json").is_file():
+        if editnet is not None or t5 is not None or preset is not None:
+            raise ValueError(f"{str(folder)!r} is a trainer export folder (model.safetensors): its config is in the "
+                             f"file; editnet=, t5= and preset= are for diffusers and ACE folders")
+        return export_pipeline(folder, device=device, dtype=dtype)
     if (folder / "model_index.json").is_file():
         if preset is not None:
             raise ValueError(f"preset={preset!r} is for ACE folders; {str(folder)!r} is a diffusers pipeline "
@@ -59,6 +65,36 @@ def from_pretrained(folder: str | Path, editnet: str | Path | None = None, *, de
         raise ValueError(f"{str(folder)!r} has no model_index.json, so it is read as an ACE folder; editnet= and "
                          f"t5= are for diffusers SD3 pipeline folders")
     return ace_pipeline(folder, preset, device=device, dtype=dtype)
+
+
+def export_pipeline(folder: Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """A trainer's output folder: ``model.safetensors`` (config in its metadata) with, for a latent-space
+    preset, ``vae/`` (the diffusers ``AutoencoderKL`` folder its latents were cached with, copied or linked
+    there) and optionally ``text_encoder/`` (a T5 folder with its tokenizer); without one, the built-in
+    byte-level encoder the tiny presets train with. Raises ValueError when a part the config needs is missing."""
+    from .codec import PixelCodec
+    from .model import load_model
+    from .pipeline import EditPipeline, tiny_text_encoder
+    from .text import T5TextEncoder
+
+    model = load_model(folder / "model.safetensors")
+    cfg = model.cfg
+    if (folder / "vae").is_dir():
+        codec = AutoencoderKLCodec(folder / "vae", device=device, dtype=dtype)
+    elif cfg.codec_factor == 4 and cfg.in_channels == 48:  # the pixel codec's 4x4x3 patches
+        codec = PixelCodec(cfg.codec_factor)
+    else:
+        raise ValueError(f"{str(folder)!r}: a latent-space model ({cfg.in_channels} channels at factor "
+                         f"{cfg.codec_factor}) needs its VAE in vae/ (the AutoencoderKL folder its latents were "
+                         f"cached with)")
+    width = cfg.y_channels if isinstance(cfg, ACEConfig) else cfg.joint_attention_dim
+    if (folder / "text_encoder").is_dir():
+        text = T5TextEncoder(folder / "text_encoder", device=device, dtype=dtype)
+    elif width == 32:
+        text = tiny_text_encoder(cfg)
+    else:
+        raise ValueError(f"{str(folder)!r}: text width {width} needs its text encoder in text_encoder/ (a T5 folder)")
+    return EditPipeline(model, text, codec, device=device, dtype=dtype)
 
 
 def _check_scheduler(folder: Path) -> None:

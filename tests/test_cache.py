@@ -32,7 +32,7 @@ from omniace.train.omniedit_format import omniedit_schema, write_shard  # noqa: 
 from omniace.train.synthetic import generate, write_corpus  # noqa: E402
 from omniace.train.trainer import TrainConfig  # noqa: E402
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # lines reach the test as printed
 ENC = TinyTextEncoder(32, pooled_dim=32, max_len=64)
 QUIET = dict(log=lambda m: None)
 
@@ -348,12 +348,15 @@ def test_latent_space_training_end_to_end(corpus, vae, tmp_path):
     assert exact(killed) == exact(whole) and len(exact(whole)) == 6
     assert (killed / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
 
-    # the export edits an image through the same VAE (EditPipeline.from_pretrained is not there yet): its
-    # weights, not the untrained ones, make the image
+    # the export, with the VAE its latents were cached with in vae/, loads through EditPipeline.from_pretrained
+    # and edits an image: its weights, not the untrained ones, make the image
+    (whole / "vae").symlink_to(vae, target_is_directory=True)
+    pipe = EditPipeline.from_pretrained(whole)
     model = load_model(whole / "model.safetensors")
     codec, text = AutoencoderKLCodec(vae), tiny_text_encoder(model.cfg)
     src = Image.open(io.BytesIO(pq.read_table(corpus / "part-00001.parquet").to_pylist()[0]["src_img"]["bytes"]))
-    edited = EditPipeline(model, text, codec).edit(src, "make it night", steps=2, seed=1)[0]
+    edited = pipe.edit(src, "make it night", steps=2, seed=1)[0]
     assert edited.size == src.size
+    assert edited.tobytes() == EditPipeline(model, text, codec).edit(src, "make it night", steps=2, seed=1)[0].tobytes()
     untrained = EditPipeline(build_model(model.cfg), text, codec).edit(src, "make it night", steps=2, seed=1)[0]
     assert edited.tobytes() != untrained.tobytes()

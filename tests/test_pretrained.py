@@ -388,3 +388,26 @@ def test_convert_a_diffusers_transformer_folder_and_refusals(folders, tmp_path, 
         err = capsys.readouterr().err
         assert exit.value.code == 2 and re.search(message, err), err
         assert not (tmp_path / "a.safetensors").exists()
+
+
+def test_a_trainer_export_folder(tmp_path):
+    """A trainer's output folder loads through from_pretrained: a pixel-space export with the built-in codec and
+    text encoder (the same pipeline as EditPipeline.pretrained on its file); a latent-space one without vae/ is
+    refused naming the folder it needs."""
+    from omniace.engine.config import get_config
+    from omniace.engine.model import build_model, save_model
+    from omniace.engine.pipeline import DEFAULT_WEIGHTS, EditPipeline
+
+    (tmp_path / "pixel").mkdir()
+    (tmp_path / "pixel" / "model.safetensors").write_bytes(DEFAULT_WEIGHTS.read_bytes())
+    pipe = EditPipeline.from_pretrained(tmp_path / "pixel")
+    src = Image.new("RGB", (40, 24), (200, 40, 40))
+    want = EditPipeline.pretrained().edit(src, "{image} make it blue", steps=2, guidance=1.5, seed=3)[0]
+    assert pipe.edit(src, "{image} make it blue", steps=2, guidance=1.5, seed=3)[0].tobytes() == want.tobytes()
+    (tmp_path / "latent").mkdir()
+    save_model(build_model(get_config("sd3-tiny-editnet", in_channels=16, out_channels=16, codec_factor=8)),
+               tmp_path / "latent" / "model.safetensors")
+    with pytest.raises(ValueError, match=r"needs its VAE in vae/"):
+        EditPipeline.from_pretrained(tmp_path / "latent")
+    with pytest.raises(ValueError, match="trainer export folder"):
+        EditPipeline.from_pretrained(tmp_path / "pixel", preset="ace-0.6b-512")
