@@ -184,6 +184,7 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike, flavour: str = "po
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    digest = weights_hash(model)  # of the weights as given: an fp16 export still names the model it came from
     if next(model.parameters()).dtype != DTYPES[dtype] or next(model.parameters()).device.type != "cpu":
         model = copy.deepcopy(model).to("cpu", DTYPES[dtype])  # the caller's model stays as it is
     model = model.eval()
@@ -204,7 +205,7 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike, flavour: str = "po
     data = out / (GRAPH_FILE + ".data")
     for stale in (path, data):
         stale.unlink(missing_ok=True)
-    program.save(str(path), external_data=True)
+    program.save(str(path), external_data=True)  # denoiser.json, written last, marks a complete export
     proto = onnx.load(str(path), load_external_data=False)
     _name_dims(proto, specs)
     onnx.save(proto, str(path))  # external tensors keep pointing at the data file
@@ -212,7 +213,7 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike, flavour: str = "po
         onnx.checker.check_model(str(path), full_check=False)
     meta = {"config": config_to_dict(model.cfg), "flavour": flavour, "dtype": dtype, "opset": opset,
             "inputs": [{"name": s.name, "dtype": s.dtype, "dims": list(s.dims)} for s in specs],
-            "weights_sha256": weights_hash(model), "torch": torch.__version__, "onnx": onnx.__version__}
+            "weights_sha256": digest, "torch": torch.__version__, "onnx": onnx.__version__}
     (out / META_FILE).write_text(json.dumps(meta, indent=2))
     return path
 
