@@ -37,7 +37,7 @@ from omniace.engine.pipeline import EditJob, EditPipeline, Turn, turn_inputs
 from omniace.export.runtime import EditServer
 from omniace.train.scenes import ASPECTS, frame_size, random_scene, render
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path("bench_results")  # relative to where it runs, like `omniace bench`: never the installed package
 MODES = ("sequential", "static-padded", "server")
 
 
@@ -317,18 +317,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--token-budget", type=int, default=4096)
     ap.add_argument("--max-batch", type=int, default=8, help="static batching: requests per batch")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--out", type=Path, default=RESULTS, help=f"results folder (default ./{RESULTS})")
     args = ap.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",")]
     bad = [m for m in modes if m not in MODES]
     if bad:
-        raise SystemExit(f"unknown mode(s) {bad}; expected some of {list(MODES)}")
+        ap.error(f"unknown mode(s) {bad}; expected some of {list(MODES)}")
+    try:
+        loads = [float(v) for v in args.loads.split(",")]
+    except ValueError:
+        ap.error(f"--loads {args.loads!r}: expected comma-separated positive numbers")
+    if not all(0 < v < float("inf") for v in loads) or args.requests < 1 or args.step_repeats < 1:
+        ap.error(f"need --loads > 0 (got {args.loads}), --requests >= 1 (got {args.requests}) and "
+                 f"--step-repeats >= 1 (got {args.step_repeats})")
     from omniace.export.runtime import BACKENDS
 
     backends = [b.strip() for b in args.backends.split(",")]
     if [b for b in backends if b not in BACKENDS]:
-        raise SystemExit(f"unknown backend(s) {[b for b in backends if b not in BACKENDS]}; expected some of "
-                         f"{list(BACKENDS)}")
+        ap.error(f"unknown backend(s) {[b for b in backends if b not in BACKENDS]}; expected some of {list(BACKENDS)}")
     pipe = EditPipeline.pretrained(args.weights)
     torch.manual_seed(0)
     with torch.inference_mode():
@@ -342,11 +348,13 @@ def main(argv: list[str] | None = None) -> int:
                       f", p80 {row['step_ms_p80']:.1f}) over {row['image_tokens']} image tokens, "
                       f"{row['image_tokens_per_s']:,.0f} tokens/s, max |diff| vs torch {row['max_abs_diff_vs_torch']:.2e}",
                       file=sys.stderr)
+        if "server" in modes and not denoisers:
+            ap.error(f"no backend of {backends} can run here (see the lines above); the server mode needs one")
         cap = capacity(pipe, 8, args.seed + 99)
         print(f"one-at-a-time capacity: {cap:.2f} requests/s on {torch.get_num_threads()} CPU thread(s)",
               file=sys.stderr)
         rows: list[ModeResult] = []
-        for load in (float(v) for v in args.loads.split(",")):
+        for load in loads:
             stream = request_stream(args.requests, load * cap, args.seed)
             for mode in modes:
                 if mode == "sequential":

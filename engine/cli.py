@@ -286,10 +286,16 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     from .model import load_model
 
-    model = load_model(args.weights, args.preset)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file; expected a folder for denoiser.onnx and its weights")
     if out.exists() and any(out.iterdir()) and not args.force:
         raise ValueError(f"--out {out} is not empty; pass --force to replace its export")
+    if args.tensorrt:  # the missing extra is what most machines lack: say so before the export's work
+        from omniace.export.tensorrt import require_tensorrt
+
+        require_tensorrt()
+    model = load_model(args.weights, args.preset)
     t0 = time.perf_counter()
     path = export_onnx(model, out, args.flavour, args.dtype)
     size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
@@ -384,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace the export in a non-empty --out")
     p.add_argument("--tensorrt", choices=["fp32", "fp16", "bf16"],
                    help="also build a TensorRT engine of this precision in --out (extra 'trt'; needs a GPU)")
-    p.add_argument("--token-budget", type=_arg(lambda t: _int(t, "token-budget", 1)), default=4096,
+    p.add_argument("--token-budget", type=_arg(lambda t: _int(t, "token-budget", 1)), default=16384,
                    help="--tensorrt: the serving token budget the optimisation profiles cover")
     p.add_argument("--max-samples", type=_arg(lambda t: _int(t, "max-samples", 1)), default=8,
                    help="--tensorrt: samples (CFG branches of requests) per batched forward")
@@ -397,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["torch", "torch-compile", "onnxruntime", "tensorrt"], default="torch")
     p.add_argument("--artifact", help="onnxruntime: an `omniace export` folder of these weights (default: export "
                                       "once into ~/.cache/omniace); tensorrt: the engine folder")
-    p.add_argument("--token-budget", type=_arg(lambda t: _int(t, "token-budget", 1)), default=4096,
+    p.add_argument("--token-budget", type=_arg(lambda t: _int(t, "token-budget", 1)), default=16384,
                    help="image tokens per batched forward")
     p.add_argument("--max-queue", type=_arg(lambda t: _int(t, "max-queue", 1)), default=64,
                    help="waiting requests beyond which the server answers 429")

@@ -170,6 +170,15 @@ def weights_hash(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in 16 MiB chunks (the graph and its external weights)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def export_onnx(model: nn.Module, out_dir: str | os.PathLike, flavour: str = "portable", dtype: str = "fp32",
                 opset: int = OPSET, check: bool = True) -> Path:
     """Export ``model``'s denoiser to ``out_dir/denoiser.onnx`` (+ ``.data`` external weights and
@@ -213,7 +222,8 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike, flavour: str = "po
         onnx.checker.check_model(str(path), full_check=False)
     meta = {"config": config_to_dict(model.cfg), "flavour": flavour, "dtype": dtype, "opset": opset,
             "inputs": [{"name": s.name, "dtype": s.dtype, "dims": list(s.dims)} for s in specs],
-            "weights_sha256": digest, "torch": torch.__version__, "onnx": onnx.__version__}
+            "weights_sha256": digest, "files_sha256": {f.name: file_sha256(f) for f in (path, data) if f.exists()},
+            "torch": torch.__version__, "onnx": onnx.__version__}
     (out / META_FILE).write_text(json.dumps(meta, indent=2))
     return path
 

@@ -18,7 +18,7 @@ from torch import Tensor
 from omniace.engine.config import config_from_dict, config_to_dict
 from omniace.engine.lcu import PackedLCU
 
-from .onnx import GRAPH_FILE, META_FILE, export_onnx, graph_inputs, weights_hash
+from .onnx import GRAPH_FILE, META_FILE, export_onnx, file_sha256, graph_inputs, weights_hash
 
 
 def _np_types() -> dict:
@@ -36,13 +36,28 @@ def _ort():
     return onnxruntime
 
 
-def read_meta(folder: str | os.PathLike) -> dict:
-    """``denoiser.json`` of an exported folder; raises ValueError naming the folder if it is not one."""
+def read_meta(folder: str | os.PathLike, verify_files: bool = True) -> dict:
+    """``denoiser.json`` of an exported folder. With ``verify_files``, the graph and its external weights must
+    be the files the export wrote (their SHA-256), so a swapped, truncated or missing ``.data`` file is refused
+    before any runtime reads it. Raises ValueError naming the folder and what is wrong."""
     path = Path(folder) / META_FILE
     try:
-        return json.loads(path.read_text())
+        meta = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise ValueError(f"{folder}: not an exported denoiser folder ({path}: {err})") from None
+        raise ValueError(f"{folder}: not an exported denoiser folder ({path}: {err}); "
+                         f"make one with `omniace export`") from None
+    if verify_files:
+        files = meta.get("files_sha256")
+        if not isinstance(files, dict) or GRAPH_FILE not in files:
+            raise ValueError(f"{folder}: {META_FILE} lists no file hashes; export again with `omniace export`")
+        for name, want in files.items():
+            f = Path(folder) / name
+            if not f.is_file():
+                raise ValueError(f"{folder}: {name} is missing; export again with `omniace export`")
+            if file_sha256(f) != want:
+                raise ValueError(f"{folder}: {name} is not the file this export wrote (its sha256 differs from "
+                                 f"{META_FILE}'s); export again with `omniace export`")
+    return meta
 
 
 class OnnxRuntimeDenoiser:
@@ -52,12 +67,15 @@ class OnnxRuntimeDenoiser:
         folder: an :func:`export_onnx` output folder.
         providers: ONNX Runtime execution providers; default CUDA when available, then CPU.
         threads: intra-op threads on the CPU (0: ONNX Runtime's default, one per core).
-    Raises ValueError for a ``plugin`` export (its ``omniace`` nodes need TensorRT or the reference evaluator).
+        verify_files: check the folder's files against the hashes ``denoiser.json`` records (see :func:`read_meta`).
+    Raises ValueError for a ``plugin`` export (its ``omniace`` nodes need TensorRT or the reference evaluator), a
+    bf16 export without the CUDA provider, or a folder ONNX Runtime cannot load, naming the folder.
     """
 
-    def __init__(self, folder: str | os.PathLike, providers: list[str] | None = None, threads: int = 0):
+    def __init__(self, folder: str | os.PathLike, providers: list[str] | None = None, threads: int = 0,
+                 verify_files: bool = True):
         ort = _ort()
-        self.meta = read_meta(folder)
+        self.meta = read_meta(folder, verify_files)
         if self.meta["flavour"] != "portable":
             raise ValueError(f"{folder}: a {self.meta['flavour']!r} export; ONNX Runtime runs the 'portable' one "
                              f"(the plugin flavour is for TensorRT)")
@@ -65,9 +83,16 @@ class OnnxRuntimeDenoiser:
         available = ort.get_available_providers()
         if providers is None:
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        if self.meta["dtype"] == "bf16" and "CUDAExecutionProvider" not in providers:
+            raise ValueError(f"{folder}: a bf16 export; ONNX Runtime's CPU provider has no bf16 kernels (Gemm, "
+                             f"LayerNorm): export fp32 or fp16 for it, or run bf16 under the CUDA provider")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(Path(folder) / GRAPH_FILE), options, providers=providers)
+        try:
+            self.session = ort.InferenceSession(str(Path(folder) / GRAPH_FILE), options, providers=providers)
+        except Exception as err:  # onnxruntime raises its own classes (InvalidProtobuf, Fail ...)
+            raise ValueError(f"{folder}: ONNX Runtime cannot load {GRAPH_FILE}: "
+                             f"{' '.join(str(err).split())[:300]}") from None
         self.input_names = [i.name for i in self.session.get_inputs()]
 
     @property
@@ -101,19 +126,24 @@ class OnnxRuntimeDenoiser:
 
 def onnx_for_model(model: torch.nn.Module, folder: str | os.PathLike | None = None, dtype: str = "fp32",
                    log=print) -> Path:
-    """A ``portable`` export of ``model``: ``folder`` if given (exported there if empty), else a cache folder
-    ``$OMNIACE_CACHE`` (default ``~/.cache/omniace``) ``/onnx/<weights hash>-<dtype>``. Raises ValueError if
-    the folder holds an export of other weights or another config, naming what differs."""
+    """A ``portable`` export of ``model``: ``folder`` if given (an ``omniace export`` folder of these weights),
+    else a cache folder ``$OMNIACE_CACHE`` (default ``~/.cache/omniace``) ``/onnx/<weights hash>-<dtype>``,
+    exported there once. Raises ValueError if the folder is no export, or one of other weights or another config,
+    or its files are not the ones the export wrote, naming what differs."""
     digest = weights_hash(model)
-    if folder is None:
-        root = Path(os.environ.get("OMNIACE_CACHE", Path.home() / ".cache" / "omniace"))
-        folder = root / "onnx" / f"{digest[:16]}-{dtype}"
-    folder = Path(folder)
-    if not (folder / META_FILE).exists():
-        log(f"exporting the denoiser to ONNX in {folder} (once per weights)")
-        export_onnx(model, folder, "portable", dtype)
-        return folder
-    check_export(model, folder, "portable", digest)
+    if folder is not None:  # the caller's export: used as it is, never written
+        check_export(model, folder, "portable", digest)
+        return Path(folder)
+    root = Path(os.environ.get("OMNIACE_CACHE", Path.home() / ".cache" / "omniace"))
+    folder = root / "onnx" / f"{digest[:16]}-{dtype}"
+    if (folder / META_FILE).exists():
+        try:
+            check_export(model, folder, "portable", digest)
+            return folder
+        except ValueError as err:  # a cache entry an older version or an interrupted copy left: made again
+            log(f"re-exporting the cached export ({err})")
+    log(f"exporting the denoiser to ONNX in {folder} (once per weights)")
+    export_onnx(model, folder, "portable", dtype)
     return folder
 
 

@@ -29,7 +29,7 @@ class RayServeConfig:
     max_ongoing_requests: int = 64  # per replica, beyond which Ray Serve queues at the proxy
     backend: str = "torch"
     artifact: str | None = None  # the onnxruntime / tensorrt backend's export folder (see make_denoiser)
-    token_budget: int = 4096
+    token_budget: int = 16384  # one edit at the default pipeline's largest fitted size, both CFG branches
     max_queue: int = 64
     torch_threads: int | None = None  # intra-op threads per replica (default: cpus_per_replica)
 

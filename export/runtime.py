@@ -64,7 +64,7 @@ def make_denoiser(model: torch.nn.Module, backend: str, artifact: str | os.PathL
     if backend == "onnxruntime":
         from .onnxruntime import OnnxRuntimeDenoiser, onnx_for_model
 
-        return OnnxRuntimeDenoiser(onnx_for_model(model, artifact, log=log))
+        return OnnxRuntimeDenoiser(onnx_for_model(model, artifact, log=log), verify_files=False)  # just verified
     if backend == "tensorrt":
         from .tensorrt import denoiser_for_model, require_tensorrt
 
@@ -110,12 +110,13 @@ class EditServer:
         backend: ``"torch"``, ``"torch-compile"``, ``"onnxruntime"`` or ``"tensorrt"`` (see :func:`make_denoiser`).
         artifact: the ``onnxruntime`` backend's export folder (default: exported once into a cache folder) or
             the ``tensorrt`` backend's engine folder.
-        token_budget: image tokens per forward (every frame of every CFG branch of every active request).
+        token_budget: image tokens per forward (every frame of every CFG branch of every active request); the
+            default holds one edit at the embedded default's largest fitted size (624x416 px, both branches).
         max_queue: requests waiting to be admitted; beyond it :meth:`submit` raises :class:`ServerOverloaded`.
         log_every: seconds between log lines while busy (0 disables them).
     """
 
-    def __init__(self, pipe: EditPipeline, backend: str = "torch", token_budget: int = 4096, max_queue: int = 64,
+    def __init__(self, pipe: EditPipeline, backend: str = "torch", token_budget: int = 16384, max_queue: int = 64,
                  log_every: float = 5.0, log: Callable[[str], None] = print,
                  artifact: str | os.PathLike | None = None):
         if token_budget < 1 or max_queue < 1:
