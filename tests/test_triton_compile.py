@@ -32,9 +32,8 @@ def test_aot_report_meets_the_targets_at_every_preset_shape(tmp_path):
     """Issue 13 items 1 and 2, over every heuristic choice at the bench's shapes (head dims 64, 72, 128).
 
     One AOT run (about 2 minutes on 2 cores). Half precision: zero spills and no 2-byte scalar loads in
-    every variant (attention, rope3d, editnet_inject); fp32 forward, rope3d and inject at most 512 spilled
-    bytes. Known miss, listed in the report: the fp32 attention backward (exact fp32 dots on CUDA cores
-    spill 1.3-7 KB at every tile tried).
+    every variant (attention, rope3d, editnet_inject); fp32 at most 512 spilled bytes in every variant,
+    the attention backward included (its exact fp32 dots spilled 1.3-7 KB before they were chunked).
     """
     out, report = _aot(tmp_path)
     assert "_attn_fwd_kernel" in out and "_inject_bwd_kernel" in out and "_rope3d_kernel" in out
@@ -42,10 +41,13 @@ def test_aot_report_meets_the_targets_at_every_preset_shape(tmp_path):
     defaults = [r for r in report["variants"] if r["default"]]
     head_dims = {int(r["label"].split("D=")[1].split()[0]) for r in _rows(report, "_attn_") if r["default"]}
     assert {64, 72, 128} <= head_dims, head_dims
-    fp32_backward = {"_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel"}
     for r in defaults:
-        if r["dtype"] != "fp32" or r["kernel"] not in fp32_backward:
-            assert r["misses"] == [], (r["label"], r["dtype"], r["misses"])
+        assert r["misses"] == [], (r["label"], r["dtype"], r["misses"])
+    # fp32 backward at head dims 64, 72 and 128: both kernels, a few hundred spilled bytes at most
+    fp32_bwd = [r for r in defaults if r["kernel"].startswith("_attn_bwd_") and r["dtype"] == "fp32"]
+    assert {(r["kernel"], r["label"].split(" D=")[1].split()[0]) for r in fp32_bwd} >= {
+        (k, d) for k in ("_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel") for d in ("64", "72", "128")}, fp32_bwd
+    assert all(r["spill_store_bytes"] + r["spill_load_bytes"] <= 512 for r in fp32_bwd), fp32_bwd
     # rope3d: one 16-byte vector load and store per 8 pair elements (not two 2-byte scalars per pair), also at
     # head dim 72 (ALIGN=8), forward and inverse
     rope = [r for r in defaults if r["kernel"] == "_rope3d_kernel" and r["dtype"] != "fp32"]
