@@ -284,11 +284,13 @@ def _attn_bwd_dkdv_kernel(
         offs_m = tl.arange(0, BLOCK_M)
         full_q = len_q - len_q % BLOCK_M
         for m_start in range(0, full_q, BLOCK_M):  # interior: no masks
-            dk0, dk1, dv0, dv1 = _dkdv_q_block(k0, k1, v0, v1, dk0, dk1, dv0, dv1, Kr, Vr, s_km, s_vm, cols, n_ok, Qh, DOh, Lh, Dh, s_qm, s_dom,
-                                               s_lm, m_start + offs_m, len_q, qk_scale, D, D0, D1, HAS_D1, PREC, False)
+            dk0, dk1, dv0, dv1 = _dkdv_q_block(k0, k1, v0, v1, dk0, dk1, dv0, dv1, Kr, Vr, s_km, s_vm, cols, n_ok,
+                                               Qh, DOh, Lh, Dh, s_qm, s_dom, s_lm, m_start + offs_m, len_q, qk_scale,
+                                               D, D0, D1, HAS_D1, PREC, False)
         if full_q < len_q:
-            dk0, dk1, dv0, dv1 = _dkdv_q_block(k0, k1, v0, v1, dk0, dk1, dv0, dv1, Kr, Vr, s_km, s_vm, cols, n_ok, Qh, DOh, Lh, Dh, s_qm, s_dom,
-                                               s_lm, full_q + offs_m, len_q, qk_scale, D, D0, D1, HAS_D1, PREC, True)
+            dk0, dk1, dv0, dv1 = _dkdv_q_block(k0, k1, v0, v1, dk0, dk1, dv0, dv1, Kr, Vr, s_km, s_vm, cols, n_ok,
+                                               Qh, DOh, Lh, Dh, s_qm, s_dom, s_lm, full_q + offs_m, len_q, qk_scale,
+                                               D, D0, D1, HAS_D1, PREC, True)
         _store_rows(DK + head * s_dkh + ko * s_dkm, s_dkm, cols, n_ok, dk0 * scale, dk1 * scale, D, D0, D1, HAS_D1)
         _store_rows(DV + head * s_dkh + ko * s_dkm, s_dkm, cols, n_ok, dv0, dv1, D, D0, D1, HAS_D1)
 
@@ -356,12 +358,10 @@ def _attn_bwd_dq_kernel(
         full_k = len_k - len_k % BLOCK_N
         for n_start in range(0, full_k, BLOCK_N):  # interior: no masks
             dq0, dq1 = _dq_kv_block(q0, q1, do0, do1, lse, delta, dq0, dq1, Qr, DOr, s_qm, s_dom, rows, r_ok, Kh, Vh,
-                                    s_km, s_vm, n_start + offs_n,
-                                    len_k, qk_scale, D, D0, D1, HAS_D1, PREC, False)
+                                    s_km, s_vm, n_start + offs_n, len_k, qk_scale, D, D0, D1, HAS_D1, PREC, False)
         if full_k < len_k:
             dq0, dq1 = _dq_kv_block(q0, q1, do0, do1, lse, delta, dq0, dq1, Qr, DOr, s_qm, s_dom, rows, r_ok, Kh, Vh,
-                                    s_km, s_vm, full_k + offs_n,
-                                    len_k, qk_scale, D, D0, D1, HAS_D1, PREC, True)
+                                    s_km, s_vm, full_k + offs_n, len_k, qk_scale, D, D0, D1, HAS_D1, PREC, True)
         _store_rows(DQ + head * s_dqh + qo * s_dqm, s_dqm, rows, r_ok, dq0 * scale, dq1 * scale, D, D0, D1, HAS_D1)
 
 
