@@ -176,11 +176,12 @@ def editnet_inject_launch(L, cu_len, meta: dict) -> tuple[tuple, tuple]:
 # --- the adapters: TensorRT's argument order (inputs, extra int32 args, outputs) around the project kernels ----
 @triton.jit
 def trt_rope3d(q, k, pos, inv_freq, L, qo, ko, H: tl.constexpr, HK: tl.constexpr, SIGN: tl.constexpr,
-               P0: tl.constexpr, P1: tl.constexpr, P: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr,
-               BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, HAS_REST: tl.constexpr,
+               P0: tl.constexpr, P1: tl.constexpr, P: tl.constexpr, D: tl.constexpr, ALIGN: tl.constexpr,
+               BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, HAS_REST: tl.constexpr,
                HEADS_PER_PROG: tl.constexpr):
-    _rope3d_kernel(q, k, qo, ko, pos, inv_freq, L, H, HK, H * D, D, HK * D, D, 3, SIGN, P0, P1, P, D,
-                   BLOCK_L, BLOCK_P, BLOCK_R, HAS_REST, HEADS_PER_PROG)
+    # q/k row and head strides in units of ALIGN, as the launcher passes them; pos's row stride in elements
+    _rope3d_kernel(q, k, qo, ko, pos, inv_freq, L, H, HK, H * D // ALIGN, D // ALIGN, HK * D // ALIGN, D // ALIGN,
+                   3, SIGN, P0, P1, P, D, ALIGN, BLOCK_L, BLOCK_P, BLOCK_R, HAS_REST, HEADS_PER_PROG)
 
 
 @triton.jit
@@ -239,10 +240,12 @@ def _compile(op: str, fn, pointers: dict[str, str], ints: tuple[str, ...], meta:
     return PluginKernel(op, md.name, compiled.asm["ptx"], options["num_warps"], int(md.shared), scratch, consts)
 
 
-def rope3d_meta(H: int, HK: int, D: int, axes_dims: tuple[int, int, int]) -> dict:
+def rope3d_meta(H: int, HK: int, D: int, axes_dims: tuple[int, int, int], dtype: str = "float32") -> dict:
+    from omniace.kernels import triton_attention as ta
     from omniace.kernels.triton_rope import rope_meta
 
-    return dict(H=H, HK=HK, **rope_meta(tuple(axes_dims), D, H, HK, inverse=False))
+    align = ta.row_align(TORCH_DTYPE[dtype], (H * D, D, HK * D, D))  # contiguous q, k, as TensorRT passes them
+    return dict(H=H, HK=HK, **rope_meta(tuple(axes_dims), D, H, HK, inverse=False, align=align))
 
 
 def segment_attention_meta(dtype: str, H: int, D: int, scale: float) -> dict:
@@ -265,7 +268,7 @@ def compile_rope3d(dtype: str, H: int, HK: int, D: int, axes_dims: tuple[int, in
                    arch: int = 90) -> PluginKernel:
     T = TRITON_PTR[dtype]
     return _compile("Rope3D", trt_rope3d, dict(q=T, k=T, pos="*i32", inv_freq="*fp32", qo=T, ko=T), ("L",),
-                    rope3d_meta(H, HK, D, axes_dims), arch)
+                    rope3d_meta(H, HK, D, axes_dims, dtype), arch)
 
 
 def compile_segment_attention(dtype: str, H: int, D: int, scale: float, arch: int = 90) -> PluginKernel:

@@ -96,6 +96,25 @@ def _dot_qk(a0, a1, b0, b1, HAS_D1: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
+def _dot_qk_chunked(A, s_a, rows, r_ok, B, s_b, cols, c_ok, D: tl.constexpr, PREC: tl.constexpr,
+                    MASK_A: tl.constexpr, MASK_B: tl.constexpr, CHUNK: tl.constexpr = 16):
+    """``a @ b.T`` like ``_dot_qk``, reading ``CHUNK`` head-dim columns of both from memory at a time.
+
+    For exact fp32 (CUDA-core) dots: the operands' register copies then stay ``CHUNK`` wide instead of the
+    whole head dim live across the loop, which spilled; the reloads hit L1/L2.
+    """
+    pa = A + rows[:, None].to(tl.int64) * s_a
+    pb = B + cols[:, None].to(tl.int64) * s_b
+    s = tl.zeros([rows.shape[0], cols.shape[0]], dtype=tl.float32)
+    for c0 in tl.static_range(0, D, CHUNK):
+        c = c0 + tl.arange(0, CHUNK)
+        a = _load_tile(pa, c, r_ok, D, MASK_A, c0 + CHUNK > D)
+        b = _load_tile(pb, c, c_ok, D, MASK_B, c0 + CHUNK > D)
+        s += tl.dot(a, tl.trans(b), input_precision=PREC)
+    return s
+
+
+@triton.jit
 def _seg_bounds(cu_q, cu_k, seg):
     q0 = tl.load(cu_q + seg)
     k0 = tl.load(cu_k + seg)
@@ -198,13 +217,15 @@ def _attn_fwd_kernel(
 
 
 @triton.jit
-def _dkdv_q_block(k0, k1, v0, v1, dk0, dk1, dv0, dv1, Qh, DOh, Lh, Dh, s_qm, s_dom, s_lm, rows, len_q, qk_scale,
-                  D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr, PREC: tl.constexpr,
-                  MASK: tl.constexpr):
+def _dkdv_q_block(k0, k1, v0, v1, dk0, dk1, dv0, dv1, Kr, Vr, s_km, s_vm, cols, n_ok, Qh, DOh, Lh, Dh, s_qm, s_dom,
+                  s_lm, rows, len_q, qk_scale, D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+                  HAS_D1: tl.constexpr, PREC: tl.constexpr, MASK: tl.constexpr):
     """dK/dV contributions of query block ``rows`` (4 GEMMs: S^T, dV, dP^T, dK).
 
     No select on the scores: a query row past the segment loads q = dO = lse = delta = 0 and so adds
     exactly 0, and a key row past the segment only feeds its own dK/dV row, which is never stored.
+    Exact fp32 contracts S^T and dP^T in head-dim chunks read from memory (``Kr``/``Vr`` at ``cols``), as
+    ``_dq_kv_block`` does, rather than from the resident ``k``/``v`` tiles.
     """
     r_ok = rows < len_q
     q0, q1 = _load_rows(Qh, s_qm, rows, r_ok, D, D0, D1, HAS_D1, MASK)
@@ -215,12 +236,18 @@ def _dkdv_q_block(k0, k1, v0, v1, dk0, dk1, dv0, dv1, Qh, DOh, Lh, Dh, s_qm, s_d
     else:
         lse = tl.load(Lh + rows.to(tl.int64) * s_lm) * 1.4426950408889634
         delta = tl.load(Dh + rows.to(tl.int64) * s_lm)
-    sT = _dot_qk(k0, k1, q0, q1, HAS_D1, PREC) * qk_scale  # [BLOCK_N, BLOCK_M]
-    pT = tl.exp2(sT - lse[None, :])
+    if PREC == "ieee":
+        sT = _dot_qk_chunked(Kr, s_km, cols, n_ok, Qh, s_qm, rows, r_ok, D, PREC, True, MASK)
+    else:
+        sT = _dot_qk(k0, k1, q0, q1, HAS_D1, PREC)  # [BLOCK_N, BLOCK_M]
+    pT = tl.exp2(sT * qk_scale - lse[None, :])
     dv0 += tl.dot(pT.to(do0.dtype), do0, input_precision=PREC)
     if HAS_D1:
         dv1 += tl.dot(pT.to(do0.dtype), do1, input_precision=PREC)
-    dpT = _dot_qk(v0, v1, do0, do1, HAS_D1, PREC)
+    if PREC == "ieee":
+        dpT = _dot_qk_chunked(Vr, s_vm, cols, n_ok, DOh, s_dom, rows, r_ok, D, PREC, True, MASK)
+    else:
+        dpT = _dot_qk(v0, v1, do0, do1, HAS_D1, PREC)
     dsT = (pT * (dpT - delta[None, :])).to(q0.dtype)
     dk0 += tl.dot(dsT, q0, input_precision=PREC)
     if HAS_D1:
@@ -245,8 +272,9 @@ def _attn_bwd_dkdv_kernel(
         qo, ko = q_start.to(tl.int64), k_start.to(tl.int64)
         cols = n_first + tl.arange(0, BLOCK_N)
         n_ok = cols < len_k
-        k0, k1 = _load_rows(K + head * s_kh + ko * s_km, s_km, cols, n_ok, D, D0, D1, HAS_D1)
-        v0, v1 = _load_rows(V + head * s_vh + ko * s_vm, s_vm, cols, n_ok, D, D0, D1, HAS_D1)
+        Kr, Vr = K + head * s_kh + ko * s_km, V + head * s_vh + ko * s_vm
+        k0, k1 = _load_rows(Kr, s_km, cols, n_ok, D, D0, D1, HAS_D1)
+        v0, v1 = _load_rows(Vr, s_vm, cols, n_ok, D, D0, D1, HAS_D1)
         dk0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
         dk1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
         dv0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
@@ -256,28 +284,38 @@ def _attn_bwd_dkdv_kernel(
         offs_m = tl.arange(0, BLOCK_M)
         full_q = len_q - len_q % BLOCK_M
         for m_start in range(0, full_q, BLOCK_M):  # interior: no masks
-            dk0, dk1, dv0, dv1 = _dkdv_q_block(k0, k1, v0, v1, dk0, dk1, dv0, dv1, Qh, DOh, Lh, Dh, s_qm, s_dom,
-                                               s_lm, m_start + offs_m, len_q, qk_scale, D, D0, D1, HAS_D1, PREC, False)
+            dk0, dk1, dv0, dv1 = _dkdv_q_block(k0, k1, v0, v1, dk0, dk1, dv0, dv1, Kr, Vr, s_km, s_vm, cols, n_ok,
+                                               Qh, DOh, Lh, Dh, s_qm, s_dom, s_lm, m_start + offs_m, len_q, qk_scale,
+                                               D, D0, D1, HAS_D1, PREC, False)
         if full_q < len_q:
-            dk0, dk1, dv0, dv1 = _dkdv_q_block(k0, k1, v0, v1, dk0, dk1, dv0, dv1, Qh, DOh, Lh, Dh, s_qm, s_dom,
-                                               s_lm, full_q + offs_m, len_q, qk_scale, D, D0, D1, HAS_D1, PREC, True)
+            dk0, dk1, dv0, dv1 = _dkdv_q_block(k0, k1, v0, v1, dk0, dk1, dv0, dv1, Kr, Vr, s_km, s_vm, cols, n_ok,
+                                               Qh, DOh, Lh, Dh, s_qm, s_dom, s_lm, full_q + offs_m, len_q, qk_scale,
+                                               D, D0, D1, HAS_D1, PREC, True)
         _store_rows(DK + head * s_dkh + ko * s_dkm, s_dkm, cols, n_ok, dk0 * scale, dk1 * scale, D, D0, D1, HAS_D1)
         _store_rows(DV + head * s_dkh + ko * s_dkm, s_dkm, cols, n_ok, dv0, dv1, D, D0, D1, HAS_D1)
 
 
 @triton.jit
-def _dq_kv_block(q0, q1, do0, do1, lse, delta, dq0, dq1, Kh, Vh, s_km, s_vm, cols, len_k, qk_scale,
-                 D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr, PREC: tl.constexpr,
-                 MASK: tl.constexpr):
+def _dq_kv_block(q0, q1, do0, do1, lse, delta, dq0, dq1, Qh, DOh, s_qm, s_dom, rows, r_ok, Kh, Vh, s_km, s_vm,
+                 cols, len_k, qk_scale, D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
+                 PREC: tl.constexpr, MASK: tl.constexpr):
     """dQ contribution of key block ``cols`` (3 GEMMs: S, dP, dQ); ``MASK`` only for the last, partial block,
-    where a key past the segment must get probability 0 (its score is 0, its exp2 could overflow)."""
+    where a key past the segment must get probability 0 (its score is 0, its exp2 could overflow).
+
+    Exact fp32 contracts S and dP in head-dim chunks read from memory (``Qh``/``DOh`` at ``rows``) rather
+    than from the resident ``q``/``dO`` tiles, which then go unused."""
     n_ok = cols < len_k
     k0, k1 = _load_rows(Kh, s_km, cols, n_ok, D, D0, D1, HAS_D1, MASK)
-    v0, v1 = _load_rows(Vh, s_vm, cols, n_ok, D, D0, D1, HAS_D1, MASK)
-    p = tl.exp2(_dot_qk(q0, q1, k0, k1, HAS_D1, PREC) * qk_scale - lse[:, None])
+    if PREC == "ieee":
+        s = _dot_qk_chunked(Qh, s_qm, rows, r_ok, Kh, s_km, cols, n_ok, D, PREC, True, MASK)
+        dp = _dot_qk_chunked(DOh, s_dom, rows, r_ok, Vh, s_vm, cols, n_ok, D, PREC, True, MASK)
+    else:
+        v0, v1 = _load_rows(Vh, s_vm, cols, n_ok, D, D0, D1, HAS_D1, MASK)
+        s = _dot_qk(q0, q1, k0, k1, HAS_D1, PREC)
+        dp = _dot_qk(do0, do1, v0, v1, HAS_D1, PREC)
+    p = tl.exp2(s * qk_scale - lse[:, None])
     if MASK:
         p = tl.where(n_ok[None, :], p, 0.0)
-    dp = _dot_qk(do0, do1, v0, v1, HAS_D1, PREC)
     ds = (p * (dp - delta[:, None])).to(k0.dtype)
     dq0 += tl.dot(ds, k0, input_precision=PREC)
     if HAS_D1:
@@ -304,13 +342,14 @@ def _attn_bwd_dq_kernel(
         qo, ko = q_start.to(tl.int64), k_start.to(tl.int64)
         rows = m_first + tl.arange(0, BLOCK_M)
         r_ok = rows < len_q
-        do0, do1 = _load_rows(DO + head * s_doh + qo * s_dom, s_dom, rows, r_ok, D, D0, D1, HAS_D1)
+        Qr, DOr = Q + head * s_qh + qo * s_qm, DO + head * s_doh + qo * s_dom
+        do0, do1 = _load_rows(DOr, s_dom, rows, r_ok, D, D0, D1, HAS_D1)
         o0, o1 = _load_rows(O + head * s_oh + qo * s_om, s_om, rows, r_ok, D, D0, D1, HAS_D1)
         delta = tl.sum(do0.to(tl.float32) * o0.to(tl.float32), axis=1)
         if HAS_D1:
             delta += tl.sum(do1.to(tl.float32) * o1.to(tl.float32), axis=1)
         tl.store(DELTA + head + (qo + rows) * s_lm, delta, mask=r_ok)
-        q0, q1 = _load_rows(Q + head * s_qh + qo * s_qm, s_qm, rows, r_ok, D, D0, D1, HAS_D1)
+        q0, q1 = _load_rows(Qr, s_qm, rows, r_ok, D, D0, D1, HAS_D1)
         lse = tl.load(LSE + head + (qo + rows) * s_lm, mask=r_ok, other=0.0) * 1.4426950408889634
         dq0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
         dq1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
@@ -318,11 +357,11 @@ def _attn_bwd_dq_kernel(
         offs_n = tl.arange(0, BLOCK_N)
         full_k = len_k - len_k % BLOCK_N
         for n_start in range(0, full_k, BLOCK_N):  # interior: no masks
-            dq0, dq1 = _dq_kv_block(q0, q1, do0, do1, lse, delta, dq0, dq1, Kh, Vh, s_km, s_vm, n_start + offs_n,
-                                    len_k, qk_scale, D, D0, D1, HAS_D1, PREC, False)
+            dq0, dq1 = _dq_kv_block(q0, q1, do0, do1, lse, delta, dq0, dq1, Qr, DOr, s_qm, s_dom, rows, r_ok, Kh, Vh,
+                                    s_km, s_vm, n_start + offs_n, len_k, qk_scale, D, D0, D1, HAS_D1, PREC, False)
         if full_k < len_k:
-            dq0, dq1 = _dq_kv_block(q0, q1, do0, do1, lse, delta, dq0, dq1, Kh, Vh, s_km, s_vm, full_k + offs_n,
-                                    len_k, qk_scale, D, D0, D1, HAS_D1, PREC, True)
+            dq0, dq1 = _dq_kv_block(q0, q1, do0, do1, lse, delta, dq0, dq1, Qr, DOr, s_qm, s_dom, rows, r_ok, Kh, Vh,
+                                    s_km, s_vm, full_k + offs_n, len_k, qk_scale, D, D0, D1, HAS_D1, PREC, True)
         _store_rows(DQ + head * s_dqh + qo * s_dqm, s_dqm, rows, r_ok, dq0 * scale, dq1 * scale, D, D0, D1, HAS_D1)
 
 
@@ -375,11 +414,15 @@ def forward_config(D: int, max_q: int, max_k: int, segments: int, heads: int, dt
 
 
 def backward_config(D: int, dtype: torch.dtype = torch.bfloat16, interpret: bool | None = None) -> AttnConfig:
-    """Heuristic backward tiles (both kernels). fp32: the least spilling of those ``triton_aot`` measured."""
+    """Heuristic backward tiles (both kernels).
+
+    fp32 (exact dots on CUDA cores, S and dP contracted in 16-wide head-dim chunks): 16 query rows, 32 keys,
+    8 warps spill nothing at head dims 64 and 72 and 52 bytes at 128 (``triton_aot``; 32 x 32 spilled 1.3-7 KB).
+    """
     if interpreting() if interpret is None else interpret:
         return AttnConfig(16, 16, 1, 1, 1)
     if dtype == torch.float32:
-        return AttnConfig(32, 32, 1, num_warps=8, num_stages=1)
+        return AttnConfig(16, 32, 1, num_warps=8, num_stages=1)
     return AttnConfig(64, 64, 1, num_warps=4 if D <= 64 else 8, num_stages=2)
 
 

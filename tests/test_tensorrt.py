@@ -483,7 +483,7 @@ _SAME_CODE = """
 import json, torch, triton
 from triton.backends.compiler import GPUTarget
 from omniace.export import trt_plugins as tp
-from omniace.kernels import triton_aot as aot, triton_attention as ta, triton_inject as ti
+from omniace.kernels import triton_aot as aot, triton_attention as ta, triton_inject as ti, triton_rope as tr
 def launcher(module, call):
     with aot.captured((module,)) as record:
         call()
@@ -493,8 +493,10 @@ m = lambda *s, dtype=torch.bfloat16: torch.empty(s, dtype=dtype, device="meta")
 H, D, C, S = 16, 72, 1536, 8
 q, cu = m(4096, H, D), m(S + 1, dtype=torch.int32)
 cfg = ta.forward_config(D, 4096, ta.SHORT_KEYS + 1, 1, H, torch.bfloat16, interpret=False)
-h, mod = m(4096, C), m(S, C)
-pairs = {"attention": (tp.compile_segment_attention("bfloat16", H, D, D**-0.5),
+h, mod, pos = m(4096, C), m(S, C), m(4096, 3, dtype=torch.int32)
+pairs = {"rope": (tp.compile_rope3d("bfloat16", H, H, D, (24, 24, 24)),
+                  launcher(tr, lambda: tr.rope3d_rotate(q, q, pos, (24, 24, 24), 1e4))),
+         "attention": (tp.compile_segment_attention("bfloat16", H, D, D**-0.5),
                        launcher(ta, lambda: ta.attention_forward(q, q, q, cu, cu, 4096, ta.SHORT_KEYS + 1, D**-0.5,
                                                                  config=cfg))),
          "inject": (tp.compile_editnet_inject("bfloat16", C, 1e-6, S),
@@ -507,7 +509,7 @@ print(json.dumps({op: [[aot.memory_mix(p.ptx), p.shared, p.num_warps],
 def test_plugin_kernels_compile_to_the_launchers_code(tmp_path):
     """The plugins' pointers carry the JIT's 16-byte alignment: for head dim 72 in bf16 the plugin attention
     kernel has the launcher's 16-byte loads and cp.async (no 2-byte scalar loads) and its shared memory
-    (the pipelined tiles); the injection kernel's loads are the launcher's too."""
+    (the pipelined tiles); the rope kernel's are 16-byte vectors too; the injection kernel's are the launcher's."""
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path / "cache"))
     proc = subprocess.run([sys.executable, "-c", _SAME_CODE], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
@@ -517,6 +519,8 @@ def test_plugin_kernels_compile_to_the_launchers_code(tmp_path):
     mix = found["attention"][0][0]
     assert "2" not in mix["ld_global"] and mix["cp_async"].get("16", 0) > 0 and mix["mma"] > 0
     assert "16" in found["inject"][0][0]["ld_global"]
+    rope = found["rope"][0][0]
+    assert "2" not in rope["ld_global"] and "2" not in rope["st_global"] and rope["ld_global"].get("16", 0) > 0
 
 
 def test_plugin_kernels_compile_for_sm90(tmp_path):
