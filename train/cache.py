@@ -635,6 +635,10 @@ def main(argv: list[str] | None = None) -> None:
         dist.init_process_group("gloo", timeout=timedelta(hours=48))
     try:
         build_cache(cfg, rank, world, log=lambda m: print(m, flush=True), share=share, device=_device(cfg.device))
+        if dist is not None:
+            # no rank tears its process group down while a peer is still inside the last collective: gloo
+            # aborts such a peer's exit ("terminate called without an active exception", exit -6)
+            dist.barrier()
     except Exception as err:  # noqa: BLE001 - one line, as the trainer prints its errors
         if debug:
             raise
