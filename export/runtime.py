@@ -108,8 +108,8 @@ class EditServer:
     Args:
         pipe: the :class:`EditPipeline` (model, text encoder, codec, device) to serve.
         backend: ``"torch"``, ``"torch-compile"``, ``"onnxruntime"`` or ``"tensorrt"`` (see :func:`make_denoiser`).
-        artifact: the ``onnxruntime`` backend's export folder (default: exported once into a cache folder) or
-            the ``tensorrt`` backend's engine folder.
+        artifact: the ``onnxruntime`` backend's export folder (default: exported once into a cache folder) or,
+            for ``tensorrt``, the export folder its engine was built in.
         token_budget: image tokens per forward (every frame of every CFG branch of every active request); the
             default holds one edit at the embedded default's largest fitted size (624x416 px, both branches).
         max_queue: requests waiting to be admitted; beyond it :meth:`submit` raises :class:`ServerOverloaded`.
