@@ -18,9 +18,12 @@ The export traces ``forward_plan`` with ``torch.export`` (dynamic shapes) throug
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
+import logging
+import warnings
 import os
 from dataclasses import fields
 from pathlib import Path
@@ -205,7 +208,7 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike, flavour: str = "po
         from . import onnx_plugin
 
         table = onnx_plugin.translation_table()
-    with use_backend("dense" if flavour == "portable" else "onnx_plugin"), torch.no_grad():
+    with use_backend("dense" if flavour == "portable" else "onnx_plugin"), torch.no_grad(), _quiet_exporter():
         program = torch.onnx.export(DenoiserGraph(model).eval(), args, dynamo=True, opset_version=opset,
                                     input_names=[s.name for s in specs], output_names=["out"],
                                     dynamic_shapes=(_dynamic_shapes(specs),), custom_translation_table=table,
@@ -226,6 +229,23 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike, flavour: str = "po
             "torch": torch.__version__, "onnx": onnx.__version__}
     (out / META_FILE).write_text(json.dumps(meta, indent=2))
     return path
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter's own chatter (onnxscript's constant folder reporting nodes it leaves unfolded, the
+    registry skipping torchvision ops) is not the user's concern: only its errors reach the log."""
+    names = ("onnxscript", "onnx_ir", "torch.onnx")
+    levels = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():  # torch.export's own deprecation notice about its pytree internals
+            warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+            yield
+    finally:
+        for n, level in levels.items():
+            logging.getLogger(n).setLevel(level)
 
 
 def _name_dims(proto, specs: list[InputSpec]) -> None:
