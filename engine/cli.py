@@ -295,6 +295,12 @@ def cmd_export(args: argparse.Namespace) -> None:
         from omniace.export.tensorrt import require_tensorrt
 
         require_tensorrt()
+    if args.preset and str(args.weights).endswith(".safetensors"):
+        from .weights import read_safetensors_metadata
+
+        if "omniace_config" in read_safetensors_metadata(args.weights):
+            raise ValueError(f"--preset {args.preset}: {args.weights} describes its own model (omniace_config "
+                             f"metadata); --preset is for files without it")
     model = load_model(args.weights, args.preset)
     t0 = time.perf_counter()
     path = export_onnx(model, out, args.flavour, args.dtype)

@@ -285,6 +285,9 @@ def test_cli_export_refusals_come_before_any_work(tmp_path):
     (tmp_path / "f.txt").write_text("x")
     run = subprocess.run(cli + ["--out", str(tmp_path / "f.txt")], capture_output=True, text=True)
     assert run.returncode == 2 and "is a file; expected a folder" in run.stderr
+    run = subprocess.run(cli + ["--out", str(tmp_path / "p"), "--preset", "sd3-tiny-editnet"], capture_output=True,
+                         text=True)
+    assert run.returncode == 2 and "describes its own model" in run.stderr and not (tmp_path / "p").exists()
     try:
         require_tensorrt()
     except ImportError:
