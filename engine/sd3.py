@@ -75,10 +75,9 @@ class SD3Plan:
         max_size = cfg.pos_embed_max_size
         if max(max(g) for g in batch.frame_shapes) > max_size:
             raise ValueError(f"a token grid of {batch.frame_shapes} exceeds pos_embed_max_size {max_size}")
-        img = Segments.from_host(batch.cu_seqlens_target(), dev)
-        txt_host = cu_from_lengths(batch.unit_lengths).tolist()
-        txt = Segments.from_host(txt_host, dev)
         img_host = batch.cu_seqlens_target()
+        txt_host = cu_from_lengths(batch.unit_lengths).tolist()
+        img, txt = Segments.from_host(img_host, dev), Segments.from_host(txt_host, dev)
         plan = cls(batch.text, batch.pooled, positional_rows(batch, batch.target_index.cpu(), max_size).to(dev),
                    img, txt, Interleave.from_host([img_host, txt_host], dev))
         needs_cond = cfg.editnet or cfg.concat_condition
