@@ -294,6 +294,12 @@ def test_bad_arguments_stop_before_any_work(tmp_path, capsys):
         err = capsys.readouterr().err
         assert exit.value.code == 2 and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "c").exists()
+    (tmp_path / "f").write_text("x")  # a fresh user's --out naming a file (a raw FileExistsError, exit 1, before)
+    for out in (tmp_path / "f", tmp_path / "f" / "sub"):
+        with pytest.raises(SystemExit) as exit:
+            cache_mod.main(["--data", str(tmp_path), "--vae", "pixel", "--out", str(out)])
+        assert exit.value.code == 2 and f"{tmp_path / 'f'} is a file; expected a cache folder" in capsys.readouterr().err
+    assert (tmp_path / "f").read_text() == "x"
 
 
 # end to end (the test) -----------------------------------------------------------------------------

@@ -112,6 +112,10 @@ class CacheConfig:
         if self.patch_size < 1 or self.batch_size < 1:
             raise ValueError(f"patch_size ({self.patch_size}) and batch_size ({self.batch_size}) must be >= 1")
         DataConfig(paths=[], max_pixels=self.max_pixels, max_aspect=self.max_aspect, max_side=self.max_side)
+        out = Path(self.out)
+        blocker = next((p for p in (out, *out.parents) if p.exists()), None)  # what the folder would be made in
+        if blocker is not None and not blocker.is_dir():
+            raise ValueError(f"--out {self.out}: {blocker} is a file; expected a cache folder")
         vae = Path(self.vae)
         if self.vae != "pixel" and not (vae / "config.json").is_file():
             raise ValueError(f"--vae {self.vae}: not a diffusers AutoencoderKL folder (no config.json there)")
