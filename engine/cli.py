@@ -129,6 +129,8 @@ def _export_config(path: Path, preset: str | None):
     from .config import config_from_dict
     from .weights import read_safetensors_metadata
 
+    if path.is_file() and path.stat().st_size == 0:  # no --preset can help an empty file
+        raise ValueError(f"--weights {str(path)!r} is an empty file, not a checkpoint")
     meta = read_safetensors_metadata(path).get("omniace_config") if path.suffix == ".safetensors" else None
     if meta is None:
         if preset is None:

@@ -331,6 +331,10 @@ def test_memory_is_checked_after_loading_a_pipeline_folder(src, tmp_path, capsys
 def test_a_folder_that_is_no_pipeline_is_named(src, tmp_path, capsys, no_model):
     code, _, err = run(["edit", "--image", str(src), "--instruction", "x", "--weights", str(tmp_path)], capsys)
     assert_user_error(code, err, f"'{tmp_path}' lacks text_encoder/, vae/; expected an ACE folder")
+    (tmp_path / "empty").touch()  # a fresh user's empty file was told to pass --preset, which then failed
+    code, _, err = run(["edit", "--image", str(src), "--instruction", "x", "--weights", str(tmp_path / "empty")],
+                       capsys)
+    assert_user_error(code, err, "is an empty file, not a checkpoint")
 
 
 def test_device_dtype_and_latent_exports(src, tmp_path, capsys):
