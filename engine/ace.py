@@ -60,6 +60,7 @@ class ACEPlan:
     max_seqlen_sample: int = 0
     max_seqlen_frame: int = 0
     max_seqlen_frame_txt: int = 0
+    source_index: Tensor | None = None  # read only when ``cfg.source_skip``
 
 
 class ACEBlock(nn.Module):
@@ -191,7 +192,30 @@ class ACEModel(nn.Module):
             h = run_block(block, self.gradient_checkpointing, h, y, t_mod, batch, seg)
         tgt = batch.target_index
         out = self.final_layer(h.index_select(0, tgt), t_emb, seg.index_select(0, tgt))
-        return tokens_pqc_to_cpq(out, cfg.patch_size, cfg.in_channels)
+        if not cfg.source_skip:
+            return tokens_pqc_to_cpq(out, cfg.patch_size, cfg.in_channels)
+        source, has_source = self.source_tokens(batch, c_lat)
+        change = tokens_pqc_to_cpq(out, cfg.patch_size, cfg.in_channels)
+        if cfg.source_gate:  # the learned-sigma half, (p, p, 2C) -> its last C channels
+            gate = tokens_pqc_to_cpq(out.unflatten(-1, (-1, 2 * cfg.in_channels))[..., cfg.in_channels:].flatten(1),
+                                     cfg.patch_size, cfg.in_channels)
+            # samples with no source: the gate is 1 (the change is the whole image)
+            change = change * torch.where(has_source, torch.sigmoid(gate.float()).to(change.dtype), 1.0)
+        return source.to(change.dtype) + change
+
+    @staticmethod
+    def source_tokens(batch: ACEPlan | PackedLCU, c_lat: int) -> tuple[Tensor, Tensor]:
+        """``([L_tgt, C*p*p], [L_tgt, 1] bool)``: each target token's cell of its sample's source image (zeros
+        where the sample has none) and whether it has one. With ``cfg.source_skip`` the model predicts the change
+        to the source, so an untrained head copies the source and unchanged regions can stay exact (an x0 model
+        must otherwise redraw every pixel). ValueError if the batch has no ``source_index``."""
+        idx = batch.source_index
+        if idx is None:
+            raise ValueError("this model adds the source image (cfg.source_skip): the batch needs source_index "
+                             "(engine.lcu.pack computes it)")
+        rows = batch.tokens.index_select(0, idx.clamp(min=0))[:, :c_lat]
+        has = (idx >= 0).unsqueeze(1)
+        return rows * has.to(rows.dtype), has
 
     def flops(self, frames: list[list[int]], text_lens: list[list[int]]) -> int:
         """Matmul FLOPs of one forward: ``frames[b]`` image tokens per frame, ``text_lens[b]`` per frame."""

@@ -31,6 +31,12 @@ class ACEConfig:
     num_indicators: int = 10
     codec_factor: int = 8  # pixels per latent pixel of the paired codec
     prediction: str = "eps"
+    # add the source image (the current unit's first image, when target-sized) to the output: the model
+    # predicts the edit as a change to its input. Only with x0 prediction (the output is then an image).
+    source_skip: bool = False
+    # with source_skip: the output's second (learned-sigma) half is a per-element gate logit, and the model
+    # returns ``source + sigmoid(gate) * change``; a saturated gate leaves unchanged pixels exactly the source
+    source_gate: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -49,6 +55,12 @@ class ACEConfig:
             raise ValueError(f"hidden_size {self.hidden_size} must split into {self.num_heads} heads of even size")
         if sum(self.axes) > self.head_dim:
             raise ValueError(f"rope_axes {self.axes} exceed the head dim {self.head_dim}")
+        if self.source_skip and self.prediction != "x0":
+            raise ValueError(f"source_skip adds the source image to the output, which must then be an image: "
+                             f"prediction must be 'x0', got {self.prediction!r}")
+        if self.source_gate and not (self.source_skip and self.pred_sigma):
+            raise ValueError("source_gate reads the gate from the learned-sigma half of the output: it needs "
+                             "source_skip=True and pred_sigma=True")
 
 
 @dataclass(frozen=True)
@@ -112,6 +124,9 @@ PRESETS: dict[str, ACEConfig | SD3Config] = {
     # It predicts x0: through a DiT with no skip connection an eps error grows by sigma/alpha into the image.
     "ace-small": ACEConfig(in_channels=48, hidden_size=192, depth=4, num_heads=4, y_channels=32,
                            text_len=64, codec_factor=4, prediction="x0"),
+    # The embedded default's model: ace-small predicting the change to the source image (source_skip)
+    "ace-edit": ACEConfig(in_channels=48, hidden_size=192, depth=4, num_heads=4, y_channels=32,
+                          text_len=128, codec_factor=4, prediction="x0", source_skip=True, source_gate=True),
     "sd3-medium-editnet": SD3Config(),
     # SD3.5 (diffusers configs of stabilityai/stable-diffusion-3.5-medium and -large, transformer/config.json):
     # Medium is MMDiT-X (dual attention in blocks 0-12, 384-wide positional table), Large is a wider, deeper MMDiT;

@@ -87,6 +87,9 @@ class PackedLCU:
       is_target [L_img] bool    tokens that are denoised and carry the loss
       target_index [L_tgt]      rows of the target tokens; sample_of_token [L_img]; frame_of_token [L_img]
       frame_grid [F, 2]         token grid (gh, gw) of every frame
+      source_index [L_tgt]      per target token, the row of the same grid cell in the sample's *source*
+                                frame (the current unit's first image, when its grid is the target's),
+                                -1 where the sample has none (text-to-image, another size)
       pooled [B, P] or None     pooled text of each sample's current unit
     Host metadata: per-frame (sample, unit, grid, is_target), per-sample target latent sizes, and the
     ``max_seqlen_*`` launch bounds.
@@ -122,6 +125,7 @@ class PackedLCU:
     max_seqlen_sample: int
     max_seqlen_txt: int
     max_seqlen_frame_txt: int
+    source_index: Tensor | None = None
     # per-model metadata derived from this batch once (e.g. SD3Plan), keyed by the model's layout
     plans: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -278,6 +282,7 @@ def pack(
     sample_units, target_sizes, pooled = [], [], []
     unit_offsets, frame_txt_len, frame_txt_ind = [0], [], []
     unit_id, y_dim = 0, None
+    src_rows, row0 = [], 0  # source_index per target token; row0: first image-token row of this sample
     for b, s in enumerate(samples):
         # frames: (image, unit index, is_target) in ACE order: target, then conditions in unit order
         frames = [(s.target, len(s.units) - 1, True)]
@@ -297,7 +302,15 @@ def pack(
         sample_units.append(ids)
         cur = s.units[-1].pooled
         pooled.append(cur)
+        # the source frame: the current unit's first image (frame 1 + the history's images), if target-sized
+        current = s.units[-1].images
+        n_tgt = (s.target.latent.shape[1] // p) * (s.target.latent.shape[2] // p)
+        source_frame = n_frames - len(current) if current and \
+            current[0].latent.shape[1:] == s.target.latent.shape[1:] else None
+        frame_row = row0
         for f, (img, m, is_tgt) in enumerate(frames):
+            if f == source_frame:
+                src_rows.append(torch.arange(frame_row, frame_row + n_tgt))
             lat = img.latent.float()
             c, h, w = lat.shape
             gh, gw = h // p, w // p
@@ -317,8 +330,12 @@ def pack(
             frame_shapes.append((gh, gw))
             frame_is_target.append(is_tgt)
             frame_txt_ind.append(ind)
+            frame_row += gh * gw
             if is_tgt:
                 target_sizes.append((h, w))
+        if source_frame is None:
+            src_rows.append(torch.full((n_tgt,), -1))
+        row0 = frame_row
     for u in frame_unit:
         frame_txt_len.append(unit_offsets[u + 1] - unit_offsets[u])
 
@@ -370,5 +387,6 @@ def pack(
         max_seqlen_sample=max(sample_len),
         max_seqlen_txt=max(unit_len),
         max_seqlen_frame_txt=max(frame_txt_len),
+        source_index=torch.cat(src_rows).long(),
     )
     return batch if device is None else batch.to(device)

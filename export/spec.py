@@ -47,12 +47,14 @@ def _i64(name: str, *dims: str | int) -> InputSpec:
 def ace_inputs(cfg) -> list[InputSpec]:
     """Graph inputs of the ACE denoiser (``engine/ace.py``), in call order."""
     p2 = cfg.patch_size**2
+    skip = [_i64("source_index", "L_tgt")] if getattr(cfg, "source_skip", False) else []
     return [
         _f("x", "L_tgt", cfg.in_channels * p2), _f("t", "B"),
         _f("tokens", "L_img", (cfg.in_channels + 1) * p2), _f("text", "L_txt", cfg.y_channels),
         _i64("target_index", "L_tgt"), _i32("pos", "L_img", 3), _i64("indicator", "L_img"),
         _i64("sample_of_token", "L_img"), _i64("frame_text_index", "L_ft"), _i64("frame_text_indicator", "L_ft"),
         _i32("cu_seqlens_sample", "B+1"), _i32("cu_seqlens_frame", "F+1"), _i32("cu_seqlens_frame_txt", "F+1"),
+        *skip,
     ]
 
 

@@ -55,12 +55,32 @@ class Objective:
         return NoisedBatch((1 - s) * x0 + s * noise, sig * 1000.0, noise - x0)
 
     @staticmethod
-    def per_sample(pred: Tensor, target: Tensor, sample_of: Tensor, num_samples: int) -> Tensor:
-        """Mean squared error of each sample over its own target tokens: ``[B]`` (fp32)."""
-        per_token = (pred.float() - target).pow(2).mean(dim=1)
+    def per_sample(pred: Tensor, target: Tensor, sample_of: Tensor, num_samples: int,
+                   weight: Tensor | None = None) -> Tensor:
+        """Mean squared error of each sample over its own target tokens: ``[B]`` (fp32). ``weight``
+        ``[L_tgt, C*p*p]`` (optional) scales each element's squared error (see :func:`edit_region_weight`)."""
+        err = (pred.float() - target).pow(2)
+        per_token = (err if weight is None else err * weight).mean(dim=1)
         sums = torch.zeros(num_samples, device=pred.device).index_add_(0, sample_of, per_token)
         counts = torch.zeros(num_samples, device=pred.device).index_add_(0, sample_of, torch.ones_like(per_token))
         return sums / counts
+
+
+def edit_region_weight(batch: PackedLCU, edit_weight: float, threshold: float = 0.02) -> Tensor | None:
+    """Per-element loss weights ``[L_tgt, C*p*p]``: ``1 + edit_weight`` where the clean target differs from the
+    source image by more than ``threshold`` (latent units; [-1, 1] pixels for the pixel codec), 1 elsewhere and
+    in samples with no target-sized source (``batch.source_index`` -1). None when ``edit_weight`` is 0.
+
+    Why: a local edit changes a few percent of the pixels, so a plain mean squared error is almost all about
+    copying the untouched rest; the weight puts the gradient where the instruction acts."""
+    if edit_weight == 0:
+        return None
+    c = batch.latent_channels * batch.patch_size**2
+    idx = batch.source_index
+    target = batch.target_tokens().float()
+    source = batch.tokens.index_select(0, idx.clamp(min=0))[:, :c].float()
+    changed = ((target - source).abs() > threshold) & (idx >= 0).unsqueeze(1)
+    return 1.0 + edit_weight * changed.float()
 
 
 def target_sample_index(batch: PackedLCU) -> Tensor:

@@ -44,7 +44,7 @@ from .cache import cache_codec, cache_text, cached_text_encoder
 from .data import DataConfig, EditLoader, size_caps
 from .importance import ImportanceConfig
 from .lifecycle import StopSignal, die_with_parent, launched_by_torchrun
-from .objective import Objective, target_sample_index, weighted_loss
+from .objective import Objective, edit_region_weight, target_sample_index, weighted_loss
 from .parallelize import TRAIN_MODES, apply_fsdp, enable_activation_checkpointing, set_trainable
 from .resume_check import ConfigMismatchError, allowable, compare, resolve_paths, signature
 from .runlock import RunLock, RunLockedError
@@ -82,6 +82,8 @@ class TrainConfig:
     importance: str = _opt("binary", "importance weight: binary | soft | none")
     importance_column: str = _opt("o_score", "the score column the importance weight reads")
     importance_threshold: float = _opt(9.0, "binary importance: lambda = 1 at or above this score, else 0")
+    edit_weight: float = _opt(0.0, "extra loss weight on the target's elements that differ from the source image "
+                                   "(1 + this there, 1 elsewhere): local edits change few pixels")
     drop_prompt: float = _opt(0.1, "probability of an empty instruction (trains classifier-free guidance)")
     decoder: str = _opt("auto", "image decoder: auto (DALI if installed, else PIL) | dali | pil")
     seed: int = _opt(0, "seeds the weights, the data order and the noise")
@@ -113,6 +115,7 @@ class TrainConfig:
                                ("beta1", lambda v: 0 <= v < 1, " in [0, 1)"),
                                ("beta2", lambda v: 0 <= v < 1, " in [0, 1)"),
                                ("ema_decay", lambda v: 0 <= v <= 1, " in [0, 1]"),
+                               ("edit_weight", lambda v: v >= 0, " >= 0"),
                                ("importance_threshold", lambda v: True, "")):
             v = getattr(self, name)
             if not (math.isfinite(v) and ok(v)):
@@ -431,7 +434,8 @@ class Trainer:
         sample_of = target_sample_index(packed)
         noised = self.objective.noise(packed.target_tokens(), sample_of, n, self._generator())
         pred = self.model(packed, noised.x_t, noised.t)
-        per_sample = self.objective.per_sample(pred, noised.target, sample_of, n)
+        per_sample = self.objective.per_sample(pred, noised.target, sample_of, n,
+                                               edit_region_weight(packed, cfg.edit_weight))
         weights = batch.weights.to(self.device)
         counts = torch.tensor([float(n)], device=self.device)
         dist.all_reduce(counts)
