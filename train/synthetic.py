@@ -84,7 +84,8 @@ def make_generation(task: str, rng: random.Random) -> Edit:
         objs = scene.objects  # two objects: their colours swapped; one: another colour
         alt = (replace(scene, objects=(replace(objs[0], color=objs[1].color), replace(objs[1], color=objs[0].color)))
                if len(objs) == 2 else _recolored(scene, rng))
-        return Edit(task, [f"generate the scene from the {kind} map: {text}", f"render the {kind} map as {text}"],
+        # the shorter wording first (canonical): the tiny presets' byte-level text encoder keeps 63 bytes
+        return Edit(task, [f"render the {kind} map as {text}", f"generate the scene from the {kind} map: {text}"],
                     scene, scene, alternative=alt, condition=kind)
     raise ValueError(f"{task!r} is not a generation task; expected one of {NO_HISTORY}")
 
@@ -147,8 +148,8 @@ def make_edit(task: str, scene: Scene, rng: random.Random) -> Edit | None:
         x, y = POSITIONS[pos]
         new = Obj(rng.choice(SHAPES), _other_color(scene, rng), x, y, rng.uniform(0.12, 0.17))
         wrong = replace(new, color=_other_color(scene, rng, new.color))  # another object than the reference's
-        return Edit(task, [f"put the object from {{image1}} at the {pos} of {{image}}",
-                           f"add the {{image1}} object at the {pos}"], scene, scene.with_object(None, new),
+        return Edit(task, [f"add the {{image1}} object at the {pos}",
+                           f"put the object from {{image1}} at the {pos} of {{image}}"], scene, scene.with_object(None, new),
                     alternative=scene.with_object(None, wrong),
                     reference=reference_scene(new, rng.choice(PLAIN_BACKGROUNDS)))
     if task == "background_swap":
