@@ -6,7 +6,6 @@ import warnings
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from omniace.train.omniedit_format import BadRow, check_row

@@ -6,9 +6,9 @@ instruction for one of the seven OmniEdit tasks (object swap, removal, addition,
 background swap, environment change, style transfer), ACE's mask tasks (inpainting, outpainting) or ACE's
 generation families: text-to-image (no source image: ``src_img`` is null), controllable generation (the
 source is an edge or segmentation map of the target scene) and reference-guided editing (a second image,
-``ref_img``, whose object the instruction's ``{image1}`` puts into ``{image}``). Edits of a scene
-(every task but the two generation ones) are at the end of a 2-3 turn chain (``history``) in
-``multi_turn`` of all records. A task's *specialist* makes the target and fails
+``ref_img``, whose object the instruction's ``{image1}`` puts into ``{image}``). An edit of a scene (every
+task but the two generation ones) may end a 2-3 turn chain (``history``); ``multi_turn`` of all records
+do. A task's *specialist* makes the target and fails
 the way real specialists do at a known rate (wrong object, partial edit, artefacts, unchanged output); the
 judge (``scorer.py``) then grades the pair from the images alone and fills the score columns, so the
 importance weight learns from the judge, exactly as with the real data.
@@ -71,6 +71,16 @@ def _recolored(scene: Scene, rng: random.Random) -> Scene:
     return scene.with_object(o, replace(o, color=_other_color(scene, rng)))
 
 
+def _new_object(scene: Scene, rng: random.Random) -> tuple[str, Obj] | None:
+    """A new object in a colour the scene lacks at a free named position (and that position), or None when
+    the scene has no free position or already 4 objects."""
+    pos = free_position(scene, rng)
+    if pos is None or len(scene.objects) >= 4:
+        return None
+    x, y = POSITIONS[pos]
+    return pos, Obj(rng.choice(SHAPES), _other_color(scene, rng), x, y, rng.uniform(0.12, 0.17))
+
+
 def make_generation(task: str, rng: random.Random) -> Edit:
     """A text-to-image or controllable-generation example on a fresh :func:`layout_scene`."""
     if task == "text_to_image":
@@ -121,11 +131,10 @@ def make_edit(task: str, scene: Scene, rng: random.Random) -> Edit | None:
         return Edit(task, [f"remove the {o.name}", f"erase the {o.name}", f"delete the {o.name}"], scene,
                     scene.without(o), alternative=scene.without(alt_o) if alt_o else None)
     if task == "object_addition":
-        pos = free_position(scene, rng)
-        if pos is None or len(objs) >= 4:
+        placed = _new_object(scene, rng)
+        if placed is None:
             return None
-        x, y = POSITIONS[pos]
-        new = Obj(rng.choice(SHAPES), _other_color(scene, rng), x, y, rng.uniform(0.12, 0.17))
+        pos, new = placed
         others = [p for p in POSITIONS if p != pos]
         ax, ay = POSITIONS[rng.choice(others)]
         return Edit(task, [f"add a {new.name} at the {pos}", f"put a {new.name} in the {pos}"], scene,
@@ -142,11 +151,10 @@ def make_edit(task: str, scene: Scene, rng: random.Random) -> Edit | None:
         return Edit(task, [f"make the {o.name} bigger", f"make the {o.name} larger"], scene,
                     scene.with_object(o, replace(o, size=o.size * 1.6)), alternative=alt)
     if task == "reference_guided":
-        pos = free_position(scene, rng)
-        if pos is None or len(objs) >= 4:
+        placed = _new_object(scene, rng)
+        if placed is None:
             return None
-        x, y = POSITIONS[pos]
-        new = Obj(rng.choice(SHAPES), _other_color(scene, rng), x, y, rng.uniform(0.12, 0.17))
+        pos, new = placed
         wrong = replace(new, color=_other_color(scene, rng, new.color))  # another object than the reference's
         return Edit(task, [f"add the {{image1}} object at the {pos}",
                            f"put the object from {{image1}} at the {pos} of {{image}}"], scene, scene.with_object(None, new),
