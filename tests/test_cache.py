@@ -29,7 +29,7 @@ from omniace.train import cache as cache_mod  # noqa: E402
 from omniace.train.cache import CacheConfig, build_cache, encode_batch  # noqa: E402
 from omniace.train.data import DataConfig, EditLoader  # noqa: E402
 from omniace.train.omniedit_format import omniedit_schema, write_shard  # noqa: E402
-from omniace.train.synthetic import generate, write_corpus  # noqa: E402
+from omniace.train.synthetic import OMNIEDIT_TASKS, generate, write_corpus  # noqa: E402
 from omniace.train.trainer import TrainConfig  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # lines reach the test as printed
@@ -82,21 +82,29 @@ def read_unit(path: Path) -> tuple[dict, dict]:
 
 
 def test_the_cache_holds_each_rows_vae_latents_with_the_configs_factors(vae, tmp_path):
+    # every row kind: text-to-image (no src_img), controllable generation, reference-guided (a ref_img)
     rows = list(generate(6, seed=7, short_sides=(32,), multi_turn=0.5))
+    rows += list(generate(1, seed=70, short_sides=(32,), tasks=("reference_guided",)))
+    assert {"text_to_image", "controllable_generation", "reference_guided"} <= {r["task"] for r in rows}
     write_shard(rows, tmp_path / "part-00000.parquet")
     manifest = build_cache(CacheConfig([str(tmp_path / "part-00000.parquet")], str(vae), str(tmp_path / "c")), **QUIET)
-    assert manifest["complete"] and manifest["totals"]["rows"] == 6
+    assert manifest["complete"] and manifest["totals"]["rows"] == 7
     codec = manifest["codec"]
     assert (codec["factor"], codec["latent_channels"], codec["scaling_factor"], codec["shift_factor"]) == (4, 48, 0.7, 0.1)
     tensors, meta = read_unit(tmp_path / "c" / "units" / "00000-00000.safetensors")
     stored = json.loads(meta["rows"])
     model = diffusers.AutoencoderKL.from_pretrained(vae).eval()
-    masks = histories = 0
+    masks = histories = images = 0
     for i, row in enumerate(rows):
         assert stored[i]["omni_edit_id"] == row["omni_edit_id"] and stored[i]["o_score"] == row["o_score"]
-        assert stored[i]["src_img"] == {"path": row["src_img"]["path"]}  # no bytes kept, the path is
+        for name in ("src_img", "ref_img"):  # no bytes kept, the path is; a null image stays null
+            assert stored[i][name] == (None if row[name] is None else {"path": row[name]["path"]})
         w, h = row["width"], row["height"]
-        for name in ("src_img", "edited_img"):
+        for name in ("src_img", "edited_img", "ref_img"):
+            if row[name] is None:
+                assert f"{i}/{name}" not in tensors
+                continue
+            images += 1
             x = to_tensor(Image.open(io.BytesIO(row[name]["bytes"])))
             with torch.no_grad():  # diffusers directly: (mode - shift) * scale, from the folder's config
                 want = (model.encode(x[None]).latent_dist.mode()[0] - 0.1) * 0.7
@@ -111,7 +119,7 @@ def test_the_cache_holds_each_rows_vae_latents_with_the_configs_factors(vae, tmp
             histories += 1
             assert tensors[f"{i}/history[{k}].image"].shape == (48, h // 4, w // 4)
     assert masks and histories  # both kinds were exercised
-    assert len(tensors) == 2 * 6 + masks + histories  # and nothing else was stored
+    assert len(tensors) == images + masks + histories  # and nothing else was stored
 
 
 def test_batched_encoding_equals_the_codecs_one_image_encode(vae):
@@ -129,7 +137,8 @@ def test_bad_rows_corrupt_images_and_bad_shards_are_skipped_counted_and_reported
     data = [str(corpus / "part-00000.parquet"), str(corpus / "part-00001.parquet"), str(tmp_path / "bad.parquet")]
     manifest = build_cache(CacheConfig(data, str(vae), str(out), decoder="pil"), log=logs.append)
     rows = [r for shard in ("part-00000", "part-00001") for r in pq.read_table(corpus / f"{shard}.parquet").to_pylist()]
-    images = sum(2 + len(r["history"] or []) for r in rows[2:])  # masks are not put through the VAE
+    # source (none for text-to-image), target, reference, history; masks are not put through the VAE
+    images = sum((r["src_img"] is not None) + 1 + (r["ref_img"] is not None) + len(r["history"] or []) for r in rows[2:])
     assert manifest["totals"] == {"rows": 22, "images": images, "bad_row": 1, "corrupt_image": 1, "bad_shard": 1}
     skipped = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
     assert [(s["id"], s["kind"]) for s in skipped] == [(str(tmp_path / "bad.parquet"), "bad_shard"),
@@ -151,7 +160,8 @@ def test_bad_rows_corrupt_images_and_bad_shards_are_skipped_counted_and_reported
 
 def test_the_released_schema_caches_one_unit_per_row_group(vae, tmp_path):
     """OmniEdit-Filtered-1.2M's layout: the released columns only (no mask, no history), several row groups."""
-    rows = [{k: r[k] for k in omniedit_schema(extras=False).names} for r in generate(10, seed=8, short_sides=(32,))]
+    rows = [{k: r[k] for k in omniedit_schema(extras=False).names}
+            for r in generate(10, seed=8, short_sides=(32,), tasks=OMNIEDIT_TASKS)]  # the release's seven tasks
     pq.write_table(pa.Table.from_pylist(rows, schema=omniedit_schema(extras=False)), tmp_path / "train-00000.parquet",
                    row_group_size=4)
     manifest = build_cache(CacheConfig([str(tmp_path / "train-00000.parquet")], str(vae), str(tmp_path / "c"),

@@ -67,9 +67,11 @@ def launch(args: list[str], nproc: int, log_path: Path) -> None:
 def evaluate_weights(path: Path, per_task: int, steps: int, guidance: float) -> dict:
     from omniace.engine.pipeline import EditPipeline
 
-    from .eval import evaluate, held_out
+    from .eval import evaluate, family_tasks, held_out
 
-    result, _ = evaluate(EditPipeline.pretrained(path), held_out(per_task), steps=steps, guidance=guidance, seed=0)
+    pipe = EditPipeline.pretrained(path)
+    result, _ = evaluate(pipe, held_out(per_task, tasks=family_tasks(pipe.is_ace)), steps=steps, guidance=guidance,
+                         seed=0)
     return result.to_dict()
 
 

@@ -19,8 +19,8 @@ running a text encoder: ``tiny:PRESET`` (the byte-level encoder a tiny preset tr
 source shards, one entry per unit; once every unit is written, ``complete`` and the totals),
 ``skipped.jsonl`` (once complete), ``texts.safetensors`` (with a text encoder: the empty instruction and the
 image indicators) and ``units/SSSSS-GGGGG.safetensors``: one per row group ``G`` of source shard ``S``,
-holding per kept row ``i`` the latents ``i/src_img``, ``i/edited_img``, ``i/history[k].image``
-(``[C, H/f, W/f]``, ``--dtype``) and ``i/mask_img`` (``[H/f, W/f]`` float, 1 = edit: the binarised mask the
+holding per kept row ``i`` the latents ``i/src_img`` (none for a text-to-image row), ``i/edited_img``,
+``i/ref_img`` (a reference-guided row's), ``i/history[k].image`` (``[C, H/f, W/f]``, ``--dtype``) and ``i/mask_img`` (``[H/f, W/f]`` float, 1 = edit: the binarised mask the
 loader trains on), with a text encoder ``i/text/j`` (``[L, Y]``) and ``i/pooled/j`` (``[P]``, SD3 family)
 for the row's instruction ``j`` (its ``_texts``), and in its metadata the rows' other columns (``rows``) and
 the row group's skipped records (``skipped``).
@@ -209,7 +209,7 @@ def unit_file(source: int, group: int) -> str:
 def _stored_row(row: dict) -> dict:
     """The row's columns without image bytes (their paths kept): what the loader reads besides latents."""
     out = dict(row)
-    for name in ("src_img", "edited_img", "mask_img"):
+    for name in ("src_img", "edited_img", "mask_img", "ref_img"):
         if out.get(name) is not None:
             out[name] = {"path": out[name].get("path")}
     if out.get("history"):
@@ -552,8 +552,8 @@ class CacheStream(RecordStream):
         return json.loads(read_unit_metadata(self.files[s])["rows"])
 
     def latents(self, key: tuple[int, int, int]) -> dict[str, Tensor]:
-        """Row ``key``'s latents (float32) by field name: ``src_img``, ``edited_img``, ``history[k].image``,
-        ``mask_img``."""
+        """Row ``key``'s latents (float32) by field name: ``src_img``, ``edited_img``, ``ref_img``,
+        ``history[k].image``, ``mask_img`` (those the row has)."""
         from safetensors import safe_open
 
         s, _, r = key

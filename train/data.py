@@ -34,12 +34,12 @@ from omniace import require
 from omniace.engine.codec import PixelCodec
 from omniace.engine.imageio import decode_rgb_array, open_image, oriented_size
 from omniace.engine.lcu import ConditionUnit, ImageInput, LCUSample, PackedLCU, indicator_token, pack
-from omniace.engine.pipeline import mask_to_latent, to_tensor
+from omniace.engine.pipeline import mask_to_latent, renumber, to_tensor
 
 from .importance import ImportanceConfig, importance_weight
-from .omniedit_format import REQUIRED, check_row
+from .omniedit_format import REQUIRED, BadRow, check_row
 
-COLUMNS = (*REQUIRED, "mask_img", "history")  # what the loader reads; absent optional ones are fine
+COLUMNS = (*REQUIRED, "mask_img", "ref_img", "history")  # what the loader reads; absent optional ones are fine
 
 
 @dataclass
@@ -309,10 +309,11 @@ def report_skip(stats: dict[str, int], warned: set[str], on_skip: Callable[[dict
 
 
 def image_fields(row: dict, history: int | None, mask: bool) -> dict[str, dict]:
-    """The image structs of a validated row by field name: ``src_img``, ``edited_img``, ``mask_img`` (with
-    ``mask``, when the row has one) and ``history[k].image`` for its last ``history`` turns (all when None),
-    ``k`` being the turn's index in the row's list."""
-    named = {"src_img": row["src_img"], "edited_img": row["edited_img"]}
+    """The image structs of a validated row by field name: ``src_img`` (not for a text-to-image row, which has
+    none), ``edited_img``, ``ref_img`` (when the row has one), ``mask_img`` (with ``mask``, when the row has
+    one) and ``history[k].image`` for its last ``history`` turns (all when None), ``k`` being the turn's
+    index in the row's list."""
+    named = {k: row[k] for k in ("src_img", "edited_img", "ref_img") if row.get(k) is not None}
     if mask and row.get("mask_img") is not None:
         named["mask_img"] = row["mask_img"]
     turns = row.get("history") or []
@@ -363,6 +364,15 @@ def mask_latent(rgb: np.ndarray, factor: int) -> Tensor:
     return mask_to_latent(Image.fromarray(rgb), rgb.shape[0] // factor, rgb.shape[1] // factor)
 
 
+def current_text(prompt: str, offset: int, source: bool) -> str:
+    """The ACE family's instruction of a row's current unit, whose images start at index ``offset`` of the
+    sample (after the kept history's, one each): the prompt's own indicators shifted by ``offset``
+    (``{image1}`` behind two history images is ``{image3}``, as ``EditSession`` renames them), behind the
+    source image's indicator when the unit has one (text-to-image: the prompt alone)."""
+    text = renumber(prompt, offset)
+    return f"{indicator_token(offset)} {text}" if source else text
+
+
 def instruction_texts(row: dict, family: str) -> list[str]:
     """Every instruction the loader may build from a validated row (besides the empty one of a dropped
     prompt): SD3 family, each usable prompt; ACE family, each prompt and history prompt behind each image
@@ -371,7 +381,8 @@ def instruction_texts(row: dict, family: str) -> list[str]:
     if family == "sd3":
         return list(dict.fromkeys(prompts))
     turns = row.get("history") or []
-    out = [f"{indicator_token(k)} {p}" for k in range(len(turns) + 1) for p in prompts]
+    source = row.get("src_img") is not None
+    out = [current_text(p, k, source) for k in range(len(turns) + 1) for p in prompts]
     out += [f"{indicator_token(i)} {t['prompt']}" for j, t in enumerate(turns) for i in range(j + 1)]
     return list(dict.fromkeys(out))
 
@@ -429,9 +440,12 @@ class EditLoader:
         report_skip(self.stats, self._warned, self.on_skip, self.log, kind, record_id, reason)
 
     def tokens(self, row: dict) -> int:
+        """Image tokens of a row's sample: its target, source and reference images (with ``condition``) and
+        its kept history images, all of the row's size."""
         unit = self.cfg.patch_size * self.cfg.codec_factor
         per_image = (int(row["width"]) // unit) * (int(row["height"]) // unit)
-        return per_image * (1 + self.cfg.condition + min(len(row.get("history") or []), self.cfg.history))
+        current = self.cfg.condition * sum(row.get(k) is not None for k in ("src_img", "ref_img"))
+        return per_image * (1 + current + min(len(row.get("history") or []), self.cfg.history))
 
     def _record_id(self, key: tuple[int, int, int], row: dict) -> str:
         return record_id(row, self.stream.files[key[0]], *key[1:])
@@ -440,8 +454,20 @@ class EditLoader:
         """``check_row`` with this config's caps: the row with its usable prompts only, or ``BadRow``. A cached
         row's images were checked when they were encoded; it holds their latents, not their bytes."""
         cfg = self.cfg
-        return check_row(row, cfg.patch_size * cfg.codec_factor, cfg.max_pixels, cfg.max_aspect, cfg.max_side,
-                         images=self.decoder is not None)
+        row = check_row(row, cfg.patch_size * cfg.codec_factor, cfg.max_pixels, cfg.max_aspect, cfg.max_side,
+                        images=self.decoder is not None)
+        if row.get("ref_img") is not None and not (cfg.family == "ace" and cfg.condition):
+            raise BadRow(f"ref_img: a {row['task']!r} row has a second condition image ({{image1}}); this loader "
+                         f"(family {cfg.family!r}, condition {cfg.condition}) gives a sample "
+                         f"{'one condition image' if cfg.condition else 'none'}: train it with the ACE family, or "
+                         f"leave the task out of the corpus (--tasks)")
+        if row.get("src_img") is None and cfg.family == "sd3" and cfg.condition:
+            # ControlNet-style and channel-concat models need one condition image in every sample; EditNet
+            # could do without, but every arm of a comparison must see the same data
+            raise BadRow(f"src_img: a {row['task']!r} row has no source image; the SD3 family's conditioned "
+                         f"models take exactly one condition image per sample: leave the task out of the corpus "
+                         f"(--tasks), or train without a condition image (base pretraining)")
+        return row
 
     def _admit(self, key: tuple[int, int, int], row: dict) -> tuple[dict, float] | None:
         """The validated row and its importance weight, or None once the row is reported as skipped."""
@@ -474,10 +500,18 @@ class EditLoader:
         for i, turn in enumerate(self._history(row)):
             units.append(ConditionUnit(f"{indicator_token(i)} {turn['prompt']}",
                                        [ImageInput(latents[f"history[{first + i}].image"])]))
-        # the empty instruction is exactly the pipeline's negative prompt (no indicator either)
-        text = "" if prompt is None else (f"{indicator_token(len(units))} {prompt}" if ace else prompt)
-        source = [ImageInput(latents["src_img"], mask)] if self.cfg.condition else []
-        units.append(ConditionUnit(text, source))
+        # the current unit: the source (a text-to-image row has none; its text gets no indicator), then the
+        # reference (its {image1} renumbered behind the history); the empty instruction is exactly the
+        # pipeline's negative prompt (no indicator either)
+        current = []
+        if self.cfg.condition:
+            if "src_img" in latents:
+                current.append(ImageInput(latents["src_img"], mask))
+            if "ref_img" in latents:
+                current.append(ImageInput(latents["ref_img"]))
+        source = self.cfg.condition and "src_img" in latents
+        text = "" if prompt is None else (current_text(prompt, len(units), source) if ace else prompt)
+        units.append(ConditionUnit(text, current))
         return LCUSample(units, ImageInput(latents["edited_img"], mask))
 
     def _history(self, row: dict) -> list[dict]:

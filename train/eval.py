@@ -7,13 +7,24 @@ on pixels scaled to [0, 1]. ``success`` is the fraction of outputs the judge (``
 ``o_score >= 9``. Every task also reports the *identity* baseline (the unedited source as the output),
 because most edits are local and copying the source already scores a low L1: a model must beat it.
 
+ACE's task families each get their row: ``text_to_image`` (``pipe.edit(None, ...)`` at the target's size;
+there is no source, so its copy baseline scores a mid-grey image), ``controllable_generation`` (the
+condition map is the source; copying it is the baseline), ``reference_guided`` (``pipe.edit([source,
+reference], "{image} ... {image1} ...")``) and ``multi_turn@1`` .. ``@3``: chains of three edits of a fresh
+scene run turn by turn through one ``EditSession``, each turn fed the session's previous output as a user
+would; the judge grades turn k's output against the image it was fed, L1/L2 compare it with the ground
+truth of turn k, and the copy columns score the fed image as the output. The SD3 family takes exactly one
+image per request and no session: :func:`family_tasks` gives the tasks it can run.
+
 ``python -m omniace.train.eval --weights runs/x/model.safetensors --out out/eval`` writes ``eval.json``
 and ``eval_grid.png`` (source | instruction | output | target, one row per sample).
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import json
+import random
 import textwrap
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,19 +35,33 @@ from PIL import Image, ImageDraw
 
 from omniace.engine.imageio import decode_image
 
-from .scorer import score
-from .synthetic import TASKS, generate
+from .scenes import ASPECTS, frame_size, random_scene, render
+from .scorer import MID_GREY, score
+from .synthetic import OBJECT_TASKS, TASKS, generate, make_edit
 
 HELD_OUT_SEED = 10_000
+MULTI_TURN = "multi_turn"  # a held-out task of TURNS rows, multi_turn@1 .. multi_turn@TURNS
+TURNS = 3
+CHAIN_TASKS = (*OBJECT_TASKS, "background_swap")  # turns that leave a scene the judge can read by colour
+EVAL_TASKS = (*TASKS, MULTI_TURN)
+ONE_IMAGE_TASKS = tuple(t for t in TASKS if t not in ("text_to_image", "reference_guided"))
+
+
+def family_tasks(is_ace: bool) -> tuple[str, ...]:
+    """The held-out tasks a pipeline family runs: every one for ACE; for SD3 (one condition image per
+    request, no session; its ControlNet-style and concat models need exactly one) the single-image ones."""
+    return EVAL_TASKS if is_ace else ONE_IMAGE_TASKS
 
 
 @dataclass
 class EvalSample:
     task: str
     instruction: str
-    source: Image.Image
+    source: Image.Image | None  # None: text-to-image
     target: Image.Image
     mask: Image.Image | None
+    reference: Image.Image | None = None  # {image1} of a reference-guided edit
+    turn: int = 0  # multi-turn: 1 .. TURNS; turn k > 1 is fed the session's output of turn k - 1
 
 
 @dataclass
@@ -69,11 +94,36 @@ class EvalResult:
         return "\n".join(rows)
 
 
+def chains(n: int, seed: int, short_sides: tuple[int, ...] = (64,), turns: int = TURNS) -> list[EvalSample]:
+    """``n`` chains of ``turns`` clean edits (:data:`CHAIN_TASKS`), each on a fresh scene, turn by turn in
+    order: turn k's source and target are the ground-truth scenes before and after it (deterministic in ``seed``)."""
+    out = []
+    for c in range(n):
+        rng = random.Random(f"{seed}:chain:{c}")
+        w, h = frame_size(rng.choice(list(ASPECTS)), rng.choice(short_sides))
+        scene = random_scene(rng)
+        for k in range(1, turns + 1):
+            edit = None
+            while edit is None:  # background_swap always fits: this ends
+                edit = make_edit(rng.choice(CHAIN_TASKS), scene, rng)
+            out.append(EvalSample(f"{MULTI_TURN}@{k}", edit.prompts[0], render(scene, w, h),
+                                  render(edit.target, w, h), None, turn=k))
+            scene = edit.target
+    return out
+
+
 def held_out(per_task: int, seed: int = HELD_OUT_SEED, short_sides: tuple[int, ...] = (64,),
-             tasks: tuple[str, ...] = TASKS) -> list[EvalSample]:
-    """``per_task`` clean single-turn pairs of every task (deterministic in ``seed``)."""
+             tasks: tuple[str, ...] = EVAL_TASKS) -> list[EvalSample]:
+    """``per_task`` clean single-turn pairs of every task, and for ``multi_turn`` ``per_task`` chains of
+    :data:`TURNS` turns (deterministic in ``seed``). ValueError naming an unknown task."""
+    bad = [t for t in tasks if t not in EVAL_TASKS]
+    if bad:
+        raise ValueError(f"unknown held-out task(s) {bad}; expected some of {EVAL_TASKS}")
     out = []
     for t, task in enumerate(tasks):
+        if task == MULTI_TURN:
+            out += chains(per_task, seed + 1000 * t, short_sides)
+            continue
         for rec in generate(per_task, seed=seed + 1000 * t, short_sides=short_sides, failure_rate=0.0,
                             multi_turn=0.0, tasks=(task,)):
             def img(col):
@@ -81,8 +131,27 @@ def held_out(per_task: int, seed: int = HELD_OUT_SEED, short_sides: tuple[int, .
 
             mask = img("mask_img")
             out.append(EvalSample(task, rec["edited_prompt_list"][0], img("src_img"), img("edited_img"),
-                                  None if mask is None else mask.convert("L")))
+                                  None if mask is None else mask.convert("L"), img("ref_img")))
     return out
+
+
+def fed_image(samples: list[EvalSample], outputs: list[Image.Image], i: int) -> Image.Image | None:
+    """What sample ``i``'s request was given: its source, or for turn k > 1 of a chain the previous output."""
+    return outputs[i - 1] if samples[i].turn > 1 else samples[i].source
+
+
+def _check_samples(pipe, samples: list[EvalSample]) -> None:
+    """Before any model work: every sample's task runs on ``pipe``'s family, every chain's turns in order."""
+    if not pipe.is_ace:
+        bad = sorted({s.task for s in samples if s.source is None or s.reference is not None or s.turn})
+        if bad:
+            raise ValueError(f"held-out task(s) {bad} need the ACE family (no image, two images or an EditSession); "
+                             f"this pipeline's SD3 model takes one image per request: use "
+                             f"held_out(..., tasks=family_tasks(False))")
+    for i, s in enumerate(samples):
+        if s.turn > 1 and (i == 0 or samples[i - 1].turn != s.turn - 1):
+            raise ValueError(f"sample {i} ({s.task}) is turn {s.turn} of a chain but sample {i - 1} is not its turn "
+                             f"{s.turn - 1}; a chain's turns must be consecutive, in order")
 
 
 def _pixels(image: Image.Image) -> np.ndarray:
@@ -96,20 +165,39 @@ def _metrics(rows: list[tuple[float, float, bool, float, float, bool]]) -> TaskM
 
 def evaluate(pipe, samples: list[EvalSample], steps: int = 20, guidance: float = 1.5,
              seed: int = 0) -> tuple[EvalResult, list[Image.Image]]:
-    """Edit every sample with ``pipe`` and score it; returns the result and the outputs in order."""
+    """Edit every sample with ``pipe`` and score it; returns the result and the outputs in order.
+
+    Text-to-image samples are generated at the target's size; reference samples get ``[source, reference]``;
+    a chain's turns go through one ``EditSession`` (a new one at each turn 1). The copy baseline is the image
+    the request was fed (a mid-grey image for text-to-image, which has none). ValueError before any model
+    work for a task ``pipe``'s family cannot run or a chain out of order."""
+    from omniace.engine.pipeline import EditSession
+
+    _check_samples(pipe, samples)
     per_task: dict[str, list] = {}
-    outputs = []
+    outputs: list[Image.Image] = []
+    session = None
     t0 = time.perf_counter()
     for i, s in enumerate(samples):
-        instruction = ("{image} " + s.instruction) if pipe.is_ace else s.instruction
-        masks = s.mask if (pipe.is_ace and s.mask is not None) else None
-        out = pipe.edit(s.source, instruction, masks=masks, steps=steps, guidance=guidance, seed=seed + i)[0]
+        fed = fed_image(samples, outputs, i)
+        prefix = "{image} " if (pipe.is_ace and s.source is not None) else ""
+        kw = dict(steps=steps, guidance=guidance, seed=seed + i)
+        if s.turn:
+            session = EditSession(pipe) if s.turn == 1 else session
+            out = session.edit(prefix + s.instruction, s.source if s.turn == 1 else None, **kw)
+        elif s.source is None:
+            out = pipe.edit(None, s.instruction, size=s.target.size, **kw)[0]
+        else:
+            images = [s.source] + ([s.reference] if s.reference is not None else [])
+            masks = s.mask if (pipe.is_ace and s.mask is not None) else None
+            out = pipe.edit(images, prefix + s.instruction, masks=masks, **kw)[0]
         outputs.append(out)
-        o, tgt, src = _pixels(out), _pixels(s.target), _pixels(s.source)
-        judged = score(s.source, out, s.instruction, s.mask).o_score >= 9
-        copied = score(s.source, s.source, s.instruction, s.mask).o_score >= 9
+        copy = fed if fed is not None else Image.new("RGB", s.target.size, MID_GREY)
+        o, tgt, c = _pixels(out), _pixels(s.target), _pixels(copy)
+        judged = score(fed, out, s.instruction, s.mask, ref_img=s.reference).o_score >= 9
+        copied = score(fed, copy, s.instruction, s.mask, ref_img=s.reference).o_score >= 9
         per_task.setdefault(s.task, []).append((np.abs(o - tgt).mean(), ((o - tgt) ** 2).mean(), judged,
-                                                np.abs(src - tgt).mean(), ((src - tgt) ** 2).mean(), copied))
+                                                np.abs(c - tgt).mean(), ((c - tgt) ** 2).mean(), copied))
     every = [r for rows in per_task.values() for r in rows]
     settings = {"samples": len(samples), "steps": steps, "guidance": guidance, "seed": seed,
                 "seconds": round(time.perf_counter() - t0, 2)}
@@ -117,13 +205,33 @@ def evaluate(pipe, samples: list[EvalSample], steps: int = 20, guidance: float =
     return result, outputs
 
 
-def write_grid(samples: list[EvalSample], outputs: list[Image.Image], path: str | Path, cell: int = 112) -> None:
-    """One row per sample: source | instruction | output | target, each scaled to ``cell`` pixels high."""
+def _shown_source(s: EvalSample, fed: Image.Image | None) -> Image.Image:
+    """The grid's source cell: the image fed in (a condition map, a chain's previous output) with a
+    reference image small at its top right, beside it; a blank white cell for text-to-image."""
+    if fed is None:
+        return Image.new("RGB", s.target.size, "white")
+    if s.reference is None:
+        return fed
+    w, h = fed.size
+    ref = s.reference.resize((max(1, w * 2 // 5), max(1, h * 2 // 5)), Image.NEAREST)
+    shown = Image.new("RGB", (w + 2 + ref.width, h), "white")
+    shown.paste(fed, (0, 0))
+    shown.paste(ref, (w + 2, 0))
+    return shown
+
+
+def write_grid(samples: list[EvalSample], outputs: list[Image.Image], path: str | Path, cell: int = 112,
+               fed: list[Image.Image | None] | None = None) -> None:
+    """One row per sample: source | instruction | output | target, each scaled to ``cell`` pixels high.
+    ``fed``: what each request was given (default: the samples' sources; a chain's turns were given the
+    previous output); the source cell shows it (see :func:`_shown_source`)."""
     def fit(img: Image.Image) -> Image.Image:
         w, h = img.size
         return img.resize((max(1, round(w * cell / h)), cell), Image.NEAREST)
 
-    width = max(fit(s.source).width for s in samples)
+    fed = [s.source for s in samples] if fed is None else fed
+    shown = [_shown_source(s, f) for s, f in zip(samples, fed)]
+    width = max(fit(img).width for img in shown)
     text_w, pad = 200, 6
     header = 18
     grid = Image.new("RGB", (3 * width + text_w + 5 * pad, header + len(samples) * (cell + pad) + pad), "white")
@@ -131,10 +239,11 @@ def write_grid(samples: list[EvalSample], outputs: list[Image.Image], path: str 
     cols = [pad, pad + width + pad, 2 * pad + width + text_w + pad, 3 * pad + 2 * width + text_w + pad]
     for x, name in zip(cols, ["source", "instruction", "output", "target"]):
         draw.text((x, 3), name, fill="black")
-    for r, (s, out) in enumerate(zip(samples, outputs)):
+    for r, (s, out, f, src) in enumerate(zip(samples, outputs, fed, shown)):
         y = header + r * (cell + pad)
-        grid.paste(fit(s.source), (cols[0], y))
-        draw.multiline_text((cols[1], y + 4), f"[{s.task}]\n" + "\n".join(textwrap.wrap(s.instruction, 30)),
+        grid.paste(fit(src), (cols[0], y))
+        note = ("\n(no source image)" if f is None else "") + ("\n(reference: right of it)" if s.reference else "")
+        draw.multiline_text((cols[1], y + 4), f"[{s.task}]\n" + "\n".join(textwrap.wrap(s.instruction, 30)) + note,
                             fill="black", spacing=3)
         grid.paste(fit(out), (cols[2], y))
         grid.paste(fit(s.target), (cols[3], y))
@@ -143,15 +252,24 @@ def write_grid(samples: list[EvalSample], outputs: list[Image.Image], path: str 
 
 
 def run(pipe, out: str | Path, per_task: int = 8, steps: int = 20, guidance: float = 1.5, seed: int = 0,
-        grid_per_task: int = 1, name: str = "eval", split_seed: int = HELD_OUT_SEED, log=print) -> EvalResult:
-    """Evaluate on the held-out split, print the table, write ``{name}.json`` and ``{name}_grid.png``."""
+        grid_per_task: int = 1, name: str = "eval", split_seed: int = HELD_OUT_SEED, log=print,
+        tasks: tuple[str, ...] | None = None) -> EvalResult:
+    """Evaluate on the held-out split (``tasks``, default: every task ``pipe``'s family runs,
+    :func:`family_tasks`), print the table, write ``{name}.json`` and ``{name}_grid.png`` (the first
+    ``grid_per_task`` samples of each task row)."""
     out = Path(out)
-    samples = held_out(per_task, seed=split_seed)
+    samples = held_out(per_task, seed=split_seed, tasks=family_tasks(pipe.is_ace) if tasks is None else tasks)
     result, outputs = evaluate(pipe, samples, steps=steps, guidance=guidance, seed=seed)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-    shown = [i for i in range(len(samples)) if i % per_task < grid_per_task]
-    write_grid([samples[i] for i in shown], [outputs[i] for i in shown], out / f"{name}_grid.png")
+    seen: collections.Counter = collections.Counter()
+    shown = []
+    for i, s in enumerate(samples):
+        if seen[s.task] < grid_per_task:
+            shown.append(i)
+        seen[s.task] += 1
+    write_grid([samples[i] for i in shown], [outputs[i] for i in shown], out / f"{name}_grid.png",
+               fed=[fed_image(samples, outputs, i) for i in shown])
     log(result.table())
     log(f"wrote {out / f'{name}.json'} and {out / f'{name}_grid.png'} (source | instruction | output | target)")
     return result

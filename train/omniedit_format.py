@@ -3,12 +3,15 @@
 Required (as released): ``omni_edit_id``, ``task``, ``src_img`` / ``edited_img`` (the Hugging Face image
 struct: encoded ``bytes`` and a ``path``), ``edited_prompt_list``, ``width``, ``height``, ``sc_score_1``,
 ``sc_score_2``, ``sc_reasoning``, ``pq_score``, ``pq_reasoning``, ``o_score``. Optional (ours; readers do
-without them): ``mask_img``, ``history`` (earlier turns: prompt + image), ``specialist``, ``failure``.
+without them): ``mask_img``, ``ref_img`` (the second image, ``{image1}``, of a reference-guided edit),
+``history`` (earlier turns: prompt + image), ``specialist``, ``failure``. ACE's text-to-image rows
+(``task`` ``text_to_image``) have a null ``src_img``: there is no source image.
 """
 from __future__ import annotations
 
 import math
 import os
+import re
 import reprlib
 from pathlib import Path
 
@@ -16,7 +19,9 @@ from omniace import require
 
 REQUIRED = ("omni_edit_id", "task", "src_img", "edited_img", "edited_prompt_list", "width", "height",
             "sc_score_1", "sc_score_2", "sc_reasoning", "pq_score", "pq_reasoning", "o_score")
-OPTIONAL = ("mask_img", "history", "specialist", "failure")
+OPTIONAL = ("mask_img", "ref_img", "history", "specialist", "failure")
+NO_SOURCE_TASKS = ("text_to_image",)  # the only tasks whose src_img may be null
+_INDICATOR = re.compile(r"\{image(\d*)\}")
 SCORES = ("sc_score_1", "sc_score_2", "pq_score", "o_score")
 
 _repr = reprlib.Repr()  # bad values in reasons, kept short (an image struct holds the whole file)
@@ -44,7 +49,9 @@ def check_row(row: dict, unit: int, max_pixels: int, max_aspect: float, max_side
     ``edited_prompt_list`` reduced to its usable entries (non-empty strings; nulls and blanks dropped).
 
     Checks: ``omni_edit_id`` and ``task`` non-empty strings; ``src_img`` / ``edited_img`` image structs with
-    bytes, ``mask_img`` null or one; at least one usable prompt; ``width`` / ``height`` positive ints,
+    bytes (``src_img`` may be null for a ``NO_SOURCE_TASKS`` task), ``mask_img`` and ``ref_img`` null or one;
+    at least one usable prompt, and every image indicator a prompt names (``{image}``, ``{image1}``, ...)
+    one of the row's current images (source, then reference); ``width`` / ``height`` positive ints,
     multiples of ``unit`` (pixels per token), ``width * height <= max_pixels``, longer / shorter side
     ``<= max_aspect``, each side ``<= max_side`` when given; every score column (``SCORES``) a finite number;
     ``history`` null or a list of ``{prompt: non-empty str, image: image struct}`` with no null entry.
@@ -53,17 +60,26 @@ def check_row(row: dict, unit: int, max_pixels: int, max_aspect: float, max_side
     """
     _text("omni_edit_id", row.get("omni_edit_id"))
     _text("task", row.get("task"))
+    if row.get("src_img") is None and row["task"] not in NO_SOURCE_TASKS:
+        raise BadRow(f"src_img is null for task {row['task']!r}; only {', '.join(NO_SOURCE_TASKS)} rows may have "
+                     f"no source image")
     if images:
-        for field in ("src_img", "edited_img"):
-            _image(field, row.get(field))
-        if row.get("mask_img") is not None:
-            _image("mask_img", row["mask_img"])
+        _image("edited_img", row.get("edited_img"))
+        for field in ("src_img", "mask_img", "ref_img"):
+            if row.get(field) is not None:
+                _image(field, row[field])
     prompts = row.get("edited_prompt_list")
     if not isinstance(prompts, list):
         raise BadRow(f"edited_prompt_list {_short(prompts)} is not a list")
     usable = [p for p in prompts if isinstance(p, str) and p.strip()]
     if not usable:
         raise BadRow(f"edited_prompt_list {_short(prompts)} holds no non-empty instruction")
+    n_images = (row.get("src_img") is not None) + (row.get("ref_img") is not None)
+    for p in usable:
+        for m in _INDICATOR.finditer(p):
+            if int(m.group(1) or 0) >= n_images:
+                raise BadRow(f"edited_prompt_list entry {_short(p)} names {m.group(0)} but the row has {n_images} "
+                             f"current image(s) (src_img, then ref_img)")
     w, h = row.get("width"), row.get("height")
     for field, v in (("width", w), ("height", h)):
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0 or v % unit:
@@ -108,7 +124,7 @@ def omniedit_schema(extras: bool = True):
         ("o_score", pa.float64()),
     ]
     if extras:
-        fields += [("mask_img", image_struct()),
+        fields += [("mask_img", image_struct()), ("ref_img", image_struct()),
                    ("history", pa.list_(pa.struct([("prompt", pa.string()), ("image", image_struct())]))),
                    ("specialist", pa.string()), ("failure", pa.string())]
     return pa.schema(fields)

@@ -4,6 +4,11 @@ A :class:`Scene` is a small description (background, objects, environment, style
 image at any size; positions and sizes are fractions of the frame, so one scene renders at every OmniEdit
 aspect ratio. Every object in a scene has its own colour, so an instruction that names a colour and a
 shape picks exactly one object, and a scorer can find it by colour alone.
+
+ACE's generation tasks draw from the same scenes: :func:`layout_scene` places objects at named positions
+(text-to-image), :func:`render_map` draws a scene's condition map (controllable generation: an edge map or
+a segmentation map, neither of which carries the objects' colours), :func:`reference_scene` shows one object
+alone (the second image of reference-guided editing).
 """
 from __future__ import annotations
 
@@ -33,6 +38,12 @@ BACKGROUNDS: dict[str, tuple[str, tuple[int, int, int], tuple[int, int, int]]] =
 POSITIONS: dict[str, tuple[float, float]] = {"top left": (0.25, 0.25), "top right": (0.75, 0.25),
                                              "bottom left": (0.25, 0.75), "bottom right": (0.75, 0.75),
                                              "center": (0.5, 0.5)}
+# segmentation-map class colours, one per shape kind (on black); far from every object and background
+# colour, so a copied map never passes for the scene
+SEG_COLORS: dict[str, tuple[int, int, int]] = {"circle": (0, 200, 200), "square": (200, 0, 200),
+                                               "triangle": (120, 255, 120)}
+MAP_KINDS = ("edge", "segmentation")
+PLAIN_BACKGROUNDS = tuple(b for b, (kind, _, _) in BACKGROUNDS.items() if kind == "plain")
 
 
 @dataclass(frozen=True)
@@ -112,10 +123,29 @@ def render_background(name: str, w: int, h: int) -> Image.Image:
     return img
 
 
-def _draw(d: ImageDraw.ImageDraw, o: Obj, w: int, h: int) -> None:
+def layout_scene(rng: random.Random, n_objects: tuple[int, int] = (1, 2),
+                 distinct_shapes: bool = False) -> tuple[Scene, list[str]]:
+    """A day/photo scene of 1-2 objects at named :data:`POSITIONS` (a pair takes two corners, so they never
+    touch) and the position name of each object, in order. ``distinct_shapes``: no two objects share a shape
+    (a condition map shows shapes, not colours: the text's colours are matched to the map by shape)."""
+    n = rng.randint(*n_objects)
+    where = rng.sample(list(POSITIONS) if n == 1 else [p for p in POSITIONS if p != "center"], n)
+    colors = rng.sample(list(COLORS), n)
+    shapes = rng.sample(SHAPES, n) if distinct_shapes else [rng.choice(SHAPES) for _ in range(n)]
+    objs = tuple(Obj(s, c, POSITIONS[p][0] + rng.uniform(-0.03, 0.03), POSITIONS[p][1] + rng.uniform(-0.03, 0.03),
+                     rng.uniform(0.11, 0.15)) for s, c, p in zip(shapes, colors, where))
+    return Scene(rng.choice(list(BACKGROUNDS)), objs), where
+
+
+def reference_scene(obj: Obj, background: str) -> Scene:
+    """``obj`` alone, centred and large, on ``background`` (a plain one): a reference image's content."""
+    return Scene(background, (replace(obj, cx=0.5, cy=0.5, size=0.25),))
+
+
+def _draw(d: ImageDraw.ImageDraw, o: Obj, w: int, h: int, fill: tuple[int, int, int] | int | None = None) -> None:
     s = o.size * min(w, h)
     x, y = o.cx * w, o.cy * h
-    fill = COLORS[o.color]
+    fill = COLORS[o.color] if fill is None else fill
     if o.shape == "circle":
         d.ellipse([x - s, y - s, x + s, y + s], fill=fill)
     elif o.shape == "square":
@@ -151,6 +181,26 @@ def render(scene: Scene, w: int, h: int) -> Image.Image:
     if scene.keep is not None:
         img = Image.composite(img, Image.new("RGB", (w, h), HOLE_GRAY), box_mask(scene.keep, w, h))
     return img
+
+
+def render_map(scene: Scene, w: int, h: int, kind: str) -> Image.Image:
+    """The condition map of ``scene``'s objects, RGB ``w`` x ``h``: ``"edge"``, their outlines (Pillow's
+    FIND_EDGES of the objects' silhouettes: white 1-pixel lines on black), or ``"segmentation"``, each object
+    filled with its shape's class colour (:data:`SEG_COLORS`) on black. The background's texture is left out
+    (the instruction names the background), so the map's only lines are the objects'."""
+    if kind == "segmentation":
+        img = Image.new("RGB", (w, h), (0, 0, 0))
+        d = ImageDraw.Draw(img)
+        for o in scene.objects:
+            _draw(d, o, w, h, SEG_COLORS[o.shape])
+        return img
+    if kind != "edge":
+        raise ValueError(f"condition map kind {kind!r}; expected one of {MAP_KINDS}")
+    sil = Image.new("L", (w, h), 0)
+    d = ImageDraw.Draw(sil)
+    for o in scene.objects:
+        _draw(d, o, w, h, 255)
+    return sil.filter(ImageFilter.FIND_EDGES).convert("RGB")
 
 
 def box_mask(box: tuple[float, float, float, float], w: int, h: int, inside: bool = True) -> Image.Image:

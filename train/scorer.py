@@ -5,6 +5,12 @@ edit made), ``sc_score_2`` (was everything else left alone), ``pq_score`` (perce
 blotches), and ``o_score = sqrt(min(sc_score_1, sc_score_2) * pq_score)``, all 0-10. It reads the
 instruction with the templates' grammar, finds the named object by its colour (each object in a scene has
 its own), and checks the expected change; it never sees the specialist's failure flag.
+
+ACE's generation tasks have nothing to preserve (``sc_score_2`` is 10): text-to-image (no source image)
+checks each named object's colour, position and shape and the background; controllable generation checks
+that each named colour covers the map's shape of its kind (IoU) and the background; reference-guided
+editing reads the object's colour and shape from the reference image (``ref_img``) and is then judged as
+an addition.
 """
 from __future__ import annotations
 
@@ -15,13 +21,24 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .scenes import BACKGROUNDS, COLORS, HOLE_GRAY, POSITIONS, SHAPES, render_background
+from .scenes import BACKGROUNDS, COLORS, HOLE_GRAY, POSITIONS, SEG_COLORS, SHAPES, render_background
 
+MID_GREY = (128, 128, 128)  # the blank canvas: what "doing nothing" means where there is no source image
 _C = "|".join(COLORS)
 _S = "|".join(SHAPES)
 _B = "|".join(BACKGROUNDS)
 _P = "|".join(POSITIONS)
+_OBJ_AT = rf"an? (?:{_C}) (?:{_S}) at the (?:{_P})"
+_OBJ = rf"an? (?:{_C}) (?:{_S})"
+OBJECT_AT = re.compile(rf"an? ({_C}) ({_S}) at the ({_P})")
+OBJECT = re.compile(rf"an? ({_C}) ({_S})")
 GRAMMAR: list[tuple[str, re.Pattern]] = [
+    # ACE's generation families first: their texts name objects the edit patterns below would also match
+    ("control", re.compile(rf"(?:generate the scene from|render) the (edge|segmentation) map(?::| as) "
+                           rf"({_OBJ}(?: and {_OBJ})*) on an? ({_B}) background")),
+    ("reference", re.compile(rf"(?:put|place) the object from \{{image1\}} (?:at|in) the ({_P})")),
+    ("reference", re.compile(rf"(?:add|put) the \{{image1\}} object (?:at|in) the ({_P})")),
+    ("t2i", re.compile(rf"^(?:draw |generate )?({_OBJ_AT}(?: and {_OBJ_AT})*) on an? ({_B}) background$")),
     ("swap", re.compile(rf"(?:replace|swap) the ({_C}) ({_S}) (?:with|for) an? ({_C}) ({_S})")),
     ("remove", re.compile(rf"(?:remove|erase|delete) the ({_C}) ({_S})")),
     ("add", re.compile(rf"(?:add|put|place) an? ({_C}) ({_S}) (?:at|in) the ({_P})")),
@@ -124,20 +141,44 @@ def _structure(src: np.ndarray, out: np.ndarray) -> float:
     return float(_dilate(eo, 1)[es].mean())
 
 
-def score(src_img: Image.Image, edited_img: Image.Image, instruction: str,
-          mask_img: Image.Image | None = None) -> Scores:
-    src = np.asarray(src_img.convert("RGB"), dtype=np.float32)
-    out = np.asarray(edited_img.convert("RGB"), dtype=np.float32)
-    h, w, _ = src.shape
-    iso = max(0.0, _isolated_fraction(out) - _isolated_fraction(src))
+def _rgb(img: Image.Image) -> np.ndarray:
+    return np.asarray(img.convert("RGB"), dtype=np.float32)
+
+
+def score(src_img: Image.Image | None, edited_img: Image.Image, instruction: str,
+          mask_img: Image.Image | None = None, *, ref_img: Image.Image | None = None) -> Scores:
+    """Grade ``edited_img`` made from ``src_img`` (None for text-to-image) by ``instruction``; ``mask_img``
+    for the mask tasks (white = edit), ``ref_img`` the ``{image1}`` of reference-guided editing (any size).
+    Returns the 0-10 :class:`Scores`; an instruction it cannot read, an edit without its source or reference
+    image, or an output of another size than the source scores 0, with the reason."""
+    out = _rgb(edited_img)
+    src = None if src_img is None else _rgb(src_img)
+    iso = max(0.0, _isolated_fraction(out) - (0.0 if src is None else _isolated_fraction(src)))
     pq = float(np.clip(10 * (1 - iso / 0.01), 0, 10))
     pq_reason = f"{100 * iso:.2f}% of pixels are isolated noise" + (" (clean)" if pq >= 9 else " (artefacts)")
-    if out.shape != src.shape:
-        return Scores(0, 0, round(pq), 0.0, "output size differs from the source", pq_reason)
     parsed = parse(instruction)
     if parsed is None:
         return Scores(0, 0, round(pq), 0.0, f"cannot read the instruction {instruction!r}", pq_reason)
     kind, args = parsed
+    if kind == "t2i":
+        sc1, why = _generated(out, [m.groups() for m in OBJECT_AT.finditer(args[0])], args[1])
+        return _scores(sc1, 10.0, pq, why + "; no source image: nothing to preserve", pq_reason)
+    if src is None:
+        return Scores(0, 0, round(pq), 0.0, f"an edit ({kind}) needs a source image; none was given", pq_reason)
+    if out.shape != src.shape:
+        return Scores(0, 0, round(pq), 0.0, "output size differs from the source", pq_reason)
+    if kind == "control":
+        sc1, why = _controlled(src, out, [m.groups() for m in OBJECT.finditer(args[1])], args[2])
+        return _scores(sc1, 10.0, pq, why + "; a map is not kept: nothing to preserve", pq_reason)
+    if kind == "reference":
+        if ref_img is None:
+            return Scores(0, 0, round(pq), 0.0, "the instruction names {image1} but no reference image was given",
+                          pq_reason)
+        found = reference_object(_rgb(ref_img))
+        if found is None:
+            return Scores(0, 0, round(pq), 0.0, "the reference image shows no object of a known colour", pq_reason)
+        kind, args = "add", (*found, args[0])
+    h, w, _ = src.shape
     mask = None if mask_img is None else np.asarray(mask_img.convert("L").resize((w, h))) > 127
     sc1, keep, why = _semantic(kind, args, src, out, mask)
     sc2, diff = _preservation(src, out, keep) if keep is not None else (10 * max(0.0, _structure(src, out)), 0.0)
@@ -145,8 +186,119 @@ def score(src_img: Image.Image, edited_img: Image.Image, instruction: str,
         why += f"; edge structure kept {sc2 / 10:.2f}"
     else:
         why += f"; mean change elsewhere {diff:.1f}/255"
+    return _scores(sc1, sc2, pq, why, pq_reason)
+
+
+def _scores(sc1: float, sc2: float, pq: float, why: str, pq_reason: str) -> Scores:
     o = math.sqrt(min(sc1, sc2) * pq)
     return Scores(round(sc1), round(sc2), round(pq), round(o, 3), why, pq_reason)
+
+
+def reference_object(ref: np.ndarray) -> tuple[str, str] | None:
+    """``(colour, shape)`` of the object a reference image shows: the pixels unlike its commonest colour (its
+    plain background), named by the nearest object colour; None when there is none within tolerance."""
+    colours, counts = np.unique(ref.reshape(-1, 3), axis=0, return_counts=True)
+    obj = np.linalg.norm(ref - colours[counts.argmax()], axis=-1) > 60
+    if obj.sum() < 6:
+        return None
+    mean = np.median(ref[obj], axis=0)
+    name, dist = min(((c, float(np.linalg.norm(mean - np.array(v)))) for c, v in COLORS.items()), key=lambda t: t[1])
+    if dist > 60:
+        return None
+    return name, _shape_of(obj & color_mask(ref, name)) or "circle"
+
+
+def _background_match(out: np.ndarray, background: str, objects: np.ndarray) -> float:
+    """0-1 credit for the background: the share of pixels away from ``objects`` that show ``background``."""
+    h, w, _ = out.shape
+    want = np.asarray(render_background(background, w, h), dtype=np.float32)
+    bg = ~_dilate(objects, 1)
+    match = float((np.abs(out - want).sum(-1) < 60)[bg].mean()) if bg.any() else 0.0
+    return float(np.clip((match - 0.3) / 0.6, 0, 1))
+
+
+def _generated(out: np.ndarray, objects: list[tuple[str, str, str]], background: str) -> tuple[float, str]:
+    """Text-to-image: each named ``(colour, shape, position)`` drawn by its colour, its centre within 0.15 of
+    the frame of the position, its shape right; the rest of the frame the named background."""
+    h, w, _ = out.shape
+    expected = 0.25 * (0.12 * min(h, w)) ** 2 * 3  # a shape of the smallest size, with slack
+    credit, notes, drawn = [], [], np.zeros((h, w), bool)
+    for color, shape, pos in objects:
+        m = color_mask(out, color)
+        drawn |= m
+        ys, xs = np.nonzero(m)
+        cover = min(1.0, len(ys) / expected)
+        px, py = POSITIONS[pos]
+        near = len(ys) > 0 and abs(xs.mean() / w - px) < 0.15 and abs(ys.mean() / h - py) < 0.15
+        got = _shape_of(m)
+        credit.append(cover * near * (1.0 if got == shape else 0.5))
+        notes.append(f"{color} {shape}: {len(ys)} px{'' if near else ' not'} at the {pos}, looks like a {got}")
+    bg = _background_match(out, background, drawn)
+    return 10 * min(credit) * bg, "; ".join(notes) + f"; background {background} {100 * bg:.0f}%"
+
+
+def _grow4(m: np.ndarray) -> np.ndarray:
+    """``m`` with its 4-neighbours (no wrap-around at the border)."""
+    g = m.copy()
+    g[1:] |= m[:-1]
+    g[:-1] |= m[1:]
+    g[:, 1:] |= m[:, :-1]
+    g[:, :-1] |= m[:, 1:]
+    return g
+
+
+def _fill(seed: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+    """The 4-connected part of ``allowed`` that ``seed`` reaches."""
+    region = seed & allowed
+    while True:
+        grown = _grow4(region) & allowed
+        if (grown == region).all():
+            return region
+        region = grown
+
+
+def _components(m: np.ndarray, min_px: int = 6) -> list[np.ndarray]:
+    """4-connected components of ``m`` of at least ``min_px`` pixels."""
+    left, out = m.copy(), []
+    while left.any():
+        seed = np.zeros_like(m)
+        seed[tuple(np.argwhere(left)[0])] = True
+        comp = _fill(seed, left)
+        left &= ~comp
+        if comp.sum() >= min_px:
+            out.append(comp)
+    return out
+
+
+def map_shapes(cond: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """The shapes a condition map shows, ``(shape, pixels)`` each: a segmentation map's regions of each class
+    colour (:data:`SEG_COLORS`), or an edge map's outlines filled (what the border cannot reach through
+    non-edge pixels), classified by :func:`_shape_of`."""
+    seg = [(s, np.linalg.norm(cond - np.array(c, np.float32), axis=-1) < 40) for s, c in SEG_COLORS.items()]
+    if any(m.sum() >= 6 for _, m in seg):
+        return [(s, comp) for s, m in seg for comp in _components(m)]
+    edges = cond.mean(-1) > 127
+    border = np.zeros_like(edges)
+    border[[0, -1], :] = border[:, [0, -1]] = True
+    inside = ~_fill(border, ~edges)
+    return [(_shape_of(comp), comp) for comp in _components(inside)]
+
+
+def _controlled(cond: np.ndarray, out: np.ndarray, objects: list[tuple[str, str]], background: str) -> tuple[float, str]:
+    """Controllable generation: each named ``(colour, shape)`` covers the map's shape of its kind (best IoU of
+    the colour's pixels with one of them), the rest of the frame the named background."""
+    shapes = map_shapes(cond)
+    credit, notes, drawn = [], [], np.zeros(out.shape[:2], bool)
+    for color, shape in objects:
+        m = color_mask(out, color)
+        drawn |= m
+        ious = [float((m & r).sum() / max(1, (m | r).sum())) for s, r in shapes if s == shape]
+        iou = max(ious, default=0.0)
+        credit.append(float(np.clip((iou - 0.3) / 0.4, 0, 1)))
+        notes.append(f"{color} {shape}: IoU {iou:.2f} with the map's {shape}" if ious else
+                     f"the map shows no {shape} for the {color} one")
+    bg = _background_match(out, background, drawn)
+    return 10 * min(credit) * bg, "; ".join(notes) + f"; background {background} {100 * bg:.0f}%"
 
 
 def _semantic(kind: str, args: tuple[str, ...], src: np.ndarray, out: np.ndarray,
@@ -225,6 +377,8 @@ def _semantic(kind: str, args: tuple[str, ...], src: np.ndarray, out: np.ndarray
         light = float(out.mean())
         sc = float(np.clip(10 * (1 - sat / 30), 0, 10)) * float(np.clip((light - 120) / 80, 0, 1))
         return sc, None, f"saturation {sat:.0f}, lightness {light:.0f}"
-    # posterize
-    levels = float((out.astype(np.int64) % 64 == 0).all(-1).mean())
-    return float(np.clip(10 * (levels - 0.5) / 0.45, 0, 10)), None, f"{100 * levels:.0f}% of pixels on 4 levels"
+    # posterize: 2 bits a channel, levels 0, 64, 128, 192; within 6 of one, as a JPEG or a model draws them
+    level = np.clip(np.round(out / 64), 0, 3) * 64
+    levels = float((np.abs(out - level) <= 6).all(-1).mean())
+    # full marks from 90%: a JPEG's 4:2:0 chroma smears each colour edge over a pixel or two off the levels
+    return float(np.clip(10 * (levels - 0.5) / 0.4, 0, 10)), None, f"{100 * levels:.0f}% of pixels near 4 levels"

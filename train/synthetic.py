@@ -3,8 +3,12 @@
 ``python -m omniace.train.synthetic --out data/synth --pairs 4000`` writes Parquet shards. Each record is
 a procedurally drawn scene (``scenes.py``) at one of OmniEdit's seven aspect ratios and several sizes, an
 instruction for one of the seven OmniEdit tasks (object swap, removal, addition, attribute change,
-background swap, environment change, style transfer) or ACE's mask tasks (inpainting, outpainting),
-optionally at the end of a 2-3 turn chain (``history``). A task's *specialist* makes the target and fails
+background swap, environment change, style transfer), ACE's mask tasks (inpainting, outpainting) or ACE's
+generation families: text-to-image (no source image: ``src_img`` is null), controllable generation (the
+source is an edge or segmentation map of the target scene) and reference-guided editing (a second image,
+``ref_img``, whose object the instruction's ``{image1}`` puts into ``{image}``). An edit of a scene (every
+task but the two generation ones) may end a 2-3 turn chain (``history``); ``multi_turn`` of all records
+do. A task's *specialist* makes the target and fails
 the way real specialists do at a known rate (wrong object, partial edit, artefacts, unchanged output); the
 judge (``scorer.py``) then grades the pair from the images alone and fills the score columns, so the
 importance weight learns from the judge, exactly as with the real data.
@@ -22,14 +26,19 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .scenes import (ASPECTS, BACKGROUNDS, COLORS, POSITIONS, SHAPES, Obj, Scene, box_mask, frame_size,
-                     free_position, object_box, random_scene, render)
-from .scorer import score
+from .scenes import (ASPECTS, BACKGROUNDS, COLORS, MAP_KINDS, PLAIN_BACKGROUNDS, POSITIONS, SHAPES, Obj, Scene,
+                     box_mask, frame_size, free_position, layout_scene, object_box, random_scene, reference_scene,
+                     render, render_map)
+from .scorer import MID_GREY, score
 
 TASKS = ("object_swap", "object_removal", "object_addition", "attribute_modification", "background_swap",
-         "environment_change", "style_transfer", "inpainting", "outpainting")
+         "environment_change", "style_transfer", "inpainting", "outpainting", "text_to_image",
+         "controllable_generation", "reference_guided")
+OMNIEDIT_TASKS = TASKS[:7]  # the seven of OmniEdit-Filtered-1.2M (its released columns hold no mask or ref_img)
 FAILURES = ("wrong_object", "partial", "artifacts", "unchanged")
 OBJECT_TASKS = ("object_swap", "object_removal", "object_addition", "attribute_modification")
+# generation from text or a map: their input is no scene an earlier turn could have made, so no history
+NO_HISTORY = ("text_to_image", "controllable_generation")
 
 
 @dataclass
@@ -37,11 +46,58 @@ class Edit:
     """One instructed edit of ``source`` (a scene) into ``target``; ``mask_box`` for the mask tasks."""
     task: str
     prompts: list[str]  # the instruction and paraphrases; the first is canonical
-    source: Scene
+    source: Scene | None  # None: text-to-image (no source image)
     target: Scene
     mask_box: tuple[float, float, float, float] | None = None
     mask_inside: bool = True
     alternative: Scene | None = None  # what a specialist that picks the wrong object or variant makes
+    condition: str | None = None  # a MAP_KINDS entry: the source is shown as that map (controllable generation)
+    reference: Scene | None = None  # the second image's content (reference-guided editing)
+
+
+def _a(color: str) -> str:
+    return "an" if color[0] in "aeiou" else "a"
+
+
+def _listing(objs: tuple[Obj, ...], where: list[str] | None = None) -> str:
+    """"a red circle at the top left and a blue square" (positions with ``where``)."""
+    return " and ".join(f"{_a(o.color)} {o.name}" + (f" at the {where[i]}" if where else "")
+                        for i, o in enumerate(objs))
+
+
+def _recolored(scene: Scene, rng: random.Random) -> Scene:
+    """``scene`` with one object in a colour the scene does not have: the wrong-object failure of generation."""
+    o = rng.choice(scene.objects)
+    return scene.with_object(o, replace(o, color=_other_color(scene, rng)))
+
+
+def _new_object(scene: Scene, rng: random.Random) -> tuple[str, Obj] | None:
+    """A new object in a colour the scene lacks at a free named position (and that position), or None when
+    the scene has no free position or already 4 objects."""
+    pos = free_position(scene, rng)
+    if pos is None or len(scene.objects) >= 4:
+        return None
+    x, y = POSITIONS[pos]
+    return pos, Obj(rng.choice(SHAPES), _other_color(scene, rng), x, y, rng.uniform(0.12, 0.17))
+
+
+def make_generation(task: str, rng: random.Random) -> Edit:
+    """A text-to-image or controllable-generation example on a fresh :func:`layout_scene`."""
+    if task == "text_to_image":
+        scene, where = layout_scene(rng)
+        text = f"{_listing(scene.objects, where)} on {_a(scene.background)} {scene.background} background"
+        return Edit(task, [text, f"draw {text}"], None, scene, alternative=_recolored(scene, rng))
+    if task == "controllable_generation":
+        scene, _ = layout_scene(rng, distinct_shapes=True)
+        kind = rng.choice(MAP_KINDS)
+        text = f"{_listing(scene.objects)} on {_a(scene.background)} {scene.background} background"
+        objs = scene.objects  # two objects: their colours swapped; one: another colour
+        alt = (replace(scene, objects=(replace(objs[0], color=objs[1].color), replace(objs[1], color=objs[0].color)))
+               if len(objs) == 2 else _recolored(scene, rng))
+        # the shorter wording first (canonical): the tiny presets' byte-level text encoder keeps 63 bytes
+        return Edit(task, [f"render the {kind} map as {text}", f"generate the scene from the {kind} map: {text}"],
+                    scene, scene, alternative=alt, condition=kind)
+    raise ValueError(f"{task!r} is not a generation task; expected one of {NO_HISTORY}")
 
 
 def _other_color(scene: Scene, rng: random.Random, exclude: str = "") -> str:
@@ -55,7 +111,10 @@ def _alternative_object(scene: Scene, obj: Obj, rng: random.Random) -> Obj | Non
 
 
 def make_edit(task: str, scene: Scene, rng: random.Random) -> Edit | None:
-    """An edit of ``task`` on ``scene``, or None when the scene cannot host it (e.g. no object to remove)."""
+    """An edit of ``task`` on ``scene``, or None when the scene cannot host it (e.g. no object to remove).
+    The generation tasks (:data:`NO_HISTORY`) ignore ``scene`` and draw their own (:func:`make_generation`)."""
+    if task in NO_HISTORY:
+        return make_generation(task, rng)
     objs = list(scene.objects)
     if task in ("object_swap", "object_removal", "attribute_modification") and not objs:
         return None
@@ -72,11 +131,10 @@ def make_edit(task: str, scene: Scene, rng: random.Random) -> Edit | None:
         return Edit(task, [f"remove the {o.name}", f"erase the {o.name}", f"delete the {o.name}"], scene,
                     scene.without(o), alternative=scene.without(alt_o) if alt_o else None)
     if task == "object_addition":
-        pos = free_position(scene, rng)
-        if pos is None or len(objs) >= 4:
+        placed = _new_object(scene, rng)
+        if placed is None:
             return None
-        x, y = POSITIONS[pos]
-        new = Obj(rng.choice(SHAPES), _other_color(scene, rng), x, y, rng.uniform(0.12, 0.17))
+        pos, new = placed
         others = [p for p in POSITIONS if p != pos]
         ax, ay = POSITIONS[rng.choice(others)]
         return Edit(task, [f"add a {new.name} at the {pos}", f"put a {new.name} in the {pos}"], scene,
@@ -92,6 +150,16 @@ def make_edit(task: str, scene: Scene, rng: random.Random) -> Edit | None:
         alt = scene.with_object(alt_o, replace(alt_o, size=alt_o.size * 1.6)) if alt_o else None
         return Edit(task, [f"make the {o.name} bigger", f"make the {o.name} larger"], scene,
                     scene.with_object(o, replace(o, size=o.size * 1.6)), alternative=alt)
+    if task == "reference_guided":
+        placed = _new_object(scene, rng)
+        if placed is None:
+            return None
+        pos, new = placed
+        wrong = replace(new, color=_other_color(scene, rng, new.color))  # another object than the reference's
+        return Edit(task, [f"add the {{image1}} object at the {pos}",
+                           f"put the object from {{image1}} at the {pos} of {{image}}"], scene, scene.with_object(None, new),
+                    alternative=scene.with_object(None, wrong),
+                    reference=reference_scene(new, rng.choice(PLAIN_BACKGROUNDS)))
     if task == "background_swap":
         bg = rng.choice([b for b in BACKGROUNDS if b != scene.background])
         alt = rng.choice([b for b in BACKGROUNDS if b not in (bg, scene.background)])
@@ -135,22 +203,31 @@ def _artifacts(img: Image.Image, rng: random.Random) -> Image.Image:
     return Image.fromarray(a)
 
 
+def render_source(edit: Edit, w: int, h: int) -> Image.Image | None:
+    """The edit's input image: the source scene, its condition map, or None (text-to-image)."""
+    if edit.source is None:
+        return None
+    return render(edit.source, w, h) if edit.condition is None else render_map(edit.source, w, h, edit.condition)
+
+
 def specialist(edit: Edit, size: tuple[int, int], rng: random.Random,
-               failure_rate: float) -> tuple[Image.Image, Image.Image, str]:
-    """``(source, output, failure)``: the task's specialist renders the target, failing at ``failure_rate``."""
+               failure_rate: float) -> tuple[Image.Image | None, Image.Image, str]:
+    """``(source, output, failure)``: the task's specialist renders the target, failing at ``failure_rate``.
+    Text-to-image has no source (None); its failures start from a blank mid-grey canvas instead."""
     w, h = size
-    src, tgt = render(edit.source, w, h), render(edit.target, w, h)
+    src, tgt = render_source(edit, w, h), render(edit.target, w, h)
+    start = src if src is not None else Image.new("RGB", (w, h), MID_GREY)
     failure = "none"
     if rng.random() < failure_rate:
         failure = rng.choice(FAILURES if edit.alternative is not None else FAILURES[1:])
     if failure == "wrong_object":
         return src, render(edit.alternative, w, h), failure
     if failure == "partial":
-        return src, Image.blend(src, tgt, rng.uniform(0.3, 0.55)), failure
+        return src, Image.blend(start, tgt, rng.uniform(0.3, 0.55)), failure
     if failure == "artifacts":
         return src, _artifacts(tgt, rng), failure
     if failure == "unchanged":
-        return src, src.copy(), failure
+        return src, start.copy(), failure
     return src, tgt, failure
 
 
@@ -164,39 +241,59 @@ def _record_id(seed: int, index: int) -> str:
     return "synth-" + hashlib.sha1(f"{seed}:{index}".encode()).hexdigest()[:16]
 
 
+def check_tasks(tasks: tuple[str, ...]) -> None:
+    """ValueError naming the unknown tasks of ``tasks`` (or an empty selection)."""
+    bad = [t for t in tasks if t not in TASKS]
+    if bad or not tasks:
+        raise ValueError(f"unknown task(s) {bad or list(tasks)}; expected some of {TASKS}")
+
+
 def generate(n: int, seed: int = 0, short_sides: tuple[int, ...] = (64, 96), failure_rate: float = 0.3,
              multi_turn: float = 0.15, fmt: str = "png", tasks: tuple[str, ...] = TASKS) -> Iterator[dict]:
-    """``n`` records (dicts in the OmniEdit schema plus our optional columns), deterministic in ``seed``."""
+    """``n`` records (dicts in the OmniEdit schema plus our optional columns), deterministic in ``seed``.
+
+    Each record's task is drawn uniformly from ``tasks`` (a scene that cannot host it is redrawn, so every
+    task keeps its share). ``multi_turn`` is the fraction of all records that carry a ``history`` chain; the
+    generation tasks (:data:`NO_HISTORY`) never do, so the edits of a scene carry one a little more often.
+    A text-to-image record's ``src_img`` is None; a reference-guided one has ``ref_img``."""
+    check_tasks(tasks)
+    with_history = [t for t in tasks if t not in NO_HISTORY]
+    p_history = min(1.0, multi_turn * len(tasks) / len(with_history)) if with_history else 0.0
+    ext = "png" if fmt == "png" else "jpg"
+
+    def struct(img: Image.Image | None, rid: str, name: str, f: str = fmt, e: str = ext) -> dict | None:
+        return None if img is None else {"bytes": encode(img, f), "path": f"{rid}_{name}.{e}"}
+
     for i in range(n):
         rng = random.Random(f"{seed}:{i}")
         aspect = rng.choice(list(ASPECTS))
         w, h = frame_size(aspect, rng.choice(short_sides))
-        scene = random_scene(rng)
-        history = []
-        if rng.random() < multi_turn:  # earlier turns: clean edits whose outputs feed the next turn
-            for _ in range(rng.randint(1, 2)):
-                prev = make_edit(rng.choice(OBJECT_TASKS), scene, rng)
-                if prev is None:
-                    break
-                history.append({"prompt": prev.prompts[0], "image": {"bytes": encode(render(scene, w, h), fmt),
-                                                                      "path": None}})
-                scene = prev.target
+        task = rng.choice(tasks)
         edit = None
-        while edit is None:
-            edit = make_edit(rng.choice(tasks), scene, rng)
+        while edit is None:  # a scene that cannot host the task (nothing to remove, no free place) is redrawn
+            scene = random_scene(rng)
+            history = []
+            if task not in NO_HISTORY and rng.random() < p_history:  # earlier turns feed this one
+                for _ in range(rng.randint(1, 2)):
+                    prev = make_edit(rng.choice(OBJECT_TASKS), scene, rng)
+                    if prev is None:
+                        break
+                    history.append({"prompt": prev.prompts[0],
+                                    "image": {"bytes": encode(render(scene, w, h), fmt), "path": None}})
+                    scene = prev.target
+            edit = make_edit(task, scene, rng)
         src, out, failure = specialist(edit, (w, h), rng, failure_rate)
+        ref = None if edit.reference is None else render(edit.reference, w, h)
         mask = box_mask(edit.mask_box, w, h, edit.mask_inside) if edit.mask_box else None
-        s = score(src, out, edit.prompts[0], mask)
+        s = score(src, out, edit.prompts[0], mask, ref_img=ref)
         rid = _record_id(seed, i)
-        ext = "png" if fmt == "png" else "jpg"
         yield {
             "omni_edit_id": rid, "task": edit.task,
-            "src_img": {"bytes": encode(src, fmt), "path": f"{rid}_src.{ext}"},
-            "edited_img": {"bytes": encode(out, fmt), "path": f"{rid}_edited.{ext}"},
+            "src_img": struct(src, rid, "src"), "edited_img": struct(out, rid, "edited"),
             "edited_prompt_list": edit.prompts, "width": w, "height": h,
             "sc_score_1": s.sc_score_1, "sc_score_2": s.sc_score_2, "sc_reasoning": s.sc_reasoning,
             "pq_score": s.pq_score, "pq_reasoning": s.pq_reasoning, "o_score": s.o_score,
-            "mask_img": None if mask is None else {"bytes": encode(mask, "png"), "path": f"{rid}_mask.png"},
+            "mask_img": struct(mask, rid, "mask", "png", "png"), "ref_img": struct(ref, rid, "ref"),
             "history": history or None, "specialist": f"{edit.task}-specialist", "failure": failure,
         }
 
@@ -231,9 +328,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tasks", default=",".join(TASKS))
     a = ap.parse_args(argv)
     tasks = tuple(t.strip() for t in a.tasks.split(","))
-    bad = [t for t in tasks if t not in TASKS]
-    if bad:
-        raise SystemExit(f"unknown task(s) {bad}; expected some of {TASKS}")
+    try:
+        check_tasks(tasks)
+    except ValueError as err:
+        ap.error(f"--tasks: {err}")
     write_corpus(a.out, a.pairs, a.shard_size, seed=a.seed, short_sides=tuple(int(s) for s in a.short_sides.split(",")),
                  failure_rate=a.failure_rate, multi_turn=a.multi_turn, fmt=a.format, tasks=tasks)
 
