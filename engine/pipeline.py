@@ -491,6 +491,36 @@ class EditPipeline:
             job.advance(self.model(batch, x, t.to(self.device)))
         return self.finish(job)
 
+    @torch.no_grad()
+    def run_jobs(self, jobs: list["EditJob"]) -> list[Image.Image]:
+        """Prepared jobs with the same number of steps, stepped together: one packed batch of every job's
+        samples, one model call per step. Each job's output is what :meth:`run_job` gives it alone (its noise,
+        CFG and guidance rescale are its own); the batch only saves the per-call overhead. ValueError if the
+        jobs' step counts differ."""
+        if not jobs:
+            return []
+        steps = {job.sampler.steps for job in jobs}
+        if len(steps) != 1:
+            raise ValueError(f"run_jobs steps jobs together: they need one step count, got {sorted(steps)}")
+        batch = self.pack([s for job in jobs for s in job.samples])
+        while not jobs[0].done:
+            inputs = [job.model_input() for job in jobs]
+            out = self.model(batch, torch.cat([x for x, _ in inputs]), torch.cat([t for _, t in inputs]).to(self.device))
+            for job, part in zip(jobs, out.split([job.target_tokens for job in jobs])):
+                job.advance(part)
+        return [self.finish(job) for job in jobs]
+
+    def prepare_edit(self, images: Image.Image | list[Image.Image] | None, instruction: str,
+                     masks: Image.Image | Tensor | list | None = None, steps: int = 20,
+                     guidance: float | None = None, rescale: float = 0.5, seed: int = 0, negative: str = "",
+                     size: tuple[int, int] | None = None, truncate: bool = True,
+                     resize: str = "resize") -> "EditJob":
+        """:meth:`edit`'s request as a job (arguments and errors as there), for :meth:`run_jobs`."""
+        check_mode(resize)
+        images, masks = turn_inputs(images, masks)
+        return self.prepare([], Turn(instruction, images, masks, resize), size, steps, guidance, rescale, seed,
+                            negative, truncate)
+
     def edit(self, images: Image.Image | list[Image.Image] | None, instruction: str,
              masks: Image.Image | Tensor | list | None = None, steps: int = 20, guidance: float | None = None,
              rescale: float = 0.5, seed: int = 0, negative: str = "",

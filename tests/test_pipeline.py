@@ -2,6 +2,7 @@
 import os
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -164,3 +165,32 @@ def test_pipeline_memory_estimate_checks_the_request_first():
     assert dry.memory_estimate(turn, device="cpu").activations > est.activations  # + the reference's scores
     with pytest.raises(ValueError, match="image 0: image size 1x300 is too small"):
         dry.memory_estimate(Turn("x", *turn_inputs(Image.new("RGB", (1, 300)), None)))
+
+
+def test_jobs_stepped_together_give_what_each_gives_alone():
+    """run_jobs packs several requests per model call; every output equals the same request run alone
+    (mixed sizes, text-to-image, two images, a mask, CFG on; the gated source-skip head of the default)."""
+    from omniace.engine import get_config
+    from omniace.engine.codec import PixelCodec
+    from omniace.engine.pipeline import tiny_text_encoder
+
+    cfg = get_config("ace-tiny", prediction="x0", source_skip=True, source_gate=True)
+    model = randomise(build_model(cfg), seed=1, std=0.05).eval()
+    pipe = EditPipeline(model, tiny_text_encoder(cfg), PixelCodec(cfg.codec_factor))
+    a, b = demo_scene(40, 24, seed=1), demo_scene(24, 32, seed=2)
+    mask = Image.new("L", (40, 24), 0)
+    mask.paste(255, (5, 3, 20, 15))
+    requests = [dict(images=a, instruction="{image} make it red", masks=mask, seed=3),
+                dict(images=None, instruction="a red circle", size=(32, 16), seed=4),
+                dict(images=[b, a], instruction="{image} add the {image1} object", seed=5),
+                dict(images=b, instruction="{image} remove the square", seed=6, guidance=1.0)]
+    alone = [pipe.edit(steps=3, **{"guidance": 2.0, **r})[0] for r in requests]
+    together = pipe.run_jobs([pipe.prepare_edit(steps=3, **{"guidance": 2.0, **r}) for r in requests])
+    for x, y in zip(alone, together):
+        assert x.size == y.size
+        # matmuls over another batch may round differently: at most one uint8 level apart, rarely
+        diff = np.abs(np.asarray(x, np.int16) - np.asarray(y, np.int16))
+        assert diff.max() <= 1 and diff.mean() < 0.01
+    assert len({np.asarray(x).tobytes() for x in together}) == 4  # really different requests
+    with pytest.raises(ValueError, match="one step count"):
+        pipe.run_jobs([pipe.prepare_edit(a, "{image} x", steps=2), pipe.prepare_edit(a, "{image} x", steps=3)])

@@ -39,8 +39,9 @@ class Arm:
 
 STUDIES = {
     "importance": [
-        Arm("weighted", "weighted (lambda = 1[o_score >= 9])", "ace-small", ["--importance", "binary"]),
-        Arm("unfiltered", "unfiltered (every pair, lambda = 1)", "ace-small", ["--importance", "none"]),
+        # the embedded default's model and objective (train/recipe_default.sh), with and without the weight
+        Arm("weighted", "weighted (lambda = 1[o_score >= 9])", "ace-edit", ["--importance", "binary"]),
+        Arm("unfiltered", "unfiltered (every pair, lambda = 1)", "ace-edit", ["--importance", "none"]),
     ],
     "conditioning": [
         Arm("editnet", "EditNet (base frozen)", "sd3-small-editnet", ["--mode", "editnet"], needs_base=True),

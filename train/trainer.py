@@ -83,7 +83,8 @@ class TrainConfig:
     importance_column: str = _opt("o_score", "the score column the importance weight reads")
     importance_threshold: float = _opt(9.0, "binary importance: lambda = 1 at or above this score, else 0")
     edit_weight: float = _opt(0.0, "extra loss weight on the target's elements that differ from the source image "
-                                   "(1 + this there, 1 elsewhere): local edits change few pixels")
+                                   "(1 + this there, 1 elsewhere). The weight depends on the target, so where the "
+                                   "model is unsure it leans toward changing pixels (docs/default_model.md)")
     drop_prompt: float = _opt(0.1, "probability of an empty instruction (trains classifier-free guidance)")
     decoder: str = _opt("auto", "image decoder: auto (DALI if installed, else PIL) | dali | pil")
     seed: int = _opt(0, "seeds the weights, the data order and the noise")

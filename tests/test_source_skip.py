@@ -1,0 +1,157 @@
+"""The source skip and gate of the embedded default's head (ace-edit) and the edit-region loss weight."""
+import pytest
+import torch
+
+from omniace.engine import build_model, get_config
+from omniace.engine.lcu import ConditionUnit, ImageInput, LCUSample, pack
+from omniace.train.objective import Objective, edit_region_weight
+
+from helpers import randomise
+
+C, P, Y = 3, 2, 12
+
+
+def _r(g, *shape):
+    return torch.randn(*shape, generator=g)
+
+
+def _samples(seed: int = 0):
+    """An edit with a history turn (source = frame 2), a text-to-image sample, an edit whose image is another
+    size (no source), a two-image edit (source = its first image); odd grids."""
+    g = torch.Generator().manual_seed(seed)
+    return [
+        LCUSample([ConditionUnit("", [ImageInput(_r(g, C, 6, 6))], text=_r(g, 5, Y)),
+                   ConditionUnit("", [ImageInput(_r(g, C, 6, 10), (_r(g, 6, 10) > 0).float())], text=_r(g, 7, Y))],
+                  ImageInput(_r(g, C, 6, 10))),
+        LCUSample([ConditionUnit("", [], text=_r(g, 4, Y))], ImageInput(_r(g, C, 2, 14))),
+        LCUSample([ConditionUnit("", [ImageInput(_r(g, C, 4, 4))], text=_r(g, 3, Y))], ImageInput(_r(g, C, 6, 6))),
+        LCUSample([ConditionUnit("", [ImageInput(_r(g, C, 10, 2)), ImageInput(_r(g, C, 10, 2))], text=_r(g, 6, Y))],
+                  ImageInput(_r(g, C, 10, 2))),
+    ]
+
+
+def test_source_index_points_at_the_current_units_first_image():
+    samples = _samples()
+    batch = pack(samples, P, with_mask=True)
+    idx = batch.source_index
+    assert idx.shape == batch.target_index.shape and idx.dtype == torch.int64
+    c = C * P * P
+    cu = batch.cu_seqlens_target()
+    for b, s in enumerate(samples):
+        rows = idx[cu[b]:cu[b + 1]]
+        current = s.units[-1].images
+        if b in (1, 2):  # no image; an image of another size
+            assert (rows == -1).all()
+            continue
+        # the rows hold the source latent, cell for cell
+        expect = pack([LCUSample([ConditionUnit("", [], text=torch.zeros(1, Y))], ImageInput(current[0].latent))],
+                      P, with_mask=True).target_tokens()
+        assert torch.equal(batch.tokens[rows, :c], expect)
+        assert not batch.is_target[rows].any()
+
+
+def _gate_model(seed: int = 0, **over):
+    cfg = get_config("ace-tiny", in_channels=C, y_channels=Y, prediction="x0", source_skip=True, **over)
+    return build_model(cfg)
+
+
+def test_an_untrained_head_copies_the_source_and_text_to_image_starts_from_zero():
+    torch.manual_seed(0)
+    for gate in (False, True):
+        model = _gate_model(source_gate=gate).eval()  # zero-initialised final layer
+        batch = pack(_samples(1), P, with_mask=True)
+        x = torch.randn(batch.target_index.numel(), C * P * P)
+        with torch.no_grad():
+            out = model(batch, x, torch.tensor([5, 500, 999, 10]))
+        idx = batch.source_index
+        has = idx >= 0
+        assert torch.equal(out[has], batch.tokens[idx[has], :C * P * P])
+        assert torch.equal(out[~has], torch.zeros_like(out[~has]))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_gated_output_is_source_plus_sigmoid_gate_times_change(dtype, tol):
+    """Reference: the same weights without the skip give the raw head; rebuild the gated output from it."""
+    gated = randomise(_gate_model(source_gate=True), seed=3, std=0.1).to(dtype).eval()
+    raw = build_model(get_config("ace-tiny", in_channels=C, y_channels=Y, prediction="x0", pred_sigma=True))
+    raw.load_state_dict(gated.state_dict())
+    raw = raw.to(dtype).eval()
+    batch = pack(_samples(2), P, with_mask=True).to("cpu", dtype)
+    x = torch.randn(batch.target_index.numel(), C * P * P).to(dtype)
+    t = torch.tensor([3, 400, 999, 77])
+    with torch.no_grad():
+        out = gated(batch, x, t).float()
+        # the head's full (p, p, 2C) output -> change (first C) and gate (last C), both in token layout
+        head = raw.final_layer  # capture the head's input through a hook
+        seen = {}
+        handle = head.register_forward_hook(lambda m, i, o: seen.setdefault("o", o))
+        raw(batch, x, t)
+        handle.remove()
+    full = seen["o"].float().unflatten(-1, (P, P, 2 * C))
+    change = full[..., :C].permute(0, 3, 1, 2).flatten(1)
+    gate = torch.sigmoid(full[..., C:].permute(0, 3, 1, 2).flatten(1))
+    idx = batch.source_index
+    has = (idx >= 0).unsqueeze(1)
+    source = batch.tokens.float()[idx.clamp(min=0), :C * P * P] * has
+    ref = source + change * torch.where(has, gate, torch.ones_like(gate))
+    assert (out - ref).abs().max() < tol * max(1.0, ref.abs().max().item())
+    assert (gate[has.expand_as(gate)] - 0.5).abs().max() > 0.05  # the gate really varies here
+
+
+def test_gate_gradients_reach_every_part():
+    model = randomise(_gate_model(source_gate=True), seed=4, std=0.1)
+    batch = pack(_samples(3), P, with_mask=True)
+    x = torch.randn(batch.target_index.numel(), C * P * P)
+    model(batch, x, torch.tensor([1, 2, 3, 4])).pow(2).sum().backward()
+    w = model.final_layer.linear.weight.grad.unflatten(0, (P, P, 2 * C))
+    assert w[..., :C, :].abs().sum() > 0 and w[..., C:, :].abs().sum() > 0  # change and gate rows
+
+
+def test_skip_and_gate_settings_are_checked():
+    with pytest.raises(ValueError, match="prediction must be 'x0'"):
+        get_config("ace-tiny", source_skip=True)
+    with pytest.raises(ValueError, match="source_gate .* needs source_skip=True and pred_sigma=True"):
+        get_config("ace-tiny", prediction="x0", source_gate=True)
+    with pytest.raises(ValueError, match="pred_sigma"):
+        get_config("ace-tiny", prediction="x0", source_skip=True, source_gate=True, pred_sigma=False)
+    model = _gate_model()
+    batch = pack(_samples(), P, with_mask=True)
+    batch.source_index = None
+    with pytest.raises(ValueError, match="needs source_index"):
+        model(batch, torch.zeros(batch.target_index.numel(), C * P * P), torch.zeros(4))
+
+
+def test_edit_region_weight_marks_what_differs_from_the_source():
+    g = torch.Generator().manual_seed(5)
+    src = torch.rand(C, 6, 8, generator=g) * 2 - 1
+    tgt = src.clone()
+    tgt[:, 1:3, 2:5] += 0.5  # an odd-sized edited block
+    tgt[:, 5, 7] += 0.01  # below the threshold: unchanged
+    samples = [LCUSample([ConditionUnit("", [ImageInput(src)], text=_r(g, 3, Y))], ImageInput(tgt)),
+               LCUSample([ConditionUnit("", [], text=_r(g, 3, Y))], ImageInput(tgt))]  # text-to-image
+    batch = pack(samples, P, with_mask=True)
+    assert edit_region_weight(batch, 0.0) is None
+    w = edit_region_weight(batch, 3.0)
+    assert w.shape == batch.target_tokens().shape
+    cu = batch.cu_seqlens_target()
+    changed = torch.zeros(C, 6, 8)
+    changed[:, 1:3, 2:5] = 1
+    expect = 1 + 3 * batch.tokens_from_targets([changed, torch.zeros(C, 6, 8)])[:cu[1]]
+    assert torch.equal(w[:cu[1]], expect)
+    assert torch.equal(w[cu[1]:], torch.ones_like(w[cu[1]:]))  # no source: plain weight
+    # per_sample with the weight: the edited elements count 4x
+    pred = batch.target_tokens() + 0.1
+    sample_of = batch.sample_of_token.index_select(0, batch.target_index)
+    plain = Objective.per_sample(pred, batch.target_tokens(), sample_of, 2)
+    weighted = Objective.per_sample(pred, batch.target_tokens(), sample_of, 2, w)
+    assert torch.allclose(weighted[0], plain[0] * expect.mean(), rtol=1e-5)
+    assert torch.allclose(weighted[1], plain[1], rtol=1e-6)
+
+
+def test_a_negative_edit_weight_is_refused_by_name():
+    from omniace.train.trainer import TrainConfig
+
+    with pytest.raises(ValueError, match="edit_weight must be a finite number >= 0, got -1.0"):
+        TrainConfig(data=["x"], edit_weight=-1.0)
+    with pytest.raises(ValueError, match="edit_weight must be a finite number >= 0, got nan"):
+        TrainConfig(data=["x"], edit_weight=float("nan"))
