@@ -37,6 +37,8 @@ class ACEConfig:
     # with source_skip: the output's second (learned-sigma) half is a per-element gate logit, and the model
     # returns ``source + sigmoid(gate) * change``; a saturated gate leaves unchanged pixels exactly the source
     source_gate: bool = False
+    # the built-in encoder of the pixel-space presets (engine.pipeline.tiny_text_encoder): "bytes" or "words"
+    text_encoder: str = "bytes"
 
     @property
     def head_dim(self) -> int:
@@ -58,6 +60,8 @@ class ACEConfig:
         if self.source_skip and self.prediction != "x0":
             raise ValueError(f"source_skip adds the source image to the output, which must then be an image: "
                              f"prediction must be 'x0', got {self.prediction!r}")
+        if self.text_encoder not in ("bytes", "words"):
+            raise ValueError(f"text_encoder {self.text_encoder!r}; expected 'bytes' or 'words'")
         if self.source_gate and not (self.source_skip and self.pred_sigma):
             raise ValueError("source_gate reads the gate from the learned-sigma half of the output: it needs "
                              "source_skip=True and pred_sigma=True")
@@ -126,7 +130,8 @@ PRESETS: dict[str, ACEConfig | SD3Config] = {
                            text_len=64, codec_factor=4, prediction="x0"),
     # The embedded default's model: ace-small predicting the change to the source image (source_skip)
     "ace-edit": ACEConfig(in_channels=48, hidden_size=192, depth=4, num_heads=4, y_channels=32,
-                          text_len=128, codec_factor=4, prediction="x0", source_skip=True, source_gate=True),
+                          text_len=64, codec_factor=4, prediction="x0", source_skip=True, source_gate=True,
+                          text_encoder="words"),
     "sd3-medium-editnet": SD3Config(),
     # SD3.5 (diffusers configs of stabilityai/stable-diffusion-3.5-medium and -large, transformer/config.json):
     # Medium is MMDiT-X (dual attention in blocks 0-12, 384-wide positional table), Large is a wider, deeper MMDiT;

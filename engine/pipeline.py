@@ -24,7 +24,7 @@ from .memory import MemoryEstimate, estimate_memory
 from .model import build_model
 from .resize import Fit, check_mode, fit, pixel_budget
 from .sampler import StepSampler, check_finite, check_guidance, check_int, guide, initial_noise, make_sampler
-from .text import TinyTextEncoder, indicator_table
+from .text import TinyTextEncoder, WordTextEncoder, indicator_table
 
 
 def to_tensor(image: Image.Image | np.ndarray) -> Tensor:
@@ -135,9 +135,12 @@ def check_device(device: str | torch.device) -> None:
         raise ValueError(f"device {str(device)!r} is not usable here ({str(err).splitlines()[0]})") from None
 
 
-def tiny_text_encoder(cfg: ACEConfig | SD3Config) -> TinyTextEncoder:
-    """The fixed-seed byte-level encoder that the tiny presets train and run with."""
+def tiny_text_encoder(cfg: ACEConfig | SD3Config) -> TinyTextEncoder | WordTextEncoder:
+    """The fixed-seed encoder that the tiny presets train and run with: byte-level, or word-level for an ACE
+    config with ``text_encoder="words"`` (the embedded default)."""
     if isinstance(cfg, ACEConfig):
+        if cfg.text_encoder == "words":
+            return WordTextEncoder(cfg.y_channels, max_len=cfg.text_len)
         return TinyTextEncoder(cfg.y_channels, max_len=cfg.text_len)
     return TinyTextEncoder(cfg.joint_attention_dim, pooled_dim=cfg.pooled_projection_dim,
                            max_len=cfg.text_len)

@@ -1,4 +1,4 @@
-"""Text encoders: a small built-in byte-level encoder for the tiny default; T5 (ACE) and SD3's CLIP-L + CLIP-G
+"""Text encoders: small built-in byte-level and word-level encoders for the tiny presets and the default; T5 (ACE) and SD3's CLIP-L + CLIP-G
 (+ T5) from local folders, with ``transformers``.
 
 An encoder maps instructions to per-instruction token states ``[L_i, Y]`` (only valid rows) and, for
@@ -8,6 +8,8 @@ ValueError when ``truncate=False``: two instructions that differ only past the l
 """
 from __future__ import annotations
 
+import hashlib
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +86,55 @@ class TinyTextEncoder(nn.Module):
         return out
 
     encode = forward
+
+
+class WordTextEncoder:
+    """Word-level encoder for the embedded default: each word (lowercase letters and digits, an ``{imageN}``
+    indicator, or a punctuation mark) maps to a fixed random vector drawn from a seed its text hashes to,
+    plus a fixed random position vector; an EOS vector closes the text. Nothing is trained and any word has a
+    vector, so the model learns what ``red`` or ``circle`` mean at once, where a byte-level encoder leaves it
+    to learn spelling first (measured: docs/default_model.md). ``encode(texts, truncate)`` as the others:
+    per text ``tokens [L, dim]`` (L <= ``max_len``, fp32)."""
+
+    WORD = re.compile(r"\{image\d*\}|[a-z0-9]+|[^\sa-z0-9]")
+    EOS = "<eos>"
+
+    def __init__(self, dim: int = 32, max_len: int = 64, seed: int = 1234, position_scale: float = 0.5):
+        self.dim, self.max_len, self.seed = dim, max_len, seed
+        g = torch.Generator().manual_seed(seed)
+        self.pos = torch.randn(max_len, dim, generator=g) * position_scale
+        self._vectors: dict[str, Tensor] = {}
+
+    def words(self, text: str) -> list[str]:
+        return self.WORD.findall(text.lower())
+
+    def vector(self, word: str) -> Tensor:
+        """``[dim]`` fp32, unit variance per element; the same for a word in every process."""
+        v = self._vectors.get(word)
+        if v is None:
+            digest = hashlib.blake2b(f"{self.seed}:{word}".encode(), digest_size=8).digest()
+            g = torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+            v = self._vectors[word] = torch.randn(self.dim, generator=g)
+        return v
+
+    def tokenize(self, text: str, truncate: bool = True) -> list[str]:
+        """The words and EOS: at most ``max_len``. Longer text keeps its first ``max_len - 1`` words, with a
+        :class:`TruncationWarning`, or ValueError if not ``truncate``."""
+        words = self.words(text)
+        keep = self.max_len - 1
+        if len(words) > keep:
+            overflow(text, " ".join(words[keep:]), f"{len(words)} words; the word-level text encoder keeps {keep}",
+                     truncate)
+        return words[:keep] + [self.EOS]
+
+    def encode(self, texts: list[str], truncate: bool = True) -> list[EncodedText]:
+        out = []
+        for text in texts:
+            words = self.tokenize(text, truncate)
+            out.append(EncodedText(torch.stack([self.vector(w) for w in words]) + self.pos[: len(words)]))
+        return out
+
+    __call__ = encode
 
 
 def check_length(tokenizer, texts: list[str], max_len: int, unit: str, encoder: str, truncate: bool) -> None:

@@ -155,3 +155,28 @@ def test_a_negative_edit_weight_is_refused_by_name():
         TrainConfig(data=["x"], edit_weight=-1.0)
     with pytest.raises(ValueError, match="edit_weight must be a finite number >= 0, got nan"):
         TrainConfig(data=["x"], edit_weight=float("nan"))
+
+
+def test_word_encoder_is_deterministic_word_level_and_cuts_with_a_warning():
+    from omniace.engine.pipeline import tiny_text_encoder
+    from omniace.engine.text import TruncationWarning, WordTextEncoder, indicator_table
+
+    enc = tiny_text_encoder(get_config("ace-edit"))
+    assert isinstance(enc, WordTextEncoder) and enc.dim == get_config("ace-edit").y_channels
+    assert enc.words("{image1} Paint the RED square, now!") == ["{image1}", "paint", "the", "red", "square", ",",
+                                                               "now", "!"]
+    a, b = enc.encode(["{image} make the red square blue", ""])
+    assert a.tokens.shape == (7, enc.dim) and b.tokens.shape == (1, enc.dim)  # 6 words + EOS; EOS alone
+    # a word's vector does not depend on the process or its neighbours: a fresh encoder, another sentence
+    other = WordTextEncoder(enc.dim, enc.max_len).encode(["blue red"])[0].tokens
+    assert torch.allclose(other[1] - enc.pos[1], a.tokens[3] - enc.pos[3], atol=1e-6)  # "red"
+    assert (a.tokens[3] - enc.pos[3] - a.tokens[5] + enc.pos[5]).abs().max() > 0.5  # red != blue
+    table = indicator_table(enc)
+    assert table.shape == (10, enc.dim) and len({tuple(r.tolist()) for r in table}) == 10
+    short = WordTextEncoder(8, max_len=4)
+    with pytest.warns(TruncationWarning, match="5 words; the word-level text encoder keeps 3: dropped 'd e'"):
+        assert short.encode(["a b c d e"])[0].tokens.shape == (4, 8)
+    with pytest.raises(ValueError, match="dropped|drop 'd e'"):
+        short.encode(["a b c d e"], truncate=False)
+    with pytest.raises(ValueError, match="text_encoder 'chars'; expected 'bytes' or 'words'"):
+        get_config("ace-tiny", text_encoder="chars")

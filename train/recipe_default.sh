@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 DATA=${DATA:-data/synth-default}
 OUT=${OUT:-runs/default}
 NPROC=${NPROC:-2}
-STEPS=${STEPS:-9000}
+STEPS=${STEPS:-8000}
 python -m omniace.train.synthetic --out "$DATA" --pairs 16000 --short-sides 64 --seed 0
 OMP_NUM_THREADS=1 python -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m omniace.train.trainer \
   --data "$DATA" --out "$OUT" --preset ace-edit --steps "$STEPS" --lr 1e-3 --warmup 200 --token-budget 1024 \
