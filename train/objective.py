@@ -83,6 +83,15 @@ def edit_region_weight(batch: PackedLCU, edit_weight: float, threshold: float = 
     return 1.0 + edit_weight * changed.float()
 
 
+def sample_weights(importance: Tensor, tasks: list[str], task_weights: dict[str, float]) -> Tensor:
+    """``[B]`` loss weight per sample: its importance weight times its task's weight (1 for a task not named).
+    The task follows from the instruction, so the weight leaves the best prediction for an input unchanged."""
+    if not task_weights:
+        return importance
+    scale = torch.tensor([task_weights.get(t, 1.0) for t in tasks], dtype=importance.dtype, device=importance.device)
+    return importance * scale
+
+
 def target_sample_index(batch: PackedLCU) -> Tensor:
     """The sample of each target token, in ``target_tokens()`` order."""
     return batch.sample_of_token.index_select(0, batch.target_index)

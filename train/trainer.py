@@ -44,7 +44,7 @@ from .cache import cache_codec, cache_text, cached_text_encoder
 from .data import DataConfig, EditLoader, size_caps
 from .importance import ImportanceConfig
 from .lifecycle import StopSignal, die_with_parent, launched_by_torchrun
-from .objective import Objective, edit_region_weight, target_sample_index, weighted_loss
+from .objective import Objective, edit_region_weight, sample_weights, target_sample_index, weighted_loss
 from .parallelize import TRAIN_MODES, apply_fsdp, enable_activation_checkpointing, set_trainable
 from .resume_check import ConfigMismatchError, allowable, compare, resolve_paths, signature
 from .runlock import RunLock, RunLockedError
@@ -85,6 +85,9 @@ class TrainConfig:
     edit_weight: float = _opt(0.0, "extra loss weight on the target's elements that differ from the source image "
                                    "(1 + this there, 1 elsewhere). The weight depends on the target, so where the "
                                    "model is unsure it leans toward changing pixels (docs/default_model.md)")
+    task_weight: list[str] = _opt([], "loss weight per task, TASK=W[,TASK=W...] (others 1): the task follows from "
+                                      "the instruction, so unlike --edit-weight it leaves the best prediction "
+                                      "unbiased; local edits change few pixels and carry little of an unweighted loss")
     drop_prompt: float = _opt(0.1, "probability of an empty instruction (trains classifier-free guidance)")
     decoder: str = _opt("auto", "image decoder: auto (DALI if installed, else PIL) | dali | pil")
     seed: int = _opt(0, "seeds the weights, the data order and the noise")
@@ -97,6 +100,21 @@ class TrainConfig:
                                      "default)")
     allow_config_change: list[str] = _opt([], "on resume, accept these fields differing from the checkpoint's "
                                               "(comma list, e.g. data,seed); other differences stop the run")
+
+    def task_weights(self) -> dict[str, float]:
+        """``task_weight`` as ``{task: weight}``; ValueError naming an entry that is not TASK=W with W a finite
+        number >= 0."""
+        out = {}
+        for entry in self.task_weight:
+            task, sep, value = entry.partition("=")
+            try:
+                w = float(value) if sep and task.strip() else float("nan")
+            except ValueError:
+                w = float("nan")
+            if not (math.isfinite(w) and w >= 0):
+                raise ValueError(f"task_weight entry {entry!r}: expected TASK=W with W a finite number >= 0")
+            out[task.strip()] = w
+        return out
 
     def __post_init__(self) -> None:
         if self.mode not in TRAIN_MODES:
@@ -121,6 +139,7 @@ class TrainConfig:
             v = getattr(self, name)
             if not (math.isfinite(v) and ok(v)):
                 raise ValueError(f"{name} must be a finite number{what}, got {v}")
+        self.task_weights()  # ValueError naming a bad entry
         if not 0 <= self.drop_prompt < 1:
             raise ValueError(f"drop_prompt must be in [0, 1), got {self.drop_prompt}")
         if self.token_budget < 1 or self.keep < 1 or self.seed < 0:
@@ -305,6 +324,7 @@ class Trainer:
         # EMA of the trainable weights, sharded like them (fp32 shards)
         self.ema = {n: p.detach().clone() for n, p in zip(self.trainable, self.params)}
         self.objective = Objective(model_cfg.prediction)
+        self.task_weights = cfg.task_weights()
         data_cfg = DataConfig(
             list(cfg.data), token_budget=cfg.token_budget, patch_size=model_cfg.patch_size,
             codec_factor=model_cfg.codec_factor, seed=cfg.seed, decoder=cfg.decoder,
@@ -437,7 +457,7 @@ class Trainer:
         pred = self.model(packed, noised.x_t, noised.t)
         per_sample = self.objective.per_sample(pred, noised.target, sample_of, n,
                                                edit_region_weight(packed, cfg.edit_weight))
-        weights = batch.weights.to(self.device)
+        weights = sample_weights(batch.weights.to(self.device), batch.tasks, self.task_weights)
         counts = torch.tensor([float(n)], device=self.device)
         dist.all_reduce(counts)
         loss = weighted_loss(per_sample, weights, counts[0], self.world)
@@ -569,6 +589,8 @@ def build_parser() -> argparse.ArgumentParser:
             ap.add_argument(flag, nargs="+", required=True, default=argparse.SUPPRESS, help=help)
         elif f.name == "allow_config_change":
             ap.add_argument(flag, type=_names, default=value, metavar="FIELD[,FIELD...]", help=help)
+        elif f.name == "task_weight":
+            ap.add_argument(flag, type=_names, default=value, metavar="TASK=W[,TASK=W...]", help=help)
         elif isinstance(value, bool):
             ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=value, help=help)
         elif f.name in ("init", "stop_at"):

@@ -1,4 +1,5 @@
-"""The source skip and gate of the embedded default's head (ace-edit) and the edit-region loss weight."""
+"""The embedded default's model pieces (ace-edit): the gated source skip, the word-level text encoder, and the
+training options tried for it (edit-region and per-task loss weights)."""
 import pytest
 import torch
 
@@ -180,3 +181,18 @@ def test_word_encoder_is_deterministic_word_level_and_cuts_with_a_warning():
         short.encode(["a b c d e"], truncate=False)
     with pytest.raises(ValueError, match="text_encoder 'chars'; expected 'bytes' or 'words'"):
         get_config("ace-tiny", text_encoder="chars")
+
+
+def test_task_weights_parse_from_the_flag_and_refuse_bad_entries_by_name():
+    from omniace.train.trainer import TrainConfig, build_parser
+
+    a = build_parser().parse_args(["--data", "x", "--task-weight", "object_swap=4, inpainting=2.5"])
+    assert TrainConfig(data=["x"], task_weight=a.task_weight).task_weights() == {"object_swap": 4.0, "inpainting": 2.5}
+    assert TrainConfig(data=["x"]).task_weights() == {}
+    for bad in ("object_swap", "a=-1", "=2", "a=x", "a=inf"):
+        with pytest.raises(ValueError, match=f"task_weight entry '{bad}': expected TASK=W with W a finite number >= 0"):
+            TrainConfig(data=["x"], task_weight=[bad])
+    from omniace.train.objective import sample_weights
+
+    w = sample_weights(torch.tensor([1.0, 0.0, 1.0]), ["object_swap", "object_swap", "fog"], {"object_swap": 4.0})
+    assert torch.equal(w, torch.tensor([4.0, 0.0, 1.0]))  # lambda = 0 stays 0; an unnamed task keeps 1
