@@ -499,12 +499,22 @@ class EditPipeline:
         """Prepared jobs with the same number of steps, stepped together: one packed batch of every job's
         samples, one model call per step. Each job's output is what :meth:`run_job` gives it alone (its noise,
         CFG and guidance rescale are its own); the batch only saves the per-call overhead. ValueError if the
-        jobs' step counts differ."""
+        jobs' step counts or steps already taken differ, or a job is listed twice (it would step twice per call)."""
         if not jobs:
             return []
         steps = {job.sampler.steps for job in jobs}
         if len(steps) != 1:
             raise ValueError(f"run_jobs steps jobs together: they need one step count, got {sorted(steps)}")
+        seen: dict[int, int] = {}
+        for k, job in enumerate(jobs):
+            if id(job) in seen:
+                raise ValueError(f"run_jobs: jobs {seen[id(job)]} and {k} are the same job; prepare each request "
+                                 f"once per entry")
+            seen[id(job)] = k
+        taken = [job.i for job in jobs]
+        if len(set(taken)) != 1:  # a finished job beside a fresh one: one of them would be skipped or overrun
+            raise ValueError(f"run_jobs steps jobs together: they must have taken the same steps, got {taken} "
+                             f"(steps taken per job, in order)")
         batch = self.pack([s for job in jobs for s in job.samples])
         while not jobs[0].done:
             inputs = [job.model_input() for job in jobs]

@@ -194,3 +194,26 @@ def test_jobs_stepped_together_give_what_each_gives_alone():
     assert len({np.asarray(x).tobytes() for x in together}) == 4  # really different requests
     with pytest.raises(ValueError, match="one step count"):
         pipe.run_jobs([pipe.prepare_edit(a, "{image} x", steps=2), pipe.prepare_edit(a, "{image} x", steps=3)])
+
+
+def test_run_jobs_refuses_a_job_twice_or_jobs_at_different_steps_before_any_step():
+    """A finished job beside a fresh one used to return the fresh one's noise (or an IndexError the other way
+    round); one job listed twice stepped twice per call. An empty list is no work; a finished job alone is
+    finished again, like run_job."""
+    pipe = EditPipeline.tiny("ace")
+    img = demo_scene(24, 16, seed=7)
+    fresh = lambda seed=1: pipe.prepare_edit(img, "{image} make it blue", steps=2, seed=seed)  # noqa: E731
+    assert pipe.run_jobs([]) == []
+    done = fresh()
+    first = pipe.run_jobs([done])[0]
+    assert np.array_equal(np.asarray(pipe.run_jobs([done])[0]), np.asarray(first))  # run twice: the same image
+    for new, jobs, taken in ((j := fresh(), [done, j], r"\[2, 0\]"), (j := fresh(), [j, done], r"\[0, 2\]")):
+        with pytest.raises(ValueError, match=f"must have taken the same steps, got {taken}"):
+            pipe.run_jobs(jobs)
+        assert new.i == 0 and done.i == 2  # refused before any step
+    job = fresh()
+    with pytest.raises(ValueError, match="jobs 0 and 2 are the same job"):
+        pipe.run_jobs([job, fresh(2), job])
+    assert job.i == 0
+    with pytest.raises(ValueError, match="jobs 1 and 2 are the same job"):
+        pipe.run_jobs([fresh(3), job, job])
