@@ -20,6 +20,8 @@ from torch import Tensor
 
 from omniace import require
 
+from .lcu import _INDICATOR, indicator_token
+
 
 @dataclass
 class EncodedText:
@@ -96,17 +98,24 @@ class WordTextEncoder:
     to learn spelling first (measured: docs/default_model.md). ``encode(texts, truncate)`` as the others:
     per text ``tokens [L, dim]`` (L <= ``max_len``, fp32)."""
 
-    WORD = re.compile(r"\{image\d*\}|[a-z0-9]+|[^\sa-z0-9]")
+    WORD = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
     EOS = "<eos>"
 
     def __init__(self, dim: int = 32, max_len: int = 64, seed: int = 1234, position_scale: float = 0.5):
         self.dim, self.max_len, self.seed = dim, max_len, seed
+        self.pooled_dim = None  # no pooled vector (ACE reads none); the latent cache records the width
         g = torch.Generator().manual_seed(seed)
         self.pos = torch.randn(max_len, dim, generator=g) * position_scale
         self._vectors: dict[str, Tensor] = {}
 
     def words(self, text: str) -> list[str]:
-        return self.WORD.findall(text.lower())
+        """Lowercase words and marks; an image indicator is one word, spelt as the packer reads it
+        (case-sensitive, ``{image0}`` = ``{image}``, ``{image01}`` = ``{image1}``), so the model never sees an
+        indicator vector for text that names no image (``{IMAGE9}``) or two vectors for one image."""
+        out = []
+        for k, part in enumerate(_INDICATOR.split(text)):  # text, an indicator's digits, text, ...
+            out += self.WORD.findall(part.lower()) if k % 2 == 0 else [indicator_token(int(part or 0))]
+        return out
 
     def vector(self, word: str) -> Tensor:
         """``[dim]`` fp32, unit variance per element; the same for a word in every process."""

@@ -196,3 +196,29 @@ def test_task_weights_parse_from_the_flag_and_refuse_bad_entries_by_name():
 
     w = sample_weights(torch.tensor([1.0, 0.0, 1.0]), ["object_swap", "object_swap", "fog"], {"object_swap": 4.0})
     assert torch.equal(w, torch.tensor([4.0, 0.0, 1.0]))  # lambda = 0 stays 0; an unnamed task keeps 1
+
+
+def test_word_encoder_spells_indicators_as_the_packer_reads_them():
+    """``{IMAGE9}`` names no image for the packer (case-sensitive) and must not become the ``{image9}`` word;
+    ``{image01}`` is ``{image1}`` to the packer and must be that word too (not a new random vector)."""
+    from omniace.engine.lcu import indicator_indices
+    from omniace.engine.text import WordTextEncoder
+
+    enc = WordTextEncoder(8, max_len=16)
+    assert enc.words("{IMAGE9} fix") == ["{", "image9", "}", "fix"] and indicator_indices("{IMAGE9} fix") == []
+    assert enc.words("{image01}{image0} put {Image} in a{image2}b") == \
+        ["{image1}", "{image}", "put", "{", "image", "}", "in", "a", "{image2}", "b"]
+    assert [i for _, i in indicator_indices("{image01}{image0}")] == [1, 0]
+    a, b = enc.encode(["{image01} red", "{image1} red"])
+    assert torch.equal(a.tokens, b.tokens)
+    assert enc.words("élan 红 🙂 ") == ["é", "lan", "红", "🙂"] and enc.encode(["  "])[0].tokens.shape == (1, 8)
+
+
+def test_a_latent_cache_takes_the_word_encoders_text_states():
+    """``--text-encoder tiny:ace-edit`` stopped with AttributeError: the word encoder had no ``pooled_dim``."""
+    from omniace.train.cache import CacheConfig, open_text_encoder
+
+    for preset in ("ace-edit", "ace-small"):
+        cfg = CacheConfig(data=["x"], vae="pixel", out="unused", text_encoder=f"tiny:{preset}")
+        info = open_text_encoder(cfg, torch.device("cpu"))[1]
+        assert info == {"encoder": f"tiny:{preset}", "family": "ace", "dim": 32, "pooled_dim": None}

@@ -96,7 +96,7 @@ class CacheConfig:
     decoder: str = _opt("auto", "image decoder: auto (DALI if installed, else PIL) | dali | pil")
     batch_size: int = _opt(16, "rows decoded at a time, and images of one size per VAE call")
     text_encoder: str | None = _opt(None, "also cache the instructions' text states: tiny:PRESET (a tiny preset's "
-                                          "byte-level encoder) | t5:FOLDER (T5TextEncoder)")
+                                          "built-in encoder) | t5:FOLDER (T5TextEncoder)")
     text_family: str | None = _opt(None, "the instruction formats to cache: ace (image indicators, history) | sd3; "
                                          "default: the tiny preset's family, ace for t5")
 
