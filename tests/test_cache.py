@@ -292,6 +292,23 @@ def test_the_trainer_takes_a_preset_only_from_data_it_can_read(vae, corpus, tmp_
         TrainConfig(data=[c, str(tmp_path / "t")], preset="sd3-tiny-editnet")
 
 
+
+def test_cached_text_states_must_come_from_the_presets_own_tiny_encoder(tmp_path):
+    """Byte- and word-level states have one width: a cache of ace-small's (bytes) used to train ace-edit (words),
+    whose export then runs with the word encoder; refused by name, both ways, before any work."""
+    data = clean_corpus(tmp_path / "data", n=4)
+    for enc in ("ace-small", "ace-edit"):
+        build_cache(CacheConfig([str(data)], "pixel", str(tmp_path / enc), text_encoder=f"tiny:{enc}"), **QUIET)
+    for preset, cache, cached in (("ace-edit", "ace-small", "bytes"), ("ace-small", "ace-edit", "words"),
+                                  ("ace-tiny", "ace-edit", "words")):
+        own = get_config(preset).text_encoder
+        with pytest.raises(ValueError, match=rf"preset '{preset}' reads instructions with its '{own}' text encoder; "
+                                             rf"the latent cache .* holds text states of tiny:{cache} \('{cached}'\): "
+                                             rf"cache them with --text-encoder tiny:{preset}"):
+            TrainConfig(data=[str(tmp_path / cache)], preset=preset)
+    assert TrainConfig(data=[str(tmp_path / "ace-edit")], preset="ace-edit").preset == "ace-edit"
+    assert TrainConfig(data=[str(tmp_path / "ace-small")], preset="ace-tiny").preset == "ace-tiny"
+
 def test_bad_arguments_stop_before_any_work(tmp_path, capsys):
     for args, message in (([], "--vae nope: not a diffusers AutoencoderKL folder (no config.json there)"),
                           (["--dtype", "int8"], "dtype 'int8'; expected one of ['bf16', 'fp16', 'fp32']"),

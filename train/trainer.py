@@ -191,6 +191,14 @@ def check_data_codec(preset: str, model_cfg, data: list[str]) -> None:
                 raise ValueError(f"preset {preset!r} takes {want[0]}-family instructions of width {want[1]} (pooled "
                                  f"{want[2]}); the latent cache {data} holds text states of {text['encoder']}: "
                                  f"{text['family']} family, width {text['dim']} (pooled {text['pooled_dim']})")
+            # byte- and word-level states share a width; a model trained on the other's would be run
+            # (tiny_text_encoder) with an encoder it never saw
+            kind, _, arg = text["encoder"].partition(":")
+            cached = getattr(get_config(arg), "text_encoder", "bytes") if kind == "tiny" else None
+            if ace and cached is not None and cached != model_cfg.text_encoder:
+                raise ValueError(f"preset {preset!r} reads instructions with its {model_cfg.text_encoder!r} text "
+                                 f"encoder; the latent cache {data} holds text states of {text['encoder']} "
+                                 f"({cached!r}): cache them with --text-encoder tiny:{preset}")
         return
     pixel = PixelCodec(4)
     if (model_cfg.codec_factor, model_cfg.in_channels) != (pixel.factor, pixel.latent_channels):
