@@ -184,6 +184,7 @@ def test_word_encoder_is_deterministic_word_level_and_cuts_with_a_warning():
 
 
 def test_task_weights_parse_from_the_flag_and_refuse_bad_entries_by_name():
+    from omniace.train.synthetic import TASKS
     from omniace.train.trainer import TrainConfig, build_parser
 
     a = build_parser().parse_args(["--data", "x", "--task-weight", "object_swap=4, inpainting=2.5"])
@@ -192,6 +193,19 @@ def test_task_weights_parse_from_the_flag_and_refuse_bad_entries_by_name():
     for bad in ("object_swap", "a=-1", "=2", "a=x", "a=inf"):
         with pytest.raises(ValueError, match=f"task_weight entry '{bad}': expected TASK=W with W a finite number >= 0"):
             TrainConfig(data=["x"], task_weight=[bad])
+    # the same task twice: the last used to win silently (the flag's own value, and across entries)
+    for twice, first in (("object_swap=4,object_swap=2", "4"), ("fog=0, fog =0", "0")):
+        a = build_parser().parse_args(["--data", "x", "--task-weight", twice])
+        entry = twice.split(",")[1].strip()
+        with pytest.raises(ValueError, match=f"task_weight entry '{entry}': task '{twice.split('=')[0]}' is already "
+                                             f"weighted {first}; give each task once"):
+            TrainConfig(data=["x"], task_weight=a.task_weight)
+    # a task no corpus of ours has is allowed (a corpus may name its own) but warned about
+    cfg = TrainConfig(data=["x"], task_weight=["objet_swap=2", "inpainting=2", "my_task=3"])
+    assert [w for w in cfg.warnings() if "task" in w] == [
+        f"--task-weight names task(s) ['objet_swap', 'my_task'] that are none of the known {TASKS}: they weight "
+        f"only rows whose task column says exactly that"]
+    assert not [w for w in TrainConfig(data=["x"], task_weight=["object_swap=2"]).warnings() if "task" in w]
     from omniace.train.objective import sample_weights
 
     w = sample_weights(torch.tensor([1.0, 0.0, 1.0]), ["object_swap", "object_swap", "fog"], {"object_swap": 4.0})

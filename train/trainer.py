@@ -49,6 +49,7 @@ from .parallelize import TRAIN_MODES, apply_fsdp, enable_activation_checkpointin
 from .resume_check import ConfigMismatchError, allowable, compare, resolve_paths, signature
 from .runlock import RunLock, RunLockedError
 from .runlog import RunLog, Window
+from .synthetic import TASKS
 
 
 def _opt(default, help: str):
@@ -113,6 +114,9 @@ class TrainConfig:
                 w = float("nan")
             if not (math.isfinite(w) and w >= 0):
                 raise ValueError(f"task_weight entry {entry!r}: expected TASK=W with W a finite number >= 0")
+            if task.strip() in out:  # the last would silently win
+                raise ValueError(f"task_weight entry {entry!r}: task {task.strip()!r} is already weighted "
+                                 f"{out[task.strip()]:g}; give each task once")
             out[task.strip()] = w
         return out
 
@@ -167,6 +171,11 @@ class TrainConfig:
     def warnings(self) -> list[str]:
         """Settings that are valid but probably not meant."""
         out = []
+        # a corpus's task column may hold any name, so an unknown one is not refused: a typo would weight nothing
+        unknown = [t for t in self.task_weights() if t not in TASKS]
+        if unknown:
+            out.append(f"--task-weight names task(s) {unknown} that are none of the known {TASKS}: they weight "
+                       f"only rows whose task column says exactly that")
         if self.warmup > self.steps:
             out.append(f"--warmup {self.warmup} is longer than --steps {self.steps}: the learning rate never "
                        f"reaches --lr (it ends at {lr_at(self, self.steps - 1) / self.lr:.0%} of it) and never decays")
