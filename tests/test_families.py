@@ -288,3 +288,21 @@ def test_tasks_selection_of_the_generator_command(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--out", str(tmp_path / "x"), "--tasks", "text_to_image,t2i"])
     assert exc.value.code == 2 and "unknown task(s) ['t2i']" in capsys.readouterr().err
+
+
+def test_eval_outputs_do_not_depend_on_batch_size_and_a_bad_one_is_refused_first():
+    """batch_size 0 stopped with range()'s own error; -1 ran nothing and crashed scoring a missing output."""
+    from omniace.engine.pipeline import EditPipeline
+    from omniace.train.eval import evaluate, held_out
+
+    pipe = EditPipeline.tiny("ace", seed=1)
+    samples = held_out(1, short_sides=(32,), tasks=("text_to_image", "object_swap", "reference_guided"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tiny encoder truncates long instructions
+        runs = [evaluate(pipe, samples, steps=1, batch_size=b)[1] for b in (1, 2, 16)]
+    for outs in runs[1:]:
+        for a, b in zip(runs[0], outs):
+            assert np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max() <= 1
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match=f"batch_size must be an integer >= 1, got {bad!r}"):
+            evaluate(pipe, samples, steps=1, batch_size=bad)

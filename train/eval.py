@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from omniace.engine.imageio import decode_image
+from omniace.engine.sampler import check_int
 
 from .scenes import ASPECTS, frame_size, random_scene, render
 from .scorer import MID_GREY, score
@@ -171,9 +172,10 @@ def evaluate(pipe, samples: list[EvalSample], steps: int = 20, guidance: float =
     a chain's turns go through one ``EditSession`` (a new one at each turn 1); the other requests are stepped
     ``batch_size`` at a time (:meth:`EditPipeline.run_jobs`: the outputs do not depend on it). The copy baseline is the image
     the request was fed (a mid-grey image for text-to-image, which has none). ValueError before any model
-    work for a task ``pipe``'s family cannot run or a chain out of order."""
+    work for a task ``pipe``'s family cannot run, a chain out of order or a ``batch_size`` not an integer >= 1."""
     from omniace.engine.pipeline import EditSession
 
+    check_int(batch_size, "batch_size", 1)
     _check_samples(pipe, samples)
     t0 = time.perf_counter()
     outputs: list[Image.Image | None] = [None] * len(samples)
