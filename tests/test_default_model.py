@@ -203,8 +203,8 @@ def test_task_weights_parse_from_the_flag_and_refuse_bad_entries_by_name():
     # a task no corpus of ours has is allowed (a corpus may name its own) but warned about
     cfg = TrainConfig(data=["x"], task_weight=["objet_swap=2", "inpainting=2", "my_task=3"])
     assert [w for w in cfg.warnings() if "task" in w] == [
-        f"--task-weight names task(s) ['objet_swap', 'my_task'] that are none of the known {TASKS}: they weight "
-        f"only rows whose task column says exactly that"]
+        (f"--task-weight names task(s) ['objet_swap', 'my_task'] that are none of the known {TASKS}: they weight "
+         f"only rows whose task column says exactly that")]
     assert not [w for w in TrainConfig(data=["x"], task_weight=["object_swap=2"]).warnings() if "task" in w]
     from omniace.train.objective import sample_weights
 

@@ -202,12 +202,17 @@ def test_run_jobs_refuses_a_job_twice_or_jobs_at_different_steps_before_any_step
     finished again, like run_job."""
     pipe = EditPipeline.tiny("ace")
     img = demo_scene(24, 16, seed=7)
-    fresh = lambda seed=1: pipe.prepare_edit(img, "{image} make it blue", steps=2, seed=seed)  # noqa: E731
+
+    def fresh(seed: int = 1):
+        return pipe.prepare_edit(img, "{image} make it blue", steps=2, seed=seed)
+
     assert pipe.run_jobs([]) == []
     done = fresh()
     first = pipe.run_jobs([done])[0]
     assert np.array_equal(np.asarray(pipe.run_jobs([done])[0]), np.asarray(first))  # run twice: the same image
-    for new, jobs, taken in ((j := fresh(), [done, j], r"\[2, 0\]"), (j := fresh(), [j, done], r"\[0, 2\]")):
+    for fresh_first in (False, True):
+        new = fresh()
+        jobs, taken = ([new, done], r"\[0, 2\]") if fresh_first else ([done, new], r"\[2, 0\]")
         with pytest.raises(ValueError, match=f"must have taken the same steps, got {taken}"):
             pipe.run_jobs(jobs)
         assert new.i == 0 and done.i == 2  # refused before any step
