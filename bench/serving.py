@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
            "torch": torch.__version__, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "model": args.weights or "embedded default (ace-small)", "capacity_req_s": cap,
+           "model": args.weights or "embedded default (ace-edit)", "capacity_req_s": cap,
            "config": vars(args) | {"out": str(args.out), "weights": args.weights}, "results": results,
            "backends": step_rows,
            "targets": targets(rows)}

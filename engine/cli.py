@@ -330,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", parents=[common],
                        help="edit held-out scenes of every task with the embedded trained default")
     p.add_argument("--out", default="out", help="folder for demo.json and demo_grid.png")
-    p.add_argument("--weights", help="another trainer export (default: the embedded ace-small)")
+    p.add_argument("--weights", help="another trainer export (default: the embedded ace-edit)")
     p.add_argument("--per-task", type=PER_TASK, default=4)
     # chosen on a validation split (generator seed 20000), not on the held-out one the demo reports
     p.add_argument("--steps", type=STEPS, default=10)
@@ -406,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", parents=[common], help="serve edits over HTTP (EditServer; extra 'serve')")
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
     p.add_argument("--port", type=PORT, default=8000)
-    p.add_argument("--weights", help="a trainer export (default: the embedded ace-small)")
+    p.add_argument("--weights", help="a trainer export (default: the embedded ace-edit)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--backend", choices=["torch", "torch-compile", "onnxruntime", "tensorrt"], default="torch")
     p.add_argument("--artifact", help="onnxruntime: an `omniace export` folder of these weights (default: export "

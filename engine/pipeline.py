@@ -124,7 +124,7 @@ def check_output_path(path: str | os.PathLike, inputs: Sequence[str | os.PathLik
     return p, missing
 
 
-DEFAULT_WEIGHTS = Path(__file__).parent / "assets" / "ace-small-edit.safetensors"
+DEFAULT_WEIGHTS = Path(__file__).parent / "assets" / "ace-edit.safetensors"
 
 
 def check_device(device: str | torch.device) -> None:
@@ -280,19 +280,19 @@ class EditPipeline:
     @classmethod
     def pretrained(cls, path: str | Path | None = None, device: str = "cpu", dtype: torch.dtype | None = None,
                    preset: str | None = None) -> "EditPipeline":
-        """The embedded default: ``ace-small`` trained on the synthetic OmniEdit-style corpus (README recipe),
-        with its byte-level text encoder and the pixel codec. ``path`` loads another trainer export (its config
+        """The embedded default: ``ace-edit`` trained on the synthetic corpus (``train/recipe_default.sh``), with
+        its built-in text encoder (word-level; byte-level for older exports) and the pixel codec. ``path`` loads another trainer export (its config
         from its metadata, or ``preset`` for a file without it)."""
         from .model import load_model
 
         path = Path(path) if path is not None else DEFAULT_WEIGHTS
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no trained weights there; train them with the README's recipe "
-                                    f"(python -m omniace.train.trainer ... --preset ace-small)")
+                                    f"(python -m omniace.train.trainer ... --preset ace-edit)")
         model = load_model(path, preset)
         text_dim = model.cfg.y_channels if isinstance(model.cfg, ACEConfig) else model.cfg.joint_attention_dim
         if model.cfg.codec_factor != 4 or text_dim != 32:
-            raise ValueError(f"{path}: not a tiny pixel-space model (codec_factor 4, byte-level text); "
+            raise ValueError(f"{path}: not a tiny pixel-space model (codec_factor 4, built-in 32-wide text encoder); "
                              f"use EditPipeline(model, text_encoder, codec) for it")
         # guidance 1.5: chosen for the embedded default on a validation split (docs/default_model.md)
         return cls(model, tiny_text_encoder(model.cfg), PixelCodec(model.cfg.codec_factor), device=device,

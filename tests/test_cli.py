@@ -123,9 +123,10 @@ def test_mask_and_instruction_errors_write_nothing(tmp_path, capsys):
     code, _, err = run(["edit", "--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"),
                         "--instruction", "{image} x", "--out", str(out)], capsys)
     assert_user_error(code, err, "mask 0 (for image 0) is 16x128 but its image is 64x64")
-    code, _, err = run(["edit", "--image", str(tmp_path / "in.png"), "--instruction", "{image} " + "y" * 60 + " tail",
+    # the default's word-level encoder keeps 63 words and EOS: 70 words + "tail" after {image} lose 9
+    code, _, err = run(["edit", "--image", str(tmp_path / "in.png"), "--instruction", "{image} " + "y " * 70 + "tail",
                         "--no-truncate", "--out", str(out)], capsys)
-    assert_user_error(code, err, "byte-level text encoder keeps 63: it would drop 'yyyyy tail'")
+    assert_user_error(code, err, "72 words; the word-level text encoder keeps 63: it would drop 'y y y y y y y y tail'")
     assert not out.exists()
 
 

@@ -202,7 +202,7 @@ def test_an_oversized_request_is_refused_at_once_and_the_loop_stays_responsive(l
 
 
 def test_truncate_false_refuses_a_long_instruction(live):
-    body = {"instruction": "x" * 200, "size": "64x64", "steps": 1, "truncate": False}
+    body = {"instruction": "x " * 100, "size": "64x64", "steps": 1, "truncate": False}  # over 63 words and bytes
     r = httpx.post(f"{live[0]}/v1/edit", json=body, timeout=30)
     assert r.status_code == 422 and "instruction" in r.json()["error"]
 

@@ -213,7 +213,7 @@ def check_data_codec(preset: str, model_cfg, data: list[str]) -> None:
     if (model_cfg.codec_factor, model_cfg.in_channels) != (pixel.factor, pixel.latent_channels):
         raise ValueError(f"preset {preset!r} is a latent-space model (codec factor {model_cfg.codec_factor}, "
                          f"{model_cfg.in_channels} channels): Parquet data is encoded with the pixel codec, which "
-                         f"only the pixel-space presets (ace-tiny, ace-small, sd3-tiny*, sd3-small*) read; encode "
+                         f"only the pixel-space presets (ace-tiny, ace-small, ace-edit, sd3-tiny*, sd3-small*) read; encode "
                          f"the data with its VAE first (python -m omniace.train.cache --vae ...) and train on the "
                          f"cache")
 
