@@ -281,8 +281,8 @@ class EditPipeline:
     def pretrained(cls, path: str | Path | None = None, device: str = "cpu", dtype: torch.dtype | None = None,
                    preset: str | None = None) -> "EditPipeline":
         """The embedded default: ``ace-edit`` trained on the synthetic corpus (``train/recipe_default.sh``), with
-        its built-in text encoder (word-level; byte-level for older exports) and the pixel codec. ``path`` loads another trainer export (its config
-        from its metadata, or ``preset`` for a file without it)."""
+        its built-in text encoder (word-level; byte-level for older exports) and the pixel codec. ``path`` loads
+        another trainer export (its config from its metadata, or ``preset`` for a file without it)."""
         from .model import load_model
 
         path = Path(path) if path is not None else DEFAULT_WEIGHTS
@@ -553,10 +553,8 @@ class EditPipeline:
         (an image too small for the grid too) before any model work, FloatingPointError if the latent turns
         NaN/inf (naming the step).
         """
-        check_mode(resize)
-        images, masks = turn_inputs(images, masks)
-        return [self.run([], Turn(instruction, images, masks, resize), size, steps, guidance, rescale, seed,
-                         negative, truncate)]
+        return [self.run_job(self.prepare_edit(images, instruction, masks, steps, guidance, rescale, seed, negative,
+                                               size, truncate, resize))]
 
 
 def _grids(fits: list[list[Fit]], target: Fit) -> list[tuple[int, int]]:

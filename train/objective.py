@@ -71,8 +71,9 @@ def edit_region_weight(batch: PackedLCU, edit_weight: float, threshold: float = 
     source image by more than ``threshold`` (latent units; [-1, 1] pixels for the pixel codec), 1 elsewhere and
     in samples with no target-sized source (``batch.source_index`` -1). None when ``edit_weight`` is 0.
 
-    Why: a local edit changes a few percent of the pixels, so a plain mean squared error is almost all about
-    copying the untouched rest; the weight puts the gradient where the instruction acts."""
+    Why: a local edit changes a few percent of the pixels, so a plain mean squared error is mostly about copying
+    the untouched rest. Caveat (measured, docs/default_model.md): the weight depends on the target, so where the
+    model is unsure the optimum leans toward changing pixels; :func:`sample_weights` by task does not."""
     if edit_weight == 0:
         return None
     c = batch.latent_channels * batch.patch_size**2
