@@ -306,3 +306,28 @@ def test_eval_outputs_do_not_depend_on_batch_size_and_a_bad_one_is_refused_first
     for bad in (0, -1, 2.0, True):
         with pytest.raises(ValueError, match=f"batch_size must be an integer >= 1, got {bad!r}"):
             evaluate(pipe, samples, steps=1, batch_size=bad)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--pairs", "-3"], "--pairs and --shard-size must be >= 1, got -3"),
+    (["--short-sides", "48,abc"], "--short-sides must be a comma list of integers >= 16, got '48,abc'"),
+    (["--short-sides", "7"], "--short-sides must be a comma list of integers >= 16, got '7'"),
+    (["--failure-rate", "1.5"], "--failure-rate must be a fraction in [0, 1], got 1.5"),
+    (["--multi-turn", "-1"], "--multi-turn must be a fraction in [0, 1], got -1.0"),
+])
+def test_generator_refuses_bad_numbers_before_writing(argv, message, tmp_path, capsys):
+    from omniace.train.synthetic import main as synth_main
+
+    with pytest.raises(SystemExit) as e:
+        synth_main(["--out", str(tmp_path / "c"), *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("flag", ["--per-task", "--grid-per-task", "--steps"])
+def test_eval_refuses_counts_below_one_before_loading(flag, capsys):
+    from omniace.train.eval import main as eval_main
+
+    with pytest.raises(SystemExit) as e:
+        eval_main(["--weights", "missing.safetensors", flag, "0"])
+    assert e.value.code == 2 and f"{flag} must be an integer >= 1, got 0" in capsys.readouterr().err

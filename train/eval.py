@@ -303,6 +303,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--split-seed", type=int, default=HELD_OUT_SEED,
                     help="generator seed of the split (tune sampling settings on another one, e.g. 20000)")
     a = ap.parse_args(argv)
+    for name in ("per_task", "grid_per_task", "steps"):  # refused before loading anything (exit 2)
+        if getattr(a, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be an integer >= 1, got {getattr(a, name)}")
     pipe = EditPipeline.pretrained(a.weights)
     run(pipe, a.out, a.per_task, a.steps, a.guidance, a.seed, a.grid_per_task, split_seed=a.split_seed)
 

@@ -327,12 +327,23 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--format", choices=["png", "jpeg"], default="png")
     ap.add_argument("--tasks", default=",".join(TASKS))
     a = ap.parse_args(argv)
+    try:
+        sides = tuple(int(v) for v in a.short_sides.split(","))
+    except ValueError:
+        sides = ()
+    if not sides or min(sides) < 16:  # the smallest frame the pixel-space presets' 8-pixel grid can take well
+        ap.error(f"--short-sides must be a comma list of integers >= 16, got {a.short_sides!r}")
+    if a.pairs < 1 or a.shard_size < 1:
+        ap.error(f"--pairs and --shard-size must be >= 1, got {a.pairs} and {a.shard_size}")
+    for name in ("failure_rate", "multi_turn"):
+        if not 0.0 <= getattr(a, name) <= 1.0:
+            ap.error(f"--{name.replace('_', '-')} must be a fraction in [0, 1], got {getattr(a, name)}")
     tasks = tuple(t.strip() for t in a.tasks.split(","))
     try:
         check_tasks(tasks)
     except ValueError as err:
         ap.error(f"--tasks: {err}")
-    write_corpus(a.out, a.pairs, a.shard_size, seed=a.seed, short_sides=tuple(int(s) for s in a.short_sides.split(",")),
+    write_corpus(a.out, a.pairs, a.shard_size, seed=a.seed, short_sides=sides,
                  failure_rate=a.failure_rate, multi_turn=a.multi_turn, fmt=a.format, tasks=tasks)
 
 
