@@ -17,7 +17,7 @@ from omniace.kernels import editnet_inject, rope3d, segment_attention
 
 from .config import ACEConfig
 from .layers import Mlp, PatchEmbed, RMSNorm, TimestepEmbedder, ada_norm, per_row, run_block, tokens_pqc_to_cpq
-from .lcu import PackedLCU
+from .lcu import PackedLCU, gather_source
 
 
 class ACEAttention(nn.Module):
@@ -213,9 +213,7 @@ class ACEModel(nn.Module):
         if idx is None:
             raise ValueError("this model adds the source image (cfg.source_skip): the batch needs source_index "
                              "(engine.lcu.pack computes it)")
-        rows = batch.tokens.index_select(0, idx.clamp(min=0))[:, :c_lat]
-        has = (idx >= 0).unsqueeze(1)
-        return rows * has.to(rows.dtype), has
+        return gather_source(batch.tokens, idx, c_lat)
 
     def flops(self, frames: list[list[int]], text_lens: list[list[int]]) -> int:
         """Matmul FLOPs of one forward: ``frames[b]`` image tokens per frame, ``text_lens[b]`` per frame."""

@@ -69,6 +69,14 @@ def indicator_token(index: int) -> str:
     return "{image}" if index == 0 else f"{{image{index}}}"
 
 
+def gather_source(tokens: Tensor, source_index: Tensor, channels: int) -> tuple[Tensor, Tensor]:
+    """``([L_tgt, channels], [L_tgt, 1] bool)``: the first ``channels`` columns of ``tokens`` at each target
+    token's source cell (``source_index``, see :class:`PackedLCU`), zeros where it is -1, and where it is not."""
+    rows = tokens.index_select(0, source_index.clamp(min=0))[:, :channels]
+    has = (source_index >= 0).unsqueeze(1)
+    return rows * has.to(rows.dtype), has
+
+
 @dataclass
 class PackedLCU:
     """One ragged batch of LCUs with no padding.

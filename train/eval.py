@@ -170,8 +170,8 @@ def evaluate(pipe, samples: list[EvalSample], steps: int = 20, guidance: float =
 
     Text-to-image samples are generated at the target's size; reference samples get ``[source, reference]``;
     a chain's turns go through one ``EditSession`` (a new one at each turn 1); the other requests are stepped
-    ``batch_size`` at a time (:meth:`EditPipeline.run_jobs`: the outputs do not depend on it). The copy baseline is the image
-    the request was fed (a mid-grey image for text-to-image, which has none). ValueError before any model
+    ``batch_size`` at a time (:meth:`EditPipeline.run_jobs`: the outputs do not depend on it). The copy
+    baseline is the image the request was fed (a mid-grey image for text-to-image, which has none). ValueError before any model
     work for a task ``pipe``'s family cannot run, a chain out of order or a ``batch_size`` not an integer >= 1."""
     from omniace.engine.pipeline import EditSession
 
@@ -181,6 +181,7 @@ def evaluate(pipe, samples: list[EvalSample], steps: int = 20, guidance: float =
     outputs: list[Image.Image | None] = [None] * len(samples)
     # single requests are independent: stepped together in batches (same results, less per-call overhead)
     single = [i for i, s in enumerate(samples) if not s.turn]
+    prefix = "{image} " if pipe.is_ace else ""  # ACE names the edited image; SD3 takes the bare instruction
     for start in range(0, len(single), batch_size):
         chunk = single[start:start + batch_size]
         jobs = []
@@ -192,7 +193,6 @@ def evaluate(pipe, samples: list[EvalSample], steps: int = 20, guidance: float =
             else:
                 images = [s.source] + ([s.reference] if s.reference is not None else [])
                 masks = s.mask if (pipe.is_ace and s.mask is not None) else None
-                prefix = "{image} " if pipe.is_ace else ""
                 jobs.append(pipe.prepare_edit(images, prefix + s.instruction, masks=masks, **kw))
         for i, out in zip(chunk, pipe.run_jobs(jobs)):
             outputs[i] = out
@@ -200,7 +200,6 @@ def evaluate(pipe, samples: list[EvalSample], steps: int = 20, guidance: float =
     for i, s in enumerate(samples):  # a chain's turns, in order, through one EditSession
         if s.turn:
             session = EditSession(pipe) if s.turn == 1 else session
-            prefix = "{image} " if pipe.is_ace else ""
             outputs[i] = session.edit(prefix + s.instruction, s.source if s.turn == 1 else None, steps=steps,
                                       guidance=guidance, seed=seed + i)
     per_task: dict[str, list] = {}

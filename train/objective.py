@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from omniace.engine.lcu import PackedLCU
+from omniace.engine.lcu import PackedLCU, gather_source
 from omniace.engine.sampler import PREDICTIONS, DDIMSampler
 
 
@@ -77,10 +77,8 @@ def edit_region_weight(batch: PackedLCU, edit_weight: float, threshold: float = 
     if edit_weight == 0:
         return None
     c = batch.latent_channels * batch.patch_size**2
-    idx = batch.source_index
-    target = batch.target_tokens().float()
-    source = batch.tokens.index_select(0, idx.clamp(min=0))[:, :c].float()
-    changed = ((target - source).abs() > threshold) & (idx >= 0).unsqueeze(1)
+    source, has = gather_source(batch.tokens.float(), batch.source_index, c)
+    changed = ((batch.target_tokens().float() - source).abs() > threshold) & has
     return 1.0 + edit_weight * changed.float()
 
 
