@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 from omniace.kernels import editnet_inject, rope3d, segment_attention
@@ -109,6 +110,36 @@ class FinalLayer(nn.Module):
         return self.linear(ada_norm(x, shift, scale, seg))
 
 
+class PixelHead(nn.Module):
+    """Per-pixel output of a pixel-codec model (``cfg.pixel_head``): the final linear gives ``features`` values
+    per pixel of each token; a two-layer MLP shared by every pixel maps them, with that pixel's source and
+    noisy RGB, to its change (and gate logits). A per-token linear head can only draw an edit as a sum of
+    ``pixels``-wide basis patterns, which shows as blocks; here the edit can follow the source's own edges
+    (recolour what is red, keep what is not). Zero-initialised output: an untrained head copies the source.
+    """
+
+    def __init__(self, features: int, pixels: int, gated: bool):
+        super().__init__()
+        self.features, self.pixels, self.gated = features, pixels, gated
+        self.fc1 = nn.Linear(features + 6, 2 * features)
+        self.fc2 = nn.Linear(2 * features, 6 if gated else 3)
+
+    def forward(self, feat: Tensor, x: Tensor, source: Tensor, has_source: Tensor) -> Tensor:
+        """feat ``[L, pixels * features]`` (the final linear's output); x, source ``[L, 3 * pixels]`` noisy and
+        source target tokens in the token layout (RGB-major, see :func:`omniace.engine.lcu.patchify`);
+        has_source ``[L, 1]`` bool. Returns the x0 prediction ``[L, 3 * pixels]`` in the token layout."""
+        n, dtype = feat.shape[0], feat.dtype
+        source = source.to(dtype)
+        rgb = lambda v: v.view(n, 3, self.pixels).transpose(1, 2)  # token row -> [L, pixels, 3]
+        h = torch.cat([feat.view(n, self.pixels, self.features), rgb(source), rgb(x.to(dtype))], dim=-1)
+        out = self.fc2(F.silu(self.fc1(h)))
+        change = out[..., :3]
+        if self.gated:  # samples with no source: the gate is 1 (the change is the whole image)
+            gate = torch.sigmoid(out[..., 3:].float()).to(dtype)
+            change = change * torch.where(has_source.unsqueeze(-1), gate, 1.0)
+        return source + change.transpose(1, 2).flatten(1)
+
+
 class TextPositionEmbeddings(nn.Module):
     """The ``[10, Y]`` image-indicator table (T5 states of ``{image}``, ``{image1}``, ...)."""
 
@@ -129,7 +160,12 @@ class ACEModel(nn.Module):
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         self.y_embedder = Mlp(cfg.y_channels, d, d)
         self.blocks = nn.ModuleList(ACEBlock(cfg) for _ in range(cfg.depth))
-        self.final_layer = FinalLayer(d, p, cfg.out_channels)
+        if cfg.pixel_head:
+            pixels = p * p * cfg.codec_factor**2
+            self.final_layer = FinalLayer(d, p, cfg.codec_factor**2 * cfg.pixel_head)
+            self.pixel_head = PixelHead(cfg.pixel_head, pixels, cfg.source_gate)
+        else:
+            self.final_layer = FinalLayer(d, p, cfg.out_channels)
         self.text_position_embeddings = TextPositionEmbeddings(cfg.num_indicators, cfg.y_channels)
         self.gradient_checkpointing = False
         self.reset_parameters()
@@ -149,6 +185,9 @@ class ACEModel(nn.Module):
             nn.init.zeros_(blk.cross_attn.o.bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
+        if self.cfg.pixel_head:
+            nn.init.zeros_(self.pixel_head.fc2.weight)
+            nn.init.zeros_(self.pixel_head.fc2.bias)
 
     def forward(self, batch: PackedLCU, x: Tensor, t: Tensor, indicator_table: Tensor | bool = True) -> Tensor:
         """Predict for the target tokens.
@@ -195,6 +234,8 @@ class ACEModel(nn.Module):
         if not cfg.source_skip:
             return tokens_pqc_to_cpq(out, cfg.patch_size, cfg.in_channels)
         source, has_source = self.source_tokens(batch, c_lat)
+        if cfg.pixel_head:
+            return self.pixel_head(out, x.to(dtype), source, has_source)
         change = tokens_pqc_to_cpq(out, cfg.patch_size, cfg.in_channels)
         if cfg.source_gate:  # the learned-sigma half, (p, p, 2C) -> its last C channels
             gate = tokens_pqc_to_cpq(out.unflatten(-1, (-1, 2 * cfg.in_channels))[..., cfg.in_channels:].flatten(1),
@@ -227,6 +268,10 @@ class ACEModel(nn.Module):
                          + 2 * n * d * d + 2 * tf * d * d + 2 * attn_cross * d  # cross-attention
                          + 2 * n * d * int(d * cfg.mlp_ratio))  # MLP
         n_tgt = sum(f[0] for f in frames)
-        embed = 2 * (n * (cfg.in_channels + 1) * p * p * d + tf * (cfg.y_channels * d + d * d)
-                     + n_tgt * d * p * p * cfg.out_channels)
+        head = self.final_layer.linear.out_features
+        embed = 2 * (n * (cfg.in_channels + 1) * p * p * d + tf * (cfg.y_channels * d + d * d) + n_tgt * d * head)
+        if cfg.pixel_head:
+            ph = self.pixel_head
+            embed += 2 * n_tgt * ph.pixels * (ph.fc1.in_features * ph.fc1.out_features
+                                              + ph.fc2.in_features * ph.fc2.out_features)
         return cfg.depth * per_block + embed

@@ -39,6 +39,11 @@ class ACEConfig:
     source_gate: bool = False
     # the built-in encoder of the pixel-space presets (engine.pipeline.tiny_text_encoder): "bytes" or "words"
     text_encoder: str = "bytes"
+    # with source_skip on a pixel codec (in_channels = 3 * codec_factor**2): > 0 replaces the final linear's
+    # per-token output by ``pixel_head`` features per pixel, and a per-pixel MLP (width 2 * pixel_head) maps
+    # them with that pixel's source and noisy values to its change (and gate). An 8x8-pixel token then edits
+    # along the source's own edges, which a per-token linear head draws as blocks. 0: off (ACE's head).
+    pixel_head: int = 0
 
     @property
     def head_dim(self) -> int:
@@ -65,6 +70,12 @@ class ACEConfig:
         if self.source_gate and not (self.source_skip and self.pred_sigma):
             raise ValueError("source_gate reads the gate from the learned-sigma half of the output: it needs "
                              "source_skip=True and pred_sigma=True")
+        if self.pixel_head < 0:
+            raise ValueError(f"pixel_head must be >= 0 (0 = off), got {self.pixel_head}")
+        if self.pixel_head and not (self.source_skip and self.in_channels == 3 * self.codec_factor**2):
+            raise ValueError(f"pixel_head reads each pixel's source value: it needs source_skip=True and a pixel "
+                             f"codec (in_channels = 3 * codec_factor**2 = {3 * self.codec_factor**2}), got "
+                             f"source_skip={self.source_skip}, in_channels={self.in_channels}")
 
 
 @dataclass(frozen=True)
@@ -132,6 +143,9 @@ PRESETS: dict[str, ACEConfig | SD3Config] = {
     "ace-edit": ACEConfig(in_channels=48, hidden_size=192, depth=4, num_heads=4, y_channels=32,
                           text_len=64, codec_factor=4, prediction="x0", source_skip=True, source_gate=True,
                           text_encoder="words"),
+    "ace-edit-px": ACEConfig(in_channels=48, hidden_size=192, depth=4, num_heads=4, y_channels=32,
+                             text_len=64, codec_factor=4, prediction="x0", source_skip=True, source_gate=True,
+                             text_encoder="words", pixel_head=16),
     "sd3-medium-editnet": SD3Config(),
     # SD3.5 (diffusers configs of stabilityai/stable-diffusion-3.5-medium and -large, transformer/config.json):
     # Medium is MMDiT-X (dual attention in blocks 0-12, 384-wide positional table), Large is a wider, deeper MMDiT;

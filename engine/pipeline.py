@@ -595,8 +595,10 @@ class EditSession:
         """``instruction``'s local indicators shifted by ``offset`` (default: the history's images)."""
         for token, idx in indicator_indices(instruction):
             if idx >= n_local:
+                hint = ("; images= replaces the previous output: to edit it with another image, pass "
+                        "[session.last, other]" if self.last is not None else "")
                 raise ValueError(f"turn {self.turns}: instruction names {token} but the turn has "
-                                 f"{n_local} image(s)")
+                                 f"{n_local} image(s){hint}")
         return renumber(instruction, _n_images(self.history) if offset is None else offset)
 
     def _fitting_history(self, n_new: int) -> list[Turn]:

@@ -2,6 +2,7 @@
 training options tried for it (edit-region and per-task loss weights)."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from omniace.engine import build_model, get_config
 from omniace.engine.lcu import ConditionUnit, ImageInput, LCUSample, pack
@@ -236,3 +237,103 @@ def test_a_latent_cache_takes_the_word_encoders_text_states():
         cfg = CacheConfig(data=["x"], vae="pixel", out="unused", text_encoder=f"tiny:{preset}")
         info = open_text_encoder(cfg, torch.device("cpu"))[1]
         assert info == {"encoder": f"tiny:{preset}", "family": "ace", "dim": 32, "pooled_dim": None}
+
+
+# the per-pixel head (cfg.pixel_head) on a pixel codec of factor 2: 12 latent channels, 16 pixels per token
+F2, K = 2, 5
+
+
+def _pixel_model(gate: bool = True):
+    cfg = get_config("ace-tiny", in_channels=3 * F2 * F2, codec_factor=F2, y_channels=Y, prediction="x0",
+                     source_skip=True, source_gate=gate, pixel_head=K)
+    return build_model(cfg)
+
+
+def _pixel_samples(seed: int):
+    """The gate tests' samples with RGB images encoded by the pixel codec (odd token grids)."""
+    from omniace.engine.codec import PixelCodec
+
+    codec = PixelCodec(F2)
+    up = lambda v: F.interpolate(v[None], scale_factor=F2)[0]
+    enc = lambda im: ImageInput(codec.encode(up(im.latent)), im.mask)  # the mask is per latent cell
+    out = []
+    for s in _samples(seed):
+        units = [ConditionUnit(u.instruction, [enc(i) for i in u.images], text=u.text) for u in s.units]
+        out.append(LCUSample(units, enc(s.target)))
+    return out
+
+
+def test_pixel_head_rgb_columns_are_one_pixel():
+    """The head reads a token row as ``[3, pixels]``: column j must be the R, G and B of one image pixel."""
+    from omniace.engine.codec import PixelCodec
+
+    h, w = 6 * F2, 10 * F2
+    ids = torch.arange(h * w, dtype=torch.float32).view(1, h, w).expand(3, h, w).clone()
+    ids[1] += 0.25
+    ids[2] += 0.5  # same pixel id, told apart by channel
+    rows = pack([LCUSample([ConditionUnit("", [], text=torch.zeros(1, Y))],
+                           ImageInput(F.pixel_unshuffle(ids[None], F2)[0]))], P, with_mask=True).target_tokens()
+    cols = rows.view(rows.shape[0], 3, -1)
+    assert torch.equal(cols[:, 1] - cols[:, 0], torch.full_like(cols[:, 0], 0.25))
+    assert torch.equal(cols[:, 2] - cols[:, 0], torch.full_like(cols[:, 0], 0.5))
+    assert cols[:, 0].flatten().unique().numel() == h * w  # every pixel once
+    assert PixelCodec(F2).latent_channels * P * P == rows.shape[1]
+
+
+def test_untrained_pixel_head_copies_the_source():
+    for gate in (False, True):
+        model = _pixel_model(gate).eval()
+        batch = pack(_pixel_samples(1), P, with_mask=True)
+        x = torch.randn(batch.target_index.numel(), 3 * F2 * F2 * P * P)
+        with torch.no_grad():
+            out = model(batch, x, torch.tensor([5, 500, 999, 10]))
+        idx = batch.source_index
+        has = idx >= 0
+        assert torch.equal(out[has], batch.tokens[idx[has], :out.shape[1]])
+        assert torch.equal(out[~has], torch.zeros_like(out[~has]))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
+@pytest.mark.parametrize("gate", [False, True])
+def test_pixel_head_matches_a_per_pixel_loop(dtype, tol, gate):
+    """Reference: one pixel at a time, [features, source RGB, noisy RGB] -> MLP -> change (and gate)."""
+    model = randomise(_pixel_model(gate), seed=6, std=0.2).to(dtype).eval()
+    batch = pack(_pixel_samples(2), P, with_mask=True).to("cpu", dtype)
+    c = 3 * F2 * F2 * P * P
+    x = torch.randn(batch.target_index.numel(), c).to(dtype)
+    seen = {}
+    handle = model.final_layer.register_forward_hook(lambda m, i, o: seen.setdefault("o", o))
+    with torch.no_grad():
+        out = model(batch, x, torch.tensor([3, 400, 999, 77])).float()
+    handle.remove()
+    ph = {k: v.float() for k, v in model.pixel_head.state_dict().items()}
+    feat, xf = seen["o"].float(), x.float()
+    idx = batch.source_index
+    n_pix = c // 3
+    ref = torch.empty_like(out)
+    for r in range(out.shape[0]):
+        src = batch.tokens[idx[r], :c].float() if idx[r] >= 0 else torch.zeros(c)
+        for j in range(n_pix):
+            v = torch.cat([feat[r, j * K:(j + 1) * K], src[j::n_pix], xf[r, j::n_pix]])
+            o = ph["fc2.weight"] @ F.silu(ph["fc1.weight"] @ v + ph["fc1.bias"]) + ph["fc2.bias"]
+            change = o[:3] * (torch.sigmoid(o[3:]) if gate and idx[r] >= 0 else 1)
+            ref[r, j::n_pix] = src[j::n_pix] + change
+    err = (out - ref).abs().max().item()
+    assert err < tol * max(1.0, ref.abs().max().item()), err
+    assert (out - torch.cat([batch.tokens[idx.clamp(min=0), :c].float()])).abs().max() > 0.1  # not a copy
+
+
+def test_pixel_head_gradients_and_settings():
+    model = randomise(_pixel_model(True), seed=7, std=0.1)
+    batch = pack(_pixel_samples(3), P, with_mask=True)
+    x = torch.randn(batch.target_index.numel(), 3 * F2 * F2 * P * P)
+    model(batch, x, torch.tensor([1, 2, 3, 4])).pow(2).sum().backward()
+    for p in (model.final_layer.linear.weight, model.pixel_head.fc1.weight, model.pixel_head.fc2.weight,
+              model.x_embedder.proj.weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="pixel_head reads each pixel's source value: it needs source_skip=True"):
+        get_config("ace-tiny", in_channels=12, codec_factor=2, prediction="x0", pixel_head=4)
+    with pytest.raises(ValueError, match=r"in_channels = 3 \* codec_factor\*\*2 = 48"):
+        get_config("ace-tiny", in_channels=16, codec_factor=4, prediction="x0", source_skip=True, pixel_head=4)
+    with pytest.raises(ValueError, match="pixel_head must be >= 0"):
+        get_config("ace-tiny", pixel_head=-1)

@@ -28,7 +28,9 @@ ATOL = 1e-4
 # the SD3 base without EditNet, in SD3.5's shape: MMDiT-X dual attention on the first block, RMS qk-norm
 CONFIGS = {"sd35-small": ("sd3-small", dict(qk_norm="rms_norm", dual_attention_layers=(0,))),
            # the embedded default's output head: the source image plus a gated change (source_index input)
-           "ace-tiny-gate": ("ace-tiny", dict(prediction="x0", source_skip=True, source_gate=True))}
+           "ace-tiny-gate": ("ace-tiny", dict(prediction="x0", source_skip=True, source_gate=True)),
+           # with the per-pixel head (cfg.pixel_head) of ace-edit-px
+           "ace-tiny-px": ("ace-tiny", dict(prediction="x0", source_skip=True, source_gate=True, pixel_head=5))}
 
 
 def _model(preset: str, seed: int = 0) -> torch.nn.Module:
@@ -68,7 +70,7 @@ def _batches(cfg, seed: int = 1):
         yield batch, x, t
 
 
-PORTABLE = ["ace-tiny", "sd3-tiny-editnet", "sd35-small", "ace-tiny-gate"]
+PORTABLE = ["ace-tiny", "sd3-tiny-editnet", "sd35-small", "ace-tiny-gate", "ace-tiny-px"]
 
 
 @pytest.fixture(scope="module", params=PORTABLE)

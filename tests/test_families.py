@@ -331,3 +331,17 @@ def test_eval_refuses_counts_below_one_before_loading(flag, capsys):
     with pytest.raises(SystemExit) as e:
         eval_main(["--weights", "missing.safetensors", flag, "0"])
     assert e.value.code == 2 and f"{flag} must be an integer >= 1, got 0" in capsys.readouterr().err
+
+
+def test_eval_names_a_missing_or_damaged_weights_file_in_one_line(tmp_path, capsys):
+    from omniace.train.eval import main as eval_main
+
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a checkpoint")
+    for path, message in ((tmp_path / "missing.safetensors", "no trained weights there"),
+                          (bad, "not a readable checkpoint")):
+        with pytest.raises(SystemExit) as e:
+            eval_main(["--weights", str(path), "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and f"error: {path}: {message}" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

@@ -88,6 +88,10 @@ def test_session_keeps_history_and_renames_indicators(pipe):
     assert s.history[1].instruction == "{image1} now red" and s.history[1].images[0].tobytes() == first.tobytes()
     with pytest.raises(ValueError, match=r"turn 2: instruction names \{image1\} but the turn has 1"):
         s.edit("{image1} again", steps=1)
+    with pytest.raises(ValueError, match=r"images= replaces the previous output: .* pass \[session.last, other\]"):
+        s.edit("put {image1} into {image}", images=[demo_scene()], steps=1)
+    with pytest.raises(ValueError, match=r"the turn has 1 image\(s\)$"):  # no previous output: no hint
+        EditSession(pipe).edit("put {image1} into {image}", images=[demo_scene()], steps=1)
 
 
 def test_sd3_editnet_pipeline():

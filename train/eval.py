@@ -305,7 +305,10 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("per_task", "grid_per_task", "steps"):  # refused before loading anything (exit 2)
         if getattr(a, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be an integer >= 1, got {getattr(a, name)}")
-    pipe = EditPipeline.pretrained(a.weights)
+    try:  # a missing, damaged or foreign weights file: one line, like omniace's CLI (engine/cli.py)
+        pipe = EditPipeline.pretrained(a.weights)
+    except (ValueError, OSError) as err:
+        ap.exit(1, f"{ap.prog}: error: {' '.join(str(err).split())}\n")
     run(pipe, a.out, a.per_task, a.steps, a.guidance, a.seed, a.grid_per_task, split_seed=a.split_seed)
 
 
