@@ -135,17 +135,15 @@ PRESETS: dict[str, ACEConfig | SD3Config] = {
     # Tiny: CPU tests and the embedded demo; pairs with the pixel codec (factor 4, 48 channels).
     "ace-tiny": ACEConfig(in_channels=48, hidden_size=64, depth=2, num_heads=4, y_channels=32,
                           text_len=64, codec_factor=4),
-    # Small: the trained embedded default (omniace demo); wide enough that a 192-value pixel patch fits.
+    # Small: the previous embedded default; wide enough that a 192-value pixel patch fits.
     # It predicts x0: through a DiT with no skip connection an eps error grows by sigma/alpha into the image.
     "ace-small": ACEConfig(in_channels=48, hidden_size=192, depth=4, num_heads=4, y_channels=32,
                            text_len=64, codec_factor=4, prediction="x0"),
-    # The embedded default's model: ace-small predicting the change to the source image (source_skip)
+    # The embedded default's model (omniace demo): ace-small predicting a gated change to the source image
+    # (source_skip), drawn per pixel (pixel_head), with word-level text (docs/default_model.md says why)
     "ace-edit": ACEConfig(in_channels=48, hidden_size=192, depth=4, num_heads=4, y_channels=32,
                           text_len=64, codec_factor=4, prediction="x0", source_skip=True, source_gate=True,
-                          text_encoder="words"),
-    "ace-edit-px": ACEConfig(in_channels=48, hidden_size=192, depth=4, num_heads=4, y_channels=32,
-                             text_len=64, codec_factor=4, prediction="x0", source_skip=True, source_gate=True,
-                             text_encoder="words", pixel_head=16),
+                          text_encoder="words", pixel_head=16),
     "sd3-medium-editnet": SD3Config(),
     # SD3.5 (diffusers configs of stabilityai/stable-diffusion-3.5-medium and -large, transformer/config.json):
     # Medium is MMDiT-X (dual attention in blocks 0-12, 384-wide positional table), Large is a wider, deeper MMDiT;

@@ -297,7 +297,7 @@ def test_a_request_over_the_memory_limit_is_refused_before_loading(src, tmp_path
     from omniace.engine import memory
     from omniace.engine.model import build_model, count_parameters
 
-    weights = memory.human(count_parameters(build_model("ace-small")) * 4)  # the embedded default, fp32
+    weights = memory.human(count_parameters(build_model("ace-edit")) * 4)  # the embedded default, fp32
     assert f"(weights {weights}, activations" in err and "more than the 1.0 MiB allowed by --max-memory" in err
     monkeypatch.setattr(memory, "available_memory", lambda device: 5 << 20)  # a tiny fake free memory
     code, _, err = run(["edit", "--image", str(src), "--instruction", "{image} x", "--out", str(out)], capsys)
