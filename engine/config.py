@@ -135,7 +135,7 @@ PRESETS: dict[str, ACEConfig | SD3Config] = {
     # Tiny: CPU tests and the embedded demo; pairs with the pixel codec (factor 4, 48 channels).
     "ace-tiny": ACEConfig(in_channels=48, hidden_size=64, depth=2, num_heads=4, y_channels=32,
                           text_len=64, codec_factor=4),
-    # Small: the previous embedded default; wide enough that a 192-value pixel patch fits.
+    # Small: an earlier embedded default; wide enough that a 192-value pixel patch fits.
     # It predicts x0: through a DiT with no skip connection an eps error grows by sigma/alpha into the image.
     "ace-small": ACEConfig(in_channels=48, hidden_size=192, depth=4, num_heads=4, y_channels=32,
                            text_len=64, codec_factor=4, prediction="x0"),
