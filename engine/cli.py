@@ -134,8 +134,9 @@ def _export_config(path: Path, preset: str | None):
     meta = read_safetensors_metadata(path).get("omniace_config") if path.suffix == ".safetensors" else None
     if meta is None:
         if preset is None:
-            raise ValueError(f"--weights {str(path)!r} has no omniace_config metadata; pass --preset to name its "
-                             f"config")
+            what = ("has no omniace_config metadata" if path.suffix == ".safetensors" else
+                    "is not a .safetensors trainer export, so it carries no config")
+            raise ValueError(f"--weights {str(path)!r} {what}; pass --preset to name its config")
         return get_config(preset)
     try:
         return config_from_dict(json.loads(meta))

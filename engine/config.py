@@ -70,12 +70,13 @@ class ACEConfig:
         if self.source_gate and not (self.source_skip and self.pred_sigma):
             raise ValueError("source_gate reads the gate from the learned-sigma half of the output: it needs "
                              "source_skip=True and pred_sigma=True")
-        if self.pixel_head < 0:
-            raise ValueError(f"pixel_head must be >= 0 (0 = off), got {self.pixel_head}")
+        if isinstance(self.pixel_head, bool) or not isinstance(self.pixel_head, int) or self.pixel_head < 0:
+            raise ValueError(f"pixel_head must be an integer >= 0 (0 = off), got {self.pixel_head!r}")
         if self.pixel_head and not (self.source_skip and self.in_channels == 3 * self.codec_factor**2):
-            raise ValueError(f"pixel_head reads each pixel's source value: it needs source_skip=True and a pixel "
-                             f"codec (in_channels = 3 * codec_factor**2 = {3 * self.codec_factor**2}), got "
-                             f"source_skip={self.source_skip}, in_channels={self.in_channels}")
+            raise ValueError(f"pixel_head reads each pixel's source value: it needs source_skip=True (with "
+                             f"prediction='x0') and a pixel codec (in_channels = 3 * codec_factor**2 = "
+                             f"{3 * self.codec_factor**2}), got source_skip={self.source_skip}, "
+                             f"prediction={self.prediction!r}, in_channels={self.in_channels}")
 
 
 @dataclass(frozen=True)

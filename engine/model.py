@@ -59,7 +59,9 @@ def load_model(path: str | Path, cfg: ACEConfig | SD3Config | str | None = None)
     if cfg is None:
         meta = read_safetensors_metadata(path).get("omniace_config") if str(path).endswith(".safetensors") else None
         if meta is None:
-            raise ValueError(f"{path}: no omniace_config metadata; pass the model config or preset name")
+            what = ("no omniace_config metadata" if str(path).endswith(".safetensors") else
+                    "not a .safetensors trainer export, so it carries no config")
+            raise ValueError(f"{path}: {what}; pass the model config or preset name")
         try:
             cfg = config_from_dict(json.loads(meta))
             model = build_model(cfg)

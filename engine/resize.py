@@ -119,6 +119,8 @@ def fit(size: tuple[int, int], multiple: int, mode: str = "resize", max_pixels: 
     """
     check_mode(mode)
     w, h = size
+    if w < 1 or h < 1:  # an empty image (PIL allows 0x0): named here, not a ZeroDivisionError below
+        raise ValueError(f"{what}: image size {w}x{h} is empty; expected at least {multiple}x{multiple} pixels")
     if mode == "error":
         if w % multiple or h % multiple:
             raise ValueError(f"{what}: image size {w}x{h} is not a multiple of patch x codec factor = {multiple} "

@@ -359,7 +359,8 @@ def test_device_dtype_and_latent_exports(src, tmp_path, capsys):
     torch.save({}, tmp_path / "empty.pth")
     code, _, err = run(["edit", "--image", str(src), "--instruction", "x", "--weights", str(tmp_path / "empty.pth")],
                        capsys)
-    assert_user_error(code, err, "has no omniace_config metadata; pass --preset to name its config")
+    assert_user_error(code, err, "is not a .safetensors trainer export, so it carries no config; pass --preset to "
+                                 "name its config")
     code, _, err = run(["edit", "--image", str(src), "--instruction", "x", "--weights", str(tmp_path / "empty.pth"),
                         "--preset", "ace-0.6b-512"], capsys)
     assert_user_error(code, err, "is a latent-space ace model (codec factor 8); give --text-encoder and --vae")

@@ -335,5 +335,6 @@ def test_pixel_head_gradients_and_settings():
         get_config("ace-tiny", in_channels=12, codec_factor=2, prediction="x0", pixel_head=4)
     with pytest.raises(ValueError, match=r"in_channels = 3 \* codec_factor\*\*2 = 48"):
         get_config("ace-tiny", in_channels=16, codec_factor=4, prediction="x0", source_skip=True, pixel_head=4)
-    with pytest.raises(ValueError, match="pixel_head must be >= 0"):
-        get_config("ace-tiny", pixel_head=-1)
+    for bad in (-1, 2.5, "16", None, True):
+        with pytest.raises(ValueError, match=f"pixel_head must be an integer >= 0 \\(0 = off\\), got {bad!r}"):
+            get_config("ace-tiny", pixel_head=bad)

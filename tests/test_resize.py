@@ -54,6 +54,11 @@ def test_fit_refusals_name_the_size():
         fit((1, 300), 8, "resize", what="image 0")
     with pytest.raises(ValueError, match=r"image size 20x40000 .* grid within 65536 pixels it is 0x11448"):
         fit((20, 40000), 8, "crop", max_pixels=256 * 256)  # 20 px wide, but scaled into the budget
+    for empty in ((0, 0), (0, 40), (40, 0)):  # PIL makes such images; was a ZeroDivisionError
+        for mode in ("resize", "crop", "error"):
+            with pytest.raises(ValueError, match=rf"image 2: image size {empty[0]}x{empty[1]} is empty; expected "
+                                                 r"at least 8x8 pixels"):
+                fit(empty, 8, mode, max_pixels=512 * 512, what="image 2")
     with pytest.raises(ValueError, match="image size 37x53 is not a multiple of patch x codec factor = 8 pixels"):
         fit((37, 53), 8, "error")
     with pytest.raises(ValueError, match=r"resize 'stretch' is not a resize mode; expected one of \('resize', "
