@@ -235,7 +235,7 @@ class ACEModel(nn.Module):
             return tokens_pqc_to_cpq(out, cfg.patch_size, cfg.in_channels)
         source, has_source = self.source_tokens(batch, c_lat)
         if cfg.pixel_head:
-            return self.pixel_head(out, x.to(dtype), source, has_source)
+            return self.pixel_head(out, x, source, has_source)  # it casts x and source to out's dtype
         change = tokens_pqc_to_cpq(out, cfg.patch_size, cfg.in_channels)
         if cfg.source_gate:  # the learned-sigma half, (p, p, 2C) -> its last C channels
             gate = tokens_pqc_to_cpq(out.unflatten(-1, (-1, 2 * cfg.in_channels))[..., cfg.in_channels:].flatten(1),

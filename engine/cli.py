@@ -127,16 +127,14 @@ def _export_config(path: Path, preset: str | None):
     import json
 
     from .config import config_from_dict
-    from .weights import read_safetensors_metadata
+    from .model import config_metadata
 
     if path.is_file() and path.stat().st_size == 0:  # no --preset can help an empty file
         raise ValueError(f"--weights {str(path)!r} is an empty file, not a checkpoint")
-    meta = read_safetensors_metadata(path).get("omniace_config") if path.suffix == ".safetensors" else None
+    meta, why = config_metadata(path)
     if meta is None:
         if preset is None:
-            what = ("has no omniace_config metadata" if path.suffix == ".safetensors" else
-                    "is not a .safetensors trainer export, so it carries no config")
-            raise ValueError(f"--weights {str(path)!r} {what}; pass --preset to name its config")
+            raise ValueError(f"--weights {str(path)!r} {why}; pass --preset to name its config")
         return get_config(preset)
     try:
         return config_from_dict(json.loads(meta))
@@ -298,10 +296,10 @@ def cmd_export(args: argparse.Namespace) -> None:
         from omniace.export.tensorrt import require_tensorrt
 
         require_tensorrt()
-    if args.preset and str(args.weights).endswith(".safetensors"):
-        from .weights import read_safetensors_metadata
+    if args.preset:
+        from .model import config_metadata
 
-        if "omniace_config" in read_safetensors_metadata(args.weights):
+        if config_metadata(args.weights)[0] is not None:
             raise ValueError(f"--preset {args.preset}: {args.weights} describes its own model (omniace_config "
                              f"metadata); --preset is for files without it")
     model = load_model(args.weights, args.preset)

@@ -52,16 +52,22 @@ def save_model(model: torch.nn.Module, path: str | Path) -> None:
     save_weights(model.state_dict(), model.cfg, path)
 
 
+def config_metadata(path: str | Path) -> tuple[str | None, str]:
+    """``(omniace_config JSON or None, why it is missing)`` of a weights file: only a ``.safetensors`` trainer
+    export carries one; the reason is a phrase for a ValueError (``f"{path} {why}"``)."""
+    if not str(path).endswith(".safetensors"):
+        return None, "is not a .safetensors trainer export, so it carries no config"
+    return read_safetensors_metadata(path).get("omniace_config"), "has no omniace_config metadata"
+
+
 def load_model(path: str | Path, cfg: ACEConfig | SD3Config | str | None = None) -> torch.nn.Module:
     """Load a checkpoint; the config comes from ``cfg`` or the file's ``omniace_config`` metadata.
 
     Raises ValueError naming the file if it is truncated or corrupt."""
     if cfg is None:
-        meta = read_safetensors_metadata(path).get("omniace_config") if str(path).endswith(".safetensors") else None
+        meta, why = config_metadata(path)
         if meta is None:
-            what = ("no omniace_config metadata" if str(path).endswith(".safetensors") else
-                    "not a .safetensors trainer export, so it carries no config")
-            raise ValueError(f"{path}: {what}; pass the model config or preset name")
+            raise ValueError(f"{path} {why}; pass the model config or preset name")
         try:
             cfg = config_from_dict(json.loads(meta))
             model = build_model(cfg)
