@@ -140,6 +140,32 @@ class PixelHead(nn.Module):
         return source + change.transpose(1, 2).flatten(1)
 
 
+class TextRefinerLayer(nn.Module):
+    """One pre-norm transformer layer over each frame's text (``cfg.text_refiner``): self-attention within the
+    text a frame attends to (segments ``cu_seqlens_frame_txt``), then a tanh-GELU MLP, both residual. Its output
+    projections start at zero, so an untrained refiner passes the text through unchanged.
+
+    Why: ACE reads T5 states, in which ``red`` after ``make the circle`` already differs from ``red`` in ``the red
+    circle``; the word-level encoder of the embedded default gives one vector per word whatever its context, so
+    the cross-attention alone must tell the colour asked for from the colour named. A token refiner (as
+    HunyuanDiT/HunyuanVideo put before their DiT) gives the text that context back."""
+
+    def __init__(self, dim: int, heads: int, qk_norm: bool, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = ACEAttention(dim, heads, qk_norm, norm_q_for_k=False)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, y: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
+        """y ``[L_ft, D]`` the frames' text rows; ``cu_seqlens [F+1]`` int32 their segments. Returns ``[L_ft, D]``."""
+        h = self.norm1(y)
+        q, k, v = self.attn.qkv(h, h)
+        a = segment_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
+        y = y + self.attn.o(a.flatten(1))
+        return y + self.mlp(self.norm2(y))
+
+
 class TextPositionEmbeddings(nn.Module):
     """The ``[10, Y]`` image-indicator table (T5 states of ``{image}``, ``{image1}``, ...)."""
 
@@ -159,6 +185,8 @@ class ACEModel(nn.Module):
         self.t_embedder = TimestepEmbedder(d)
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         self.y_embedder = Mlp(cfg.y_channels, d, d)
+        self.text_refiner = nn.ModuleList(TextRefinerLayer(d, cfg.num_heads, cfg.qk_norm, cfg.mlp_ratio)
+                                          for _ in range(cfg.text_refiner))
         self.blocks = nn.ModuleList(ACEBlock(cfg) for _ in range(cfg.depth))
         if cfg.pixel_head:
             pixels = p * p * cfg.codec_factor**2
@@ -183,6 +211,10 @@ class ACEModel(nn.Module):
         for blk in self.blocks:
             nn.init.zeros_(blk.cross_attn.o.weight)
             nn.init.zeros_(blk.cross_attn.o.bias)
+        for layer in self.text_refiner:  # residual branches start at zero: the refiner starts as the identity
+            for out in (layer.attn.o, layer.mlp.fc2):
+                nn.init.zeros_(out.weight)
+                nn.init.zeros_(out.bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
         if self.cfg.pixel_head:
@@ -217,6 +249,8 @@ class ACEModel(nn.Module):
         tokens = batch.tokens.to(dtype).index_copy(0, batch.target_index, target_rows)
         h = self.x_embedder(tokens)
         y = self.y_embedder(batch.text.to(dtype)).index_select(0, batch.frame_text_index)
+        for layer in self.text_refiner:  # per frame's text, before its indicator: the context T5 would give
+            y = layer(y, batch.cu_seqlens_frame_txt, batch.max_seqlen_frame_txt)
 
         table = self.text_position_embeddings.pos if indicator_table is True else indicator_table
         if table is not False and table is not None:
@@ -270,6 +304,8 @@ class ACEModel(nn.Module):
         n_tgt = sum(f[0] for f in frames)
         head = self.final_layer.linear.out_features
         embed = 2 * (n * (cfg.in_channels + 1) * p * p * d + tf * (cfg.y_channels * d + d * d) + n_tgt * d * head)
+        attn_txt = sum(b * b for ts in text_lens for b in ts)
+        embed += len(self.text_refiner) * 2 * (4 * tf * d * d + 2 * attn_txt * d + 2 * tf * d * int(d * cfg.mlp_ratio))
         if cfg.pixel_head:
             ph = self.pixel_head
             embed += 2 * n_tgt * ph.pixels * (ph.fc1.in_features * ph.fc1.out_features

@@ -44,6 +44,9 @@ class ACEConfig:
     # them with that pixel's source and noisy values to its change (and gate). An 8x8-pixel token then edits
     # along the source's own edges, which a per-token linear head draws as blocks. 0: off (ACE's head).
     pixel_head: int = 0
+    # transformer layers over each frame's text before the blocks (``engine.ace.TextRefinerLayer``): context for
+    # a text encoder that gives none (the word-level encoder); 0: off (ACE reads T5 states as they are)
+    text_refiner: int = 0
 
     @property
     def head_dim(self) -> int:
@@ -72,6 +75,8 @@ class ACEConfig:
                              "source_skip=True and pred_sigma=True")
         if isinstance(self.pixel_head, bool) or not isinstance(self.pixel_head, int) or self.pixel_head < 0:
             raise ValueError(f"pixel_head must be an integer >= 0 (0 = off), got {self.pixel_head!r}")
+        if isinstance(self.text_refiner, bool) or not isinstance(self.text_refiner, int) or self.text_refiner < 0:
+            raise ValueError(f"text_refiner must be an integer >= 0 (layers; 0 = off), got {self.text_refiner!r}")
         if self.pixel_head and not (self.source_skip and self.in_channels == 3 * self.codec_factor**2):
             raise ValueError(f"pixel_head reads each pixel's source value: it needs source_skip=True (with "
                              f"prediction='x0') and a pixel codec (in_channels = 3 * codec_factor**2 = "

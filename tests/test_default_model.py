@@ -338,3 +338,70 @@ def test_pixel_head_gradients_and_settings():
     for bad in (-1, 2.5, "16", None, True):
         with pytest.raises(ValueError, match=f"pixel_head must be an integer >= 0 \\(0 = off\\), got {bad!r}"):
             get_config("ace-tiny", pixel_head=bad)
+
+
+# the text refiner (cfg.text_refiner): transformer layers over each frame's text before the blocks
+def test_an_untrained_text_refiner_is_the_identity():
+    torch.manual_seed(8)
+    plain = randomise(_gate_model(), seed=8, std=0.1).eval()
+    refined = _gate_model(text_refiner=2).eval()
+    missing, unexpected = refined.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("text_refiner.") for k in missing)
+    batch = pack(_samples(4), P, with_mask=True)
+    x, t = torch.randn(batch.target_index.numel(), C * P * P), torch.tensor([9, 300, 999, 42])
+    with torch.no_grad():
+        assert torch.equal(plain(batch, x, t), refined(batch, x, t))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
+def test_text_refiner_matches_one_frame_at_a_time(dtype, tol):
+    """Reference: each frame's text alone through LayerNorm -> softmax attention -> LayerNorm -> MLP, in fp32;
+    the packed layers must not mix two frames' texts (odd text lengths 3-7, one sample with two frames per unit)."""
+    model = randomise(_gate_model(text_refiner=2), seed=9, std=0.2).to(dtype).eval()
+    batch = pack(_samples(5), P, with_mask=True).to("cpu", dtype)
+    y0 = model.y_embedder(batch.text).index_select(0, batch.frame_text_index)
+    with torch.no_grad():
+        y = y0
+        for layer in model.text_refiner:
+            y = layer(y, batch.cu_seqlens_frame_txt, batch.max_seqlen_frame_txt)
+    heads = model.cfg.num_heads
+    sd = [{k: v.float() for k, v in layer.state_dict().items()} for layer in model.text_refiner]
+    lin = lambda w, name, v: v @ w[f"{name}.weight"].T + w[f"{name}.bias"]
+    rms = lambda w, name, v: v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-6) * w[f"{name}.weight"]
+    cu = batch.cu_seqlens_frame_txt.tolist()
+    assert len(set(b - a for a, b in zip(cu, cu[1:]))) > 2  # segments of several lengths
+    ref = torch.empty_like(y, dtype=torch.float32)
+    for a, b in zip(cu, cu[1:]):
+        v = y0[a:b].float().detach()
+        for w in sd:
+            h = F.layer_norm(v, v.shape[-1:], eps=1e-6)
+            q, k = rms(w, "attn.norm_q", lin(w, "attn.q", h)), rms(w, "attn.norm_k", lin(w, "attn.k", h))
+            vv = lin(w, "attn.v", h)
+            split = lambda z: z.view(z.shape[0], heads, -1).transpose(0, 1)
+            s = split(q) @ split(k).transpose(1, 2) / (q.shape[-1] // heads) ** 0.5
+            a_out = (s.softmax(-1) @ split(vv)).transpose(0, 1).flatten(1)
+            v = v + lin(w, "attn.o", a_out)
+            h2 = F.layer_norm(v, v.shape[-1:], eps=1e-6)
+            v = v + lin(w, "mlp.fc2", F.gelu(lin(w, "mlp.fc1", h2), approximate="tanh"))
+        ref[a:b] = v
+    err = (y.float() - ref).abs().max().item()
+    assert err < tol * max(1.0, ref.abs().max().item()), err
+    assert (ref - y0.float()).abs().max() > 0.1  # the layers did something
+
+
+def test_text_refiner_gradients_flops_and_settings():
+    model = randomise(_gate_model(text_refiner=1), seed=10, std=0.1)
+    batch = pack(_samples(6), P, with_mask=True)
+    x = torch.randn(batch.target_index.numel(), C * P * P)
+    model(batch, x, torch.tensor([1, 2, 3, 4])).pow(2).sum().backward()
+    layer = model.text_refiner[0]
+    for p in (layer.attn.q.weight, layer.attn.k.weight, layer.attn.v.weight, layer.attn.o.weight,
+              layer.mlp.fc1.weight, layer.mlp.fc2.weight, model.y_embedder.fc1.weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    # FLOPs: one layer over T text tokens in one frame adds 2 (4 T d^2 + 2 T^2 d + 2 T d * mlp hidden)
+    d, hid = model.cfg.hidden_size, int(model.cfg.hidden_size * model.cfg.mlp_ratio)
+    plain = _gate_model()
+    assert model.flops([[12]], [[7]]) - plain.flops([[12]], [[7]]) == 2 * (4 * 7 * d * d + 2 * 49 * d + 2 * 7 * d * hid)
+    for bad in (-1, 1.5, "2", None, True):
+        with pytest.raises(ValueError, match=f"text_refiner must be an integer >= 0 \\(layers; 0 = off\\), got {bad!r}"):
+            get_config("ace-tiny", text_refiner=bad)

@@ -336,8 +336,9 @@ class Trainer:
         self.model = model
         params = dict(model.named_parameters())
         self.params = [params[n] for n in self.trainable]
+        # foreach: one multi-tensor update instead of a loop over ~100 small tensors (4% of a step of ace-edit)
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                     weight_decay=cfg.weight_decay)
+                                     weight_decay=cfg.weight_decay, foreach=True)
         # EMA of the trainable weights, sharded like them (fp32 shards)
         self.ema = {n: p.detach().clone() for n, p in zip(self.trainable, self.params)}
         self.objective = Objective(model_cfg.prediction)
@@ -455,7 +456,8 @@ class Trainer:
         must never reach a checkpoint or the export, so the run stops here, before anything is saved."""
         with torch.no_grad():
             local = [t.to_local() if hasattr(t, "to_local") else t for t in [*self.params, *self.ema.values()]]
-            ok = torch.stack([torch.isfinite(t).all() for t in local]).all().float().reshape(1)
+            # the max-abs norm of each tensor is NaN or inf exactly when some element is; one multi-tensor op
+            ok = torch.isfinite(torch.stack(torch._foreach_norm(local, float("inf")))).all().float().reshape(1)
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         if not ok.item():
             self._flush_skipped()
