@@ -291,7 +291,13 @@ class ACEModel(nn.Module):
         return gather_source(batch.tokens, idx, c_lat)
 
     def flops(self, frames: list[list[int]], text_lens: list[list[int]]) -> int:
-        """Matmul FLOPs of one forward: ``frames[b]`` image tokens per frame, ``text_lens[b]`` per frame."""
+        """Matmul FLOPs of one forward: ``frames[b]`` image tokens per frame, ``text_lens[b]`` per frame (the
+        text that frame attends to). ValueError when the two do not give a count for every frame of every sample,
+        or a count is negative."""
+        if len(frames) != len(text_lens) or any(len(f) != len(t) for f, t in zip(frames, text_lens)):
+            raise ValueError(f"frames {frames} and text_lens {text_lens} must give one count per frame of each sample")
+        if any(v < 0 for f in (*frames, *text_lens) for v in f):
+            raise ValueError(f"token counts must be >= 0, got frames {frames}, text_lens {text_lens}")
         cfg = self.cfg
         d, p = cfg.hidden_size, cfg.patch_size
         n = sum(map(sum, frames))

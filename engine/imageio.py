@@ -60,8 +60,9 @@ def open_image(src: Source, what: str = "image") -> Image.Image:
             raise ValueError(f"{what}: cannot decode ({_reason(err)})") from None
     if img.mode not in SUPPORTED or (img.mode == "I" and img.format not in GREY16_AS_I):
         kind = f"{img.format} " if img.format else ""
-        raise ValueError(f"{what}: {kind}image mode {img.mode!r} is not supported; expected one of {SUPPORTED} "
-                         f"(mode 'I' only from {GREY16_AS_I}, as 16-bit grey)")
+        others = tuple(m for m in SUPPORTED if m != "I")
+        raise ValueError(f"{what}: {kind}image mode {img.mode!r} is not supported; expected one of {others}, or "
+                         f"mode 'I' from a {' or '.join(GREY16_AS_I)} file (read as 16-bit grey)")
     return img
 
 

@@ -391,9 +391,10 @@ class EditPipeline:
         per_sample = self._tokens(frames)
         sizes = ", ".join(f"{w}x{h}" for w, h in frames)
         if per_sample > self.max_tokens:
-            raise ValueError(f"this request needs {per_sample} image tokens per sample (target and condition "
-                             f"images {sizes}), over the pipeline's max_tokens of {self.max_tokens}; use smaller "
-                             f"images or build the pipeline with a larger max_tokens")
+            which = "target and condition images" if len(frames) > 1 else "the target image"  # text-to-image: one
+            raise ValueError(f"this request needs {per_sample} image tokens per sample ({which} {sizes}), over "
+                             f"the pipeline's max_tokens of {self.max_tokens}; use smaller images or build the "
+                             f"pipeline with a larger max_tokens")
         if budget is not None and branches * per_sample > budget[0]:
             raise ValueError(f"this request needs {branches * per_sample} image tokens per step ({branches} CFG "
                              f"branch(es) of {sizes}), more than {budget[1]} of {budget[0]}; use fewer or "
@@ -531,6 +532,10 @@ class EditPipeline:
         """:meth:`edit`'s request as a job (arguments and errors as there), for :meth:`run_jobs`."""
         check_mode(resize)
         images, masks = turn_inputs(images, masks)
+        for token, idx in indicator_indices(instruction) if isinstance(instruction, str) else []:
+            if idx >= len(images):  # named here, where the user's own count of images is known
+                raise ValueError(f"instruction names {token} but the request has {len(images)} image(s); {{image}} "
+                                 f"is the first image, {{image1}} the second, and so on")
         return self.prepare([], Turn(instruction, images, masks, resize), size, steps, guidance, rescale, seed,
                             negative, truncate)
 

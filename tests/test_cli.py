@@ -231,7 +231,8 @@ def test_huge_sizes_are_one_line_errors_before_any_work(capsys, src, tmp_path):
 def test_a_failed_edit_leaves_no_folder_behind(capsys, src, tmp_path):
     out = tmp_path / "new" / "deeper" / "o.png"
     code, _, err = run(["edit", "--image", str(src), "--instruction", "{image3} x", "--out", str(out)], capsys)
-    assert_user_error(code, err, "{image3}")
+    assert_user_error(code, err, "instruction names {image3} but the request has 1 image(s); {image} is the first")
+    assert "sample 0" not in err  # the packer's batch coordinates mean nothing to a CLI user
     assert not (tmp_path / "new").exists()
 
 

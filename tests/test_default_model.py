@@ -402,6 +402,10 @@ def test_text_refiner_gradients_flops_and_settings():
     d, hid = model.cfg.hidden_size, int(model.cfg.hidden_size * model.cfg.mlp_ratio)
     plain = _gate_model()
     assert model.flops([[12]], [[7]]) - plain.flops([[12]], [[7]]) == 2 * (4 * 7 * d * d + 2 * 49 * d + 2 * 7 * d * hid)
+    with pytest.raises(ValueError, match="one count per frame of each sample"):
+        model.flops([[12, 4]], [[7]])
+    with pytest.raises(ValueError, match="must be >= 0"):
+        model.flops([[12]], [[-1]])
     for bad in (-1, 1.5, "2", None, True):
         with pytest.raises(ValueError, match=f"text_refiner must be an integer >= 0 \\(layers; 0 = off\\), got {bad!r}"):
             get_config("ace-tiny", text_refiner=bad)

@@ -319,7 +319,7 @@ def test_an_oversized_request_is_refused_before_any_allocation(no_model_work):
     with pytest.raises(ValueError, match=r"needs 500000 image tokens per sample .* over the pipeline's "
                                          r"max_tokens of 16384"):
         no_model_work.edit(big, "{image} x", steps=1, resize="error")  # kept at its size (the default scales it)
-    with pytest.raises(ValueError, match=r"needs 4000000 image tokens per sample \(target and condition images "
+    with pytest.raises(ValueError, match=r"needs 4000000 image tokens per sample \(the target image "
                                          r"16000x16000\)"):
         no_model_work.edit(None, "x", size=(16000, 16000), steps=1)
     with pytest.raises(ValueError, match=r"needs 256 image tokens per step \(2 CFG branch\(es\) of 64x64, 64x64\), "

@@ -72,7 +72,7 @@ def test_pipeline_errors(pipe):
         pipe.edit(Image.new("RGB", (30, 32)), "x", steps=1, resize="error")  # today's strict behaviour
     with pytest.raises(ValueError, match="size 36x24 is not a multiple of 8 pixels"):
         pipe.edit(None, "a red ball", steps=1, size=(36, 24), resize="error")
-    with pytest.raises(ValueError, match=r"names \{image1\} but the sample has 1 condition image"):
+    with pytest.raises(ValueError, match=r"^instruction names \{image1\} but the request has 1 image\(s\)"):
         pipe.edit(demo_scene(), "put {image1} here", steps=1)
     with pytest.raises(ValueError, match="text-to-image needs size"):
         pipe.edit(None, "a red ball", steps=1)
