@@ -212,7 +212,7 @@ def cmd_edit(args: argparse.Namespace) -> None:
             pipe = EditPipeline.tiny("sd3", device=args.device, dtype=dtype)
         else:
             pipe = EditPipeline.pretrained(weights, device=args.device, dtype=dtype, preset=args.preset)
-    # guidance None: the pipeline's default (1.5 for the embedded default, validated; ACE's 4.5 otherwise)
+    # guidance None: the pipeline's default (1.0 for the embedded default, validated; ACE's 4.5 otherwise)
     result = pipe.edit(images or None, args.instruction, masks=masks, steps=args.steps, guidance=args.guidance,
                        seed=args.seed, size=args.size, truncate=args.truncate, resize=args.resize)[0]
     try:
@@ -333,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-task", type=PER_TASK, default=4)
     # chosen on a validation split (generator seed 20000), not on the held-out one the demo reports
     p.add_argument("--steps", type=STEPS, default=10)
-    p.add_argument("--guidance", type=GUIDANCE, default=1.5)
+    p.add_argument("--guidance", type=GUIDANCE, default=1.0)
     p.add_argument("--seed", type=SEED, default=0)
     p.set_defaults(fn=cmd_demo)
     p = sub.add_parser("edit", parents=[common], help="edit an image following an instruction")
@@ -364,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "output has the input's size")
     p.add_argument("--steps", type=STEPS, default=20)
     p.add_argument("--guidance", type=GUIDANCE, default=None,
-                   help="default: the model's (1.5 for the embedded default, 4.5 for ACE checkpoints)")
+                   help="default: the model's (1.0 for the embedded default, 4.5 for ACE checkpoints)")
     p.add_argument("--preset", choices=sorted(PRESETS),
                    help="with --weights: the model config for a file without omniace_config metadata (a converted "
                         "checkpoint)")

@@ -258,7 +258,7 @@ class EditPipeline:
                  default_guidance: float = 4.5, max_pixels: int | None = None, dtype: torch.dtype | None = None):
         """``max_tokens``: image tokens one sample may hold (every frame of one CFG branch; memory and time grow
         with it, the reference attention's quadratically); ``default_guidance``: the CFG scale used when a
-        call passes ``guidance=None`` (ACE's 4.5; the embedded default was validated at 1.5); ``max_pixels``:
+        call passes ``guidance=None`` (ACE's 4.5; the embedded default was validated at 1.0); ``max_pixels``:
         the pixel budget one input image is scaled down to (default: the model's,
         :func:`~omniace.engine.resize.pixel_budget`); ``dtype``: the model's (default: as given). ValueError for
         a device that is not usable here."""
@@ -294,9 +294,10 @@ class EditPipeline:
         if model.cfg.codec_factor != 4 or text_dim != 32:
             raise ValueError(f"{path}: not a tiny pixel-space model (codec_factor 4, built-in 32-wide text encoder); "
                              f"use EditPipeline(model, text_encoder, codec) for it")
-        # guidance 1.5: chosen for the embedded default on a validation split (docs/default_model.md)
+        # guidance 1.0 (one branch, no CFG): chosen for the embedded default on a validation split
+        # (docs/default_model.md: 28% against 23% at 1.5 and 22% at 2.0)
         return cls(model, tiny_text_encoder(model.cfg), PixelCodec(model.cfg.codec_factor), device=device,
-                   default_guidance=1.5, dtype=dtype)
+                   default_guidance=1.0, dtype=dtype)
 
     @classmethod
     def dry(cls, cfg: ACEConfig | SD3Config, dtype: torch.dtype = torch.float32, **kw) -> "EditPipeline":

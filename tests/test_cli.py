@@ -244,7 +244,7 @@ def test_edit_with_a_trainer_export(capsys, src, tmp_path):
                              "--weights", str(DEFAULT_WEIGHTS), "--out", str(out)], capsys)
     assert code == 0, err
     ref = EditPipeline.pretrained().edit(demo_scene(32, 32), "{image} make it blue", steps=2)[0]
-    assert Image.open(out).tobytes() == ref.tobytes()  # the same default guidance (1.5) as the Python API
+    assert Image.open(out).tobytes() == ref.tobytes()  # the same default guidance (1.0) as the Python API
 
 
 @pytest.mark.parametrize("mode", ["resize", "crop"])

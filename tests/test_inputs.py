@@ -362,7 +362,7 @@ def test_wrong_types_are_named(no_model_work, call, error, message):
 def test_numpy_integers_and_the_default_guidance(pipe):
     out = pipe.edit(demo_scene(64, 64), "{image} x", steps=np.int64(1), seed=np.int64(3))[0]
     assert out.tobytes() == pipe.edit(demo_scene(64, 64), "{image} x", steps=1, seed=3)[0].tobytes()
-    assert pipe.default_guidance == 4.5 and EditPipeline.pretrained().default_guidance == 1.5
+    assert pipe.default_guidance == 4.5 and EditPipeline.pretrained().default_guidance == 1.0
     same = pipe.edit(demo_scene(64, 64), "{image} x", steps=1, seed=3, guidance=4.5)[0]
     assert out.tobytes() == same.tobytes()  # guidance=None is the pipeline's default
 

@@ -164,7 +164,7 @@ def _metrics(rows: list[tuple[float, float, bool, float, float, bool]]) -> TaskM
     return TaskMetrics(len(rows), *(float(x) for x in a.mean(axis=0)))
 
 
-def evaluate(pipe, samples: list[EvalSample], steps: int = 20, guidance: float = 1.5,
+def evaluate(pipe, samples: list[EvalSample], steps: int = 20, guidance: float = 1.0,
              seed: int = 0, batch_size: int = 16) -> tuple[EvalResult, list[Image.Image]]:
     """Edit every sample with ``pipe`` and score it; returns the result and the outputs in order.
 
@@ -264,7 +264,7 @@ def write_grid(samples: list[EvalSample], outputs: list[Image.Image], path: str 
     grid.save(path)
 
 
-def run(pipe, out: str | Path, per_task: int = 8, steps: int = 20, guidance: float = 1.5, seed: int = 0,
+def run(pipe, out: str | Path, per_task: int = 8, steps: int = 20, guidance: float = 1.0, seed: int = 0,
         grid_per_task: int = 1, name: str = "eval", split_seed: int = HELD_OUT_SEED, log=print,
         tasks: tuple[str, ...] | None = None) -> EvalResult:
     """Evaluate on the held-out split (``tasks``, default: every task ``pipe``'s family runs,
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="out/eval")
     ap.add_argument("--per-task", type=int, default=8)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--guidance", type=float, default=1.5)
+    ap.add_argument("--guidance", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--grid-per-task", type=int, default=1)
     ap.add_argument("--split-seed", type=int, default=HELD_OUT_SEED,
