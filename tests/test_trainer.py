@@ -37,7 +37,7 @@ from omniace.train.resume_check import ConfigMismatchError, compare, signature  
 from omniace.train.runlock import LOCK_FILE, RunLock, RunLockedError  # noqa: E402
 from omniace.train.runlog import TIMING_KEYS  # noqa: E402
 from omniace.train.synthetic import write_corpus  # noqa: E402
-from omniace.train.trainer import TrainConfig, lr_at, main  # noqa: E402
+from omniace.train.trainer import TrainConfig, all_finite, lr_at, main  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 # the fields of a metrics record that a resumed run must repeat exactly (the others follow the wall clock)
@@ -565,3 +565,18 @@ def test_a_fresh_start_drops_the_logs_of_a_run_killed_before_its_first_checkpoin
                  "--token-budget", "300"])
     assert [r["step"] for r in jsonl(out / "metrics.jsonl")] == [1, 2]
     assert all(r["id"] != "x" for r in jsonl(out / "skipped.jsonl"))
+
+
+def test_all_finite_matches_an_element_wise_check_and_skips_empty_shards():
+    g = torch.Generator().manual_seed(11)
+    for trial in range(20):
+        tensors = [torch.randn(int(n), generator=g) for n in torch.randint(0, 7, (5,), generator=g)]
+        if trial % 3 == 1:
+            t = next(t for t in tensors if t.numel()) if any(t.numel() for t in tensors) else None
+            if t is not None:
+                t[torch.randint(0, t.numel(), (1,), generator=g)] = [float("nan"), float("inf"), -float("inf")][(trial // 3) % 3]
+        reference = all(bool(torch.isfinite(t).all()) for t in tensors)
+        assert all_finite(tensors) == reference
+    assert all_finite([]) and all_finite([torch.empty(0)])  # an empty shard has no inf-norm: skipped, not a crash
+    assert not all_finite([torch.empty(0), torch.tensor([1.0, float("nan")])])
+    assert all_finite([torch.tensor([3e38, -3e38])])  # huge but finite: no overflow in a max-abs norm

@@ -59,6 +59,15 @@ def _opt(default, help: str):
     return field(default=default, metadata={"help": help})
 
 
+def all_finite(tensors: list[Tensor]) -> bool:
+    """Whether every element of ``tensors`` is finite, in one multi-tensor op: a tensor's max-abs norm is NaN or
+    inf exactly when one of its elements is. Empty tensors (a rank's FSDP shard can be empty) are skipped."""
+    tensors = [t for t in tensors if t.numel()]
+    if not tensors:
+        return True
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors, float("inf")))).all())
+
+
 @dataclass
 class TrainConfig:
     data: list[str] = _opt([], "OmniEdit Parquet files or folders of them, or latent cache folders written by "
@@ -456,8 +465,7 @@ class Trainer:
         must never reach a checkpoint or the export, so the run stops here, before anything is saved."""
         with torch.no_grad():
             local = [t.to_local() if hasattr(t, "to_local") else t for t in [*self.params, *self.ema.values()]]
-            # the max-abs norm of each tensor is NaN or inf exactly when some element is; one multi-tensor op
-            ok = torch.isfinite(torch.stack(torch._foreach_norm(local, float("inf")))).all().float().reshape(1)
+            ok = torch.tensor([float(all_finite(local))])
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         if not ok.item():
             self._flush_skipped()
