@@ -400,3 +400,13 @@ def test_edit_a_latent_model_with_t5_and_a_vae(src, tmp_path, capsys):
     code, _, err = run(args + ["--max-memory", "0.0001", "--out", str(tmp_path / "p.png")], capsys)
     assert_user_error(code, err, "(weights 0.0 MiB, activations")  # loaded first: its weights are resident
     assert not (tmp_path / "p.png").exists()
+
+
+def test_eval_cli_refuses_a_non_finite_guidance_in_one_line(capsys):
+    from omniace.train.eval import main as eval_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        eval_main(["--weights", "unused.safetensors", "--guidance", "nan"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--guidance must be a finite number, got nan" in err and "Traceback" not in err

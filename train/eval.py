@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import math
 import random
 import textwrap
 import time
@@ -305,6 +306,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("per_task", "grid_per_task", "steps"):  # refused before loading anything (exit 2)
         if getattr(a, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be an integer >= 1, got {getattr(a, name)}")
+    if not math.isfinite(a.guidance):
+        ap.error(f"--guidance must be a finite number, got {a.guidance}")
     try:  # a missing, damaged or foreign weights file: one line, like omniace's CLI (engine/cli.py)
         pipe = EditPipeline.pretrained(a.weights)
     except (ValueError, OSError) as err:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The embedded default, engine/assets/ace-edit.safetensors, from nothing: the corpus (every task family), the
-# training run (torchrun, FSDP2 on gloo), the held-out evaluation, then the copy. About 75 minutes on a
+# training run (torchrun, FSDP2 on gloo), the held-out evaluation, then the copy. About 72 minutes on a
 # 2-core CPU (docs/default_model.md has the measured times). Seeded throughout: the corpus, the data order,
 # the noise and the initial weights follow --seed. NPROC changes the global batch (the token budget is per
 # rank), so only NPROC=2 reproduces the shipped run.
