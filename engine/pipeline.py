@@ -533,10 +533,9 @@ class EditPipeline:
         """:meth:`edit`'s request as a job (arguments and errors as there), for :meth:`run_jobs`."""
         check_mode(resize)
         images, masks = turn_inputs(images, masks)
-        for token, idx in indicator_indices(instruction) if isinstance(instruction, str) else []:
-            if idx >= len(images):  # named here, where the user's own count of images is known
-                raise ValueError(f"instruction names {token} but the request has {len(images)} image(s); {{image}} "
-                                 f"is the first image, {{image1}} the second, and so on")
+        if isinstance(instruction, str):  # named here, where the user's own count of images is known
+            check_indicators(instruction, len(images), "the request", "; {image} is the first image, {image1} the "
+                                                                       "second, and so on")
         return self.prepare([], Turn(instruction, images, masks, resize), size, steps, guidance, rescale, seed,
                             negative, truncate)
 
@@ -561,6 +560,14 @@ class EditPipeline:
         """
         return [self.run_job(self.prepare_edit(images, instruction, masks, steps, guidance, rescale, seed, negative,
                                                size, truncate, resize))]
+
+
+def check_indicators(instruction: str, n_images: int, holder: str, hint: str = "", where: str = "") -> None:
+    """ValueError when ``instruction`` names an image indicator past the ``n_images`` images ``holder`` (the
+    request, the turn) has, in the user's terms (the packer's own check speaks of samples and units)."""
+    for token, idx in indicator_indices(instruction):
+        if idx >= n_images:
+            raise ValueError(f"{where}instruction names {token} but {holder} has {n_images} image(s){hint}")
 
 
 def _grids(fits: list[list[Fit]], target: Fit) -> list[tuple[int, int]]:
@@ -599,12 +606,9 @@ class EditSession:
 
     def rename(self, instruction: str, n_local: int, offset: int | None = None) -> str:
         """``instruction``'s local indicators shifted by ``offset`` (default: the history's images)."""
-        for token, idx in indicator_indices(instruction):
-            if idx >= n_local:
-                hint = ("; images= replaces the previous output: to edit it with another image, pass "
-                        "[session.last, other]" if self.last is not None else "")
-                raise ValueError(f"turn {self.turns}: instruction names {token} but the turn has "
-                                 f"{n_local} image(s){hint}")
+        hint = ("; images= replaces the previous output: to edit it with another image, pass [session.last, other]"
+                if self.last is not None else "")
+        check_indicators(instruction, n_local, "the turn", hint, where=f"turn {self.turns}: ")
         return renumber(instruction, _n_images(self.history) if offset is None else offset)
 
     def _fitting_history(self, n_new: int) -> list[Turn]:
