@@ -73,10 +73,10 @@ class ACEConfig:
         if self.source_gate and not (self.source_skip and self.pred_sigma):
             raise ValueError("source_gate reads the gate from the learned-sigma half of the output: it needs "
                              "source_skip=True and pred_sigma=True")
-        if isinstance(self.pixel_head, bool) or not isinstance(self.pixel_head, int) or self.pixel_head < 0:
-            raise ValueError(f"pixel_head must be an integer >= 0 (0 = off), got {self.pixel_head!r}")
-        if isinstance(self.text_refiner, bool) or not isinstance(self.text_refiner, int) or self.text_refiner < 0:
-            raise ValueError(f"text_refiner must be an integer >= 0 (layers; 0 = off), got {self.text_refiner!r}")
+        for name, note in (("pixel_head", "0 = off"), ("text_refiner", "layers; 0 = off")):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0 ({note}), got {value!r}")
         if self.pixel_head and not (self.source_skip and self.in_channels == 3 * self.codec_factor**2):
             raise ValueError(f"pixel_head reads each pixel's source value: it needs source_skip=True (with "
                              f"prediction='x0') and a pixel codec (in_channels = 3 * codec_factor**2 = "
