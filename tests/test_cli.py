@@ -409,4 +409,4 @@ def test_eval_cli_refuses_a_non_finite_guidance_in_one_line(capsys):
         eval_main(["--weights", "unused.safetensors", "--guidance", "nan"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "--guidance must be a finite number, got nan" in err and "Traceback" not in err
+    assert "argument --guidance: guidance must be a finite number, got nan" in err and "Traceback" not in err

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import math
 import random
 import textwrap
 import time
@@ -290,6 +289,7 @@ def run(pipe, out: str | Path, per_task: int = 8, steps: int = 20, guidance: flo
 
 
 def main(argv: list[str] | None = None) -> None:
+    from omniace.engine.cli import GUIDANCE  # omniace demo's argument types: one message for a bad value
     from omniace.engine.pipeline import EditPipeline
 
     ap = argparse.ArgumentParser(prog="python -m omniace.train.eval", description=__doc__.splitlines()[0])
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="out/eval")
     ap.add_argument("--per-task", type=int, default=8)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--guidance", type=float, default=1.0)
+    ap.add_argument("--guidance", type=GUIDANCE, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--grid-per-task", type=int, default=1)
     ap.add_argument("--split-seed", type=int, default=HELD_OUT_SEED,
@@ -306,8 +306,6 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("per_task", "grid_per_task", "steps"):  # refused before loading anything (exit 2)
         if getattr(a, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be an integer >= 1, got {getattr(a, name)}")
-    if not math.isfinite(a.guidance):
-        ap.error(f"--guidance must be a finite number, got {a.guidance}")
     try:  # a missing, damaged or foreign weights file: one line, like omniace's CLI (engine/cli.py)
         pipe = EditPipeline.pretrained(a.weights)
     except (ValueError, OSError) as err:
