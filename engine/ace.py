@@ -18,7 +18,7 @@ from omniace.kernels import editnet_inject, rope3d, segment_attention
 
 from .config import ACEConfig
 from .layers import Mlp, PatchEmbed, RMSNorm, TimestepEmbedder, ada_norm, per_row, run_block, tokens_pqc_to_cpq
-from .lcu import PackedLCU, gather_source
+from .lcu import PackedLCU, gather_source, patchify
 
 
 class ACEAttention(nn.Module):
@@ -62,6 +62,7 @@ class ACEPlan:
     max_seqlen_frame: int = 0
     max_seqlen_frame_txt: int = 0
     source_index: Tensor | None = None  # read only when ``cfg.source_skip``
+    target_neighbors: Tensor | None = None  # read only when ``cfg.pixel_smooth``
 
 
 class ACEBlock(nn.Module):
@@ -99,15 +100,36 @@ class ACEBlock(nn.Module):
 class FinalLayer(nn.Module):
     """T2IFinalLayer: shift/scale = table + t_emb (no SiLU, no linear), then the output linear."""
 
-    def __init__(self, dim: int, patch: int, out_channels: int):
+    def __init__(self, dim: int, patch: int, out_channels: int, extra: int = 0):
         super().__init__()
         self.scale_shift_table = nn.Parameter(torch.randn(2, dim) / dim**0.5)
-        self.linear = nn.Linear(dim, patch * patch * out_channels)
+        # ``extra`` per-token outputs after the patch's (the pixel head's smooth features)
+        self.linear = nn.Linear(dim, patch * patch * out_channels + extra)
 
     def forward(self, x: Tensor, t_emb: Tensor, seg: Tensor) -> Tensor:
         shift = self.scale_shift_table[0] + t_emb  # [B, D]
         scale = self.scale_shift_table[1] + t_emb
         return self.linear(ada_norm(x, shift, scale, seg))
+
+
+def token_pixel_coords(codec_factor: int, patch: int) -> Tensor:
+    """``[pixels, 2]`` float32: the (row, col) inside its token of each pixel column of a token row, where a token
+    row read as ``[3, pixels]`` (the pixel codec's space-to-depth, then :func:`~omniace.engine.lcu.patchify`)
+    holds one pixel's R, G and B in column j. Found by encoding an image of coordinates, so it follows the codec."""
+    s = codec_factor * patch
+    rr, cc = torch.meshgrid(torch.arange(s, dtype=torch.float32), torch.arange(s, dtype=torch.float32), indexing="ij")
+    row = patchify(F.pixel_unshuffle(torch.stack([rr, cc, rr])[None], codec_factor)[0], patch)  # [1, 3 * s * s]
+    return row.view(3, s * s)[:2].T.contiguous()
+
+
+def bilinear_weights(coords: Tensor, size: int) -> Tensor:
+    """``[pixels, 9]``: bilinear weights of the 3x3 token neighbourhood (dy, then dx, each -1, 0, 1) at each pixel
+    of a ``size x size``-pixel token, ``coords [pixels, 2]`` its (row, col) in pixels. Token centres sit at the
+    middle of their pixels (``align_corners=False``): a pixel at offset u (in tokens) from its own centre takes
+    1 - |u| of it and |u| of the neighbour on u's side, per axis."""
+    u = (coords + 0.5) / size - 0.5  # [pixels, 2] in (-0.5, 0.5)
+    w = torch.stack([(-u).clamp(min=0), 1 - u.abs(), u.clamp(min=0)], dim=-1)  # [pixels, 2 axes, 3 offsets]
+    return (w[:, 0, :, None] * w[:, 1, None, :]).flatten(1)
 
 
 class PixelHead(nn.Module):
@@ -116,22 +138,44 @@ class PixelHead(nn.Module):
     noisy RGB, to its change (and gate logits). A per-token linear head can only draw an edit as a sum of
     ``pixels``-wide basis patterns, which shows as blocks; here the edit can follow the source's own edges
     (recolour what is red, keep what is not). Zero-initialised output: an untrained head copies the source.
+
+    ``smooth`` > 0 (``cfg.pixel_smooth``): the final linear also gives ``smooth`` values per token, upsampled
+    bilinearly over the token grid (``F.interpolate(..., mode="bilinear", align_corners=False)`` on each frame)
+    and fed to the MLP beside the per-pixel features. Per-pixel features are free at every token border, so a
+    token that is unsure of its colour shows as a square; bilinear features change continuously across borders,
+    as resize-convolution removes the checkerboard of sub-pixel upsampling (Odena et al., 2016).
     """
 
-    def __init__(self, features: int, pixels: int, gated: bool):
+    def __init__(self, features: int, pixels: int, gated: bool, smooth: int = 0, codec_factor: int = 1,
+                 patch: int = 1):
         super().__init__()
-        self.features, self.pixels, self.gated = features, pixels, gated
-        self.fc1 = nn.Linear(features + 6, 2 * features)
+        self.features, self.pixels, self.gated, self.smooth = features, pixels, gated, smooth
+        self.fc1 = nn.Linear(features + smooth + 6, 2 * features)
         self.fc2 = nn.Linear(2 * features, 6 if gated else 3)
+        if smooth:  # not in the state dict: it follows from the codec's layout
+            size = codec_factor * patch
+            self.register_buffer("upsample", bilinear_weights(token_pixel_coords(codec_factor, patch), size),
+                                 persistent=False)
 
-    def forward(self, feat: Tensor, x: Tensor, source: Tensor, has_source: Tensor) -> Tensor:
-        """feat ``[L, pixels * features]`` (the final linear's output); x, source ``[L, 3 * pixels]`` noisy and
-        source target tokens in the token layout (RGB-major, see :func:`omniace.engine.lcu.patchify`);
-        has_source ``[L, 1]`` bool. Returns the x0 prediction ``[L, 3 * pixels]`` in the token layout."""
+    def forward(self, feat: Tensor, x: Tensor, source: Tensor, has_source: Tensor,
+                neighbors: Tensor | None = None) -> Tensor:
+        """feat ``[L, pixels * features + smooth]`` (the final linear's output); x, source ``[L, 3 * pixels]``
+        noisy and source target tokens in the token layout (RGB-major, see :func:`omniace.engine.lcu.patchify`);
+        has_source ``[L, 1]`` bool; neighbors ``[L, 9]`` int64 (``PackedLCU.target_neighbors``, read when
+        ``smooth``). Returns the x0 prediction ``[L, 3 * pixels]`` in the token layout. ValueError when
+        ``smooth`` and ``neighbors`` is None."""
         n, dtype = feat.shape[0], feat.dtype
         source = source.to(dtype)
         rgb = lambda v: v.view(n, 3, self.pixels).transpose(1, 2)  # token row -> [L, pixels, 3]
-        h = torch.cat([feat.view(n, self.pixels, self.features), rgb(source), rgb(x.to(dtype))], dim=-1)
+        per_pixel = self.pixels * self.features
+        parts = [feat[:, :per_pixel].reshape(n, self.pixels, self.features)]
+        if self.smooth:
+            if neighbors is None:
+                raise ValueError("pixel_smooth reads each target token's grid neighbours: the batch needs "
+                                 "target_neighbors (engine.lcu.pack computes it)")
+            near = feat[:, per_pixel:].index_select(0, neighbors.flatten()).view(n, 9, self.smooth)
+            parts.append(torch.matmul(self.upsample.to(dtype), near))  # [L, pixels, smooth]
+        h = torch.cat([*parts, rgb(source), rgb(x.to(dtype))], dim=-1)
         out = self.fc2(F.silu(self.fc1(h)))
         change = out[..., :3]
         if self.gated:  # samples with no source: the gate is 1 (the change is the whole image)
@@ -190,8 +234,9 @@ class ACEModel(nn.Module):
         self.blocks = nn.ModuleList(ACEBlock(cfg) for _ in range(cfg.depth))
         if cfg.pixel_head:
             pixels = p * p * cfg.codec_factor**2
-            self.final_layer = FinalLayer(d, p, cfg.codec_factor**2 * cfg.pixel_head)
-            self.pixel_head = PixelHead(cfg.pixel_head, pixels, cfg.source_gate)
+            self.final_layer = FinalLayer(d, p, cfg.codec_factor**2 * cfg.pixel_head, extra=cfg.pixel_smooth)
+            self.pixel_head = PixelHead(cfg.pixel_head, pixels, cfg.source_gate, cfg.pixel_smooth,
+                                        cfg.codec_factor, p)
         else:
             self.final_layer = FinalLayer(d, p, cfg.out_channels)
         self.text_position_embeddings = TextPositionEmbeddings(cfg.num_indicators, cfg.y_channels)
@@ -269,7 +314,8 @@ class ACEModel(nn.Module):
             return tokens_pqc_to_cpq(out, cfg.patch_size, cfg.in_channels)
         source, has_source = self.source_tokens(batch, c_lat)
         if cfg.pixel_head:
-            return self.pixel_head(out, x, source, has_source)  # it casts x and source to out's dtype
+            # it casts x and source to out's dtype
+            return self.pixel_head(out, x, source, has_source, batch.target_neighbors)
         change = tokens_pqc_to_cpq(out, cfg.patch_size, cfg.in_channels)
         if cfg.source_gate:  # the learned-sigma half, (p, p, 2C) -> its last C channels
             gate = tokens_pqc_to_cpq(out.unflatten(-1, (-1, 2 * cfg.in_channels))[..., cfg.in_channels:].flatten(1),
@@ -315,5 +361,5 @@ class ACEModel(nn.Module):
         if cfg.pixel_head:
             ph = self.pixel_head
             embed += 2 * n_tgt * ph.pixels * (ph.fc1.in_features * ph.fc1.out_features
-                                              + ph.fc2.in_features * ph.fc2.out_features)
+                                              + ph.fc2.in_features * ph.fc2.out_features + 9 * ph.smooth)
         return cfg.depth * per_block + embed

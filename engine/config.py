@@ -44,6 +44,10 @@ class ACEConfig:
     # them with that pixel's source and noisy values to its change (and gate). An 8x8-pixel token then edits
     # along the source's own edges, which a per-token linear head draws as blocks. 0: off (ACE's head).
     pixel_head: int = 0
+    # with pixel_head: > 0 adds ``pixel_smooth`` features per token, upsampled bilinearly across the token grid
+    # and fed to the per-pixel MLP, so an unsure token fades into its neighbours instead of showing as a square
+    # (``engine.ace.PixelHead``); reads ``PackedLCU.target_neighbors``. 0: off
+    pixel_smooth: int = 0
     # transformer layers over each frame's text before the blocks (``engine.ace.TextRefinerLayer``): context for
     # a text encoder that gives none (the word-level encoder); 0: off (ACE reads T5 states as they are)
     text_refiner: int = 0
@@ -73,7 +77,8 @@ class ACEConfig:
         if self.source_gate and not (self.source_skip and self.pred_sigma):
             raise ValueError("source_gate reads the gate from the learned-sigma half of the output: it needs "
                              "source_skip=True and pred_sigma=True")
-        for name, note in (("pixel_head", "0 = off"), ("text_refiner", "layers; 0 = off")):
+        for name, note in (("pixel_head", "0 = off"), ("pixel_smooth", "0 = off"),
+                           ("text_refiner", "layers; 0 = off")):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0 ({note}), got {value!r}")
@@ -82,6 +87,9 @@ class ACEConfig:
                              f"prediction='x0') and a pixel codec (in_channels = 3 * codec_factor**2 = "
                              f"{3 * self.codec_factor**2}), got source_skip={self.source_skip}, "
                              f"prediction={self.prediction!r}, in_channels={self.in_channels}")
+        if self.pixel_smooth and not self.pixel_head:
+            raise ValueError(f"pixel_smooth feeds the per-pixel head: it needs pixel_head > 0, got "
+                             f"pixel_smooth={self.pixel_smooth}, pixel_head={self.pixel_head}")
 
 
 @dataclass(frozen=True)

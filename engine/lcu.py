@@ -77,6 +77,15 @@ def gather_source(tokens: Tensor, source_index: Tensor, channels: int) -> tuple[
     return rows * has.to(rows.dtype), has
 
 
+def grid_neighbors(gh: int, gw: int) -> Tensor:
+    """``[gh*gw, 9]`` int64: for each cell of a row-major ``gh x gw`` grid, the rows of its 3x3 neighbourhood
+    (dy, then dx, each -1, 0, 1), a neighbour past the border replaced by the nearest cell on it (replicate
+    padding, as ``F.interpolate(..., mode="bilinear", align_corners=False)`` reads the border)."""
+    rr, cc = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+    rows = [(rr + dy).clamp(0, gh - 1) * gw + (cc + dx).clamp(0, gw - 1) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+    return torch.stack([r.flatten() for r in rows], dim=1)
+
+
 @dataclass
 class PackedLCU:
     """One ragged batch of LCUs with no padding.
@@ -98,6 +107,8 @@ class PackedLCU:
       source_index [L_tgt]      per target token, the row of the same grid cell in the sample's *source*
                                 frame (the current unit's first image, when its grid is the target's),
                                 -1 where the sample has none (text-to-image, another size)
+      target_neighbors [L_tgt, 9] per target token, the target rows (indices into ``target_index``) of its
+                                3x3 grid neighbourhood in its own frame, the border replicated (:func:`grid_neighbors`)
       pooled [B, P] or None     pooled text of each sample's current unit
     Host metadata: per-frame (sample, unit, grid, is_target), per-sample target latent sizes, and the
     ``max_seqlen_*`` launch bounds.
@@ -134,6 +145,7 @@ class PackedLCU:
     max_seqlen_txt: int
     max_seqlen_frame_txt: int
     source_index: Tensor | None = None
+    target_neighbors: Tensor | None = None
     # per-model metadata derived from this batch once (e.g. SD3Plan), keyed by the model's layout
     plans: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -291,6 +303,7 @@ def pack(
     unit_offsets, frame_txt_len, frame_txt_ind = [0], [], []
     unit_id, y_dim = 0, None
     src_rows, row0 = [], 0  # source_index per target token; row0: first image-token row of this sample
+    nbr_rows, tgt_row0 = [], 0  # target_neighbors per target token; tgt_row0: first target row of this sample
     for b, s in enumerate(samples):
         # frames: (image, unit index, is_target) in ACE order: target, then conditions in unit order
         frames = [(s.target, len(s.units) - 1, True)]
@@ -341,6 +354,8 @@ def pack(
             frame_row += gh * gw
             if is_tgt:
                 target_sizes.append((h, w))
+                nbr_rows.append(tgt_row0 + grid_neighbors(gh, gw))
+                tgt_row0 += gh * gw
         if source_frame is None:
             src_rows.append(torch.full((n_tgt,), -1))
         row0 = frame_row
@@ -396,5 +411,6 @@ def pack(
         max_seqlen_txt=max(unit_len),
         max_seqlen_frame_txt=max(frame_txt_len),
         source_index=torch.cat(src_rows).long(),
+        target_neighbors=torch.cat(nbr_rows).long(),
     )
     return batch if device is None else batch.to(device)

@@ -48,6 +48,8 @@ def ace_inputs(cfg) -> list[InputSpec]:
     """Graph inputs of the ACE denoiser (``engine/ace.py``), in call order."""
     p2 = cfg.patch_size**2
     skip = [_i64("source_index", "L_tgt")] if getattr(cfg, "source_skip", False) else []
+    if getattr(cfg, "pixel_smooth", 0):
+        skip.append(_i64("target_neighbors", "L_tgt", 9))
     return [
         _f("x", "L_tgt", cfg.in_channels * p2), _f("t", "B"),
         _f("tokens", "L_img", (cfg.in_channels + 1) * p2), _f("text", "L_txt", cfg.y_channels),

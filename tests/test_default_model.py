@@ -340,6 +340,104 @@ def test_pixel_head_gradients_and_settings():
             get_config("ace-tiny", pixel_head=bad)
 
 
+# the smooth features of the per-pixel head (cfg.pixel_smooth): per-token values upsampled bilinearly
+S = 3
+
+
+def test_target_neighbors_are_each_target_tokens_3x3_neighbourhood():
+    """Reference: a loop over every target frame's grid, clamping at the border, rows counted within the targets."""
+    batch = pack(_pixel_samples(4), P, with_mask=True)
+    want, row0 = [], 0
+    for h, w in batch.target_sizes:
+        gh, gw = h // P, w // P
+        for r in range(gh):
+            for c in range(gw):
+                want.append([row0 + min(max(r + dy, 0), gh - 1) * gw + min(max(c + dx, 0), gw - 1)
+                             for dy in (-1, 0, 1) for dx in (-1, 0, 1)])
+        row0 += gh * gw
+    assert batch.target_neighbors.dtype == torch.int64
+    assert torch.equal(batch.target_neighbors, torch.tensor(want))
+    assert row0 == batch.target_index.numel()
+
+
+def _smooth_model(gate: bool = True, smooth: int = S):
+    cfg = get_config("ace-tiny", in_channels=3 * F2 * F2, codec_factor=F2, y_channels=Y, prediction="x0",
+                     source_skip=True, source_gate=gate, pixel_head=K, pixel_smooth=smooth)
+    return build_model(cfg)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
+def test_smooth_head_matches_bilinear_interpolate_then_a_per_pixel_loop(dtype, tol):
+    """Reference: each sample's smooth columns as a [S, gh, gw] map, ``F.interpolate`` bilinear
+    (align_corners=False) to pixels in fp32, laid out as the codec lays out pixels; then one pixel at a time,
+    [features, smooth, source RGB, noisy RGB] -> MLP -> gated change. Odd grids, a sample with no source."""
+    model = randomise(_smooth_model(), seed=9, std=0.2).to(dtype).eval()
+    batch = pack(_pixel_samples(5), P, with_mask=True).to("cpu", dtype)
+    c = 3 * F2 * F2 * P * P
+    n_pix = c // 3
+    x = torch.randn(batch.target_index.numel(), c).to(dtype)
+    seen = {}
+    handle = model.final_layer.register_forward_hook(lambda m, i, o: seen.setdefault("o", o))
+    with torch.no_grad():
+        out = model(batch, x, torch.tensor([3, 400, 999, 77])).float()
+    handle.remove()
+    feat, xf = seen["o"].float(), x.float()
+    smooth = []
+    for (h, w), a, b in zip(batch.target_sizes, batch.cu_seqlens_target()[:-1], batch.cu_seqlens_target()[1:]):
+        grid = feat[a:b, n_pix * K:].T.reshape(1, S, h // P, w // P)
+        up = F.interpolate(grid, scale_factor=F2 * P, mode="bilinear", align_corners=False)[0]
+        # the codec's layout: space-to-depth then patchify, as the image's own pixels
+        smooth.append(pack_pixels(up))
+    smooth = torch.cat(smooth).view(-1, S, n_pix)
+    ph = {k: v.float() for k, v in model.pixel_head.state_dict().items()}
+    idx = batch.source_index
+    ref = torch.empty_like(out)
+    for r in range(out.shape[0]):
+        src = batch.tokens[idx[r], :c].float() if idx[r] >= 0 else torch.zeros(c)
+        for j in range(n_pix):
+            v = torch.cat([feat[r, j * K:(j + 1) * K], smooth[r, :, j], src[j::n_pix], xf[r, j::n_pix]])
+            o = ph["fc2.weight"] @ F.silu(ph["fc1.weight"] @ v + ph["fc1.bias"]) + ph["fc2.bias"]
+            ref[r, j::n_pix] = src[j::n_pix] + o[:3] * (torch.sigmoid(o[3:]) if idx[r] >= 0 else 1)
+    err = (out - ref).abs().max().item()
+    assert err < tol * max(1.0, ref.abs().max().item()), err
+    # the reference can tell: nearest-neighbour upsampling (each pixel its own token's value) is far from it
+    own = feat[:, n_pix * K:, None].expand(-1, S, n_pix)
+    assert (own - smooth).abs().max() > 0.1
+
+
+def pack_pixels(image: torch.Tensor) -> torch.Tensor:
+    """``[ch, H, W]`` -> ``[L, ch * pixels]`` token rows, laid out as the pixel codec and patchify lay out an image."""
+    from omniace.engine.lcu import patchify
+
+    return patchify(F.pixel_unshuffle(image[None], F2)[0], P)
+
+
+def test_smooth_head_gradients_flops_memory_and_settings():
+    from omniace.engine.memory import estimate_memory
+
+    model = randomise(_smooth_model(), seed=10, std=0.1)
+    batch = pack(_pixel_samples(6), P, with_mask=True)
+    x = torch.randn(batch.target_index.numel(), 3 * F2 * F2 * P * P)
+    model(batch, x, torch.tensor([1, 2, 3, 4])).pow(2).sum().backward()
+    n_pix = F2 * F2 * P * P
+    smooth_rows = model.final_layer.linear.weight.grad[n_pix * K:]
+    assert smooth_rows.shape[0] == S and smooth_rows.abs().sum(1).min() > 0
+    plain = _pixel_model(True)
+    # the final linear's S more outputs, fc1's S more inputs, the 9-tap upsampling
+    more = 2 * 12 * model.cfg.hidden_size * S + 2 * 12 * n_pix * (S * 2 * K + 9 * S)
+    assert model.flops([[12]], [[7]]) - plain.flops([[12]], [[7]]) == more
+    grow = estimate_memory(model, 64, 8, 1, 4096).activations - estimate_memory(plain, 64, 8, 1, 4096).activations
+    assert grow == 4096 * 2 * S * 4
+    batch.target_neighbors = None
+    with pytest.raises(ValueError, match="needs target_neighbors"):
+        model(batch, x, torch.tensor([1, 2, 3, 4]))
+    with pytest.raises(ValueError, match="pixel_smooth feeds the per-pixel head: it needs pixel_head > 0"):
+        get_config("ace-tiny", pixel_smooth=4)
+    for bad in (-1, 2.5, "16", None, True):
+        with pytest.raises(ValueError, match=f"pixel_smooth must be an integer >= 0 \\(0 = off\\), got {bad!r}"):
+            get_config("ace-tiny", pixel_smooth=bad)
+
+
 # the text refiner (cfg.text_refiner): transformer layers over each frame's text before the blocks
 def test_an_untrained_text_refiner_is_the_identity():
     torch.manual_seed(8)
