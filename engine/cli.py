@@ -330,11 +330,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="edit held-out scenes of every task with the embedded trained default")
     p.add_argument("--out", default="out", help="folder for demo.json and demo_grid.png")
     p.add_argument("--weights", help="another trainer export (default: the embedded ace-edit)")
-    p.add_argument("--per-task", type=PER_TASK, default=4)
+    p.add_argument("--per-task", type=PER_TASK, default=4, help="held-out pairs (chains) per task (default 4)")
     # chosen on a validation split (generator seed 20000), not on the held-out one the demo reports
-    p.add_argument("--steps", type=STEPS, default=10)
-    p.add_argument("--guidance", type=GUIDANCE, default=1.0)
-    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--steps", type=STEPS, default=10, help="DDIM steps (default 10)")
+    p.add_argument("--guidance", type=GUIDANCE, default=1.0,
+                   help="classifier-free guidance scale; 1.0, the default, runs one branch (no CFG)")
+    p.add_argument("--seed", type=SEED, default=0, help="noise seed of the first request (default 0)")
     p.set_defaults(fn=cmd_demo)
     p = sub.add_parser("edit", parents=[common], help="edit an image following an instruction")
     p.add_argument("--image", action="append", default=[])
