@@ -154,10 +154,11 @@ PRESETS: dict[str, ACEConfig | SD3Config] = {
     "ace-small": ACEConfig(in_channels=48, hidden_size=192, depth=4, num_heads=4, y_channels=32,
                            text_len=64, codec_factor=4, prediction="x0"),
     # The embedded default's model (omniace demo): ace-small predicting a gated change to the source image
-    # (source_skip), drawn per pixel (pixel_head), with word-level text (docs/default_model.md says why)
+    # (source_skip), drawn per pixel (pixel_head) from per-pixel and bilinearly upsampled per-token features
+    # (pixel_smooth), with word-level text (docs/default_model.md says why)
     "ace-edit": ACEConfig(in_channels=48, hidden_size=192, depth=4, num_heads=4, y_channels=32,
                           text_len=64, codec_factor=4, prediction="x0", source_skip=True, source_gate=True,
-                          text_encoder="words", pixel_head=16),
+                          text_encoder="words", pixel_head=16, pixel_smooth=16),
     "sd3-medium-editnet": SD3Config(),
     # SD3.5 (diffusers configs of stabilityai/stable-diffusion-3.5-medium and -large, transformer/config.json):
     # Medium is MMDiT-X (dual attention in blocks 0-12, 384-wide positional table), Large is a wider, deeper MMDiT;

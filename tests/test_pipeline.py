@@ -154,9 +154,9 @@ def test_memory_estimate_formula():
     assert (on_gpu.weights, on_gpu.activations, on_gpu.codec) == (0, 2 * 128 * 64 * 2 * 16, 6400 * 3072)
     sd3 = estimate_memory(build_model("sd3-tiny-editnet"), 10, 6, 1, 0)
     assert sd3.activations == 2 * 16 * 64 * 4 * 16 + 4 * 16**2 * 8  # two streams: base and EditNet
-    # the embedded default's per-pixel head (k = 16): + branches x pixels x (5k + 24) x e
+    # the embedded default's per-pixel head (k = 16, s = 16 smooth features): + branches x pixels x (5k + 2s + 24) x e
     edit = estimate_memory(build_model("ace-edit"), 100, 28, 2, 6400)
-    assert edit.activations == 2 * 128 * 192 * 4 * 16 + 4 * 128**2 * 8 + 2 * 6400 * (5 * 16 + 24) * 4
+    assert edit.activations == 2 * 128 * 192 * 4 * 16 + 4 * 128**2 * 8 + 2 * 6400 * (5 * 16 + 2 * 16 + 24) * 4
 
 
 def test_pipeline_memory_estimate_checks_the_request_first():

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The embedded default, engine/assets/ace-edit.safetensors, from nothing: the corpus (every task family), the
-# training run (torchrun, FSDP2 on gloo), the held-out evaluation, then the copy. About 72 minutes on a
+# training run (torchrun, FSDP2 on gloo), the held-out evaluation, then the copy. About 84 minutes on a
 # 2-core CPU (docs/default_model.md has the measured times). Seeded throughout: the corpus, the data order,
 # the noise and the initial weights follow --seed. NPROC changes the global batch (the token budget is per
 # rank), so only NPROC=2 reproduces the shipped run.
@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 DATA=${DATA:-data/synth-default}
 OUT=${OUT:-runs/default}
 NPROC=${NPROC:-2}
-STEPS=${STEPS:-10000}
+STEPS=${STEPS:-12000}
 LOCAL_TASKS=object_swap=8,object_addition=8,attribute_modification=8,inpainting=8,reference_guided=8,object_removal=8
 python -m omniace.train.synthetic --out "$DATA" --pairs 24000 --short-sides 64 --seed 0
 OMP_NUM_THREADS=1 python -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m omniace.train.trainer \
