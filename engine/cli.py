@@ -109,6 +109,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {args.out!r} is a file; expected a folder for the demo's table and grid")
+    try:  # before the edits: a folder that cannot be made would otherwise fail only after all of them
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--out {args.out!r}: cannot make the folder ({err.strerror}); expected a folder for the "
+                         f"demo's table and grid") from None
     pipe = EditPipeline.pretrained(args.weights)
     print(f"omniace demo: {count_parameters(pipe.model):,}-parameter {type(pipe.cfg).__name__[:-6]} model trained "
           f"on the synthetic OmniEdit-style corpus, editing held-out scenes ({args.per_task} per task, "
@@ -328,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("bench", help="op and denoiser benchmarks (omniace bench --help)")
     p = sub.add_parser("demo", parents=[common],
                        help="edit held-out scenes of every task with the embedded trained default")
-    p.add_argument("--out", default="out", help="folder for demo.json and demo_grid.png")
+    p.add_argument("--out", default="out", help="folder for demo.json and demo_grid.png (default out)")
     p.add_argument("--weights", help="another trainer export (default: the embedded ace-edit)")
     p.add_argument("--per-task", type=PER_TASK, default=4, help="held-out pairs (chains) per task (default 4)")
     # chosen on a validation split (generator seed 20000), not on the held-out one the demo reports
@@ -341,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", action="append", default=[])
     p.add_argument("--mask", action="append", default=[], help="white = edit; the size or aspect of its --image")
     p.add_argument("--instruction", required=True)
-    p.add_argument("--out", default="edited.png", help="image file; its extension picks the format")
+    p.add_argument("--out", default="edited.png",
+                   help="image file; its extension picks the format (default edited.png)")
     p.add_argument("--force", action="store_true", help="allow --out to overwrite an input image")
     p.add_argument("--family", choices=["ace", "sd3"], default="ace",
                    help="without --weights: ace is the embedded trained default; sd3 an untrained tiny EditNet "
@@ -363,13 +369,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how an image off the model grid or over its pixel budget is fitted: resize it (aspect kept), "
                         "crop its centre (the rest of the input is kept in the output), or refuse it (error); the "
                         "output has the input's size")
-    p.add_argument("--steps", type=STEPS, default=20)
+    p.add_argument("--steps", type=STEPS, default=20,
+                   help="sampler steps (default 20; omniace demo's 10 did as well for the embedded default)")
     p.add_argument("--guidance", type=GUIDANCE, default=None,
                    help="default: the model's (1.0 for the embedded default, 4.5 for ACE checkpoints)")
     p.add_argument("--preset", choices=sorted(PRESETS),
                    help="with --weights: the model config for a file without omniace_config metadata (a converted "
                         "checkpoint)")
-    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--seed", type=SEED, default=0, help="noise seed (default 0)")
     p.add_argument("--no-truncate", dest="truncate", action="store_false",
                    help="refuse an instruction longer than the text encoder keeps (default: cut it, warn)")
     p.set_defaults(fn=cmd_edit)

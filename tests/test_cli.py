@@ -157,6 +157,10 @@ def test_info_and_demo_refusals(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     code, _, err = run(["demo", "--out", str(tmp_path / "file")], capsys)
     assert_user_error(code, err, f"--out '{tmp_path / 'file'}' is a file; expected a folder")
+    # a folder under a file: refused before any edit (it used to fail only after all 60, naming no flag)
+    code, out, err = run(["demo", "--out", str(tmp_path / "file" / "sub")], capsys)
+    assert_user_error(code, err, f"--out '{tmp_path / 'file' / 'sub'}': cannot make the folder (Not a directory)")
+    assert "omniace demo:" not in out  # no model was loaded, no edit ran
 
 
 def test_convert_checks_its_paths_and_files(tmp_path, capsys):

@@ -293,22 +293,27 @@ def test_untrained_pixel_head_copies_the_source():
         assert torch.equal(out[~has], torch.zeros_like(out[~has]))
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
-@pytest.mark.parametrize("gate", [False, True])
-def test_pixel_head_matches_a_per_pixel_loop(dtype, tol, gate):
-    """Reference: one pixel at a time, [features, source RGB, noisy RGB] -> MLP -> change (and gate)."""
-    model = randomise(_pixel_model(gate), seed=6, std=0.2).to(dtype).eval()
-    batch = pack(_pixel_samples(2), P, with_mask=True).to("cpu", dtype)
-    c = 3 * F2 * F2 * P * P
-    x = torch.randn(batch.target_index.numel(), c).to(dtype)
+def _head_inputs_and_output(model, samples_seed: int, dtype):
+    """Run ``model`` in ``dtype`` on the pixel samples; returns (batch, x, output, final linear's output), fp32."""
+    batch = pack(_pixel_samples(samples_seed), P, with_mask=True).to("cpu", dtype)
+    x = torch.randn(batch.target_index.numel(), 3 * F2 * F2 * P * P).to(dtype)
     seen = {}
     handle = model.final_layer.register_forward_hook(lambda m, i, o: seen.setdefault("o", o))
     with torch.no_grad():
         out = model(batch, x, torch.tensor([3, 400, 999, 77])).float()
     handle.remove()
+    return batch, x.float(), out, seen["o"].float()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
+@pytest.mark.parametrize("gate", [False, True])
+def test_pixel_head_matches_a_per_pixel_loop(dtype, tol, gate):
+    """Reference: one pixel at a time, [features, source RGB, noisy RGB] -> MLP -> change (and gate)."""
+    model = randomise(_pixel_model(gate), seed=6, std=0.2).to(dtype).eval()
+    batch, xf, out, feat = _head_inputs_and_output(model, 2, dtype)
     ph = {k: v.float() for k, v in model.pixel_head.state_dict().items()}
-    feat, xf = seen["o"].float(), x.float()
     idx = batch.source_index
+    c = xf.shape[1]
     n_pix = c // 3
     ref = torch.empty_like(out)
     for r in range(out.shape[0]):
@@ -372,16 +377,9 @@ def test_smooth_head_matches_bilinear_interpolate_then_a_per_pixel_loop(dtype, t
     (align_corners=False) to pixels in fp32, laid out as the codec lays out pixels; then one pixel at a time,
     [features, smooth, source RGB, noisy RGB] -> MLP -> gated change. Odd grids, a sample with no source."""
     model = randomise(_smooth_model(), seed=9, std=0.2).to(dtype).eval()
-    batch = pack(_pixel_samples(5), P, with_mask=True).to("cpu", dtype)
-    c = 3 * F2 * F2 * P * P
+    batch, xf, out, feat = _head_inputs_and_output(model, 5, dtype)
+    c = xf.shape[1]
     n_pix = c // 3
-    x = torch.randn(batch.target_index.numel(), c).to(dtype)
-    seen = {}
-    handle = model.final_layer.register_forward_hook(lambda m, i, o: seen.setdefault("o", o))
-    with torch.no_grad():
-        out = model(batch, x, torch.tensor([3, 400, 999, 77])).float()
-    handle.remove()
-    feat, xf = seen["o"].float(), x.float()
     smooth = []
     for (h, w), a, b in zip(batch.target_sizes, batch.cu_seqlens_target()[:-1], batch.cu_seqlens_target()[1:]):
         grid = feat[a:b, n_pix * K:].T.reshape(1, S, h // P, w // P)
