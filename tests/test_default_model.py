@@ -243,9 +243,9 @@ def test_a_latent_cache_takes_the_word_encoders_text_states():
 F2, K = 2, 5
 
 
-def _pixel_model(gate: bool = True):
+def _pixel_model(gate: bool = True, smooth: int = 0):
     cfg = get_config("ace-tiny", in_channels=3 * F2 * F2, codec_factor=F2, y_channels=Y, prediction="x0",
-                     source_skip=True, source_gate=gate, pixel_head=K)
+                     source_skip=True, source_gate=gate, pixel_head=K, pixel_smooth=smooth)
     return build_model(cfg)
 
 
@@ -365,18 +365,12 @@ def test_target_neighbors_are_each_target_tokens_3x3_neighbourhood():
     assert row0 == batch.target_index.numel()
 
 
-def _smooth_model(gate: bool = True, smooth: int = S):
-    cfg = get_config("ace-tiny", in_channels=3 * F2 * F2, codec_factor=F2, y_channels=Y, prediction="x0",
-                     source_skip=True, source_gate=gate, pixel_head=K, pixel_smooth=smooth)
-    return build_model(cfg)
-
-
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
 def test_smooth_head_matches_bilinear_interpolate_then_a_per_pixel_loop(dtype, tol):
     """Reference: each sample's smooth columns as a [S, gh, gw] map, ``F.interpolate`` bilinear
     (align_corners=False) to pixels in fp32, laid out as the codec lays out pixels; then one pixel at a time,
     [features, smooth, source RGB, noisy RGB] -> MLP -> gated change. Odd grids, a sample with no source."""
-    model = randomise(_smooth_model(), seed=9, std=0.2).to(dtype).eval()
+    model = randomise(_pixel_model(smooth=S), seed=9, std=0.2).to(dtype).eval()
     batch, xf, out, feat = _head_inputs_and_output(model, 5, dtype)
     c = xf.shape[1]
     n_pix = c // 3
@@ -413,7 +407,7 @@ def pack_pixels(image: torch.Tensor) -> torch.Tensor:
 def test_smooth_head_gradients_flops_memory_and_settings():
     from omniace.engine.memory import estimate_memory
 
-    model = randomise(_smooth_model(), seed=10, std=0.1)
+    model = randomise(_pixel_model(smooth=S), seed=10, std=0.1)
     batch = pack(_pixel_samples(6), P, with_mask=True)
     x = torch.randn(batch.target_index.numel(), 3 * F2 * F2 * P * P)
     model(batch, x, torch.tensor([1, 2, 3, 4])).pow(2).sum().backward()
