@@ -103,7 +103,7 @@ class FinalLayer(nn.Module):
     def __init__(self, dim: int, patch: int, out_channels: int, extra: int = 0):
         super().__init__()
         self.scale_shift_table = nn.Parameter(torch.randn(2, dim) / dim**0.5)
-        # ``extra`` per-token outputs after the patch's (the pixel head's smooth features)
+        # ``extra`` per-token outputs after the patch's (the pixel head's smooth features and key colours)
         self.linear = nn.Linear(dim, patch * patch * out_channels + extra)
 
     def forward(self, x: Tensor, t_emb: Tensor, seg: Tensor) -> Tensor:
@@ -144,13 +144,21 @@ class PixelHead(nn.Module):
     and fed to the MLP beside the per-pixel features. Per-pixel features are free at every token border, so a
     token that is unsure of its colour shows as a square; bilinear features change continuously across borders,
     as resize-convolution removes the checkerboard of sub-pixel upsampling (Odena et al., 2016).
+
+    ``keys`` > 0 (``cfg.pixel_keys``): the final linear also gives ``keys`` colours per token (3 values each, after
+    the smooth ones); each pixel's MLP also reads ``1 / (1 + |source - key|^2 / KEY_WIDTH)`` for every key. The MLP
+    adds token and pixel inputs, so "the pixels of the source that are white" (a product of the two) costs it
+    many hidden units; the keys give that selection directly, and an edit then follows the object's exact edges.
+    A heavy-tailed kernel, not a Gaussian, so a key far from every source colour still gets a gradient.
     """
 
+    KEY_WIDTH = 0.05  # squared distance (pixels in [-1, 1]) at which a key's match is 1/2
+
     def __init__(self, features: int, pixels: int, gated: bool, smooth: int = 0, codec_factor: int = 1,
-                 patch: int = 1):
+                 patch: int = 1, keys: int = 0):
         super().__init__()
-        self.features, self.pixels, self.gated, self.smooth = features, pixels, gated, smooth
-        self.fc1 = nn.Linear(features + smooth + 6, 2 * features)
+        self.features, self.pixels, self.gated, self.smooth, self.keys = features, pixels, gated, smooth, keys
+        self.fc1 = nn.Linear(features + smooth + keys + 6, 2 * features)
         self.fc2 = nn.Linear(2 * features, 6 if gated else 3)
         if smooth:  # not in the state dict: it follows from the codec's layout
             size = codec_factor * patch
@@ -159,7 +167,7 @@ class PixelHead(nn.Module):
 
     def forward(self, feat: Tensor, x: Tensor, source: Tensor, has_source: Tensor,
                 neighbors: Tensor | None = None) -> Tensor:
-        """feat ``[L, pixels * features + smooth]`` (the final linear's output); x, source ``[L, 3 * pixels]``
+        """feat ``[L, pixels * features + smooth + 3 * keys]`` (the final linear's output); x, source ``[L, 3 * pixels]``
         noisy and source target tokens in the token layout (RGB-major, see :func:`omniace.engine.lcu.patchify`);
         has_source ``[L, 1]`` bool; neighbors ``[L, 9]`` int64 (``PackedLCU.target_neighbors``, read when
         ``smooth``). Returns the x0 prediction ``[L, 3 * pixels]`` in the token layout. ValueError when
@@ -173,8 +181,12 @@ class PixelHead(nn.Module):
             if neighbors is None:
                 raise ValueError("pixel_smooth reads each target token's grid neighbours: the batch needs "
                                  "target_neighbors (engine.lcu.pack computes it)")
-            near = feat[:, per_pixel:].index_select(0, neighbors.flatten()).view(n, 9, self.smooth)
-            parts.append(torch.matmul(self.upsample.to(dtype), near))  # [L, pixels, smooth]
+            near = feat[:, per_pixel:per_pixel + self.smooth].index_select(0, neighbors.flatten())
+            parts.append(torch.matmul(self.upsample.to(dtype), near.view(n, 9, self.smooth)))  # [L, pixels, smooth]
+        if self.keys:
+            keys = feat[:, per_pixel + self.smooth:].view(n, 1, self.keys, 3)
+            dist = (rgb(source).unsqueeze(2) - keys).square().sum(-1)  # [L, pixels, keys]
+            parts.append(1 / (1 + dist / self.KEY_WIDTH))
         h = torch.cat([*parts, rgb(source), rgb(x.to(dtype))], dim=-1)
         out = self.fc2(F.silu(self.fc1(h)))
         change = out[..., :3]
@@ -234,9 +246,10 @@ class ACEModel(nn.Module):
         self.blocks = nn.ModuleList(ACEBlock(cfg) for _ in range(cfg.depth))
         if cfg.pixel_head:
             pixels = p * p * cfg.codec_factor**2
-            self.final_layer = FinalLayer(d, p, cfg.codec_factor**2 * cfg.pixel_head, extra=cfg.pixel_smooth)
+            self.final_layer = FinalLayer(d, p, cfg.codec_factor**2 * cfg.pixel_head,
+                                          extra=cfg.pixel_smooth + 3 * cfg.pixel_keys)
             self.pixel_head = PixelHead(cfg.pixel_head, pixels, cfg.source_gate, cfg.pixel_smooth,
-                                        cfg.codec_factor, p)
+                                        cfg.codec_factor, p, cfg.pixel_keys)
         else:
             self.final_layer = FinalLayer(d, p, cfg.out_channels)
         self.text_position_embeddings = TextPositionEmbeddings(cfg.num_indicators, cfg.y_channels)
@@ -361,5 +374,6 @@ class ACEModel(nn.Module):
         if cfg.pixel_head:
             ph = self.pixel_head
             embed += 2 * n_tgt * ph.pixels * (ph.fc1.in_features * ph.fc1.out_features
-                                              + ph.fc2.in_features * ph.fc2.out_features + 9 * ph.smooth)
+                                              + ph.fc2.in_features * ph.fc2.out_features + 9 * ph.smooth
+                                              + 6 * ph.keys)  # per key: distance (8 FLOPs) and kernel (3), ~12
         return cfg.depth * per_block + embed

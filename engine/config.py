@@ -1,7 +1,7 @@
 """Model configs (dataclasses) and named presets."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 
 def ace_rope_axes(head_dim: int) -> tuple[int, int, int]:
@@ -48,6 +48,11 @@ class ACEConfig:
     # and fed to the per-pixel MLP, so an unsure token fades into its neighbours instead of showing as a square
     # (``engine.ace.PixelHead``); reads ``PackedLCU.target_neighbors``. 0: off
     pixel_smooth: int = 0
+    # with pixel_head: > 0 adds ``pixel_keys`` colours per token (3 values each); each pixel's MLP also reads how
+    # close its source colour is to each key, ``1 / (1 + |source - key|^2 / KEY_WIDTH)``, so a token can select
+    # the source's pixels of one colour (the object to recolour or remove) and edit along their exact edges, a
+    # product of token and pixel values that the MLP's sum of the two cannot form (``engine.ace.PixelHead``). 0: off
+    pixel_keys: int = 0
     # transformer layers over each frame's text before the blocks (``engine.ace.TextRefinerLayer``): context for
     # a text encoder that gives none (the word-level encoder); 0: off (ACE reads T5 states as they are)
     text_refiner: int = 0
@@ -77,7 +82,7 @@ class ACEConfig:
         if self.source_gate and not (self.source_skip and self.pred_sigma):
             raise ValueError("source_gate reads the gate from the learned-sigma half of the output: it needs "
                              "source_skip=True and pred_sigma=True")
-        for name, note in (("pixel_head", "0 = off"), ("pixel_smooth", "0 = off"),
+        for name, note in (("pixel_head", "0 = off"), ("pixel_smooth", "0 = off"), ("pixel_keys", "0 = off"),
                            ("text_refiner", "layers; 0 = off")):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -90,6 +95,9 @@ class ACEConfig:
         if self.pixel_smooth and not self.pixel_head:
             raise ValueError(f"pixel_smooth feeds the per-pixel head: it needs pixel_head > 0, got "
                              f"pixel_smooth={self.pixel_smooth}, pixel_head={self.pixel_head}")
+        if self.pixel_keys and not self.pixel_head:
+            raise ValueError(f"pixel_keys feeds the per-pixel head: it needs pixel_head > 0, got "
+                             f"pixel_keys={self.pixel_keys}, pixel_head={self.pixel_head}")
 
 
 @dataclass(frozen=True)
@@ -183,9 +191,16 @@ PRESETS["sd3-small-concat"] = replace(PRESETS["sd3-small"], concat_condition=Tru
 
 
 def get_config(name: str, **overrides) -> ACEConfig | SD3Config:
+    """Preset ``name`` with ``overrides`` applied. ValueError for an unknown preset, a field its family does not
+    have (``pixel_smooth`` on an SD3 preset) or a bad value (the config's own checks)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
-    return replace(PRESETS[name], **overrides)
+    base = PRESETS[name]
+    unknown = sorted(set(overrides) - {f.name for f in fields(base)})
+    if unknown:
+        raise ValueError(f"preset {name!r} ({type(base).__name__}) has no field {', '.join(map(repr, unknown))}; "
+                         f"its fields: {', '.join(f.name for f in fields(base))}")
+    return replace(base, **overrides)
 
 
 def config_to_dict(cfg: ACEConfig | SD3Config) -> dict:

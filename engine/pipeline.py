@@ -178,7 +178,8 @@ def turn_inputs(images: ImageLike | Sequence[ImageLike] | None,
         raise TypeError(f"images must be a PIL image, a path, bytes or a list of them, got {type(images).__name__}")
     masks = [masks] if isinstance(masks, (*single, Tensor)) else list(masks or [])
     if len(masks) > len(images):
-        raise ValueError(f"{len(masks)} masks for {len(images)} images; expected at most one mask per image")
+        raise ValueError(f"{_count(len(masks), 'mask')} for {_count(len(images), 'image')}; expected at most one "
+                         f"mask per image")
     for j, img in enumerate(images):
         if not isinstance(img, single):
             raise TypeError(f"image {j} must be a PIL image, a path or bytes, got {type(img).__name__}")
@@ -255,18 +256,23 @@ class EditPipeline:
     """Edit or generate images with an ACE or SD3(+EditNet) model, a text encoder and a codec."""
 
     def __init__(self, model, text_encoder, codec, device: str = "cpu", max_tokens: int = 16384,
-                 default_guidance: float = 4.5, max_pixels: int | None = None, dtype: torch.dtype | None = None):
+                 default_guidance: float = 4.5, max_pixels: int | None = None, dtype: torch.dtype | None = None,
+                 timestep_spacing: str = "trailing"):
         """``max_tokens``: image tokens one sample may hold (every frame of one CFG branch; memory and time grow
         with it, the reference attention's quadratically); ``default_guidance``: the CFG scale used when a
         call passes ``guidance=None`` (ACE's 4.5; the embedded default was validated at 1.0); ``max_pixels``:
         the pixel budget one input image is scaled down to (default: the model's,
-        :func:`~omniace.engine.resize.pixel_budget`); ``dtype``: the model's (default: as given). ValueError for
-        a device that is not usable here."""
+        :func:`~omniace.engine.resize.pixel_budget`); ``dtype``: the model's (default: as given);
+        ``timestep_spacing``: the DDIM sampler's (:class:`~omniace.engine.sampler.DDIMSampler`: ACE's "trailing";
+        the embedded default samples with "sigma"). ValueError for a device that is not usable here, or a spacing
+        the model's sampler does not take."""
         self.max_tokens = check_int(max_tokens, "max_tokens", 1)
         self.max_pixels, self.max_side = pixel_budget(model.cfg)
         if max_pixels is not None:
             self.max_pixels = check_int(max_pixels, "max_pixels", 1)
         self.default_guidance = check_finite(default_guidance, "default_guidance")
+        make_sampler(model.cfg.prediction, 1, timestep_spacing=timestep_spacing)  # refuses a bad spacing now
+        self.timestep_spacing = timestep_spacing
         check_device(device)
         self.model = model.to(device=device, dtype=dtype).eval()
         self.text_encoder = text_encoder
@@ -282,7 +288,8 @@ class EditPipeline:
                    preset: str | None = None) -> "EditPipeline":
         """The embedded default: ``ace-edit`` trained on the synthetic corpus (``train/recipe_default.sh``), with
         its built-in text encoder (word-level; byte-level for older exports) and the pixel codec. ``path`` loads
-        another trainer export (its config from its metadata, or ``preset`` for a file without it)."""
+        another trainer export (its config from its metadata, or ``preset`` for a file without it). Guidance
+        1.0 by default; an x0 model samples with the "sigma" timestep spacing, others with their own."""
         from .model import load_model
 
         path = Path(path) if path is not None else DEFAULT_WEIGHTS
@@ -294,10 +301,11 @@ class EditPipeline:
         if model.cfg.codec_factor != 4 or text_dim != 32:
             raise ValueError(f"{path}: not a tiny pixel-space model (codec_factor 4, built-in 32-wide text encoder); "
                              f"use EditPipeline(model, text_encoder, codec) for it")
-        # guidance 1.0 (one branch, no CFG): chosen for the embedded default on a validation split
-        # (docs/default_model.md: 28% against 23% at 1.5 and 22% at 2.0)
+        # guidance 1.0 (one branch, no CFG) and the "sigma" timestep spacing: chosen for the embedded default (an
+        # x0 model) on a validation split (docs/default_model.md); eps and flow exports keep their samplers' own
+        spacing = "sigma" if model.cfg.prediction == "x0" else "trailing"
         return cls(model, tiny_text_encoder(model.cfg), PixelCodec(model.cfg.codec_factor), device=device,
-                   default_guidance=1.0, dtype=dtype)
+                   default_guidance=1.0, dtype=dtype, timestep_spacing=spacing)
 
     @classmethod
     def dry(cls, cfg: ACEConfig | SD3Config, dtype: torch.dtype = torch.float32, **kw) -> "EditPipeline":
@@ -360,7 +368,7 @@ class EditPipeline:
                 raise TypeError(f"{where}instruction must be a str, got {type(turn.instruction).__name__}")
             check_mode(turn.resize)
             if len(turn.masks) != len(turn.images):
-                raise ValueError(f"{where}{len(turn.masks)} masks for {len(turn.images)} images")
+                raise ValueError(f"{where}{_count(len(turn.masks), 'mask')} for {_count(len(turn.images), 'image')}")
             fits.append([])
             for j, (img, mask) in enumerate(zip(turn.images, turn.masks)):
                 if not isinstance(img, Image.Image):
@@ -440,7 +448,7 @@ class EditPipeline:
         ``guidance=None`` takes ``default_guidance``. Returns an :class:`EditJob` whose samples (one LCU, two
         with CFG) any packed batch can carry.
         """
-        sampler = make_sampler(self.cfg.prediction, steps)
+        sampler = make_sampler(self.cfg.prediction, steps, timestep_spacing=self.timestep_spacing)
         guidance = self.default_guidance if guidance is None else guidance
         check_guidance(guidance, rescale)
         seed = check_int(seed, "seed", 0, 2**63 - 1)
@@ -560,6 +568,11 @@ class EditPipeline:
         """
         return [self.run_job(self.prepare_edit(images, instruction, masks, steps, guidance, rescale, seed, negative,
                                                size, truncate, resize))]
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 mask``, ``2 masks``, ``0 images``: error messages count things in plain English."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def check_indicators(instruction: str, n_images: int, holder: str, hint: str = "", where: str = "") -> None:

@@ -19,6 +19,7 @@ from .lcu import patchify
 
 # denoise(x [L_tgt, C*p*p], t [B]) -> prediction [L_tgt, C*p*p]; the pipeline folds CFG into it
 DenoiseFn = Callable[[Tensor, Tensor], Tensor]
+TIMESTEP_SPACINGS = ("trailing", "sigma")  # DDIMSampler.timestep_spacing
 
 
 def check_int(value: object, name: str, minimum: int, maximum: int | None = None) -> int:
@@ -113,6 +114,13 @@ class DDIMSampler(StepSampler):
 
     ``prediction="eps"`` (ACE) or ``"x0"``: the model predicts the clean latent, which suits tiny
     pixel-space models: an eps error is amplified by sigma/alpha (156x at t = 999) into the clean estimate.
+
+    ``timestep_spacing``: ``"trailing"`` (ACE's, diffusers' name: every ``1000 / steps``-th step counted down
+    from 999) or ``"sigma"``: the training steps nearest to noise levels ``sigma_t = sqrt(1 - alphas_cumprod_t)``
+    evenly spaced from ``sigma_999`` to ``sigma_0``. With linear betas, trailing spends half its steps where
+    ``sigma > 0.96`` and the input is nearly pure noise; "sigma" calls the model once there, then at the noise
+    levels where the image takes shape (10 steps: 999, 391, 301, ..., 33, 0). ValueError when it would repeat a
+    training step (above about 200 steps of 1000).
     """
 
     steps: int = 20
@@ -120,6 +128,7 @@ class DDIMSampler(StepSampler):
     beta_start: float = 1e-4
     beta_end: float = 0.02
     prediction: str = "eps"
+    timestep_spacing: str = "trailing"
 
     def __post_init__(self) -> None:
         check_int(self.num_train_steps, "num_train_steps", 1)
@@ -127,8 +136,14 @@ class DDIMSampler(StepSampler):
         check_int(self.steps, "steps", 1, self.num_train_steps)
         if self.prediction not in ("eps", "x0"):
             raise ValueError(f"DDIMSampler prediction {self.prediction!r}; expected 'eps' or 'x0'")
+        if self.timestep_spacing not in TIMESTEP_SPACINGS:
+            raise ValueError(f"timestep_spacing {self.timestep_spacing!r}; expected one of {TIMESTEP_SPACINGS}")
         self._sigma, self._alpha = self.schedule()
         self._ts = self.timesteps().tolist()
+        if len(set(self._ts)) < self.steps:
+            raise ValueError(f"timestep_spacing {self.timestep_spacing!r} with steps={self.steps} repeats training "
+                             f"steps ({len(set(self._ts))} distinct of {self.num_train_steps}); use fewer steps or "
+                             f"timestep_spacing 'trailing'")
 
     def schedule(self) -> tuple[Tensor, Tensor]:
         """(sigma, alpha) per training step, with sigma² + alpha² = 1 (alpha = sqrt(alphas_cumprod))."""
@@ -137,7 +152,12 @@ class DDIMSampler(StepSampler):
         return (1 - acp).sqrt(), acp.sqrt()
 
     def timesteps(self) -> Tensor:
+        """The model's timestep at each step, ``[steps]`` int64, from 999 down (``timestep_spacing``)."""
         n = self.num_train_steps
+        if self.timestep_spacing == "sigma":
+            sigma = self.schedule()[0]
+            levels = torch.linspace(float(sigma[-1]), float(sigma[0]), self.steps, dtype=torch.float64)
+            return (sigma[None, :] - levels[:, None]).abs().argmin(dim=1)
         return torch.arange(n - 1, -1, -n / self.steps).clamp(0, n - 1).round().long()
 
     def timestep(self, i: int, n: int = 1) -> Tensor:
@@ -184,10 +204,15 @@ class FlowEulerSampler(StepSampler):
 PREDICTIONS = ("eps", "x0", "flow")
 
 
-def make_sampler(prediction: str, steps: int, shift: float = 3.0) -> DDIMSampler | FlowEulerSampler:
-    """The sampler for a model's prediction type; ValueError for a bad type, ``steps`` or ``shift``."""
+def make_sampler(prediction: str, steps: int, shift: float = 3.0,
+                 timestep_spacing: str = "trailing") -> DDIMSampler | FlowEulerSampler:
+    """The sampler for a model's prediction type; ValueError for a bad type, ``steps``, ``shift`` or
+    ``timestep_spacing`` (a DDIM setting: the flow sampler takes only "trailing", its own spacing)."""
     if prediction in ("eps", "x0"):
-        return DDIMSampler(steps=steps, prediction=prediction)
+        return DDIMSampler(steps=steps, prediction=prediction, timestep_spacing=timestep_spacing)
     if prediction == "flow":
+        if timestep_spacing != "trailing":
+            raise ValueError(f"timestep_spacing {timestep_spacing!r} is a DDIM setting; the flow sampler spaces "
+                             f"its steps by its shift (use 'trailing')")
         return FlowEulerSampler(steps=steps, shift=shift)
     raise ValueError(f"unknown prediction type {prediction!r}; expected one of {PREDICTIONS}")

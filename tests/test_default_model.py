@@ -243,9 +243,9 @@ def test_a_latent_cache_takes_the_word_encoders_text_states():
 F2, K = 2, 5
 
 
-def _pixel_model(gate: bool = True, smooth: int = 0):
+def _pixel_model(gate: bool = True, smooth: int = 0, keys: int = 0):
     cfg = get_config("ace-tiny", in_channels=3 * F2 * F2, codec_factor=F2, y_channels=Y, prediction="x0",
-                     source_skip=True, source_gate=gate, pixel_head=K, pixel_smooth=smooth)
+                     source_skip=True, source_gate=gate, pixel_head=K, pixel_smooth=smooth, pixel_keys=keys)
     return build_model(cfg)
 
 
@@ -499,3 +499,77 @@ def test_text_refiner_gradients_flops_and_settings():
     for bad in (-1, 1.5, "2", None, True):
         with pytest.raises(ValueError, match=f"text_refiner must be an integer >= 0 \\(layers; 0 = off\\), got {bad!r}"):
             get_config("ace-tiny", text_refiner=bad)
+
+
+# the key colours of the per-pixel head (cfg.pixel_keys): per-token colours matched against each source pixel
+Q = 2
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
+def test_key_head_matches_a_per_pixel_loop(dtype, tol):
+    """Reference: one pixel at a time, each key's match ``1 / (1 + |source - key|^2 / w)`` written out, then
+    [features, smooth, matches, source RGB, noisy RGB] -> MLP -> gated change. Odd grids, a sample with no source
+    (its source is zeros). The smooth features come from the smooth head's reference, checked above."""
+    model = randomise(_pixel_model(smooth=S, keys=Q), seed=11, std=0.2)
+    # key 0 of every token: one source pixel's colour (so some pixels match it exactly); key 1 stays random
+    first = pack(_pixel_samples(7), P, with_mask=True)
+    pixel = first.tokens[first.source_index.max(), :3 * F2 * F2 * P * P].view(3, -1)[:, 5]
+    rows = slice(F2 * F2 * P * P * K + S, F2 * F2 * P * P * K + S + 3)
+    with torch.no_grad():
+        model.final_layer.linear.weight[rows] = 0
+        model.final_layer.linear.bias[rows] = pixel
+    model = model.to(dtype).eval()
+    batch, xf, out, feat = _head_inputs_and_output(model, 7, dtype)
+    c = xf.shape[1]
+    n_pix = c // 3
+    smooth = []
+    for (h, w), a, b in zip(batch.target_sizes, batch.cu_seqlens_target()[:-1], batch.cu_seqlens_target()[1:]):
+        grid = feat[a:b, n_pix * K:n_pix * K + S].T.reshape(1, S, h // P, w // P)
+        smooth.append(pack_pixels(F.interpolate(grid, scale_factor=F2 * P, mode="bilinear", align_corners=False)[0]))
+    smooth = torch.cat(smooth).view(-1, S, n_pix)
+    ph = {k: v.float() for k, v in model.pixel_head.state_dict().items()}
+    width = model.pixel_head.KEY_WIDTH
+    idx = batch.source_index
+    ref = torch.empty_like(out)
+    matches = []
+    for r in range(out.shape[0]):
+        src = batch.tokens[idx[r], :c].float() if idx[r] >= 0 else torch.zeros(c)
+        keys = feat[r, n_pix * K + S:]
+        for j in range(n_pix):
+            pixel = src[j::n_pix]
+            match = torch.stack([1 / (1 + ((pixel - keys[3 * q:3 * q + 3]) ** 2).sum() / width) for q in range(Q)])
+            matches.append(match)
+            v = torch.cat([feat[r, j * K:(j + 1) * K], smooth[r, :, j], match, pixel, xf[r, j::n_pix]])
+            o = ph["fc2.weight"] @ F.silu(ph["fc1.weight"] @ v + ph["fc1.bias"]) + ph["fc2.bias"]
+            ref[r, j::n_pix] = pixel + o[:3] * (torch.sigmoid(o[3:]) if idx[r] >= 0 else 1)
+    err = (out - ref).abs().max().item()
+    assert err < tol * max(1.0, ref.abs().max().item()), err
+    matches = torch.stack(matches)
+    assert matches[:, 1].max() < 0.5 and matches[:, 0].max() > 0.9 and matches[:, 0].min() < 0.2
+
+
+def test_key_head_gradients_flops_memory_and_settings():
+    from omniace.engine.memory import estimate_memory
+
+    model = randomise(_pixel_model(keys=Q), seed=12, std=0.1)
+    batch = pack(_pixel_samples(8), P, with_mask=True)
+    x = torch.randn(batch.target_index.numel(), 3 * F2 * F2 * P * P)
+    model(batch, x, torch.tensor([1, 2, 3, 4])).pow(2).sum().backward()
+    n_pix = F2 * F2 * P * P
+    key_rows = model.final_layer.linear.weight.grad[n_pix * K:]
+    assert key_rows.shape[0] == 3 * Q and key_rows.abs().sum(1).min() > 0
+    assert model.pixel_head.fc1.in_features == K + Q + 6
+    plain = _pixel_model(True)
+    # the final linear's 3Q more outputs, fc1's Q more inputs, each key's distance and match (12 FLOPs)
+    more = 2 * 12 * model.cfg.hidden_size * 3 * Q + 2 * 12 * n_pix * (Q * 2 * K + 6 * Q)
+    assert model.flops([[12]], [[7]]) - plain.flops([[12]], [[7]]) == more
+    grow = estimate_memory(model, 64, 8, 1, 4096).activations - estimate_memory(plain, 64, 8, 1, 4096).activations
+    assert grow == 4096 * 3 * Q * 4
+    with pytest.raises(ValueError, match="pixel_keys feeds the per-pixel head: it needs pixel_head > 0"):
+        get_config("ace-tiny", pixel_keys=4)
+    with pytest.raises(ValueError, match=r"preset 'sd3-tiny-editnet' \(SD3Config\) has no field 'pixel_keys'; its "
+                                         r"fields: family, sample_size"):
+        get_config("sd3-tiny-editnet", pixel_keys=4)
+    for bad in (-1, 2.5, "16", None, True):
+        with pytest.raises(ValueError, match=f"pixel_keys must be an integer >= 0 \\(0 = off\\), got {bad!r}"):
+            get_config("ace-tiny", pixel_keys=bad)

@@ -49,6 +49,10 @@ def no_model_work(pipe, monkeypatch):
     (lambda: FlowEulerSampler(steps=4, shift=math.nan), "shift must be a finite number, got nan"),
     (lambda: FlowEulerSampler(steps=4, shift=0.0), "shift must be a finite number > 0, got 0.0"),
     (lambda: DDIMSampler(prediction="v"), "prediction 'v'"),
+    (lambda: DDIMSampler(timestep_spacing="leading"), r"timestep_spacing 'leading'; expected one of \('trailing', 'sigma'\)"),
+    (lambda: make_sampler("x0", 300, timestep_spacing="sigma"),
+     r"timestep_spacing 'sigma' with steps=300 repeats training steps \(299 distinct of 1000\); use fewer steps"),
+    (lambda: make_sampler("flow", 10, timestep_spacing="sigma"), "timestep_spacing 'sigma' is a DDIM setting"),
 ])
 def test_samplers_refuse_bad_arguments(make, message):
     with pytest.raises(ValueError, match=message):
@@ -181,8 +185,10 @@ def test_mask_of_another_aspect_ratio_is_refused(no_model_work):
                            masks=[None, Image.new("L", (50, 32))])
     with pytest.raises(ValueError, match="mask is 8x8 but its image is 64x32"):
         mask_to_latent(torch.zeros(8, 8), 8, 16, image_size=(64, 32))
-    with pytest.raises(ValueError, match="2 masks for 1 images"):
+    with pytest.raises(ValueError, match="2 masks for 1 image;"):
         no_model_work.edit(demo_scene(32, 32), "{image} x", masks=[None, None])
+    with pytest.raises(ValueError, match="1 mask for 0 images;"):
+        no_model_work.edit([], "a red circle", masks=Image.new("L", (8, 8)))
 
 
 def test_mask_of_the_same_aspect_ratio_is_resized(pipe):
@@ -365,6 +371,20 @@ def test_numpy_integers_and_the_default_guidance(pipe):
     assert pipe.default_guidance == 4.5 and EditPipeline.pretrained().default_guidance == 1.0
     same = pipe.edit(demo_scene(64, 64), "{image} x", steps=1, seed=3, guidance=4.5)[0]
     assert out.tobytes() == same.tobytes()  # guidance=None is the pipeline's default
+
+
+def test_the_pipelines_timestep_spacing_reaches_its_sampler(pipe):
+    """ACE's trailing spacing by default; the embedded default samples with "sigma" (docs/default_model.md)."""
+    from omniace.engine.pipeline import Turn
+
+    default = EditPipeline.pretrained()
+    for p, spacing in ((pipe, "trailing"), (default, "sigma")):
+        job = p.prepare([], Turn("{image} x", [demo_scene(64, 64)], [None]), None, 10, None, 0.0, 0, "")
+        assert p.timestep_spacing == spacing and job.sampler.timestep_spacing == spacing
+        want = DDIMSampler(steps=10, timestep_spacing=spacing).timesteps()
+        assert torch.equal(torch.cat([job.sampler.timestep(i) for i in range(10)]), want)
+    with pytest.raises(ValueError, match="timestep_spacing 'karras'; expected one of"):
+        EditPipeline(pipe.model, pipe.text_encoder, pipe.codec, timestep_spacing="karras")
 
 
 def test_an_unusable_device_or_config_is_named(tmp_path):

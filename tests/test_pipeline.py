@@ -24,6 +24,20 @@ def test_ddim_schedule_matches_ace():
     assert DDIMSampler(steps=50).timesteps()[-1] == 19
 
 
+@pytest.mark.parametrize("steps", [1, 2, 7, 10, 13, 200])
+def test_sigma_spacing_takes_the_training_steps_nearest_to_evenly_spaced_noise_levels(steps):
+    """Reference: for each level, a scan of all 1000 training steps for the smallest |sigma_t - level|."""
+    s = DDIMSampler(steps=steps, timestep_spacing="sigma")
+    sigma = s.schedule()[0].tolist()
+    levels = [sigma[-1] + (sigma[0] - sigma[-1]) * i / max(steps - 1, 1) for i in range(steps)]
+    want = [min(range(1000), key=lambda t: abs(sigma[t] - level)) for level in levels]
+    got = s.timesteps().tolist()
+    assert got == want and got[0] == 999 and len(set(got)) == steps
+    assert all(a > b for a, b in zip(got, got[1:]))
+    if steps == 10:  # the docstring's example; trailing spends 5 of its 10 steps above t = 499
+        assert got == [999, 391, 301, 239, 189, 145, 106, 68, 33, 0]
+
+
 def test_samplers_are_exact_on_a_perfect_model():
     x0, noise = torch.randn(12, 4), torch.randn(12, 4)
     s = DDIMSampler(steps=10)
@@ -34,6 +48,9 @@ def test_samplers_are_exact_on_a_perfect_model():
     assert torch.allclose(s.sample(eps, xt, 1), x0, atol=1e-5)
     x0_model = DDIMSampler(steps=10, prediction="x0")
     assert torch.allclose(x0_model.sample(lambda x, t: x0, xt, 1), x0, atol=1e-6)
+    for prediction, model in (("x0", lambda x, t: x0), ("eps", eps)):  # any spacing, from its first step's x
+        s = DDIMSampler(steps=10, prediction=prediction, timestep_spacing="sigma")
+        assert torch.allclose(s.sample(model, xt, 1), x0, atol=1e-5)
     with pytest.raises(ValueError, match="unknown prediction type 'v'"):
         make_sampler("v", 10)
     f = FlowEulerSampler(steps=7, shift=3.0)
@@ -154,7 +171,8 @@ def test_memory_estimate_formula():
     assert (on_gpu.weights, on_gpu.activations, on_gpu.codec) == (0, 2 * 128 * 64 * 2 * 16, 6400 * 3072)
     sd3 = estimate_memory(build_model("sd3-tiny-editnet"), 10, 6, 1, 0)
     assert sd3.activations == 2 * 16 * 64 * 4 * 16 + 4 * 16**2 * 8  # two streams: base and EditNet
-    # the embedded default's per-pixel head (k = 16, s = 16 smooth features): + branches x pixels x (5k + 2s + 24) x e
+    # the embedded default's per-pixel head (k = 16, s = 16 smooth features, no keys): + branches x pixels x
+    # (5k + 2s + 3q + 24) x e
     edit = estimate_memory(build_model("ace-edit"), 100, 28, 2, 6400)
     assert edit.activations == 2 * 128 * 192 * 4 * 16 + 4 * 128**2 * 8 + 2 * 6400 * (5 * 16 + 2 * 16 + 24) * 4
 
