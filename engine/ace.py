@@ -167,11 +167,11 @@ class PixelHead(nn.Module):
 
     def forward(self, feat: Tensor, x: Tensor, source: Tensor, has_source: Tensor,
                 neighbors: Tensor | None = None) -> Tensor:
-        """feat ``[L, pixels * features + smooth + 3 * keys]`` (the final linear's output); x, source ``[L, 3 * pixels]``
-        noisy and source target tokens in the token layout (RGB-major, see :func:`omniace.engine.lcu.patchify`);
-        has_source ``[L, 1]`` bool; neighbors ``[L, 9]`` int64 (``PackedLCU.target_neighbors``, read when
-        ``smooth``). Returns the x0 prediction ``[L, 3 * pixels]`` in the token layout. ValueError when
-        ``smooth`` and ``neighbors`` is None."""
+        """feat ``[L, pixels * features + smooth + 3 * keys]`` (the final linear's output); x, source
+        ``[L, 3 * pixels]`` noisy and source target tokens in the token layout (RGB-major, see
+        :func:`omniace.engine.lcu.patchify`); has_source ``[L, 1]`` bool; neighbors ``[L, 9]`` int64
+        (``PackedLCU.target_neighbors``, read when ``smooth``). Returns the x0 prediction ``[L, 3 * pixels]`` in
+        the token layout. ValueError when ``smooth`` and ``neighbors`` is None."""
         n, dtype = feat.shape[0], feat.dtype
         source = source.to(dtype)
         rgb = lambda v: v.view(n, 3, self.pixels).transpose(1, 2)  # token row -> [L, pixels, 3]

@@ -124,8 +124,8 @@ def fit(size: tuple[int, int], multiple: int, mode: str = "resize", max_pixels: 
     if mode == "error":
         if w % multiple or h % multiple:
             raise ValueError(f"{what}: image size {w}x{h} is not a multiple of patch x codec factor = {multiple} "
-                             f"pixels; resize or crop it first, or choose the resize mode 'resize' or 'crop' (resize= in "
-                             f"Python, --resize on the command line)")
+                             f"pixels; resize or crop it first, or choose the resize mode 'resize' or 'crop' "
+                             f"(resize= in Python, --resize on the command line)")
         return Fit(size, size, size, (0, 0, w, h), mode)
     scale = 1.0
     if max_pixels is not None:
