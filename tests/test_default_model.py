@@ -365,6 +365,17 @@ def test_target_neighbors_are_each_target_tokens_3x3_neighbourhood():
     assert row0 == batch.target_index.numel()
 
 
+def _smooth_reference(batch, feat, n_pix: int) -> torch.Tensor:
+    """``[L_tgt, S, n_pix]``: each sample's smooth columns of the final linear's output ``feat`` as a
+    ``[S, gh, gw]`` map, ``F.interpolate`` bilinear (align_corners=False) to pixels in fp32, laid out as the codec
+    lays out pixels (space-to-depth then patchify)."""
+    smooth = []
+    for (h, w), a, b in zip(batch.target_sizes, batch.cu_seqlens_target()[:-1], batch.cu_seqlens_target()[1:]):
+        grid = feat[a:b, n_pix * K:n_pix * K + S].T.reshape(1, S, h // P, w // P)
+        smooth.append(pack_pixels(F.interpolate(grid, scale_factor=F2 * P, mode="bilinear", align_corners=False)[0]))
+    return torch.cat(smooth).view(-1, S, n_pix)
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
 def test_smooth_head_matches_bilinear_interpolate_then_a_per_pixel_loop(dtype, tol):
     """Reference: each sample's smooth columns as a [S, gh, gw] map, ``F.interpolate`` bilinear
@@ -374,13 +385,7 @@ def test_smooth_head_matches_bilinear_interpolate_then_a_per_pixel_loop(dtype, t
     batch, xf, out, feat = _head_inputs_and_output(model, 5, dtype)
     c = xf.shape[1]
     n_pix = c // 3
-    smooth = []
-    for (h, w), a, b in zip(batch.target_sizes, batch.cu_seqlens_target()[:-1], batch.cu_seqlens_target()[1:]):
-        grid = feat[a:b, n_pix * K:].T.reshape(1, S, h // P, w // P)
-        up = F.interpolate(grid, scale_factor=F2 * P, mode="bilinear", align_corners=False)[0]
-        # the codec's layout: space-to-depth then patchify, as the image's own pixels
-        smooth.append(pack_pixels(up))
-    smooth = torch.cat(smooth).view(-1, S, n_pix)
+    smooth = _smooth_reference(batch, feat, n_pix)
     ph = {k: v.float() for k, v in model.pixel_head.state_dict().items()}
     idx = batch.source_index
     ref = torch.empty_like(out)
@@ -404,15 +409,21 @@ def pack_pixels(image: torch.Tensor) -> torch.Tensor:
     return patchify(F.pixel_unshuffle(image[None], F2)[0], P)
 
 
+def _backward_to_extra_rows(model, samples_seed: int):
+    """A backward through ``model`` on the pixel samples; returns (batch, x, the gradient of the final linear's
+    rows past the per-pixel features: the smooth features' and key colours')."""
+    batch = pack(_pixel_samples(samples_seed), P, with_mask=True)
+    x = torch.randn(batch.target_index.numel(), 3 * F2 * F2 * P * P)
+    model(batch, x, torch.tensor([1, 2, 3, 4])).pow(2).sum().backward()
+    return batch, x, model.final_layer.linear.weight.grad[F2 * F2 * P * P * K:]
+
+
 def test_smooth_head_gradients_flops_memory_and_settings():
     from omniace.engine.memory import estimate_memory
 
     model = randomise(_pixel_model(smooth=S), seed=10, std=0.1)
-    batch = pack(_pixel_samples(6), P, with_mask=True)
-    x = torch.randn(batch.target_index.numel(), 3 * F2 * F2 * P * P)
-    model(batch, x, torch.tensor([1, 2, 3, 4])).pow(2).sum().backward()
+    batch, x, smooth_rows = _backward_to_extra_rows(model, 6)
     n_pix = F2 * F2 * P * P
-    smooth_rows = model.final_layer.linear.weight.grad[n_pix * K:]
     assert smooth_rows.shape[0] == S and smooth_rows.abs().sum(1).min() > 0
     plain = _pixel_model(True)
     # the final linear's S more outputs, fc1's S more inputs, the 9-tap upsampling
@@ -522,11 +533,7 @@ def test_key_head_matches_a_per_pixel_loop(dtype, tol):
     batch, xf, out, feat = _head_inputs_and_output(model, 7, dtype)
     c = xf.shape[1]
     n_pix = c // 3
-    smooth = []
-    for (h, w), a, b in zip(batch.target_sizes, batch.cu_seqlens_target()[:-1], batch.cu_seqlens_target()[1:]):
-        grid = feat[a:b, n_pix * K:n_pix * K + S].T.reshape(1, S, h // P, w // P)
-        smooth.append(pack_pixels(F.interpolate(grid, scale_factor=F2 * P, mode="bilinear", align_corners=False)[0]))
-    smooth = torch.cat(smooth).view(-1, S, n_pix)
+    smooth = _smooth_reference(batch, feat, n_pix)
     ph = {k: v.float() for k, v in model.pixel_head.state_dict().items()}
     width = model.pixel_head.KEY_WIDTH
     idx = batch.source_index
@@ -552,11 +559,8 @@ def test_key_head_gradients_flops_memory_and_settings():
     from omniace.engine.memory import estimate_memory
 
     model = randomise(_pixel_model(keys=Q), seed=12, std=0.1)
-    batch = pack(_pixel_samples(8), P, with_mask=True)
-    x = torch.randn(batch.target_index.numel(), 3 * F2 * F2 * P * P)
-    model(batch, x, torch.tensor([1, 2, 3, 4])).pow(2).sum().backward()
+    key_rows = _backward_to_extra_rows(model, 8)[2]
     n_pix = F2 * F2 * P * P
-    key_rows = model.final_layer.linear.weight.grad[n_pix * K:]
     assert key_rows.shape[0] == 3 * Q and key_rows.abs().sum(1).min() > 0
     assert model.pixel_head.fc1.in_features == K + Q + 6
     plain = _pixel_model(True)
