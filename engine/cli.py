@@ -106,18 +106,22 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     from .pipeline import EditPipeline
 
+    from .sampler import make_sampler
+
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {args.out!r} is a file; expected a folder for the demo's table and grid")
+    pipe = EditPipeline.pretrained(args.weights)
+    make_sampler(pipe.cfg.prediction, args.steps, timestep_spacing=pipe.timestep_spacing)  # --steps, before --out
     try:  # before the edits: a folder that cannot be made would otherwise fail only after all of them
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ValueError(f"--out {args.out!r}: cannot make the folder ({err.strerror}); expected a folder for the "
                          f"demo's table and grid") from None
-    pipe = EditPipeline.pretrained(args.weights)
     print(f"omniace demo: {count_parameters(pipe.model):,}-parameter {type(pipe.cfg).__name__[:-6]} model trained "
           f"on the synthetic OmniEdit-style corpus, editing held-out scenes ({args.per_task} per task, "
-          f"{args.steps} DDIM steps, guidance {args.guidance}) on {torch.get_num_threads()} CPU thread(s)")
+          f"{args.steps} DDIM steps at the {pipe.timestep_spacing!r} spacing, guidance {args.guidance}) on "
+          f"{torch.get_num_threads()} CPU thread(s)")
     t0 = time.perf_counter()
     run(pipe, out, per_task=args.per_task, steps=args.steps, guidance=args.guidance, seed=args.seed,
         grid_per_task=min(2, args.per_task), name="demo")

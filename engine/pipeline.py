@@ -149,6 +149,14 @@ def tiny_text_encoder(cfg: ACEConfig | SD3Config) -> TinyTextEncoder | WordTextE
 ImageLike = Image.Image | str | bytes | os.PathLike  # what decode_image reads
 
 
+def tiny_sampling(cfg: ACEConfig | SD3Config) -> dict:
+    """The sampling defaults of a tiny pixel-space trainer export (the embedded default and its kin), as
+    :class:`EditPipeline` keywords: guidance 1.0 (one branch, no CFG) and, for an x0 model, the "sigma" timestep
+    spacing, both chosen for the embedded default on a validation split (docs/default_model.md); eps and flow
+    models keep their samplers' own spacing."""
+    return {"default_guidance": 1.0, "timestep_spacing": "sigma" if cfg.prediction == "x0" else "trailing"}
+
+
 @dataclass
 class Turn:
     instruction: str  # with indicators already renamed to sample-global indices
@@ -301,11 +309,8 @@ class EditPipeline:
         if model.cfg.codec_factor != 4 or text_dim != 32:
             raise ValueError(f"{path}: not a tiny pixel-space model (codec_factor 4, built-in 32-wide text encoder); "
                              f"use EditPipeline(model, text_encoder, codec) for it")
-        # guidance 1.0 (one branch, no CFG) and the "sigma" timestep spacing: chosen for the embedded default (an
-        # x0 model) on a validation split (docs/default_model.md); eps and flow exports keep their samplers' own
-        spacing = "sigma" if model.cfg.prediction == "x0" else "trailing"
         return cls(model, tiny_text_encoder(model.cfg), PixelCodec(model.cfg.codec_factor), device=device,
-                   default_guidance=1.0, dtype=dtype, timestep_spacing=spacing)
+                   dtype=dtype, **tiny_sampling(model.cfg))
 
     @classmethod
     def dry(cls, cfg: ACEConfig | SD3Config, dtype: torch.dtype = torch.float32, **kw) -> "EditPipeline":

@@ -74,7 +74,7 @@ def export_pipeline(folder: Path, *, device: str = "cpu", dtype: torch.dtype = t
     byte-level encoder the tiny presets train with. Raises ValueError when a part the config needs is missing."""
     from .codec import PixelCodec
     from .model import load_model
-    from .pipeline import EditPipeline, tiny_text_encoder
+    from .pipeline import EditPipeline, tiny_sampling, tiny_text_encoder
     from .text import T5TextEncoder
 
     model = load_model(folder / "model.safetensors")
@@ -94,7 +94,9 @@ def export_pipeline(folder: Path, *, device: str = "cpu", dtype: torch.dtype = t
         text = tiny_text_encoder(cfg)
     else:
         raise ValueError(f"{str(folder)!r}: text width {width} needs its text encoder in text_encoder/ (a T5 folder)")
-    return EditPipeline(model, text, codec, device=device, dtype=dtype)
+    # a tiny pixel-space export samples as EditPipeline.pretrained samples its file
+    tiny = isinstance(codec, PixelCodec) and not (folder / "text_encoder").is_dir()
+    return EditPipeline(model, text, codec, device=device, dtype=dtype, **(tiny_sampling(cfg) if tiny else {}))
 
 
 def _check_scheduler(folder: Path) -> None:

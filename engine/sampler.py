@@ -120,7 +120,7 @@ class DDIMSampler(StepSampler):
     evenly spaced from ``sigma_999`` to ``sigma_0``. With linear betas, trailing spends half its steps where
     ``sigma > 0.96`` and the input is nearly pure noise; "sigma" calls the model once there, then at the noise
     levels where the image takes shape (10 steps: 999, 391, 301, ..., 33, 0). ValueError when it would repeat a
-    training step (above about 200 steps of 1000).
+    training step (above 271 steps of 1000: :meth:`max_distinct_steps`).
     """
 
     steps: int = 20
@@ -142,8 +142,18 @@ class DDIMSampler(StepSampler):
         self._ts = self.timesteps().tolist()
         if len(set(self._ts)) < self.steps:
             raise ValueError(f"timestep_spacing {self.timestep_spacing!r} with steps={self.steps} repeats training "
-                             f"steps ({len(set(self._ts))} distinct of {self.num_train_steps}); use fewer steps or "
-                             f"timestep_spacing 'trailing'")
+                             f"steps ({len(set(self._ts))} distinct of {self.num_train_steps}); use at most "
+                             f"{self.max_distinct_steps()} steps, or the 'trailing' spacing")
+
+    def max_distinct_steps(self) -> int:
+        """The most steps at which this spacing gives distinct training steps (a bisection: for "sigma" on
+        ACE's schedule, 271; for "trailing", ``num_train_steps``)."""
+        lo, hi = 1, self.num_train_steps
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            distinct = len(set(self._spaced(mid).tolist())) == mid
+            lo, hi = (mid, hi) if distinct else (lo, mid - 1)
+        return lo
 
     def schedule(self) -> tuple[Tensor, Tensor]:
         """(sigma, alpha) per training step, with sigma² + alpha² = 1 (alpha = sqrt(alphas_cumprod))."""
@@ -153,12 +163,16 @@ class DDIMSampler(StepSampler):
 
     def timesteps(self) -> Tensor:
         """The model's timestep at each step, ``[steps]`` int64, from 999 down (``timestep_spacing``)."""
+        return self._spaced(self.steps)
+
+    def _spaced(self, steps: int) -> Tensor:
         n = self.num_train_steps
         if self.timestep_spacing == "sigma":
             sigma = self.schedule()[0]
-            levels = torch.linspace(float(sigma[-1]), float(sigma[0]), self.steps, dtype=torch.float64)
+            levels = torch.linspace(float(sigma[-1]), float(sigma[0]), steps, dtype=torch.float64)
             return (sigma[None, :] - levels[:, None]).abs().argmin(dim=1)
-        return torch.arange(n - 1, -1, -n / self.steps).clamp(0, n - 1).round().long()
+        # [:steps]: a float step can leave one more element, just above -1, for 62 step counts (61, 103, ...)
+        return torch.arange(n - 1, -1, -n / steps)[:steps].clamp(0, n - 1).round().long()
 
     def timestep(self, i: int, n: int = 1) -> Tensor:
         """The model's timestep at step ``i`` for ``n`` samples: ``[n]`` int64 (CPU)."""

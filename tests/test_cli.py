@@ -160,7 +160,26 @@ def test_info_and_demo_refusals(tmp_path, capsys):
     # a folder under a file: refused before any edit (it used to fail only after all 60, naming no flag)
     code, out, err = run(["demo", "--out", str(tmp_path / "file" / "sub")], capsys)
     assert_user_error(code, err, f"--out '{tmp_path / 'file' / 'sub'}': cannot make the folder (Not a directory)")
-    assert "omniace demo:" not in out  # no model was loaded, no edit ran
+    assert "omniace demo:" not in out  # no edit ran
+    # a step count the default's sampler refuses: refused before --out is made (no empty folder left behind)
+    code, out, err = run(["demo", "--steps", "300", "--out", str(tmp_path / "never")], capsys)
+    assert_user_error(code, err, "steps=300 repeats training steps (299 distinct of 1000); use at most 271 steps")
+    assert not (tmp_path / "never").exists() and "omniace demo:" not in out
+
+
+def test_a_trainer_folder_samples_as_its_model_file_does(tmp_path):
+    """``--weights folder`` and ``--weights folder/model.safetensors`` of a tiny pixel export: the same guidance
+    and timestep spacing (the folder loader used to fall back to ACE's 4.5 and trailing)."""
+    import shutil
+
+    from omniace.engine.pipeline import DEFAULT_WEIGHTS, EditPipeline
+
+    (tmp_path / "run").mkdir()
+    shutil.copy(DEFAULT_WEIGHTS, tmp_path / "run" / "model.safetensors")
+    by_file = EditPipeline.pretrained(tmp_path / "run" / "model.safetensors")
+    by_folder = EditPipeline.from_pretrained(tmp_path / "run")
+    for p in (by_file, by_folder):
+        assert (p.default_guidance, p.timestep_spacing) == (1.0, "sigma")
 
 
 def test_convert_checks_its_paths_and_files(tmp_path, capsys):

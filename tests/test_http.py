@@ -122,7 +122,8 @@ def test_overload_gets_429_with_retry_after(live):
     deadline = time.time() + 60
     while not full and time.time() < deadline:  # long requests fill the token budget (16), then the queue (3)
         try:
-            futures.append(server.submit(demo_scene(64, 64), "{image} x", steps=500, guidance=1.5))
+            # 250 steps: long, and within the default's "sigma" spacing (at most 271)
+            futures.append(server.submit(demo_scene(64, 64), "{image} x", steps=250, guidance=1.5))
         except ServerOverloaded:
             st = server.stats()["server"]
             full = st["active"] == 16 and st["queued"] == 3

@@ -51,7 +51,8 @@ def no_model_work(pipe, monkeypatch):
     (lambda: DDIMSampler(prediction="v"), "prediction 'v'"),
     (lambda: DDIMSampler(timestep_spacing="leading"), r"timestep_spacing 'leading'; expected one of \('trailing', 'sigma'\)"),
     (lambda: make_sampler("x0", 300, timestep_spacing="sigma"),
-     r"timestep_spacing 'sigma' with steps=300 repeats training steps \(299 distinct of 1000\); use fewer steps"),
+     r"timestep_spacing 'sigma' with steps=300 repeats training steps \(299 distinct of 1000\); use at most 271 "
+     r"steps, or the 'trailing' spacing"),
     (lambda: make_sampler("flow", 10, timestep_spacing="sigma"), "timestep_spacing 'sigma' is a DDIM setting"),
 ])
 def test_samplers_refuse_bad_arguments(make, message):

@@ -38,6 +38,24 @@ def test_sigma_spacing_takes_the_training_steps_nearest_to_evenly_spaced_noise_l
         assert got == [999, 391, 301, 239, 189, 145, 106, 68, 33, 0]
 
 
+def test_every_step_count_gives_that_many_distinct_timesteps_up_to_the_spacings_limit():
+    """Trailing: exactly ``steps`` timesteps for every count (a float arange left one more, for 62 counts, so the
+    last update stopped short of sigma 0). "sigma": distinct up to ``max_distinct_steps`` (271), refused above."""
+    for n in range(1, 1001):
+        ts = DDIMSampler(steps=n).timesteps().tolist()
+        assert len(ts) == n and len(set(ts)) == n and ts[0] == 999, n
+    assert DDIMSampler(timestep_spacing="sigma").max_distinct_steps() == 271
+    for n in range(1, 300):
+        if n <= 271:
+            assert len(set(DDIMSampler(steps=n, timestep_spacing="sigma").timesteps().tolist())) == n
+        else:
+            with pytest.raises(ValueError, match=f"steps={n} repeats training steps"):
+                DDIMSampler(steps=n, timestep_spacing="sigma")
+    x0 = torch.randn(5, 3)  # with 61 steps (one of the 62) the last update now reaches x0 exactly
+    assert torch.allclose(DDIMSampler(steps=61, prediction="x0").sample(lambda x, t: x0, torch.randn(5, 3), 1), x0,
+                          atol=1e-6)
+
+
 def test_samplers_are_exact_on_a_perfect_model():
     x0, noise = torch.randn(12, 4), torch.randn(12, 4)
     s = DDIMSampler(steps=10)
