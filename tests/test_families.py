@@ -228,6 +228,7 @@ def test_eval_runs_every_family_on_a_tiny_pipeline_and_feeds_chains_turn_by_turn
     rows = ["text_to_image", "controllable_generation", "reference_guided", "multi_turn@1", "multi_turn@2",
             "multi_turn@3"]
     assert list(result.per_task) == rows and all(m.n == 1 for m in result.per_task.values())
+    assert result.settings["timestep_spacing"] == "trailing"  # the tiny pipeline's; demo.json records it too
     assert [s.turn for s in samples] == [0, 0, 0, 1, 2, 3] and samples[0].source is None
     assert all(o.size == s.target.size for o, s in zip(outputs, samples))
 

@@ -212,8 +212,8 @@ def evaluate(pipe, samples: list[EvalSample], steps: int = 20, guidance: float =
         per_task.setdefault(s.task, []).append((np.abs(o - tgt).mean(), ((o - tgt) ** 2).mean(), judged,
                                                 np.abs(c - tgt).mean(), ((c - tgt) ** 2).mean(), copied))
     every = [r for rows in per_task.values() for r in rows]
-    settings = {"samples": len(samples), "steps": steps, "guidance": guidance, "seed": seed,
-                "seconds": round(time.perf_counter() - t0, 2)}
+    settings = {"samples": len(samples), "steps": steps, "timestep_spacing": pipe.timestep_spacing,
+                "guidance": guidance, "seed": seed, "seconds": round(time.perf_counter() - t0, 2)}
     result = EvalResult({k: _metrics(v) for k, v in per_task.items()}, _metrics(every), settings)
     return result, outputs
 
