@@ -106,13 +106,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     from .pipeline import EditPipeline
 
-    from .sampler import make_sampler
-
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {args.out!r} is a file; expected a folder for the demo's table and grid")
     pipe = EditPipeline.pretrained(args.weights)
-    make_sampler(pipe.cfg.prediction, args.steps, timestep_spacing=pipe.timestep_spacing)  # --steps, before --out
+    pipe.sampler(args.steps)  # refuses a bad --steps before --out is made
     try:  # before the edits: a folder that cannot be made would otherwise fail only after all of them
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:

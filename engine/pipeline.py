@@ -279,14 +279,14 @@ class EditPipeline:
         if max_pixels is not None:
             self.max_pixels = check_int(max_pixels, "max_pixels", 1)
         self.default_guidance = check_finite(default_guidance, "default_guidance")
-        make_sampler(model.cfg.prediction, 1, timestep_spacing=timestep_spacing)  # refuses a bad spacing now
         self.timestep_spacing = timestep_spacing
+        self.cfg = model.cfg
+        self.sampler(1)  # refuses a bad spacing now
         check_device(device)
         self.model = model.to(device=device, dtype=dtype).eval()
         self.text_encoder = text_encoder
         self.codec = codec
         self.device = device
-        self.cfg = model.cfg
         self.is_ace = isinstance(self.cfg, ACEConfig)
         if codec.factor != self.cfg.codec_factor:
             raise ValueError(f"codec factor {codec.factor} differs from the model's codec_factor {self.cfg.codec_factor}")
@@ -343,6 +343,11 @@ class EditPipeline:
             with torch.no_grad():
                 model.text_position_embeddings.pos.copy_(indicator_table(text))
         return cls(model, text, PixelCodec(cfg.codec_factor), device=device, dtype=dtype)
+
+    def sampler(self, steps: int) -> StepSampler:
+        """This pipeline's sampler over ``steps`` steps (the model's prediction type, ``timestep_spacing``);
+        ValueError for a step count it refuses (:func:`~omniace.engine.sampler.make_sampler`)."""
+        return make_sampler(self.cfg.prediction, steps, timestep_spacing=self.timestep_spacing)
 
     @property
     def multiple(self) -> int:
@@ -453,7 +458,7 @@ class EditPipeline:
         ``guidance=None`` takes ``default_guidance``. Returns an :class:`EditJob` whose samples (one LCU, two
         with CFG) any packed batch can carry.
         """
-        sampler = make_sampler(self.cfg.prediction, steps, timestep_spacing=self.timestep_spacing)
+        sampler = self.sampler(steps)
         guidance = self.default_guidance if guidance is None else guidance
         check_guidance(guidance, rescale)
         seed = check_int(seed, "seed", 0, 2**63 - 1)

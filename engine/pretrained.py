@@ -95,7 +95,7 @@ def export_pipeline(folder: Path, *, device: str = "cpu", dtype: torch.dtype = t
     else:
         raise ValueError(f"{str(folder)!r}: text width {width} needs its text encoder in text_encoder/ (a T5 folder)")
     # a tiny pixel-space export samples as EditPipeline.pretrained samples its file
-    tiny = isinstance(codec, PixelCodec) and not (folder / "text_encoder").is_dir()
+    tiny = isinstance(codec, PixelCodec) and not isinstance(text, T5TextEncoder)
     return EditPipeline(model, text, codec, device=device, dtype=dtype, **(tiny_sampling(cfg) if tiny else {}))
 
 

@@ -168,7 +168,7 @@ class DDIMSampler(StepSampler):
     def _spaced(self, steps: int) -> Tensor:
         n = self.num_train_steps
         if self.timestep_spacing == "sigma":
-            sigma = self.schedule()[0]
+            sigma = self._sigma  # set in __post_init__ before any spacing is computed
             levels = torch.linspace(float(sigma[-1]), float(sigma[0]), steps, dtype=torch.float64)
             return (sigma[None, :] - levels[:, None]).abs().argmin(dim=1)
         # [:steps]: a float step can leave one more element, just above -1, for 62 step counts (61, 103, ...)
