@@ -369,8 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=SIZE, help="WIDTHxHEIGHT for text-to-image")
     p.add_argument("--resize", choices=RESIZE_MODES, default="resize",
                    help="how an image off the model grid or over its pixel budget is fitted: resize it (aspect kept), "
-                        "crop its centre (the rest of the input is kept in the output), or refuse it (error); the "
-                        "output has the input's size")
+                        "crop its centre (the rest of the input is kept in the output), or take it as it is (error: "
+                        "a size off the grid is refused, and one on the grid is not scaled to the budget, only "
+                        "refused past the model's token limit); the output has the input's size")
     p.add_argument("--steps", type=STEPS, default=20,
                    help="sampler steps (default 20; omniace demo's 10 did as well for the embedded default)")
     p.add_argument("--guidance", type=GUIDANCE, default=None,

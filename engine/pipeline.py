@@ -49,15 +49,48 @@ def check_mask_size(mask_size: tuple[int, int], image_size: tuple[int, int], wha
                          f"or of its aspect ratio")
 
 
+def tensor_mask(mask: Tensor, what: str = "mask") -> Image.Image:
+    """A tensor mask as the 8-bit luma image the pipeline reads (255 = edit, 0 = keep).
+
+    ``mask`` is ``[H, W]`` or ``[1, H, W]``: bool (True = edit), or numbers on the 0..255 scale of an image's
+    luma, binarised at > 128 as image masks are. Raises TypeError for another dtype (complex) and ValueError
+    naming ``what`` for another shape, an empty mask, NaN/inf, values outside 0..255, or a numeric mask whose
+    values all lie in [0, 1] with some above 0: read on the 0..255 scale such a mask would select nothing and
+    silently mean "edit everywhere", so it is refused with the fix (``mask * 255`` or ``mask.bool()``).
+    """
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{what} must be a tensor, got {type(mask).__name__}")
+    if mask.dim() == 3 and mask.shape[0] == 1:
+        mask = mask[0]
+    if mask.dim() != 2 or mask.numel() == 0:
+        raise ValueError(f"{what} has shape {tuple(mask.shape)}; expected a non-empty [H, W] (or [1, H, W]) tensor")
+    if mask.dtype == torch.bool:
+        return Image.fromarray((mask.cpu().to(torch.uint8) * 255).numpy())
+    if mask.is_complex():
+        raise TypeError(f"{what} has dtype {mask.dtype}; expected bool or a real number dtype (0..255)")
+    m = mask.detach().cpu().double()
+    if not torch.isfinite(m).all():
+        raise ValueError(f"{what} holds NaN or inf; expected values 0..255 (> 128 = edit)")
+    lo, hi = m.min().item(), m.max().item()
+    if lo < 0 or hi > 255:
+        raise ValueError(f"{what} holds values {lo:g}..{hi:g}; expected 0..255 (> 128 = edit) or a bool tensor")
+    if 0 < hi <= 1:
+        raise ValueError(f"{what} holds values {lo:g}..{hi:g}, which on the 0..255 scale of masks (> 128 = edit) "
+                         f"select nothing; pass (mask * 255) or mask.bool() for a 0-1 mask")
+    return Image.fromarray(((m > 128).to(torch.uint8) * 255).numpy())
+
+
 def mask_to_latent(mask: Image.Image | Tensor, h: int, w: int, image_size: tuple[int, int] | None = None,
                    what: str = "mask") -> Tensor:
     """A user mask (white = edit) binarised at > 128 and resized nearest-exact to the latent grid ``[h, w]``.
 
-    ``mask`` is a PIL image (converted to L) or a ``[H, W]`` tensor of 0..255. With ``image_size``
-    (width, height) of its image, a mask of another aspect ratio is refused (:func:`check_mask_size`).
-    A mask with no set pixel becomes all ones (edit everywhere), as in ACE.
+    ``mask`` is a PIL image (converted to L) or a tensor (:func:`tensor_mask`: ``[H, W]`` bool, or 0..255; its
+    errors). With ``image_size`` (width, height) of its image, a mask of another aspect ratio is refused
+    (:func:`check_mask_size`). A mask with no set pixel becomes all ones (edit everywhere), as in ACE.
     """
-    m = torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32)) if isinstance(mask, Image.Image) else mask
+    if isinstance(mask, Tensor):
+        mask = tensor_mask(mask, what)
+    m = torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32))
     if image_size is not None:
         check_mask_size((m.shape[-1], m.shape[-2]), image_size, what)
     m = (m.float().reshape(1, 1, *m.shape[-2:]) > 128).float()
@@ -171,7 +204,8 @@ def turn_inputs(images: ImageLike | Sequence[ImageLike] | None,
 
     Every image (a PIL image, a file path or encoded bytes) goes through :func:`~omniace.engine.imageio.
     decode_image`, as the CLI's and the loader's do: EXIF orientation applied, every mode mapped to 8-bit RGB
-    the documented way. Masks are decoded the same way (then read as luma), or given as ``[H, W]`` tensors.
+    the documented way. Masks are decoded the same way (then read as luma), or given as ``[H, W]`` tensors
+    (bool, or 0..255: :func:`tensor_mask`, checked by :meth:`EditPipeline.prepare`).
     Raises TypeError naming a value of the wrong type, ValueError for more masks than images or an
     undecodable image.
     """
@@ -388,8 +422,12 @@ class EditPipeline:
                     continue
                 if not self.is_ace:
                     raise ValueError("masks are used by the ACE family only")
-                msize = mask.size if isinstance(mask, Image.Image) else (mask.shape[-1], mask.shape[-2])
-                check_mask_size(msize, img.size, f"{where}mask {j} (for image {j})")
+                what = f"{where}mask {j} (for image {j})"
+                if isinstance(mask, Tensor):
+                    mask = tensor_mask(mask, what)
+                elif not isinstance(mask, Image.Image):
+                    raise TypeError(f"{what} must be a PIL image or a tensor, got {type(mask).__name__}")
+                check_mask_size(mask.size, img.size, what)
         if current.images:
             if size is not None:
                 w, h = current.images[0].size
@@ -441,8 +479,8 @@ class EditPipeline:
         images = []
         for img, mask, f in zip(turn.images, turn.masks, fits):
             lat = self.codec.encode(to_tensor(f.image(img)))
-            if isinstance(mask, Tensor):  # binarised as mask_to_latent does, so nearest resampling keeps it
-                mask = Image.fromarray(((mask.float().reshape(mask.shape[-2:]) > 128) * 255).to(torch.uint8).numpy())
+            if isinstance(mask, Tensor):  # binarised first (prepare checked it), so nearest resampling keeps it
+                mask = tensor_mask(mask)
             m = None if mask is None else mask_to_latent(f.mask(mask.convert("L")), *lat.shape[1:])
             images.append(ImageInput(lat, m))
         return ConditionUnit(turn.instruction, images)

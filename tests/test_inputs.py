@@ -203,6 +203,40 @@ def test_mask_of_the_same_aspect_ratio_is_resized(pipe):
     assert mask_to_latent(Image.new("L", (49, 32), 255), 16, 24, image_size=(96, 64)).shape == (16, 24)
 
 
+@pytest.mark.parametrize("mask, error, message", [
+    (torch.zeros(64), ValueError, r"mask 0 \(for image 0\) has shape \(64,\); expected a non-empty \[H, W\]"),
+    (torch.zeros(2, 64, 64), ValueError, r"has shape \(2, 64, 64\); expected"),  # was a raw RuntimeError
+    (torch.zeros(1, 1, 64, 64), ValueError, r"has shape \(1, 1, 64, 64\)"),
+    (torch.zeros(0, 64), ValueError, r"has shape \(0, 64\)"),
+    (torch.ones(64, 64), ValueError, r"values 1..1, which on the 0..255 scale .* pass \(mask \* 255\) or mask.bool\(\)"),
+    (torch.rand(64, 64) * 0.9 + 0.05, ValueError, r"which on the 0..255 scale"),  # a soft 0-1 mask
+    (torch.full((64, 64), 300.0), ValueError, r"values 300..300; expected 0..255"),
+    (torch.full((64, 64), -1, dtype=torch.int32), ValueError, r"values -1..-1; expected 0..255"),
+    (torch.full((64, 64), math.nan), ValueError, "holds NaN or inf"),
+    (torch.zeros(64, 64, dtype=torch.complex64), TypeError, "dtype torch.complex64; expected bool or a real"),
+])
+def test_bad_tensor_masks_are_refused_by_name(no_model_work, mask, error, message):
+    with pytest.raises(error, match=message):
+        no_model_work.edit(demo_scene(64, 64), "{image} x", masks=mask)
+
+
+def test_bool_and_0_255_tensor_masks_match_the_image_mask(pipe):
+    """A bool mask (True = edit) and a 0..255 mask of any real dtype select the same latent cells as the
+    equivalent L image; an all-zero mask is "no mask" (edit everywhere), as an all-black image."""
+    region = torch.zeros(64, 48, dtype=torch.bool)
+    region[10:37, 5:29] = True  # odd bounds: not on the 8-pixel grid
+    image = Image.fromarray(region.to(torch.uint8).numpy() * 255)
+    want = mask_to_latent(image, 8, 6)
+    assert 0 < float(want.mean()) < 1
+    for m in (region, region[None], region.to(torch.uint8) * 255, region.double() * 200, region.half() * 255):
+        assert torch.equal(mask_to_latent(m, 8, 6), want), m.dtype
+    assert torch.equal(mask_to_latent(torch.zeros(64, 48), 8, 6), torch.ones(8, 6))
+    src = demo_scene(48, 64)
+    a = pipe.prepare([], Turn("{image} x", *turn_inputs(src, region)), None, 1, 1.0, 0.5, 0, "")
+    b = pipe.prepare([], Turn("{image} x", *turn_inputs(src, image)), None, 1, 1.0, 0.5, 0, "")
+    assert torch.equal(a.samples[0].target.mask, b.samples[0].target.mask)
+
+
 # item 8: sessions past nine turns ------------------------------------------------------------------
 
 def test_session_keeps_working_past_nine_turns(pipe):
