@@ -150,15 +150,29 @@ class PixelHead(nn.Module):
     adds token and pixel inputs, so "the pixels of the source that are white" (a product of the two) costs it
     many hidden units; the keys give that selection directly, and an edit then follows the object's exact edges.
     A heavy-tailed kernel, not a Gaussian, so a key far from every source colour still gets a gradient.
+
+    ``sigma_data`` > 0 (``cfg.pixel_sigma_data``): each pixel's MLP also reads ``c(t) (x_t - alpha_t source)``, the
+    linear least-squares estimate of its change ``x0 - source`` from its noisy value under a prior of std
+    ``sigma_data``, with ``c(t) = alpha_t sigma_data^2 / (alpha_t^2 sigma_data^2 + sigma_t^2)`` on the DDPM schedule
+    (EDM's c_skip, Karras et al. 2022, variance-preserving, the source as the prior mean). Without it the MLP must
+    multiply its noisy value by a function of t to denoise it, which a sum of inputs cannot do, and the model
+    redrew even a clean target (t = 0) as a soft blob: a swapped square came out round.
     """
 
     KEY_WIDTH = 0.05  # squared distance (pixels in [-1, 1]) at which a key's match is 1/2
 
     def __init__(self, features: int, pixels: int, gated: bool, smooth: int = 0, codec_factor: int = 1,
-                 patch: int = 1, keys: int = 0):
+                 patch: int = 1, keys: int = 0, sigma_data: float = 0.0):
         super().__init__()
         self.features, self.pixels, self.gated, self.smooth, self.keys = features, pixels, gated, smooth, keys
-        self.fc1 = nn.Linear(features + smooth + keys + 6, 2 * features)
+        self.sigma_data = sigma_data
+        self.fc1 = nn.Linear(features + smooth + keys + (9 if sigma_data else 6), 2 * features)
+        if sigma_data:  # not in the state dict: they follow from the schedule (the DDIM sampler's, as training's)
+            from .sampler import DDIMSampler
+
+            sigma, alpha = DDIMSampler().schedule()
+            gain = alpha * sigma_data**2 / (alpha.square() * sigma_data**2 + sigma.square())
+            self.register_buffer("wiener", torch.stack([gain, alpha], dim=1).float(), persistent=False)  # [T, 2]
         self.fc2 = nn.Linear(2 * features, 6 if gated else 3)
         if smooth:  # not in the state dict: it follows from the codec's layout
             size = codec_factor * patch
@@ -166,12 +180,13 @@ class PixelHead(nn.Module):
                                  persistent=False)
 
     def forward(self, feat: Tensor, x: Tensor, source: Tensor, has_source: Tensor,
-                neighbors: Tensor | None = None) -> Tensor:
+                neighbors: Tensor | None = None, t: Tensor | None = None) -> Tensor:
         """feat ``[L, pixels * features + smooth + 3 * keys]`` (the final linear's output); x, source
         ``[L, 3 * pixels]`` noisy and source target tokens in the token layout (RGB-major, see
         :func:`omniace.engine.lcu.patchify`); has_source ``[L, 1]`` bool; neighbors ``[L, 9]`` int64
-        (``PackedLCU.target_neighbors``, read when ``smooth``). Returns the x0 prediction ``[L, 3 * pixels]`` in
-        the token layout. ValueError when ``smooth`` and ``neighbors`` is None."""
+        (``PackedLCU.target_neighbors``, read when ``smooth``); t ``[L]`` each token's DDPM timestep 0..999 (read
+        when ``sigma_data``). Returns the x0 prediction ``[L, 3 * pixels]`` in the token layout. ValueError when
+        ``smooth`` and ``neighbors`` is None, or ``sigma_data`` and ``t`` is None."""
         n, dtype = feat.shape[0], feat.dtype
         source = source.to(dtype)
         rgb = lambda v: v.view(n, 3, self.pixels).transpose(1, 2)  # token row -> [L, pixels, 3]
@@ -187,6 +202,11 @@ class PixelHead(nn.Module):
             keys = feat[:, per_pixel + self.smooth:].view(n, 1, self.keys, 3)
             dist = (rgb(source).unsqueeze(2) - keys).square().sum(-1)  # [L, pixels, keys]
             parts.append(1 / (1 + dist / self.KEY_WIDTH))
+        if self.sigma_data:
+            if t is None:
+                raise ValueError("pixel_sigma_data reads each target token's timestep: pass t [L_tgt]")
+            gain, alpha = self.wiener.index_select(0, t.long()).to(dtype).unbind(1)  # [L] each
+            parts.append(rgb(gain[:, None] * (x.to(dtype) - alpha[:, None] * source)))
         h = torch.cat([*parts, rgb(source), rgb(x.to(dtype))], dim=-1)
         out = self.fc2(F.silu(self.fc1(h)))
         change = out[..., :3]
@@ -249,7 +269,7 @@ class ACEModel(nn.Module):
             self.final_layer = FinalLayer(d, p, cfg.codec_factor**2 * cfg.pixel_head,
                                           extra=cfg.pixel_smooth + 3 * cfg.pixel_keys)
             self.pixel_head = PixelHead(cfg.pixel_head, pixels, cfg.source_gate, cfg.pixel_smooth,
-                                        cfg.codec_factor, p, cfg.pixel_keys)
+                                        cfg.codec_factor, p, cfg.pixel_keys, cfg.pixel_sigma_data)
         else:
             self.final_layer = FinalLayer(d, p, cfg.out_channels)
         self.text_position_embeddings = TextPositionEmbeddings(cfg.num_indicators, cfg.y_channels)
@@ -328,7 +348,8 @@ class ACEModel(nn.Module):
         source, has_source = self.source_tokens(batch, c_lat)
         if cfg.pixel_head:
             # it casts x and source to out's dtype
-            return self.pixel_head(out, x, source, has_source, batch.target_neighbors)
+            t_tgt = t.index_select(0, seg.index_select(0, tgt)) if cfg.pixel_sigma_data else None
+            return self.pixel_head(out, x, source, has_source, batch.target_neighbors, t_tgt)
         change = tokens_pqc_to_cpq(out, cfg.patch_size, cfg.in_channels)
         if cfg.source_gate:  # the learned-sigma half, (p, p, 2C) -> its last C channels
             gate = tokens_pqc_to_cpq(out.unflatten(-1, (-1, 2 * cfg.in_channels))[..., cfg.in_channels:].flatten(1),
@@ -375,5 +396,6 @@ class ACEModel(nn.Module):
             ph = self.pixel_head
             embed += 2 * n_tgt * ph.pixels * (ph.fc1.in_features * ph.fc1.out_features
                                               + ph.fc2.in_features * ph.fc2.out_features + 9 * ph.smooth
-                                              + 6 * ph.keys)  # per key: distance (8 FLOPs) and kernel (3), ~12
+                                              + 6 * ph.keys  # per key: distance (8 FLOPs) and kernel (3), ~12
+                                              + (6 if ph.sigma_data else 0))  # the Wiener estimate: 2 per channel
         return cfg.depth * per_block + embed

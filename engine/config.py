@@ -1,6 +1,7 @@
 """Model configs (dataclasses) and named presets."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
 
@@ -53,6 +54,12 @@ class ACEConfig:
     # the source's pixels of one colour (the object to recolour or remove) and edit along their exact edges, a
     # product of token and pixel values that the MLP's sum of the two cannot form (``engine.ace.PixelHead``). 0: off
     pixel_keys: int = 0
+    # with pixel_head: > 0 feeds each pixel's MLP the linear least-squares (Wiener) estimate of its change from its
+    # noisy value, ``c(t) (x_t - alpha_t source)`` with ``c = alpha sigma_data^2 / (alpha^2 sigma_data^2 + sigma^2)``
+    # (EDM's c_skip, Karras et al. 2022, in variance-preserving form with the source as the prior mean). At low noise
+    # it is the change itself, so a sharp edge in x_t reaches the output through one linear map instead of a product
+    # of timestep and pixel the MLP cannot form (``engine.ace.PixelHead``). The value is sigma_data; 0: off
+    pixel_sigma_data: float = 0.0
     # transformer layers over each frame's text before the blocks (``engine.ace.TextRefinerLayer``): context for
     # a text encoder that gives none (the word-level encoder); 0: off (ACE reads T5 states as they are)
     text_refiner: int = 0
@@ -95,6 +102,12 @@ class ACEConfig:
         if self.pixel_smooth and not self.pixel_head:
             raise ValueError(f"pixel_smooth feeds the per-pixel head: it needs pixel_head > 0, got "
                              f"pixel_smooth={self.pixel_smooth}, pixel_head={self.pixel_head}")
+        if isinstance(self.pixel_sigma_data, bool) or not isinstance(self.pixel_sigma_data, (int, float)) or not (
+                math.isfinite(self.pixel_sigma_data) and self.pixel_sigma_data >= 0):
+            raise ValueError(f"pixel_sigma_data must be a finite number >= 0 (0 = off), got {self.pixel_sigma_data!r}")
+        if self.pixel_sigma_data and not self.pixel_head:
+            raise ValueError(f"pixel_sigma_data feeds the per-pixel head: it needs pixel_head > 0, got "
+                             f"pixel_sigma_data={self.pixel_sigma_data}, pixel_head={self.pixel_head}")
         if self.pixel_keys and not self.pixel_head:
             raise ValueError(f"pixel_keys feeds the per-pixel head: it needs pixel_head > 0, got "
                              f"pixel_keys={self.pixel_keys}, pixel_head={self.pixel_head}")

@@ -13,11 +13,12 @@ The estimate (bytes, an upper bound for the reference path; fused attention kern
     + heads x L^2 x 8             the scores and softmax of one segment in fp32: the reference attention (the
                                   CPU's) runs one sample's segment at a time; not counted on CUDA, whose
                                   kernels never hold them
-    + branches x P x (5k + 2s + 3q + 24) x e  a per-pixel head (``cfg.pixel_head`` = k, ``cfg.pixel_smooth`` = s,
-                                  ``cfg.pixel_keys`` = q) over the ``P`` pixels of the largest image: its k
-                                  features, s upsampled ones, q key distances and matches, MLP input, 2k
-                                  hidden, outputs, source and noisy values per pixel; at 1024x1024 this
-                                  outweighs the blocks
+    + branches x P x (5k + 2s + 3q + w + 24) x e  a per-pixel head (``cfg.pixel_head`` = k,
+                                  ``cfg.pixel_smooth`` = s, ``cfg.pixel_keys`` = q; w = 3 with
+                                  ``cfg.pixel_sigma_data``) over the ``P`` pixels of the largest image: its k
+                                  features, s upsampled ones, q key distances and matches, the Wiener estimate,
+                                  MLP input, 2k hidden, outputs, source and noisy values per pixel; at
+                                  1024x1024 this outweighs the blocks
 
 - the codec: ``pixels x 48`` bytes for the pixel codec (fp32 image in and out), ``pixels x 3072`` for a VAE
   (its decoder's widest stage, 128 channels at full resolution, a few tensors alive, fp32).
@@ -75,8 +76,9 @@ def estimate_memory(model: torch.nn.Module, image_tokens: int, text_tokens: int,
     if scores:
         activations += heads * length**2 * 8
     k, smooth, keys = (getattr(cfg, name, 0) for name in ("pixel_head", "pixel_smooth", "pixel_keys"))
+    wiener = 3 if getattr(cfg, "pixel_sigma_data", 0) else 0  # the head's Wiener estimate, one per channel
     if k:
-        activations += branches * pixels * (5 * k + 2 * smooth + 3 * keys + 24) * element_size
+        activations += branches * pixels * (5 * k + 2 * smooth + 3 * keys + wiener + 24) * element_size
     codec = pixels * (VAE_CODEC_BYTES if vae else PIXEL_CODEC_BYTES)
     return MemoryEstimate(weights, activations, codec)
 

@@ -1,5 +1,7 @@
 """The embedded default's model pieces (ace-edit): the gated source skip, the word-level text encoder, and the
 training options tried for it (edit-region and per-task loss weights)."""
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -243,9 +245,10 @@ def test_a_latent_cache_takes_the_word_encoders_text_states():
 F2, K = 2, 5
 
 
-def _pixel_model(gate: bool = True, smooth: int = 0, keys: int = 0):
+def _pixel_model(gate: bool = True, smooth: int = 0, keys: int = 0, sigma_data: float = 0.0):
     cfg = get_config("ace-tiny", in_channels=3 * F2 * F2, codec_factor=F2, y_channels=Y, prediction="x0",
-                     source_skip=True, source_gate=gate, pixel_head=K, pixel_smooth=smooth, pixel_keys=keys)
+                     source_skip=True, source_gate=gate, pixel_head=K, pixel_smooth=smooth, pixel_keys=keys,
+                     pixel_sigma_data=sigma_data)
     return build_model(cfg)
 
 
@@ -577,3 +580,104 @@ def test_key_head_gradients_flops_memory_and_settings():
     for bad in (-1, 2.5, "16", None, True):
         with pytest.raises(ValueError, match=f"pixel_keys must be an integer >= 0 \\(0 = off\\), got {bad!r}"):
             get_config("ace-tiny", pixel_keys=bad)
+
+
+# the Wiener estimate in the per-pixel head (cfg.pixel_sigma_data): c(t) (x_t - alpha_t source) per pixel
+SD = 0.5
+
+
+def _wiener_gain(t: int, sigma_data: float) -> tuple[float, float]:
+    """(c(t), alpha_t) from the DDPM linear betas 1e-4..0.02 written out in float64 (ACE's schedule)."""
+    betas = [1e-4 + (0.02 - 1e-4) * i / 999 for i in range(1000)]
+    acp = 1.0
+    for b in betas[:t + 1]:
+        acp *= 1 - b
+    alpha, sigma2 = acp ** 0.5, 1 - acp
+    return alpha * sigma_data**2 / (alpha**2 * sigma_data**2 + sigma2), alpha
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
+def test_wiener_head_matches_a_per_pixel_loop(dtype, tol):
+    """Reference: one pixel at a time, its sample's timestep (3, 400, 999, 77: each token must read its own
+    sample's), c(t) and alpha_t from the schedule written out, then [features, smooth, c (x - alpha src), source
+    RGB, noisy RGB] -> MLP -> gated change. Odd grids, a sample with no source (its source is zeros)."""
+    model = randomise(_pixel_model(smooth=S, sigma_data=SD), seed=13, std=0.2).to(dtype).eval()
+    batch, xf, out, feat = _head_inputs_and_output(model, 8, dtype)
+    c = xf.shape[1]
+    n_pix = c // 3
+    smooth = _smooth_reference(batch, feat, n_pix)
+    ph = {k: v.float() for k, v in model.pixel_head.state_dict().items()}
+    idx, sample = batch.source_index, batch.sample_of_token[batch.target_index]
+    ts = [3, 400, 999, 77]
+    ref = torch.empty_like(out)
+    for r in range(out.shape[0]):
+        gain, alpha = _wiener_gain(ts[sample[r]], SD)
+        src = batch.tokens[idx[r], :c].float() if idx[r] >= 0 else torch.zeros(c)
+        for j in range(n_pix):
+            pixel, noisy = src[j::n_pix], xf[r, j::n_pix]
+            v = torch.cat([feat[r, j * K:(j + 1) * K], smooth[r, :, j], gain * (noisy - alpha * pixel), pixel, noisy])
+            o = ph["fc2.weight"] @ F.silu(ph["fc1.weight"] @ v + ph["fc1.bias"]) + ph["fc2.bias"]
+            ref[r, j::n_pix] = pixel + o[:3] * (torch.sigmoid(o[3:]) if idx[r] >= 0 else 1)
+    err = (out - ref).abs().max().item()
+    assert err < tol * max(1.0, ref.abs().max().item()), err
+    # the reference can tell: the same weights without the Wiener input's timestep (t = 999 everywhere) differ
+    plain = model.pixel_head.wiener[999].float()
+    assert (model.pixel_head.wiener[3].float() - plain).abs().min() > 0.9
+
+
+def test_wiener_head_can_return_its_noisy_input_at_low_noise():
+    """Why the input exists: with fc1/fc2 set to pass the Wiener channels through (silu(z) - silu(-z) = z) and
+    the gate saturated, the head returns source + c(t) (x - alpha source), which is x at t = 0 (c, alpha ~ 1): a
+    clean target survives the head exactly, with no product of timestep and pixel for the MLP to learn. At t =
+    999 the same weights return the source (c ~ 0.002)."""
+    model = _pixel_model(sigma_data=SD).eval()
+    ph = model.pixel_head
+    with torch.no_grad():
+        for lin in (ph.fc1, ph.fc2):
+            lin.weight.zero_()
+            lin.bias.zero_()
+        for ch in range(3):  # hidden 2ch, 2ch+1 = +-(Wiener channel ch), which sits after the K features
+            ph.fc1.weight[2 * ch, K + ch] = 1.0
+            ph.fc1.weight[2 * ch + 1, K + ch] = -1.0
+            ph.fc2.weight[ch, 2 * ch] = 1.0
+            ph.fc2.weight[ch, 2 * ch + 1] = -1.0
+        ph.fc2.bias[3:] = 40.0  # sigmoid(40) = 1 in fp32
+    batch = pack(_pixel_samples(9), P, with_mask=True)
+    x = torch.rand(batch.target_index.numel(), 3 * F2 * F2 * P * P) * 2 - 1
+    src, has = model.source_tokens(batch, x.shape[1])
+    for t, want in ((0, x), (999, None)):
+        with torch.no_grad():
+            out = model(batch, x, torch.full((batch.num_samples,), t))
+        gain, alpha = _wiener_gain(t, SD)
+        assert torch.allclose(out, src + gain * (x - alpha * src), atol=1e-5)
+        if want is not None:
+            assert (out - want).abs().max() < 2e-3  # c(0) = 0.9996 (sigma_0 = 0.01), alpha_0 = 0.99995; |x - src| <= 2
+    assert (out - src).abs().max() < 0.01
+
+
+def test_wiener_head_gradients_flops_memory_and_settings():
+    from omniace.engine.memory import estimate_memory
+
+    model = randomise(_pixel_model(sigma_data=SD), seed=14, std=0.1)
+    batch = pack(_pixel_samples(3), P, with_mask=True)
+    x = torch.randn(batch.target_index.numel(), 3 * F2 * F2 * P * P, requires_grad=True)
+    model(batch, x, torch.tensor([1, 200, 3, 900])).pow(2).sum().backward()
+    wiener_cols = model.pixel_head.fc1.weight.grad[:, K:K + 3]
+    assert model.pixel_head.fc1.in_features == K + 3 + 6 and wiener_cols.abs().sum(0).min() > 0
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert "wiener" not in model.state_dict()  # it follows from the schedule: old weights files still load
+    plain = _pixel_model(True)
+    n_pix = F2 * F2 * P * P
+    # fc1's 3 more inputs (x 2K hidden), the estimate's multiply-add per channel (6 FLOPs per pixel)
+    assert model.flops([[12]], [[7]]) - plain.flops([[12]], [[7]]) == 2 * 12 * n_pix * (3 * 2 * K + 6)
+    grow = estimate_memory(model, 64, 8, 1, 4096).activations - estimate_memory(plain, 64, 8, 1, 4096).activations
+    assert grow == 4096 * 3 * 4
+    with pytest.raises(ValueError, match="pixel_sigma_data reads each target token's timestep"):
+        model.pixel_head(torch.zeros(2, n_pix * K), torch.zeros(2, 3 * n_pix), torch.zeros(2, 3 * n_pix),
+                         torch.ones(2, 1, dtype=torch.bool))
+    with pytest.raises(ValueError, match="pixel_sigma_data feeds the per-pixel head: it needs pixel_head > 0"):
+        get_config("ace-tiny", pixel_sigma_data=0.5)
+    for bad in (-0.5, float("nan"), float("inf"), "0.5", None, True):
+        with pytest.raises(ValueError, match=f"pixel_sigma_data must be a finite number >= 0 \\(0 = off\\), got "
+                                             f"{re.escape(repr(bad))}"):
+            get_config("ace-edit", pixel_sigma_data=bad)
