@@ -172,7 +172,8 @@ class PixelHead(nn.Module):
 
             sigma, alpha = DDIMSampler().schedule()
             gain = alpha * sigma_data**2 / (alpha.square() * sigma_data**2 + sigma.square())
-            self.register_buffer("wiener", torch.stack([gain, alpha], dim=1).float(), persistent=False)  # [T, 2]
+            table = torch.stack([gain, alpha], dim=1).float().to(torch.get_default_device())  # [T, 2]
+            self.register_buffer("wiener", table, persistent=False)
         self.fc2 = nn.Linear(2 * features, 6 if gated else 3)
         if smooth:  # not in the state dict: it follows from the codec's layout
             size = codec_factor * patch

@@ -157,7 +157,8 @@ class DDIMSampler(StepSampler):
 
     def schedule(self) -> tuple[Tensor, Tensor]:
         """(sigma, alpha) per training step, with sigma² + alpha² = 1 (alpha = sqrt(alphas_cumprod))."""
-        betas = torch.linspace(self.beta_start, self.beta_end, self.num_train_steps, dtype=torch.float32)
+        # on the CPU whatever the default device: a model built under ``torch.device("meta")`` reads it too
+        betas = torch.linspace(self.beta_start, self.beta_end, self.num_train_steps, dtype=torch.float32, device="cpu")
         acp = torch.cumprod(1 - betas.double(), dim=0)
         return (1 - acp).sqrt(), acp.sqrt()
 
@@ -169,10 +170,10 @@ class DDIMSampler(StepSampler):
         n = self.num_train_steps
         if self.timestep_spacing == "sigma":
             sigma = self._sigma  # set in __post_init__ before any spacing is computed
-            levels = torch.linspace(float(sigma[-1]), float(sigma[0]), steps, dtype=torch.float64)
+            levels = torch.linspace(float(sigma[-1]), float(sigma[0]), steps, dtype=torch.float64, device="cpu")
             return (sigma[None, :] - levels[:, None]).abs().argmin(dim=1)
         # [:steps]: a float step can leave one more element, just above -1, for 62 step counts (61, 103, ...)
-        return torch.arange(n - 1, -1, -n / steps)[:steps].clamp(0, n - 1).round().long()
+        return torch.arange(n - 1, -1, -n / steps, device="cpu")[:steps].clamp(0, n - 1).round().long()
 
     def timestep(self, i: int, n: int = 1) -> Tensor:
         """The model's timestep at step ``i`` for ``n`` samples: ``[n]`` int64 (CPU)."""

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from omniace.engine import build_model, get_config
 from omniace.engine.lcu import ConditionUnit, ImageInput, LCUSample, pack
+from omniace.engine.sampler import DDIMSampler
 from omniace.train.objective import Objective, edit_region_weight
 
 from helpers import randomise
@@ -666,6 +667,11 @@ def test_wiener_head_gradients_flops_memory_and_settings():
     assert model.pixel_head.fc1.in_features == K + 3 + 6 and wiener_cols.abs().sum(0).min() > 0
     assert x.grad is not None and x.grad.abs().sum() > 0
     assert "wiener" not in model.state_dict()  # it follows from the schedule: old weights files still load
+    with torch.device("meta"):  # where the checkpoint export and EditPipeline.dry build models (it raised there)
+        on_meta = _pixel_model(sigma_data=SD)
+        sampler = DDIMSampler(steps=10, timestep_spacing="sigma")
+    assert on_meta.pixel_head.wiener.is_meta and on_meta.pixel_head.wiener.shape == (1000, 2)
+    assert sampler.timesteps().tolist() == [999, 391, 301, 239, 189, 145, 106, 68, 33, 0]
     plain = _pixel_model(True)
     n_pix = F2 * F2 * P * P
     # fc1's 3 more inputs (x 2K hidden), the estimate's multiply-add per channel (6 FLOPs per pixel)
