@@ -169,8 +169,7 @@ def _load_pipeline(args: argparse.Namespace, dtype: torch.dtype):
 
 
 def cmd_edit(args: argparse.Namespace) -> None:
-    from .memory import GIB, available_memory, check_memory
-    from .pipeline import DEFAULT_WEIGHTS, EditPipeline, Turn, check_device, check_output_path
+    from .pipeline import Turn, check_device, check_output_path
 
     # every check a user can fail comes before the model is loaded
     weights = Path(args.weights) if args.weights else None
@@ -201,6 +200,25 @@ def cmd_edit(args: argparse.Namespace) -> None:
     images = [decode_image(p, f"--image {p}") for p in args.image]
     masks = [decode_image(p, f"--mask {p}").convert("L") for p in args.mask]
     turn = Turn(args.instruction, images, masks + [None] * (len(images) - len(masks)), args.resize)
+    try:
+        result = _edit(args, weights, untrained, dtype, turn, images, masks)
+    except ValueError as err:  # the pipeline counts images and masks from 0: name the files given
+        raise ValueError(_name_files(str(err), args)) from None
+    try:
+        if missing is not None:
+            missing.mkdir(parents=True, exist_ok=True)
+            print(f"created folder {missing}")
+        result.save(out)
+    except OSError as err:
+        raise OSError(f"--out {str(out)!r}: cannot write it ({err.strerror or err})") from None
+    print(f"wrote {out}")
+
+
+def _edit(args: argparse.Namespace, weights: Path | None, untrained: bool, dtype: torch.dtype, turn,
+          images: list, masks: list):
+    """The memory check (from the sizes, before loading anything big), the pipeline, the edit."""
+    from .memory import GIB, available_memory, check_memory
+    from .pipeline import DEFAULT_WEIGHTS, EditPipeline
     limit = int(args.max_memory * GIB) if args.max_memory is not None else available_memory(args.device)
     where = f"free on {args.device}" if args.max_memory is None else "allowed by --max-memory"
     if weights is not None and (weights.is_dir() or args.text_encoder):
@@ -220,16 +238,15 @@ def cmd_edit(args: argparse.Namespace) -> None:
         else:
             pipe = EditPipeline.pretrained(weights, device=args.device, dtype=dtype, preset=args.preset)
     # guidance None: the pipeline's default (1.0 for the embedded default, validated; ACE's 4.5 otherwise)
-    result = pipe.edit(images or None, args.instruction, masks=masks, steps=args.steps, guidance=args.guidance,
-                       seed=args.seed, size=args.size, truncate=args.truncate, resize=args.resize)[0]
-    try:
-        if missing is not None:
-            missing.mkdir(parents=True, exist_ok=True)
-            print(f"created folder {missing}")
-        result.save(out)
-    except OSError as err:
-        raise OSError(f"--out {str(out)!r}: cannot write it ({err.strerror or err})") from None
-    print(f"wrote {out}")
+    return pipe.edit(images or None, args.instruction, masks=masks, steps=args.steps, guidance=args.guidance,
+                     seed=args.seed, size=args.size, truncate=args.truncate, resize=args.resize)[0]
+
+
+def _name_files(message: str, args: argparse.Namespace) -> str:
+    """``mask 0 (for image 0) ...`` / ``image 1: ...`` as ``--mask m.png (for --image a.png) ...``."""
+    message = re.sub(r"^mask (\d+) \(for image \d+\)",
+                     lambda m: f"--mask {args.mask[int(m[1])]} (for --image {args.image[int(m[1])]})", message)
+    return re.sub(r"^image (\d+):", lambda m: f"--image {args.image[int(m[1])]}:", message)
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -368,7 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae")
     p.add_argument("--size", type=SIZE, help="WIDTHxHEIGHT for text-to-image")
     p.add_argument("--resize", choices=RESIZE_MODES, default="resize",
-                   help="how an image off the model grid or over its pixel budget is fitted: resize it (aspect kept), "
+                   help="how an image off the model grid or over its pixel budget is fitted: resize it (aspect kept to "
+                        "within a grid cell), "
                         "crop its centre (the rest of the input is kept in the output), or take it as it is (error: "
                         "a size off the grid is refused, and one on the grid is not scaled to the budget, only "
                         "refused past the model's token limit); the output has the input's size")

@@ -43,6 +43,8 @@ def check_mask_size(mask_size: tuple[int, int], image_size: tuple[int, int], wha
     """A mask fits its image if it has the same size, or the same aspect ratio within one pixel of
     rounding (it is then resized); otherwise ValueError naming ``what`` and both (width, height) sizes."""
     (mw, mh), (iw, ih) = mask_size, image_size
+    if mw < 1 or mh < 1:
+        raise ValueError(f"{what} is {mw}x{mh}: empty; expected a mask of its image's size ({iw}x{ih})")
     # |mh - mw * ih / iw| <= 1 or |mw - mh * iw / ih| <= 1, in integers
     if abs(mw * ih - mh * iw) > max(iw, ih):
         raise ValueError(f"{what} is {mw}x{mh} but its image is {iw}x{ih}; expected a mask of the image's size "
@@ -60,6 +62,9 @@ def tensor_mask(mask: Tensor, what: str = "mask") -> Image.Image:
     """
     if not isinstance(mask, Tensor):
         raise TypeError(f"{what} must be a tensor, got {type(mask).__name__}")
+    if mask.is_meta or mask.layout != torch.strided:
+        raise TypeError(f"{what} is a {'meta' if mask.is_meta else str(mask.layout)} tensor; expected a dense tensor "
+                        f"with data (mask.to_dense(), or one on the CPU or GPU)")
     if mask.dim() == 3 and mask.shape[0] == 1:
         mask = mask[0]
     if mask.dim() != 2 or mask.numel() == 0:
@@ -90,12 +95,49 @@ def mask_to_latent(mask: Image.Image | Tensor, h: int, w: int, image_size: tuple
     """
     if isinstance(mask, Tensor):
         mask = tensor_mask(mask, what)
-    m = torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32))
     if image_size is not None:
-        check_mask_size((m.shape[-1], m.shape[-2]), image_size, what)
-    m = (m.float().reshape(1, 1, *m.shape[-2:]) > 128).float()
-    m = F.interpolate(m, size=(h, w), mode="nearest-exact")[0, 0]
+        check_mask_size(mask.size, image_size, what)
+    m = _binary_latent(mask, h, w)
     return m if m.any() else torch.ones_like(m)
+
+
+def _binary_latent(mask: Image.Image, h: int, w: int) -> Tensor:
+    """``[h, w]`` float 0/1: the mask's luma > 128, resized nearest-exact."""
+    m = torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32))
+    m = (m.reshape(1, 1, *m.shape[-2:]) > 128).float()
+    return F.interpolate(m, size=(h, w), mode="nearest-exact")[0, 0]
+
+
+def latent_mask(mask: Image.Image | Tensor, image_fit: Fit, codec_factor: int, what: str = "mask") -> Tensor:
+    """A user's mask (white = edit; a PIL image of its image's size or aspect, or a tensor as
+    :func:`tensor_mask`) through its image's fit to the latent grid: ``[grid_h / f, grid_w / f]`` float 0/1.
+
+    Unlike :func:`mask_to_latent` (the training data's masks, where an empty mask means "edit everywhere", as in
+    ACE), a user's mask that marks nothing is refused: a 0/1 PNG, an all-black mask or a mask whose marked
+    pixels fall between the latent cells or in a cropped margin would otherwise edit the whole image silently.
+    Raises ValueError naming ``what``: no pixel above 128 as given, or none left on the latent grid.
+    """
+    given = mask
+    if isinstance(mask, Tensor):
+        mask = tensor_mask(mask, what)
+    luma = mask.convert("L")
+    marked = int((np.asarray(luma) > 128).sum())
+    if not marked:
+        if isinstance(given, Tensor):  # its own values, not the binarised image's
+            top = "False everywhere" if given.dtype == torch.bool else f"{float(given.max()):g}"
+        else:
+            top = int(np.asarray(luma).max(initial=0))
+        hint = " (a 0/1 mask: scale it to 0/255)" if top == 1 else ""
+        raise ValueError(f"{what} marks no pixel: white (luma > 128) marks what to edit, and its largest value is "
+                         f"{top}{hint}; omit the mask to edit the whole image")
+    gw, gh = image_fit.grid
+    m = _binary_latent(image_fit.mask(luma), gh // codec_factor, gw // codec_factor)
+    if not m.any():
+        cropped = " or in the margin the crop removes" if image_fit.cover != image_fit.grid else ""
+        raise ValueError(f"{what} marks {marked} pixel(s), and none is left on the {m.shape[1]}x{m.shape[0]} "
+                         f"latent grid of its fitted image ({gw}x{gh} pixels, {codec_factor} per latent cell): they "
+                         f"fall between the cells{cropped}; mark a larger area")
+    return m
 
 
 def _image_suffixes() -> dict[str, str]:
@@ -218,7 +260,18 @@ def turn_inputs(images: ImageLike | Sequence[ImageLike] | None,
         images = list(images)
     else:
         raise TypeError(f"images must be a PIL image, a path, bytes or a list of them, got {type(images).__name__}")
-    masks = [masks] if isinstance(masks, (*single, Tensor)) else list(masks or [])
+    if isinstance(masks, np.ndarray) or (isinstance(masks, Sequence) and any(isinstance(m, np.ndarray) for m in masks)):
+        raise TypeError("masks must be PIL images, paths, bytes or [H, W] tensors, got a numpy array; pass "
+                        "torch.from_numpy(mask) (bool, or 0..255) or Image.fromarray(mask)")
+    if masks is None:
+        masks = []
+    elif isinstance(masks, (*single, Tensor)):
+        masks = [masks]
+    elif isinstance(masks, Sequence):
+        masks = list(masks)
+    else:
+        raise TypeError(f"masks must be a PIL image, a path, bytes, an [H, W] tensor or a list of them, got "
+                        f"{type(masks).__name__}")
     if len(masks) > len(images):
         raise ValueError(f"{_count(len(masks), 'mask')} for {_count(len(images), 'image')}; expected at most one "
                          f"mask per image")
@@ -423,11 +476,10 @@ class EditPipeline:
                 if not self.is_ace:
                     raise ValueError("masks are used by the ACE family only")
                 what = f"{where}mask {j} (for image {j})"
-                if isinstance(mask, Tensor):
-                    mask = tensor_mask(mask, what)
-                elif not isinstance(mask, Image.Image):
+                if not isinstance(mask, (Tensor, Image.Image)):
                     raise TypeError(f"{what} must be a PIL image or a tensor, got {type(mask).__name__}")
-                check_mask_size(mask.size, img.size, what)
+                check_mask_size((tensor_mask(mask, what) if isinstance(mask, Tensor) else mask).size, img.size, what)
+                latent_mask(mask, fits[-1][-1], self.cfg.codec_factor, what)
         if current.images:
             if size is not None:
                 w, h = current.images[0].size
@@ -449,8 +501,10 @@ class EditPipeline:
         sizes = ", ".join(f"{w}x{h}" for w, h in frames)
         if per_sample > self.max_tokens:
             which = "target and condition images" if len(frames) > 1 else "the target image"  # text-to-image: one
+            fix = ("the resize mode 'resize' or 'crop' (resize= in Python, --resize on the command line), which "
+                   "fits images to the model's pixel budget, ") if any(t.resize == "error" for t in history + [current]) else ""
             raise ValueError(f"this request needs {per_sample} image tokens per sample ({which} {sizes}), over "
-                             f"the pipeline's max_tokens of {self.max_tokens}; use smaller images or build the "
+                             f"the pipeline's max_tokens of {self.max_tokens}; use {fix}smaller images or build the "
                              f"pipeline with a larger max_tokens")
         if budget is not None and branches * per_sample > budget[0]:
             raise ValueError(f"this request needs {branches * per_sample} image tokens per step ({branches} CFG "
@@ -479,10 +533,8 @@ class EditPipeline:
         images = []
         for img, mask, f in zip(turn.images, turn.masks, fits):
             lat = self.codec.encode(to_tensor(f.image(img)))
-            if isinstance(mask, Tensor):  # binarised first (prepare checked it), so nearest resampling keeps it
-                mask = tensor_mask(mask)
-            m = None if mask is None else mask_to_latent(f.mask(mask.convert("L")), *lat.shape[1:])
-            images.append(ImageInput(lat, m))
+            # a tensor is binarised first (prepare checked it), so nearest resampling keeps it
+            images.append(ImageInput(lat, None if mask is None else latent_mask(mask, f, self.cfg.codec_factor)))
         return ConditionUnit(turn.instruction, images)
 
     @torch.no_grad()

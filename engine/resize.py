@@ -122,6 +122,9 @@ def fit(size: tuple[int, int], multiple: int, mode: str = "resize", max_pixels: 
     if w < 1 or h < 1:  # an empty image (PIL allows 0x0): named here, not a ZeroDivisionError below
         raise ValueError(f"{what}: image size {w}x{h} is empty; expected at least {multiple}x{multiple} pixels")
     if mode == "error":
+        if w < multiple or h < multiple:  # no mode can fit it: name the size, not the modes
+            raise ValueError(f"{what}: image size {w}x{h} is too small for the model; expected at least "
+                             f"{multiple} pixels a side (pad it first)")
         if w % multiple or h % multiple:
             raise ValueError(f"{what}: image size {w}x{h} is not a multiple of patch x codec factor = {multiple} "
                              f"pixels; resize or crop it first, or choose the resize mode 'resize' or 'crop' "
@@ -134,9 +137,15 @@ def fit(size: tuple[int, int], multiple: int, mode: str = "resize", max_pixels: 
         scale = min(scale, max_side / max(w, h))
     gw, gh = _floor(w * scale, multiple), _floor(h * scale, multiple)
     if gw < multiple or gh < multiple:
-        bound = f" within {max_pixels} pixels" if scale < 1 else ""
+        if scale < 1:  # over the budget: scaling it down takes its short side under the grid
+            bound = " and ".join(v for v in (max_pixels and f"{max_pixels} pixels", max_side and f"{max_side} a side")
+                                 if v)
+            raise ValueError(f"{what}: image size {w}x{h} is too elongated for the model: scaled to its budget "
+                             f"({bound}) and its {multiple}-pixel grid it is {gw}x{gh}; "
+                             f"expected at least {multiple} pixels a side after fitting (crop it to a less "
+                             f"elongated region first)")
         raise ValueError(f"{what}: image size {w}x{h} is too small for the model: fitted to its {multiple}-pixel "
-                         f"grid{bound} it is {gw}x{gh}; expected at least {multiple} pixels a side after fitting "
+                         f"grid it is {gw}x{gh}; expected at least {multiple} pixels a side after fitting "
                          f"(pad it first)")
     if mode == "resize" or (gw, gh) == (w, h):
         return Fit(size, (gw, gh), (gw, gh), (0, 0, gw, gh), mode)

@@ -4,7 +4,7 @@ Endpoints:
 - ``POST /v1/edit``: multipart form (files ``images``/``masks``, fields ``instruction``, ``steps``,
   ``guidance`` (default: the pipeline's), ``rescale``, ``seed``, ``size`` as ``WIDTHxHEIGHT``, ``negative``,
   ``truncate``, ``resize`` (``resize``, ``crop`` or ``error``: how an image off the model grid is fitted),
-  ``response``) or JSON with base64 ``images``/``masks``. Returns ``image/png``, or JSON
+  ``response``) or JSON with base64 ``images``/``masks`` (a ``null`` mask: none for that image). Returns ``image/png``, or JSON
   ``{"image": <base64 PNG>, ...}`` with ``response=json``. A bad or unknown field gives 422 naming it; a
   full queue 429 with ``Retry-After``; a closed server 503; a client that disconnects has its request
   cancelled (499 in the metrics). Decoding and encoding run off the event loop. No request can take the
@@ -85,9 +85,12 @@ def _bool(form: dict, name: str, default: bool) -> bool:
     raise FieldError(name, f"{raw!r} is not a boolean (true or false)")
 
 
-def _images(blobs: list[bytes], field: str) -> list:
+def _images(blobs: list[bytes | None], field: str) -> list:
     out = []
     for i, b in enumerate(blobs):
+        if b is None:  # a JSON null mask: this image has none
+            out.append(None)
+            continue
         try:
             out.append(decode_image(b, f"{field}[{i}]"))
         except ValueError as err:
@@ -95,15 +98,19 @@ def _images(blobs: list[bytes], field: str) -> list:
     return out
 
 
-def _b64(items: Any, field: str) -> list[bytes]:
+def _b64(items: Any, field: str, nulls: bool = False) -> list[bytes | None]:
+    """Base64 (or data-URL) strings -> bytes; with ``nulls``, a JSON null stays None (masks: none for that image)."""
     if items is None:
         return []
     if isinstance(items, str):
         items = [items]
     if not isinstance(items, list):
         raise FieldError(field, "expected a list of base64 strings")
-    out = []
+    out: list[bytes | None] = []
     for i, s in enumerate(items):
+        if s is None and nulls:
+            out.append(None)
+            continue
         try:
             out.append(base64.b64decode(s.split(",", 1)[-1] if s.startswith("data:") else s, validate=True))
         except (binascii.Error, AttributeError, ValueError):
@@ -113,6 +120,7 @@ def _b64(items: Any, field: str) -> list[bytes]:
 
 _PIPELINE_FIELDS = [(re.compile(r"^(steps|guidance|rescale|seed|size|negative)\b"), None),
                     (re.compile(r"^image (\d+)"), "images[{}]"), (re.compile(r"^mask (\d+)"), "masks[{}]"),
+                    (re.compile(r"^\d+ masks? for"), "masks"),
                     (re.compile(r"instruction"), "instruction"), (re.compile(r"image tokens"), "images")]
 
 
@@ -165,7 +173,7 @@ def create_app(server: EditServer, retry_after_s: int = 1, timeout_s: float = 60
                 raise FieldError("body", "not valid JSON") from None
             if not isinstance(form, dict):
                 raise FieldError("body", "expected a JSON object")
-            return form, _b64(form.get("images"), "images"), _b64(form.get("masks"), "masks")
+            return form, _b64(form.get("images"), "images"), _b64(form.get("masks"), "masks", nulls=True)
         if kind.startswith("multipart/form-data") or kind.startswith("application/x-www-form-urlencoded"):
             try:
                 data = await request.form(max_files=MAX_FILES, max_fields=64, max_part_size=MAX_PART_BYTES)

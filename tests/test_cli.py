@@ -122,7 +122,13 @@ def test_mask_and_instruction_errors_write_nothing(tmp_path, capsys):
     out = tmp_path / "o.png"
     code, _, err = run(["edit", "--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"),
                         "--instruction", "{image} x", "--out", str(out)], capsys)
-    assert_user_error(code, err, "mask 0 (for image 0) is 16x128 but its image is 64x64")
+    # the files given, not the pipeline's indices
+    assert_user_error(code, err, f"--mask {tmp_path / 'mask.png'} (for --image {tmp_path / 'in.png'}) is 16x128 but its "
+                                 f"image is 64x64")
+    Image.new("L", (64, 64), 1).save(tmp_path / "mask01.png")  # a 0/1 PNG: edited the whole image, silently
+    code, _, err = run(["edit", "--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask01.png"),
+                        "--instruction", "{image} x", "--out", str(out)], capsys)
+    assert_user_error(code, err, f"--mask {tmp_path / 'mask01.png'} (for --image {tmp_path / 'in.png'}) marks no pixel")
     # the default's word-level encoder keeps 63 words and EOS: 70 words + "tail" after {image} lose 9
     code, _, err = run(["edit", "--image", str(tmp_path / "in.png"), "--instruction", "{image} " + "y " * 70 + "tail",
                         "--no-truncate", "--out", str(out)], capsys)
@@ -288,7 +294,7 @@ def test_edit_resize_error_keeps_the_strict_message(tmp_path, capsys, no_model):
     Image.new("RGB", (1, 300)).save(tmp_path / "thin.png")
     code, _, err = run(["edit", "--image", str(tmp_path / "thin.png"), "--instruction", "x", "--out",
                         str(tmp_path / "o.png")], capsys)
-    assert_user_error(code, err, "image 0: image size 1x300 is too small for the model")
+    assert_user_error(code, err, f"--image {tmp_path / 'thin.png'}: image size 1x300 is too small for the model")
     code, _, err = run(["edit", "--image", str(tmp_path / "thin.png"), "--instruction", "x", "--resize", "fit"],
                        capsys)
     assert_user_error(code, err, "argument --resize: invalid choice: 'fit'")

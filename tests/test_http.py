@@ -85,6 +85,18 @@ def test_json_with_base64_images_and_text_to_image(live):
             "steps": 1}
     r = httpx.post(f"{url}/v1/edit", json=body, timeout=60)
     assert r.status_code == 200 and r.content[:8] == b"\x89PNG\r\n\x1a\n"
+    # a null mask: none for that image, so a mask can go with a later image only
+    a, b = demo_scene(64, 64, seed=1), demo_scene(64, 64, seed=2)
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (8, 8, 40, 40))
+    body = {"instruction": "{image} add the {image1} object", "steps": 2, "seed": 1,
+            "images": [base64.b64encode(_png(im)).decode() for im in (a, b)],
+            "masks": [None, base64.b64encode(_png(mask)).decode()]}
+    r = httpx.post(f"{url}/v1/edit", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    ref = pipe.edit([a, b], "{image} add the {image1} object", masks=[None, mask], steps=2, seed=1)[0]
+    got = np.asarray(Image.open(io.BytesIO(r.content)), dtype=np.int16)
+    assert np.abs(got - np.asarray(ref, dtype=np.int16)).max() <= 2
 
 
 @pytest.mark.parametrize("body, field, text", [
@@ -239,9 +251,14 @@ def test_an_image_of_any_size_comes_back_at_its_size(live):
     ({"instruction": "x", "size": "60x64", "steps": 1, "resize": "fill"}, "resize"),
     ({"instruction": "x", "size": "64x64", "rescale": 2}, "rescale"),
     ({"instruction": "x", "size": "16000x16000"}, "size"),
+    ({"instruction": "{image} x", "images": "one", "masks": ["black", "black"]}, "masks"),  # 2 masks for 1 image
+    ({"instruction": "{image} x", "images": "one", "masks": ["black"]}, "masks[0]"),  # marks no pixel
 ])
 def test_pipeline_errors_name_their_field(live, body, field):
+    png = lambda im: base64.b64encode(_png(im)).decode()
     if body.get("images") == "one":
-        body = dict(body, images=[base64.b64encode(_png(demo_scene(64, 64))).decode()])
+        body = dict(body, images=[png(demo_scene(64, 64))])
+    if "masks" in body:
+        body = dict(body, masks=[png(Image.new("L", (64, 64), 0)) for _ in body["masks"]])
     r = httpx.post(f"{live[0]}/v1/edit", json=body, timeout=30)
     assert r.status_code == 422 and r.json().get("field") == field, r.text

@@ -12,7 +12,7 @@ from PIL import Image
 
 from omniace.engine.lcu import MAX_INDICATORS
 from omniace.engine.model import build_model, load_model, save_model
-from omniace.engine.pipeline import EditPipeline, EditSession, Turn, mask_to_latent, turn_inputs
+from omniace.engine.pipeline import EditPipeline, EditSession, Turn, latent_mask, mask_to_latent, turn_inputs
 from omniace.engine.sampler import DDIMSampler, FlowEulerSampler, guide, make_sampler
 from omniace.engine.text import TinyTextEncoder, TruncationWarning
 from omniace.engine.weights import convert, load_state_dict_file, save_safetensors
@@ -235,6 +235,49 @@ def test_bool_and_0_255_tensor_masks_match_the_image_mask(pipe):
     a = pipe.prepare([], Turn("{image} x", *turn_inputs(src, region)), None, 1, 1.0, 0.5, 0, "")
     b = pipe.prepare([], Turn("{image} x", *turn_inputs(src, image)), None, 1, 1.0, 0.5, 0, "")
     assert torch.equal(a.samples[0].target.mask, b.samples[0].target.mask)
+
+
+@pytest.mark.parametrize("mask, message", [
+    (Image.new("L", (64, 64), 1), r"mask 0 \(for image 0\) marks no pixel: white \(luma > 128\) marks what to edit, "
+                                  r"and its largest value is 1 \(a 0/1 mask: scale it to 0/255\); omit the mask"),
+    (Image.new("L", (64, 64), 0), r"marks no pixel: .* largest value is 0; omit"),
+    (Image.new("L", (64, 64), 128), r"marks no pixel: .* largest value is 128; omit"),  # the threshold is > 128
+    (torch.full((64, 64), 100.0), r"marks no pixel: .* largest value is 100; omit"),  # a 0..100 percent mask
+    (torch.zeros(64, 64, dtype=torch.bool), r"marks no pixel: .* largest value is False everywhere; omit"),
+    (Image.new("RGBA", (64, 64), (255, 255, 255, 0)).convert("RGB").point(lambda v: 0), r"marks no pixel"),
+])
+def test_a_mask_that_marks_nothing_is_refused(no_model_work, mask, message):
+    """It meant "edit everywhere" (ACE's rule for the training data's empty masks): a user's 0/1 PNG, black mask
+    or percent mask edited the whole image with no word."""
+    with pytest.raises(ValueError, match=message):
+        no_model_work.edit(demo_scene(64, 64), "{image} x", masks=mask)
+
+
+def test_a_mask_lost_on_the_latent_grid_is_refused(no_model_work):
+    """Marked pixels that fall between the latent cells (nearest sampling) or in the margin a crop removes."""
+    thin = Image.new("L", (100, 64), 0)
+    thin.paste(255, (0, 0, 2, 64))  # columns 0-1: cropped away (100 -> 96 wide), and between cells when resized
+    for resize, extra in (("crop", " or in the margin the crop removes"), ("resize", "")):
+        with pytest.raises(ValueError, match=rf"mask 0 \(for image 0\) marks 128 pixel\(s\), and none is left on "
+                                             rf"the \d+x16 latent grid of its fitted image \(\d+x64 pixels, 4 per latent "
+                                             rf"cell\): they fall between the cells{extra}; mark a larger area"):
+            no_model_work.edit(demo_scene(100, 64), "{image} x", masks=thin, resize=resize)
+    dot = Image.new("L", (96, 64), 0)
+    dot.paste(255, (40, 20, 44, 24))  # 4x4 pixels: one whole latent cell survives
+    assert int(latent_mask(dot, no_model_work.fit((96, 64)), 4).sum()) == 1
+
+
+@pytest.mark.parametrize("masks, error, message", [
+    (np.zeros((64, 64), np.uint8), TypeError, r"got a numpy array; pass torch.from_numpy\(mask\)"),  # was "ambiguous"
+    ([None, np.zeros((64, 64), np.uint8)], TypeError, "got a numpy array"),
+    (5, TypeError, "masks must be a PIL image, a path, bytes, an \\[H, W\\] tensor or a list of them, got int"),
+    (Image.new("L", (0, 0)), ValueError, r"mask 0 \(for image 0\) is 0x0: empty"),  # was a raw RuntimeError
+    (torch.empty(64, 64, device="meta"), TypeError, "is a meta tensor; expected a dense tensor"),
+    (torch.ones(64, 64).to_sparse(), TypeError, "is a torch.sparse_coo tensor; expected a dense tensor"),
+])
+def test_masks_of_the_wrong_kind_are_refused_by_name(no_model_work, masks, error, message):
+    with pytest.raises(error, match=message):
+        no_model_work.edit(demo_scene(64, 64), "{image} x", masks=masks)
 
 
 # item 8: sessions past nine turns ------------------------------------------------------------------

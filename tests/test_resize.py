@@ -52,8 +52,16 @@ def test_fit_refusals_name_the_size():
     with pytest.raises(ValueError, match=r"image 0: image size 1x300 is too small for the model: fitted to its "
                                          r"8-pixel grid it is 0x296; expected at least 8 pixels a side"):
         fit((1, 300), 8, "resize", what="image 0")
-    with pytest.raises(ValueError, match=r"image size 20x40000 .* grid within 65536 pixels it is 0x11448"):
+    with pytest.raises(ValueError, match=r"image size 20x40000 is too elongated for the model: scaled to its budget "
+                                         r"\(65536 pixels\) and its 8-pixel grid it is 0x11448; .* \(crop it to a less "
+                                         r"elongated region first\)"):
         fit((20, 40000), 8, "crop", max_pixels=256 * 256)  # 20 px wide, but scaled into the budget
+    with pytest.raises(ValueError, match=r"\(65536 pixels and 512 a side\) .* it is 512x0"):
+        fit((100000, 8), 8, "resize", max_pixels=256 * 256, max_side=512)
+    for small in ((1, 1), (7, 64), (1, 300)):  # 'error' named the resize modes, which refuse these too
+        with pytest.raises(ValueError, match=rf"image size {small[0]}x{small[1]} is too small for the model; "
+                                             r"expected at least 8 pixels a side \(pad it first\)$"):
+            fit(small, 8, "error")
     for empty in ((0, 0), (0, 40), (40, 0)):  # PIL makes such images; was a ZeroDivisionError
         for mode in ("resize", "crop", "error"):
             with pytest.raises(ValueError, match=rf"image 2: image size {empty[0]}x{empty[1]} is empty; expected "
