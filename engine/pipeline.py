@@ -501,8 +501,9 @@ class EditPipeline:
         sizes = ", ".join(f"{w}x{h}" for w, h in frames)
         if per_sample > self.max_tokens:
             which = "target and condition images" if len(frames) > 1 else "the target image"  # text-to-image: one
+            strict = any(t.resize == "error" for t in history + [current])
             fix = ("the resize mode 'resize' or 'crop' (resize= in Python, --resize on the command line), which "
-                   "fits images to the model's pixel budget, ") if any(t.resize == "error" for t in history + [current]) else ""
+                   "fits images to the model's pixel budget, ") if strict else ""
             raise ValueError(f"this request needs {per_sample} image tokens per sample ({which} {sizes}), over "
                              f"the pipeline's max_tokens of {self.max_tokens}; use {fix}smaller images or build the "
                              f"pipeline with a larger max_tokens")

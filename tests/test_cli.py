@@ -123,8 +123,8 @@ def test_mask_and_instruction_errors_write_nothing(tmp_path, capsys):
     code, _, err = run(["edit", "--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"),
                         "--instruction", "{image} x", "--out", str(out)], capsys)
     # the files given, not the pipeline's indices
-    assert_user_error(code, err, f"--mask {tmp_path / 'mask.png'} (for --image {tmp_path / 'in.png'}) is 16x128 but its "
-                                 f"image is 64x64")
+    assert_user_error(code, err, f"--mask {tmp_path / 'mask.png'} (for --image {tmp_path / 'in.png'}) is 16x128 "
+                                 f"but its image is 64x64")
     Image.new("L", (64, 64), 1).save(tmp_path / "mask01.png")  # a 0/1 PNG: edited the whole image, silently
     code, _, err = run(["edit", "--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask01.png"),
                         "--instruction", "{image} x", "--out", str(out)], capsys)

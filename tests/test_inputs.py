@@ -208,7 +208,8 @@ def test_mask_of_the_same_aspect_ratio_is_resized(pipe):
     (torch.zeros(2, 64, 64), ValueError, r"has shape \(2, 64, 64\); expected"),  # was a raw RuntimeError
     (torch.zeros(1, 1, 64, 64), ValueError, r"has shape \(1, 1, 64, 64\)"),
     (torch.zeros(0, 64), ValueError, r"has shape \(0, 64\)"),
-    (torch.ones(64, 64), ValueError, r"values 1..1, which on the 0..255 scale .* pass \(mask \* 255\) or mask.bool\(\)"),
+    (torch.ones(64, 64), ValueError,
+     r"values 1..1, which on the 0..255 scale .* pass \(mask \* 255\) or mask.bool\(\)"),
     (torch.rand(64, 64) * 0.9 + 0.05, ValueError, r"which on the 0..255 scale"),  # a soft 0-1 mask
     (torch.full((64, 64), 300.0), ValueError, r"values 300..300; expected 0..255"),
     (torch.full((64, 64), -1, dtype=torch.int32), ValueError, r"values -1..-1; expected 0..255"),
@@ -259,8 +260,8 @@ def test_a_mask_lost_on_the_latent_grid_is_refused(no_model_work):
     thin.paste(255, (0, 0, 2, 64))  # columns 0-1: cropped away (100 -> 96 wide), and between cells when resized
     for resize, extra in (("crop", " or in the margin the crop removes"), ("resize", "")):
         with pytest.raises(ValueError, match=rf"mask 0 \(for image 0\) marks 128 pixel\(s\), and none is left on "
-                                             rf"the \d+x16 latent grid of its fitted image \(\d+x64 pixels, 4 per latent "
-                                             rf"cell\): they fall between the cells{extra}; mark a larger area"):
+                                             rf"the \d+x16 latent grid of its fitted image \(\d+x64 pixels, 4 per "
+                                             rf"latent cell\): they fall between the cells{extra}; mark a larger area"):
             no_model_work.edit(demo_scene(100, 64), "{image} x", masks=thin, resize=resize)
     dot = Image.new("L", (96, 64), 0)
     dot.paste(255, (40, 20, 44, 24))  # 4x4 pixels: one whole latent cell survives
