@@ -346,3 +346,44 @@ def test_eval_names_a_missing_or_damaged_weights_file_in_one_line(tmp_path, caps
         err = capsys.readouterr().err
         assert e.value.code == 1 and f"error: {path}: {message}" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_from_target_scores_an_oracle_as_the_ground_truth_at_t0_and_noise_at_t999(capsys):
+    """The diagnostic behind docs/default_model.md's from-target table: an oracle x0 model that returns its
+    noised input must score the ground truth at t = 0 (sigma_0 = 0.01: the judge passes every correct target)
+    and the noise at t = 999; an eps model's output is turned into x0 first; bad timesteps and flow pipelines
+    are refused before any work."""
+    import dataclasses
+
+    import torch
+
+    from omniace.engine.pipeline import EditPipeline
+    from omniace.train.eval import from_target, held_out, main as eval_main
+
+    class Oracle(torch.nn.Module):
+        def __init__(self, cfg, eps: bool):
+            super().__init__()
+            self.cfg, self.eps = cfg, eps
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, batch, x, t):  # x0 model: x itself; eps model: zero noise (x0 = x / alpha)
+            return torch.zeros_like(x) if self.eps else x
+
+    pipe = EditPipeline.pretrained()
+    samples = held_out(2, tasks=("object_swap", "inpainting", "text_to_image", "reference_guided", "multi_turn"))
+    x0_sampler = pipe.sampler
+    for eps in (False, True):
+        pipe.model = Oracle(pipe.model.cfg, eps)
+        if eps:  # the same pipeline as an eps model's: its sampler says how to read the output
+            pipe.sampler = lambda steps: dataclasses.replace(x0_sampler(steps), prediction="eps")
+        res = from_target(pipe, samples, [0, 999])
+        assert list(res[0].per_task) == ["object_swap", "inpainting", "text_to_image", "reference_guided"]  # no chains
+        assert res[0].overall.n == 8 and res[0].overall.success == 1.0 and res[0].overall.l1 < 0.01
+        assert res[999].overall.l1 > 0.2 and res[999].overall.success == 0.0
+    with pytest.raises(ValueError, match=r"timestep must be an integer in \[0, 999\], got 1000"):
+        from_target(pipe, samples, [0, 1000])
+    with pytest.raises(ValueError, match="this pipeline samples with FlowEulerSampler, not DDIMSampler"):
+        from_target(EditPipeline.tiny("sd3"), held_out(1, tasks=("object_swap",)), [0])
+    with pytest.raises(SystemExit) as e:
+        eval_main(["--weights", "missing.safetensors", "--from-target", "0,1000"])
+    assert e.value.code == 2 and "1000 is not a DDPM timestep; expected integers in [0, 999]" in capsys.readouterr().err

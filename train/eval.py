@@ -17,7 +17,9 @@ truth of turn k, and the copy columns score the fed image as the output. The SD3
 image per request and no session: :func:`family_tasks` gives the tasks it can run.
 
 ``python -m omniace.train.eval --weights runs/x/model.safetensors --out out/eval`` writes ``eval.json``
-and ``eval_grid.png`` (source | instruction | output | target, one row per sample).
+and ``eval_grid.png`` (source | instruction | output | target, one row per sample). ``--from-target 0,106,999``
+prints instead the model's one-call prediction from its noised ground truth at those timesteps
+(:func:`from_target`): what the model cannot draw even when handed the answer, apart from the sampler.
 """
 from __future__ import annotations
 
@@ -218,6 +220,78 @@ def evaluate(pipe, samples: list[EvalSample], steps: int = 20, guidance: float =
     return result, outputs
 
 
+def from_target(pipe, samples: list[EvalSample], timesteps: list[int], seed: int = 0,
+                batch_size: int = 16) -> dict[int, EvalResult]:
+    """The model's one-call clean prediction from its own noised ground truth, scored as :func:`evaluate` scores.
+
+    For each ``t`` in ``timesteps`` (DDPM steps 0..999) every single request (chains are skipped) gets
+    ``x_t = alpha_t x0 + sigma_t eps`` of its target (eps from ``seed + i``), one model call at ``t`` (guidance
+    1.0), and its x0 estimate decoded as the output. It tells what the model cannot draw from what the sampler's
+    trajectory gets wrong: at ``t = 0`` the input is the answer (sigma_0 = 0.01), so an output that fails the
+    judge there fails whatever the sampler. DDIM pipelines (the ACE family) only; ValueError otherwise, or for a
+    timestep outside 0..999, before any model work.
+    """
+    import torch
+
+    from omniace.engine.lcu import patchify
+    from omniace.engine.pipeline import to_tensor
+    from omniace.engine.sampler import DDIMSampler
+
+    sampler = pipe.sampler(1)
+    if not isinstance(sampler, DDIMSampler):
+        raise ValueError(f"from_target noises targets on the DDPM schedule: this pipeline samples with "
+                         f"{type(sampler).__name__}, not DDIMSampler")
+    for t in timesteps:
+        check_int(t, "timestep", 0, sampler.num_train_steps - 1)
+    check_int(batch_size, "batch_size", 1)
+    _check_samples(pipe, samples)
+    sigma, alpha = sampler.schedule()
+    single = [i for i, s in enumerate(samples) if not s.turn]
+    prefix = "{image} " if pipe.is_ace else ""
+    results = {}
+    for t in timesteps:
+        outputs: dict[int, Image.Image] = {}
+        for start in range(0, len(single), batch_size):
+            chunk = single[start:start + batch_size]
+            jobs, clean = [], []
+            for i in chunk:
+                s = samples[i]
+                if s.source is None:
+                    job = pipe.prepare_edit(None, s.instruction, size=s.target.size, steps=1, guidance=1.0)
+                else:
+                    images = [s.source] + ([s.reference] if s.reference is not None else [])
+                    masks = s.mask if (pipe.is_ace and s.mask is not None) else None
+                    job = pipe.prepare_edit(images, prefix + s.instruction, masks=masks, steps=1, guidance=1.0)
+                jobs.append(job)
+                target = s.target if job.output is None else job.output.image(s.target)
+                x0 = patchify(pipe.codec.encode(to_tensor(target)), pipe.cfg.patch_size)
+                eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed + i))
+                clean.append((x0, float(alpha[t]) * x0 + float(sigma[t]) * eps))
+            x_t = torch.cat([x for _, x in clean]).to(pipe.device)
+            with torch.no_grad():
+                out = pipe.model(pipe.pack([smp for job in jobs for smp in job.samples]), x_t,
+                                 torch.full((len(jobs),), t, dtype=torch.long, device=pipe.device))
+            if sampler.prediction == "eps":
+                out = (x_t - float(sigma[t]) * out) / float(alpha[t])
+            for i, job, part in zip(chunk, jobs, out.split([job.target_tokens for job in jobs])):
+                job.x = part.float()
+                outputs[i] = pipe.finish(job)
+        per_task: dict[str, list] = {}
+        for i in single:
+            s, out = samples[i], outputs[i]
+            copy = s.source if s.source is not None else Image.new("RGB", s.target.size, MID_GREY)
+            o, tgt, c = _pixels(out), _pixels(s.target), _pixels(copy)
+            per_task.setdefault(s.task, []).append((
+                np.abs(o - tgt).mean(), ((o - tgt) ** 2).mean(),
+                score(s.source, out, s.instruction, s.mask, ref_img=s.reference).o_score >= 9,
+                np.abs(c - tgt).mean(), ((c - tgt) ** 2).mean(),
+                score(s.source, copy, s.instruction, s.mask, ref_img=s.reference).o_score >= 9))
+        every = [r for rows in per_task.values() for r in rows]
+        results[t] = EvalResult({k: _metrics(v) for k, v in per_task.items()}, _metrics(every),
+                                {"samples": len(single), "from_target_timestep": t, "seed": seed})
+    return results
+
+
 def _shown_source(s: EvalSample, fed: Image.Image | None) -> Image.Image:
     """The grid's source cell: the image fed in (a condition map, a chain's previous output) with a
     reference image small at its top right, beside it; a blank white cell for text-to-image."""
@@ -302,6 +376,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--grid-per-task", type=int, default=1)
     ap.add_argument("--split-seed", type=int, default=HELD_OUT_SEED,
                     help="generator seed of the split (tune sampling settings on another one, e.g. 20000)")
+    ap.add_argument("--from-target", metavar="T[,T...]", type=_timesteps,
+                    help="instead of sampling: the model's one-call prediction from the noised ground truth at "
+                         "these DDPM timesteps (e.g. 0,106,391,999; from_target), success and L1 per task and t")
     a = ap.parse_args(argv)
     for name in ("per_task", "grid_per_task", "steps"):  # refused before loading anything (exit 2)
         if getattr(a, name) < 1:
@@ -310,7 +387,30 @@ def main(argv: list[str] | None = None) -> None:
         pipe = EditPipeline.pretrained(a.weights)
     except (ValueError, OSError) as err:
         ap.exit(1, f"{ap.prog}: error: {' '.join(str(err).split())}\n")
+    if a.from_target:
+        samples = held_out(a.per_task, seed=a.split_seed, tasks=family_tasks(pipe.is_ace))
+        try:
+            results = from_target(pipe, samples, a.from_target, seed=a.seed)
+        except ValueError as err:
+            ap.exit(1, f"{ap.prog}: error: {err}\n")
+        print("task".ljust(24) + "".join(f"t={t} (success, L1)".rjust(24) for t in a.from_target))
+        for task in results[a.from_target[0]].per_task:
+            print(task.ljust(24) + "".join(f"{results[t].per_task[task].success:8.0%} {results[t].per_task[task].l1:.4f}"
+                                           .rjust(24) for t in a.from_target))
+        return
     run(pipe, a.out, a.per_task, a.steps, a.guidance, a.seed, a.grid_per_task, split_seed=a.split_seed)
+
+
+def _timesteps(text: str) -> list[int]:
+    """``--from-target`` values: comma-separated integers 0..999."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers such as 0,106,391,999") from None
+    bad = [v for v in values if not 0 <= v <= 999]
+    if bad:
+        raise argparse.ArgumentTypeError(f"{bad[0]} is not a DDPM timestep; expected integers in [0, 999]")
+    return values
 
 
 if __name__ == "__main__":
