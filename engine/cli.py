@@ -169,7 +169,7 @@ def _load_pipeline(args: argparse.Namespace, dtype: torch.dtype):
 
 
 def cmd_edit(args: argparse.Namespace) -> None:
-    from .pipeline import Turn, check_device, check_output_path
+    from .pipeline import Turn, check_device, check_mask_alpha, check_output_path
 
     # every check a user can fail comes before the model is loaded
     weights = Path(args.weights) if args.weights else None
@@ -198,6 +198,8 @@ def cmd_edit(args: argparse.Namespace) -> None:
     dtype = DTYPES[args.dtype]
     out, missing = check_output_path(args.out, inputs=args.image + args.mask, force=args.force)
     images = [decode_image(p, f"--image {p}") for p in args.image]
+    for p in args.mask:
+        check_mask_alpha(p, f"--mask {p}")
     masks = [decode_image(p, f"--mask {p}").convert("L") for p in args.mask]
     turn = Turn(args.instruction, images, masks + [None] * (len(images) - len(masks)), args.resize)
     try:

@@ -81,7 +81,7 @@ def tensor_mask(mask: Tensor, what: str = "mask") -> Image.Image:
         raise ValueError(f"{what} holds values {lo:g}..{hi:g}; expected 0..255 (> 128 = edit) or a bool tensor")
     if 0 < hi <= 1:
         raise ValueError(f"{what} holds values {lo:g}..{hi:g}, which on the 0..255 scale of masks (> 128 = edit) "
-                         f"select nothing; pass (mask * 255) or mask.bool() for a 0-1 mask")
+                         f"select nothing; pass mask.bool() or (mask.float() * 255) for a 0-1 mask")
     return Image.fromarray(((m > 128).to(torch.uint8) * 255).numpy())
 
 
@@ -108,6 +108,25 @@ def _binary_latent(mask: Image.Image, h: int, w: int) -> Tensor:
     return F.interpolate(m, size=(h, w), mode="nearest-exact")[0, 0]
 
 
+def check_mask_alpha(src, what: str = "mask") -> None:
+    """A mask's transparency must not change what it marks. Masks are read from their luma with alpha dropped
+    (:mod:`omniace.engine.imageio`), so a white mask whose edit area is marked only by being opaque (white
+    everywhere, transparent around the square) would mark every pixel. ValueError naming ``what`` when the
+    luma and the luma composited over black mark different pixels; masks without transparency pass unread."""
+    from .imageio import decode_image, open_image
+
+    img = open_image(src, what)
+    if "A" not in img.getbands() and "transparency" not in img.info:
+        return
+    rgba = img.convert("RGBA")
+    luma = np.asarray(decode_image(src, what).convert("L"), dtype=np.float32)
+    alpha = np.asarray(rgba.getchannel("A"), dtype=np.float32) / 255
+    if not np.array_equal(luma > 128, luma * alpha > 128):
+        raise ValueError(f"{what} marks its edit area with transparency, which masks ignore (white, luma > 128, "
+                         f"marks what to edit; alpha is dropped); flatten it onto black first, e.g. "
+                         f"Image.alpha_composite(Image.new('RGBA', m.size, 'black'), m).convert('L')")
+
+
 def latent_mask(mask: Image.Image | Tensor, image_fit: Fit, codec_factor: int, what: str = "mask") -> Tensor:
     """A user's mask (white = edit; a PIL image of its image's size or aspect, or a tensor as
     :func:`tensor_mask`) through its image's fit to the latent grid: ``[grid_h / f, grid_w / f]`` float 0/1.
@@ -123,20 +142,24 @@ def latent_mask(mask: Image.Image | Tensor, image_fit: Fit, codec_factor: int, w
     luma = mask.convert("L")
     marked = int((np.asarray(luma) > 128).sum())
     if not marked:
-        if isinstance(given, Tensor):  # its own values, not the binarised image's
-            top = "False everywhere" if given.dtype == torch.bool else f"{float(given.max()):g}"
-        else:
-            top = int(np.asarray(luma).max(initial=0))
-        hint = " (a 0/1 mask: scale it to 0/255)" if top == 1 else ""
+        if isinstance(given, Tensor) and given.dtype == torch.bool:
+            raise ValueError(f"{what} marks no pixel: it is False everywhere (True marks what to edit); omit the "
+                             f"mask to edit the whole image")
+        top = float(given.max()) if isinstance(given, Tensor) else int(np.asarray(luma).max(initial=0))
+        hint = (" (a 0/1 mask: scale it to 0/255)" if top == 1 else
+                " (a mask on another scale, such as 0..100, must be rescaled to 0..255)" if 1 < top < 128 else "")
         raise ValueError(f"{what} marks no pixel: white (luma > 128) marks what to edit, and its largest value is "
-                         f"{top}{hint}; omit the mask to edit the whole image")
+                         f"{top:g}{hint}; omit the mask to edit the whole image")
     gw, gh = image_fit.grid
     m = _binary_latent(image_fit.mask(luma), gh // codec_factor, gw // codec_factor)
     if not m.any():
-        cropped = " or in the margin the crop removes" if image_fit.cover != image_fit.grid else ""
+        cropped = image_fit.cover != image_fit.grid
+        where = " or in the margin the crop removes" if cropped else ""
+        fix = "mark a larger area inside the kept centre, or use the resize mode 'resize'" if cropped else \
+            "mark a larger area"
         raise ValueError(f"{what} marks {marked} pixel(s), and none is left on the {m.shape[1]}x{m.shape[0]} "
                          f"latent grid of its fitted image ({gw}x{gh} pixels, {codec_factor} per latent cell): they "
-                         f"fall between the cells{cropped}; mark a larger area")
+                         f"fall between the cells{where}; {fix}")
     return m
 
 
@@ -282,6 +305,9 @@ def turn_inputs(images: ImageLike | Sequence[ImageLike] | None,
         if m is not None and not isinstance(m, (*single, Tensor)):
             raise TypeError(f"mask {j} must be a PIL image, a path, bytes or a [H, W] tensor, got {type(m).__name__}")
     images = [decode_image(img, f"image {j}") for j, img in enumerate(images)]
+    for j, m in enumerate(masks):
+        if m is not None and not isinstance(m, Tensor):
+            check_mask_alpha(m, f"mask {j}")
     masks = [m if m is None or isinstance(m, Tensor) else decode_image(m, f"mask {j}") for j, m in enumerate(masks)]
     return images, masks + [None] * (len(images) - len(masks))
 
@@ -465,7 +491,8 @@ class EditPipeline:
                 raise TypeError(f"{where}instruction must be a str, got {type(turn.instruction).__name__}")
             check_mode(turn.resize)
             if len(turn.masks) != len(turn.images):
-                raise ValueError(f"{where}{_count(len(turn.masks), 'mask')} for {_count(len(turn.images), 'image')}")
+                raise ValueError(f"{where}{_count(len(turn.masks), 'mask')} for {_count(len(turn.images), 'image')}; "
+                                 f"expected at most one mask per image, in the images' order")
             fits.append([])
             for j, (img, mask) in enumerate(zip(turn.images, turn.masks)):
                 if not isinstance(img, Image.Image):

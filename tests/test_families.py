@@ -387,3 +387,6 @@ def test_from_target_scores_an_oracle_as_the_ground_truth_at_t0_and_noise_at_t99
     with pytest.raises(SystemExit) as e:
         eval_main(["--weights", "missing.safetensors", "--from-target", "0,1000"])
     assert e.value.code == 2 and "1000 is not a DDPM timestep; expected integers in [0, 999]" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # it would be silently unused
+        eval_main(["--weights", "missing.safetensors", "--from-target", "0", "--out", "x"])
+    assert e.value.code == 2 and "--out is not written with --from-target" in capsys.readouterr().err

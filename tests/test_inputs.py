@@ -209,7 +209,7 @@ def test_mask_of_the_same_aspect_ratio_is_resized(pipe):
     (torch.zeros(1, 1, 64, 64), ValueError, r"has shape \(1, 1, 64, 64\)"),
     (torch.zeros(0, 64), ValueError, r"has shape \(0, 64\)"),
     (torch.ones(64, 64), ValueError,
-     r"values 1..1, which on the 0..255 scale .* pass \(mask \* 255\) or mask.bool\(\)"),
+     r"values 1..1, which on the 0..255 scale .* pass mask.bool\(\) or \(mask.float\(\) \* 255\)"),
     (torch.rand(64, 64) * 0.9 + 0.05, ValueError, r"which on the 0..255 scale"),  # a soft 0-1 mask
     (torch.full((64, 64), 300.0), ValueError, r"values 300..300; expected 0..255"),
     (torch.full((64, 64), -1, dtype=torch.int32), ValueError, r"values -1..-1; expected 0..255"),
@@ -243,8 +243,9 @@ def test_bool_and_0_255_tensor_masks_match_the_image_mask(pipe):
                                   r"and its largest value is 1 \(a 0/1 mask: scale it to 0/255\); omit the mask"),
     (Image.new("L", (64, 64), 0), r"marks no pixel: .* largest value is 0; omit"),
     (Image.new("L", (64, 64), 128), r"marks no pixel: .* largest value is 128; omit"),  # the threshold is > 128
-    (torch.full((64, 64), 100.0), r"marks no pixel: .* largest value is 100; omit"),  # a 0..100 percent mask
-    (torch.zeros(64, 64, dtype=torch.bool), r"marks no pixel: .* largest value is False everywhere; omit"),
+    (torch.full((64, 64), 100.0), r"marks no pixel: .* largest value is 100 \(a mask on another scale, such as "
+                                  r"0..100, must be rescaled to 0..255\); omit"),  # a 0..100 percent mask
+    (torch.zeros(64, 64, dtype=torch.bool), r"marks no pixel: it is False everywhere \(True marks what to edit\)"),
     (Image.new("RGBA", (64, 64), (255, 255, 255, 0)).convert("RGB").point(lambda v: 0), r"marks no pixel"),
 ])
 def test_a_mask_that_marks_nothing_is_refused(no_model_work, mask, message):
@@ -258,14 +259,38 @@ def test_a_mask_lost_on_the_latent_grid_is_refused(no_model_work):
     """Marked pixels that fall between the latent cells (nearest sampling) or in the margin a crop removes."""
     thin = Image.new("L", (100, 64), 0)
     thin.paste(255, (0, 0, 2, 64))  # columns 0-1: cropped away (100 -> 96 wide), and between cells when resized
-    for resize, extra in (("crop", " or in the margin the crop removes"), ("resize", "")):
+    for resize, extra in (("crop", " or in the margin the crop removes; mark a larger area inside the kept centre, "
+                                   "or use the resize mode 'resize'"), ("resize", "; mark a larger area")):
         with pytest.raises(ValueError, match=rf"mask 0 \(for image 0\) marks 128 pixel\(s\), and none is left on "
                                              rf"the \d+x16 latent grid of its fitted image \(\d+x64 pixels, 4 per "
-                                             rf"latent cell\): they fall between the cells{extra}; mark a larger area"):
+                                             rf"latent cell\): they fall between the cells{extra}"):
             no_model_work.edit(demo_scene(100, 64), "{image} x", masks=thin, resize=resize)
     dot = Image.new("L", (96, 64), 0)
     dot.paste(255, (40, 20, 44, 24))  # 4x4 pixels: one whole latent cell survives
     assert int(latent_mask(dot, no_model_work.fit((96, 64)), 4).sum()) == 1
+
+
+def test_a_mask_marked_by_transparency_is_refused(no_model_work, tmp_path):
+    """Alpha is dropped, so white-on-transparent-white read as all white: "edit everywhere", silently. A mask whose
+    transparency agrees with its colour (white square, transparent black elsewhere) still works."""
+    from PIL import ImageDraw
+
+    bad = Image.new("RGBA", (64, 64), (255, 255, 255, 0))
+    ImageDraw.Draw(bad).rectangle((16, 16, 47, 47), fill=(255, 255, 255, 255))
+    bad.save(tmp_path / "alpha.png")
+    for src in (bad, str(tmp_path / "alpha.png"), (tmp_path / "alpha.png").read_bytes()):
+        with pytest.raises(ValueError, match=r"mask 0 marks its edit area with transparency, which masks ignore .* "
+                                             r"flatten it onto black first"):
+            no_model_work.edit(demo_scene(64, 64), "{image} x", masks=src)
+    good = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    ImageDraw.Draw(good).rectangle((16, 16, 47, 47), fill=(255, 255, 255, 255))
+    assert turn_inputs(demo_scene(64, 64), good)[1][0].convert("L").getextrema() == (0, 255)
+    from omniace.engine.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["edit", "--image", str(tmp_path / "alpha.png"), "--mask", str(tmp_path / "alpha.png"),
+              "--instruction", "{image} x", "--out", str(tmp_path / "o.png")])
+    assert e.value.code == 2 and not (tmp_path / "o.png").exists()
 
 
 @pytest.mark.parametrize("masks, error, message", [

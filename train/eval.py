@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> None:
 
     ap = argparse.ArgumentParser(prog="python -m omniace.train.eval", description=__doc__.splitlines()[0])
     ap.add_argument("--weights", required=True, help="a self-describing safetensors file (the trainer's export)")
-    ap.add_argument("--out", default="out/eval")
+    ap.add_argument("--out", default=None, help="folder for eval.json and eval_grid.png (default out/eval)")
     ap.add_argument("--per-task", type=int, default=8)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=GUIDANCE, default=1.0)
@@ -380,6 +380,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="instead of sampling: the model's one-call prediction from the noised ground truth at "
                          "these DDPM timesteps (e.g. 0,106,391,999; from_target), success and L1 per task and t")
     a = ap.parse_args(argv)
+    if a.from_target and a.out is not None:
+        ap.error("--out is not written with --from-target, which prints its table; drop one of them")
     for name in ("per_task", "grid_per_task", "steps"):  # refused before loading anything (exit 2)
         if getattr(a, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be an integer >= 1, got {getattr(a, name)}")
@@ -398,7 +400,7 @@ def main(argv: list[str] | None = None) -> None:
             print(task.ljust(24) + "".join(f"{results[t].per_task[task].success:8.0%} {results[t].per_task[task].l1:.4f}"
                                            .rjust(24) for t in a.from_target))
         return
-    run(pipe, a.out, a.per_task, a.steps, a.guidance, a.seed, a.grid_per_task, split_seed=a.split_seed)
+    run(pipe, a.out or "out/eval", a.per_task, a.steps, a.guidance, a.seed, a.grid_per_task, split_seed=a.split_seed)
 
 
 def _timesteps(text: str) -> list[int]:
@@ -410,7 +412,7 @@ def _timesteps(text: str) -> list[int]:
     bad = [v for v in values if not 0 <= v <= 999]
     if bad:
         raise argparse.ArgumentTypeError(f"{bad[0]} is not a DDPM timestep; expected integers in [0, 999]")
-    return values
+    return list(dict.fromkeys(values))  # each once, in the order given
 
 
 if __name__ == "__main__":
