@@ -388,8 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=SIZE, help="WIDTHxHEIGHT for text-to-image")
     p.add_argument("--resize", choices=RESIZE_MODES, default="resize",
                    help="how an image off the model grid or over its pixel budget is fitted: resize it (aspect kept to "
-                        "within a grid cell), "
-                        "crop its centre (the rest of the input is kept in the output), or take it as it is (error: "
+                        "within a grid cell), crop its centre (the rest of the input is kept in the output), or take "
+                        "it as it is (error: "
                         "a size off the grid is refused, and one on the grid is not scaled to the budget, only "
                         "refused past the model's token limit); the output has the input's size")
     p.add_argument("--steps", type=STEPS, default=20,

@@ -166,6 +166,17 @@ def _metrics(rows: list[tuple[float, float, bool, float, float, bool]]) -> TaskM
     return TaskMetrics(len(rows), *(float(x) for x in a.mean(axis=0)))
 
 
+def _score_row(s: EvalSample, fed: Image.Image | None, out: Image.Image) -> tuple:
+    """(L1, L2, judged, copy L1, copy L2, copy judged) of ``out`` for a request fed ``fed`` (None: text-to-image,
+    whose copy baseline is a mid-grey image)."""
+    copy = fed if fed is not None else Image.new("RGB", s.target.size, MID_GREY)
+    o, tgt, c = _pixels(out), _pixels(s.target), _pixels(copy)
+    judged = score(fed, out, s.instruction, s.mask, ref_img=s.reference).o_score >= 9
+    copied = score(fed, copy, s.instruction, s.mask, ref_img=s.reference).o_score >= 9
+    return (np.abs(o - tgt).mean(), ((o - tgt) ** 2).mean(), judged,
+            np.abs(c - tgt).mean(), ((c - tgt) ** 2).mean(), copied)
+
+
 def evaluate(pipe, samples: list[EvalSample], steps: int = 20, guidance: float = 1.0,
              seed: int = 0, batch_size: int = 16) -> tuple[EvalResult, list[Image.Image]]:
     """Edit every sample with ``pipe`` and score it; returns the result and the outputs in order.
@@ -206,13 +217,7 @@ def evaluate(pipe, samples: list[EvalSample], steps: int = 20, guidance: float =
                                       guidance=guidance, seed=seed + i)
     per_task: dict[str, list] = {}
     for i, (s, out) in enumerate(zip(samples, outputs)):
-        fed = fed_image(samples, outputs, i)
-        copy = fed if fed is not None else Image.new("RGB", s.target.size, MID_GREY)
-        o, tgt, c = _pixels(out), _pixels(s.target), _pixels(copy)
-        judged = score(fed, out, s.instruction, s.mask, ref_img=s.reference).o_score >= 9
-        copied = score(fed, copy, s.instruction, s.mask, ref_img=s.reference).o_score >= 9
-        per_task.setdefault(s.task, []).append((np.abs(o - tgt).mean(), ((o - tgt) ** 2).mean(), judged,
-                                                np.abs(c - tgt).mean(), ((c - tgt) ** 2).mean(), copied))
+        per_task.setdefault(s.task, []).append(_score_row(s, fed_image(samples, outputs, i), out))
     every = [r for rows in per_task.values() for r in rows]
     settings = {"samples": len(samples), "steps": steps, "timestep_spacing": pipe.timestep_spacing,
                 "guidance": guidance, "seed": seed, "seconds": round(time.perf_counter() - t0, 2)}
@@ -248,44 +253,39 @@ def from_target(pipe, samples: list[EvalSample], timesteps: list[int], seed: int
     sigma, alpha = sampler.schedule()
     single = [i for i, s in enumerate(samples) if not s.turn]
     prefix = "{image} " if pipe.is_ace else ""
-    results = {}
-    for t in timesteps:
-        outputs: dict[int, Image.Image] = {}
-        for start in range(0, len(single), batch_size):
-            chunk = single[start:start + batch_size]
-            jobs, clean = [], []
-            for i in chunk:
-                s = samples[i]
-                if s.source is None:
-                    job = pipe.prepare_edit(None, s.instruction, size=s.target.size, steps=1, guidance=1.0)
-                else:
-                    images = [s.source] + ([s.reference] if s.reference is not None else [])
-                    masks = s.mask if (pipe.is_ace and s.mask is not None) else None
-                    job = pipe.prepare_edit(images, prefix + s.instruction, masks=masks, steps=1, guidance=1.0)
-                jobs.append(job)
-                target = s.target if job.output is None else job.output.image(s.target)
-                x0 = patchify(pipe.codec.encode(to_tensor(target)), pipe.cfg.patch_size)
-                eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed + i))
-                clean.append((x0, float(alpha[t]) * x0 + float(sigma[t]) * eps))
-            x_t = torch.cat([x for _, x in clean]).to(pipe.device)
+    outputs: dict[int, dict[int, Image.Image]] = {t: {} for t in timesteps}
+    for start in range(0, len(single), batch_size):
+        chunk = single[start:start + batch_size]
+        jobs, x0, eps = [], [], []
+        for i in chunk:
+            s = samples[i]
+            if s.source is None:
+                job = pipe.prepare_edit(None, s.instruction, size=s.target.size, steps=1, guidance=1.0)
+            else:
+                images = [s.source] + ([s.reference] if s.reference is not None else [])
+                masks = s.mask if (pipe.is_ace and s.mask is not None) else None
+                job = pipe.prepare_edit(images, prefix + s.instruction, masks=masks, steps=1, guidance=1.0)
+            jobs.append(job)
+            target = s.target if job.output is None else job.output.image(s.target)
+            x0.append(patchify(pipe.codec.encode(to_tensor(target)), pipe.cfg.patch_size))
+            eps.append(torch.randn(x0[-1].shape, generator=torch.Generator().manual_seed(seed + i)))
+        batch = pipe.pack([smp for job in jobs for smp in job.samples])
+        x0, eps = torch.cat(x0).to(pipe.device), torch.cat(eps).to(pipe.device)
+        for t in timesteps:
+            x_t = float(alpha[t]) * x0 + float(sigma[t]) * eps
             with torch.no_grad():
-                out = pipe.model(pipe.pack([smp for job in jobs for smp in job.samples]), x_t,
-                                 torch.full((len(jobs),), t, dtype=torch.long, device=pipe.device))
+                out = pipe.model(batch, x_t, torch.full((len(jobs),), t, dtype=torch.long, device=pipe.device))
             if sampler.prediction == "eps":
                 out = (x_t - float(sigma[t]) * out) / float(alpha[t])
             for i, job, part in zip(chunk, jobs, out.split([job.target_tokens for job in jobs])):
                 job.x = part.float()
-                outputs[i] = pipe.finish(job)
+                outputs[t][i] = pipe.finish(job)
+    results = {}
+    for t in timesteps:
         per_task: dict[str, list] = {}
         for i in single:
-            s, out = samples[i], outputs[i]
-            copy = s.source if s.source is not None else Image.new("RGB", s.target.size, MID_GREY)
-            o, tgt, c = _pixels(out), _pixels(s.target), _pixels(copy)
-            per_task.setdefault(s.task, []).append((
-                np.abs(o - tgt).mean(), ((o - tgt) ** 2).mean(),
-                score(s.source, out, s.instruction, s.mask, ref_img=s.reference).o_score >= 9,
-                np.abs(c - tgt).mean(), ((c - tgt) ** 2).mean(),
-                score(s.source, copy, s.instruction, s.mask, ref_img=s.reference).o_score >= 9))
+            s = samples[i]
+            per_task.setdefault(s.task, []).append(_score_row(s, s.source, outputs[t][i]))
         every = [r for rows in per_task.values() for r in rows]
         results[t] = EvalResult({k: _metrics(v) for k, v in per_task.items()}, _metrics(every),
                                 {"samples": len(single), "from_target_timestep": t, "seed": seed})
@@ -397,8 +397,8 @@ def main(argv: list[str] | None = None) -> None:
             ap.exit(1, f"{ap.prog}: error: {err}\n")
         print("task".ljust(24) + "".join(f"t={t} (success, L1)".rjust(24) for t in a.from_target))
         for task in results[a.from_target[0]].per_task:
-            print(task.ljust(24) + "".join(f"{results[t].per_task[task].success:8.0%} {results[t].per_task[task].l1:.4f}"
-                                           .rjust(24) for t in a.from_target))
+            cells = (results[t].per_task[task] for t in a.from_target)
+            print(task.ljust(24) + "".join(f"{m.success:8.0%} {m.l1:.4f}".rjust(24) for m in cells))
         return
     run(pipe, a.out or "out/eval", a.per_task, a.steps, a.guidance, a.seed, a.grid_per_task, split_seed=a.split_seed)
 
