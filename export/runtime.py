@@ -96,7 +96,8 @@ class ServerStats:
     occupancy_sum: float = 0.0  # sum over forwards of batch tokens / token budget
     busy_s: float = 0.0
     completed: int = 0
-    failed: int = 0
+    failed: int = 0  # in the denoising loop (a non-finite latent, a failed forward)
+    refused: int = 0  # at submission: bad input, over the token budget (their Futures hold the error)
     cancelled: int = 0
     requests: deque = field(default_factory=lambda: deque(maxlen=1024))  # the last finished requests
     batches: deque = field(default_factory=lambda: deque(maxlen=4096))  # (request ids, image tokens) per forward
@@ -200,6 +201,7 @@ class EditServer:
         except Exception as err:  # noqa: BLE001 - bad input fails only this request's Future
             with self._cond:
                 self._reserved -= 1
+                self._stats.refused += 1
             future.set_exception(err)
             return future
         request = _Request(next(self._ids), future, job, time.perf_counter(), wrap=wrap)
@@ -350,7 +352,7 @@ class EditServer:
             peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss"
         busy = max(s.busy_s, 1e-9)
         return {"server": {"backend": self.backend, "token_budget": self.token_budget, "queued": queued,
-                           "active": active, "completed": s.completed, "failed": s.failed,
+                           "active": active, "completed": s.completed, "failed": s.failed, "refused": s.refused,
                            "cancelled": s.cancelled, "forwards": s.forwards, "tokens": s.tokens,
                            "busy_s": s.busy_s, "tokens_per_s": s.tokens / busy, "forwards_per_s": s.forwards / busy,
                            "mean_occupancy": s.occupancy_sum / max(s.forwards, 1),

@@ -101,6 +101,8 @@ def test_a_bad_request_fails_only_its_own_future(pipe):
             nan.result(timeout=60)
         assert _diff(good.result(timeout=60)[0], _reference(pipe, REQUESTS[0])) <= TOL
         assert _diff(after.result(timeout=60)[0], _reference(pipe, REQUESTS[1])) <= TOL
+        st = server.stats()["server"]  # the three bad ones were refused at submission (they counted nowhere)
+        assert (st["refused"], st["failed"], st["completed"]) == (3, 0, 2)
 
 
 def test_cancel_drops_a_running_request_and_the_server_goes_on(pipe):
