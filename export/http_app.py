@@ -4,7 +4,8 @@ Endpoints:
 - ``POST /v1/edit``: multipart form (files ``images``/``masks``, fields ``instruction``, ``steps``,
   ``guidance`` (default: the pipeline's), ``rescale``, ``seed``, ``size`` as ``WIDTHxHEIGHT``, ``negative``,
   ``truncate``, ``resize`` (``resize``, ``crop`` or ``error``: how an image off the model grid is fitted),
-  ``response``) or JSON with base64 ``images``/``masks`` (a ``null`` mask: none for that image). Returns
+  ``response``) or JSON with base64 ``images``/``masks`` (a ``null`` mask, or an empty multipart ``masks`` field: none for
+  that image). Returns
   ``image/png``, or JSON ``{"image": <base64 PNG>, ...}`` with ``response=json``. A bad or unknown field gives
   422 naming it; a full queue 429 with ``Retry-After``; a closed server 503; a client that disconnects has its request
   cancelled (499 in the metrics). Decoding and encoding run off the event loop. No request can take the
@@ -180,12 +181,17 @@ def create_app(server: EditServer, retry_after_s: int = 1, timeout_s: float = 60
             except HTTPException as err:  # too many files or fields, a part over the limit, a broken body
                 raise FieldError("body", str(err.detail)) from None
             form = {k: v for k, v in data.items() if isinstance(v, str)}
-            files: dict[str, list[bytes]] = {"images": [], "masks": []}
+            files: dict[str, list[bytes | None]] = {"images": [], "masks": []}
             for name in files:
                 for i, part in enumerate(data.getlist(name)):
-                    if isinstance(part, str):
-                        raise FieldError(f"{name}[{i}]", "expected a file upload (curl -F name=@file), got text")
-                    files[name].append(await part.read())
+                    if name == "masks" and part == "":  # curl -F masks= : no mask for this image (JSON's null)
+                        files[name].append(None)
+                    elif isinstance(part, str):
+                        raise FieldError(f"{name}[{i}]", "expected a file upload (curl -F name=@file), got text"
+                                         + (" (an empty masks field means none for that image)"
+                                            if name == "masks" else ""))
+                    else:
+                        files[name].append(await part.read())
             return form, files["images"], files["masks"]
         raise FieldError("content-type", f"{kind or 'none'}; expected multipart/form-data or application/json")
 

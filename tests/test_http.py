@@ -97,6 +97,14 @@ def test_json_with_base64_images_and_text_to_image(live):
     ref = pipe.edit([a, b], "{image} add the {image1} object", masks=[None, mask], steps=2, seed=1)[0]
     got = np.asarray(Image.open(io.BytesIO(r.content)), dtype=np.int16)
     assert np.abs(got - np.asarray(ref, dtype=np.int16)).max() <= 2
+    # multipart: an empty masks field is that null (curl -F masks= -F masks=@m.png)
+    r = httpx.post(f"{url}/v1/edit", timeout=60,
+                   data={"instruction": "{image} add the {image1} object", "steps": "2", "seed": "1", "masks": ""},
+                   files=[("images", ("a.png", _png(a), "image/png")), ("images", ("b.png", _png(b), "image/png")),
+                          ("masks", ("m.png", _png(mask), "image/png"))])
+    assert r.status_code == 200, r.text
+    got = np.asarray(Image.open(io.BytesIO(r.content)), dtype=np.int16)
+    assert np.abs(got - np.asarray(ref, dtype=np.int16)).max() <= 2
 
 
 @pytest.mark.parametrize("body, field, text", [
