@@ -414,6 +414,59 @@ def test_objective_noises_each_sample_at_its_own_level(prediction):
         Objective("v")
 
 
+@pytest.mark.parametrize("prediction", ["x0", "flow"])
+def test_logit_normal_timesteps_follow_sd3s_density(prediction):
+    """``logit_normal`` draws u = sigmoid(z std + mean): DDPM t = floor(1000 u), flow sigma = u. Checked draw by
+    draw against the formula, and as a distribution against the normal CDF (20,000 draws: the standard error of
+    a fraction is <= 0.0035, the tolerance 0.015)."""
+    n, mean, std = 20_000, -1.1, 0.8
+    obj = Objective(prediction, "logit_normal", mean, std)
+    x0, sample_of = torch.zeros(n, 2), torch.arange(n)
+    nb = obj.noise(x0, sample_of, n, torch.Generator().manual_seed(5))
+    gen = torch.Generator().manual_seed(5)
+    torch.randn(n, 2, generator=gen)  # the noise comes first
+    u = torch.sigmoid(torch.randn(n, generator=gen) * std + mean)
+    if prediction == "flow":
+        torch.testing.assert_close(nb.t, u * 1000)
+        frac = u
+    else:
+        assert torch.equal(nb.t, (u * 1000).long())
+        frac = (nb.t.float() + 0.5) / 1000
+    normal = torch.distributions.Normal(mean, std)
+    for lo, hi in ((0.1, 0.4), (0.0, 0.1), (0.4, 1.0)):
+        want = float(normal.cdf(torch.logit(torch.tensor(hi)).clamp(max=50)) - normal.cdf(torch.logit(torch.tensor(lo))))
+        got = float(((frac >= lo) & (frac < hi)).float().mean())
+        assert abs(got - want) < 0.015, (lo, hi, got, want)
+    # uniform spreads DDPM t evenly; flow's uniform sigma too
+    for pred in ("eps", "flow"):
+        t = Objective(pred, "uniform").noise(x0, sample_of, n, torch.Generator().manual_seed(6)).t.float()
+        t = t if pred == "flow" else t + 0.5
+        assert abs(float(((t >= 100) & (t < 400)).float().mean()) - 0.3) < 0.015
+        assert 0 <= float(t.min()) and float(t.max()) < 1000
+
+
+def test_the_default_timestep_draws_are_unchanged():
+    """``auto`` keeps each family's draw bit for bit (runs resume across versions): uniform DDPM t, SD3 flow."""
+    x0, sample_of = torch.randn(7, 3), torch.tensor([0, 0, 1, 2, 2, 2, 3])
+    ddpm = Objective("eps").noise(x0, sample_of, 4, torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(1)
+    torch.randn(7, 3, generator=gen)
+    assert torch.equal(ddpm.t, torch.randint(0, 1000, (4,), generator=gen))
+    flow = Objective("flow").noise(x0, sample_of, 4, torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(1)
+    torch.randn(7, 3, generator=gen)
+    assert torch.equal(flow.t, torch.sigmoid(torch.randn(4, generator=gen)) * 1000)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"timestep_sampling": "lognormal"}, "unknown timestep_sampling 'lognormal'"),
+    ({"timestep_sampling": "logit_normal", "logit_std": 0.0}, "logit_std 0.0 finite and > 0"),
+    ({"timestep_sampling": "logit_normal", "logit_mean": float("nan")}, "logit_mean nan must be finite")])
+def test_bad_timestep_sampling_is_refused(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Objective("x0", **kwargs)
+
+
 def test_a_checkpoint_whose_index_would_run_pickled_code_is_refused(tmp_path):
     class Evil:
         def __reduce__(self):

@@ -8,12 +8,19 @@ loss on those tokens only:
 - ``flow`` (SD3): rectified flow with logit-normal ``sigma`` (SD3's default, mean 0, std 1),
   ``x_t = (1 - sigma) x0 + sigma n``, the model predicts ``n - x0`` at ``t = 1000 sigma``.
 
+``timestep_sampling`` picks how the noise level is drawn: ``auto`` is each family's own (uniform ``t`` for the
+DDPM objectives, logit-normal for flow); ``uniform`` and ``logit_normal`` (SD3 sec. 3.1: ``u = sigmoid(z)``,
+``z ~ N(logit_mean, logit_std)``; DDPM ``t = floor(1000 u)``, flow ``sigma = u``) apply to either. A mean below 0
+spends more of the training on the middle noise levels (DDPM t ~ 100-400), where an edit's shape is decided
+(docs/default_model.md, the from-target table).
+
 Each sample's loss is the mean squared error over its own target tokens; samples of every size count
 equally. The batch loss is ``sum_b lambda_b loss_b / N`` with N the number of samples in the global
 batch (all ranks), OmniEdit's ``E[lambda ||.||^2]``: a sample with lambda = 0 adds exactly nothing.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,27 +37,52 @@ class NoisedBatch:
     target: Tensor  # [L_tgt, C*p*p] what the model should predict
 
 
-class Objective:
-    """Draws the noise level and noise for a batch and scores a prediction, per sample."""
+TIMESTEP_SAMPLINGS = ("auto", "uniform", "logit_normal")
 
-    def __init__(self, prediction: str):
+
+class Objective:
+    """Draws the noise level and noise for a batch and scores a prediction, per sample.
+
+    Raises ValueError for an unknown ``prediction`` or ``timestep_sampling``, or a ``logit_std`` that is not a
+    finite number > 0."""
+
+    def __init__(self, prediction: str, timestep_sampling: str = "auto", logit_mean: float = 0.0,
+                 logit_std: float = 1.0):
         if prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction type {prediction!r}; expected one of {PREDICTIONS}")
+        if timestep_sampling not in TIMESTEP_SAMPLINGS:
+            raise ValueError(f"unknown timestep_sampling {timestep_sampling!r}; expected one of {TIMESTEP_SAMPLINGS}")
+        if not (math.isfinite(logit_mean) and math.isfinite(logit_std) and logit_std > 0):
+            raise ValueError(f"logit_mean {logit_mean} must be finite and logit_std {logit_std} finite and > 0")
         self.prediction = prediction
+        if timestep_sampling == "auto":
+            timestep_sampling = "logit_normal" if prediction == "flow" else "uniform"
+        self.timestep_sampling, self.logit_mean, self.logit_std = timestep_sampling, logit_mean, logit_std
         sigma, alpha = DDIMSampler().schedule()
         self.sigma, self.alpha = sigma.float(), alpha.float()
+
+    def draw_u(self, num_samples: int, gen: torch.Generator, device: torch.device) -> Tensor:
+        """``[B]`` noise levels as fractions in [0, 1) (fp32): uniform, or the logistic of a normal draw."""
+        if self.timestep_sampling == "uniform":
+            return torch.rand(num_samples, generator=gen, device=device)
+        z = torch.randn(num_samples, generator=gen, device=device)
+        return torch.sigmoid(z * self.logit_std + self.logit_mean)
 
     def noise(self, x0: Tensor, sample_of: Tensor, num_samples: int, gen: torch.Generator) -> NoisedBatch:
         """``x0 [L_tgt, C*p*p]`` clean target tokens; ``sample_of [L_tgt]`` the sample of each token."""
         dev = x0.device
         noise = torch.randn(x0.shape, generator=gen, device=dev, dtype=torch.float32)
         x0 = x0.float()
+        steps = len(self.sigma)
         if self.prediction in ("eps", "x0"):
-            t = torch.randint(0, len(self.sigma), (num_samples,), generator=gen, device=dev)
+            if self.timestep_sampling == "uniform":  # ACE's draw, kept bit-for-bit (runs resume across versions)
+                t = torch.randint(0, steps, (num_samples,), generator=gen, device=dev)
+            else:
+                t = (self.draw_u(num_samples, gen, dev) * steps).long().clamp_(0, steps - 1)
             a = self.alpha.to(dev)[t][sample_of, None]
             s = self.sigma.to(dev)[t][sample_of, None]
             return NoisedBatch(a * x0 + s * noise, t, noise if self.prediction == "eps" else x0)
-        sig = torch.sigmoid(torch.randn(num_samples, generator=gen, device=dev))
+        sig = self.draw_u(num_samples, gen, dev)
         s = sig[sample_of, None]
         return NoisedBatch((1 - s) * x0 + s * noise, sig * 1000.0, noise - x0)
 

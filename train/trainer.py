@@ -44,7 +44,7 @@ from .cache import cache_codec, cache_text, cached_text_encoder
 from .data import DataConfig, EditLoader, size_caps
 from .importance import ImportanceConfig
 from .lifecycle import StopSignal, die_with_parent, launched_by_torchrun
-from .objective import Objective, edit_region_weight, sample_weights, target_sample_index, weighted_loss
+from .objective import TIMESTEP_SAMPLINGS, Objective, edit_region_weight, sample_weights, target_sample_index, weighted_loss
 from .parallelize import TRAIN_MODES, apply_fsdp, enable_activation_checkpointing, set_trainable
 from .resume_check import ConfigMismatchError, allowable, compare, resolve_paths, signature
 from .runlock import RunLock, RunLockedError
@@ -98,6 +98,12 @@ class TrainConfig:
     task_weight: list[str] = _opt([], "loss weight per task, TASK=W[,TASK=W...] (others 1): the task follows from "
                                       "the instruction, so unlike --edit-weight it leaves the best prediction "
                                       "unbiased; local edits change few pixels and carry little of an unweighted loss")
+    timestep_sampling: str = _opt("auto", "how each sample's noise level is drawn: auto (uniform t for DDPM presets "
+                                          "as in ACE, logit-normal for flow as in SD3) | uniform | logit_normal "
+                                          "(t = 1000 sigmoid(z), z ~ N(--logit-mean, --logit-std); SD3 sec. 3.1)")
+    logit_mean: float = _opt(0.0, "logit_normal: the mean of z; below 0 trains more on low and middle noise "
+                                  "(-1.1 centres DDPM t near 250)")
+    logit_std: float = _opt(1.0, "logit_normal: the standard deviation of z (> 0)")
     drop_prompt: float = _opt(0.1, "probability of an empty instruction (trains classifier-free guidance)")
     decoder: str = _opt("auto", "image decoder: auto (DALI if installed, else PIL) | dali | pil")
     seed: int = _opt(0, "seeds the weights, the data order and the noise")
@@ -148,6 +154,7 @@ class TrainConfig:
                                ("beta2", lambda v: 0 <= v < 1, " in [0, 1)"),
                                ("ema_decay", lambda v: 0 <= v <= 1, " in [0, 1]"),
                                ("edit_weight", lambda v: v >= 0, " >= 0"),
+                               ("logit_mean", lambda v: True, ""), ("logit_std", lambda v: v > 0, " > 0"),
                                ("importance_threshold", lambda v: True, "")):
             v = getattr(self, name)
             if not (math.isfinite(v) and ok(v)):
@@ -160,6 +167,8 @@ class TrainConfig:
                              f"({self.seed}) >= 0")
         if self.stop_at is not None and self.stop_at < 1:
             raise ValueError(f"stop_at must be >= 1, got {self.stop_at}")
+        if self.timestep_sampling not in TIMESTEP_SAMPLINGS:
+            raise ValueError(f"timestep_sampling {self.timestep_sampling!r}; expected one of {TIMESTEP_SAMPLINGS}")
         if self.decoder not in ("auto", "dali", "pil"):
             raise ValueError(f"decoder {self.decoder!r}; expected auto, dali or pil")
         if self.importance not in ("binary", "soft", "none"):
@@ -350,7 +359,7 @@ class Trainer:
                                      weight_decay=cfg.weight_decay, foreach=True)
         # EMA of the trainable weights, sharded like them (fp32 shards)
         self.ema = {n: p.detach().clone() for n, p in zip(self.trainable, self.params)}
-        self.objective = Objective(model_cfg.prediction)
+        self.objective = Objective(model_cfg.prediction, cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std)
         self.task_weights = cfg.task_weights()
         data_cfg = DataConfig(
             list(cfg.data), token_budget=cfg.token_budget, patch_size=model_cfg.patch_size,
