@@ -590,6 +590,8 @@ def test_a_resume_with_other_data_and_preset_is_refused_unless_allowed(corpus, t
     (["--token-budget", "0"], "token_budget (0) and keep (2) must be >= 1"),
     (["--stop-at", "0"], "stop_at must be >= 1, got 0"),
     (["--decoder", "bogus"], "decoder 'bogus'; expected auto, dali or pil"),
+    (["--timestep-sampling", "lognormal"], "timestep_sampling 'lognormal'; expected one of ('auto', 'uniform'"),
+    (["--logit-std", "0"], "logit_std must be a finite number > 0, got 0.0"),
     (["--importance-threshold", "11"], "importance_threshold 11.0 is outside the 0-10 score scale"),
     (["--preset", "ace-0.6b-512"], "is a latent-space model"),
     (["--mode", "editnet"], "--mode editnet needs a preset with an EditNet branch"),
