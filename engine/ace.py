@@ -62,7 +62,7 @@ class ACEPlan:
     max_seqlen_frame: int = 0
     max_seqlen_frame_txt: int = 0
     source_index: Tensor | None = None  # read only when ``cfg.source_skip``
-    target_neighbors: Tensor | None = None  # read only when ``cfg.pixel_smooth``
+    target_neighbors: Tensor | None = None  # read only when ``cfg.pixel_smooth`` or ``cfg.pixel_conv``
 
 
 class ACEBlock(nn.Module):
@@ -157,16 +157,35 @@ class PixelHead(nn.Module):
     (EDM's c_skip, Karras et al. 2022, variance-preserving, the source as the prior mean). Without it the MLP must
     multiply its noisy value by a function of t to denoise it, which a sum of inputs cannot do, and the model
     redrew even a clean target (t = 0) as a soft blob: a swapped square came out round.
+
+    ``conv`` > 0 (``cfg.pixel_conv``): each pixel's MLP also reads ``conv`` features of a learned
+    ``CONV_KERNEL x CONV_KERNEL`` convolution over the image's noisy and source RGB and a ones channel (zero padding
+    at the image border, so the ones channel marks it), computed per token on the pixels of its 3x3 token
+    neighbourhood (``target_neighbors``; a neighbour past the border is zeroed). A pixel's own noisy value is
+    as noisy as the image; its neighbourhood's is not, and holds the edges and corners that tell a square from a
+    circle. Without it the shape a noised target still shows at sigma 0.3-0.9 was lost (the from-target table of
+    docs/default_model.md).
     """
 
     KEY_WIDTH = 0.05  # squared distance (pixels in [-1, 1]) at which a key's match is 1/2
+    CONV_KERNEL = 5  # pixels; its radius (2) must not exceed a token's width
 
     def __init__(self, features: int, pixels: int, gated: bool, smooth: int = 0, codec_factor: int = 1,
-                 patch: int = 1, keys: int = 0, sigma_data: float = 0.0):
+                 patch: int = 1, keys: int = 0, sigma_data: float = 0.0, conv: int = 0):
         super().__init__()
         self.features, self.pixels, self.gated, self.smooth, self.keys = features, pixels, gated, smooth, keys
-        self.sigma_data = sigma_data
-        self.fc1 = nn.Linear(features + smooth + keys + (9 if sigma_data else 6), 2 * features)
+        self.sigma_data, self.conv, self.size = sigma_data, conv, codec_factor * patch
+        self.fc1 = nn.Linear(features + smooth + keys + conv + (9 if sigma_data else 6), 2 * features)
+        if conv:
+            if self.CONV_KERNEL // 2 > self.size:
+                raise ValueError(f"pixel_conv's {self.CONV_KERNEL}-pixel kernel reaches past the 3x3 token "
+                                 f"neighbourhood of {self.size}-pixel tokens")
+            self.conv2d = nn.Conv2d(7, conv, self.CONV_KERNEL)  # noisy RGB, source RGB, ones; no padding
+            # raster position (row * size + col) of each pixel column of a token row, and its inverse
+            coords = token_pixel_coords(codec_factor, patch).long()
+            raster = (coords[:, 0] * self.size + coords[:, 1]).to(torch.get_default_device())
+            self.register_buffer("raster_of_slot", raster, persistent=False)
+            self.register_buffer("slot_of_raster", torch.argsort(raster), persistent=False)
         if sigma_data:  # not in the state dict: they follow from the schedule (the DDIM sampler's, as training's)
             from .sampler import DDIMSampler
 
@@ -203,6 +222,11 @@ class PixelHead(nn.Module):
             keys = feat[:, per_pixel + self.smooth:].view(n, 1, self.keys, 3)
             dist = (rgb(source).unsqueeze(2) - keys).square().sum(-1)  # [L, pixels, keys]
             parts.append(1 / (1 + dist / self.KEY_WIDTH))
+        if self.conv:
+            if neighbors is None:
+                raise ValueError("pixel_conv reads each target token's grid neighbours: the batch needs "
+                                 "target_neighbors (engine.lcu.pack computes it)")
+            parts.append(self.conv_features(x.to(dtype), source, neighbors))
         if self.sigma_data:
             if t is None:
                 raise ValueError("pixel_sigma_data reads each target token's timestep: pass t [L_tgt]")
@@ -215,6 +239,24 @@ class PixelHead(nn.Module):
             gate = torch.sigmoid(out[..., 3:].float()).to(dtype)
             change = change * torch.where(has_source.unsqueeze(-1), gate, 1.0)
         return source + change.transpose(1, 2).flatten(1)
+
+    def conv_features(self, x: Tensor, source: Tensor, neighbors: Tensor) -> Tensor:
+        """``[L, pixels, conv]``: the convolution of the image's ``[noisy RGB, source RGB, ones]`` (zero padded at
+        its border) at each pixel of each token, in the token's pixel order. x, source ``[L, 3 * pixels]``;
+        neighbors ``[L, 9]`` (a neighbour past the border is the token itself, ``grid_neighbors``)."""
+        n, s, r = x.shape[0], self.size, self.CONV_KERNEL // 2
+        planes = torch.cat([x, source, torch.ones_like(x[:, :self.pixels])], dim=1).view(n, 7, self.pixels)
+        planes = planes.index_select(2, self.slot_of_raster)  # token pixel order -> raster order
+        # a neighbour past the border is the token itself (grid_neighbors clamps): zero it, as zero padding would
+        own, centre = neighbors[:, 4], torch.ones_like(neighbors[:, 4], dtype=torch.bool)
+        inside_y = torch.stack([neighbors[:, 1] != own, centre, neighbors[:, 7] != own], dim=1)  # dy = -1, 0, 1
+        inside_x = torch.stack([neighbors[:, 3] != own, centre, neighbors[:, 5] != own], dim=1)  # dx = -1, 0, 1
+        inside = (inside_y[:, :, None] & inside_x[:, None, :]).flatten(1).to(planes.dtype)  # [L, 9]
+        near = planes.index_select(0, neighbors.flatten()).view(n, 9, 7, s * s) * inside[:, :, None, None]
+        window = near.view(n, 3, 3, 7, s, s).permute(0, 3, 1, 4, 2, 5).reshape(n, 7, 3 * s, 3 * s)
+        window = window[:, :, s - r:2 * s + r, s - r:2 * s + r]  # the token and r pixels around it
+        out = self.conv2d(window).flatten(2)  # [L, conv, s * s] in raster order
+        return out.index_select(2, self.raster_of_slot).transpose(1, 2)
 
 
 class TextRefinerLayer(nn.Module):
@@ -270,7 +312,7 @@ class ACEModel(nn.Module):
             self.final_layer = FinalLayer(d, p, cfg.codec_factor**2 * cfg.pixel_head,
                                           extra=cfg.pixel_smooth + 3 * cfg.pixel_keys)
             self.pixel_head = PixelHead(cfg.pixel_head, pixels, cfg.source_gate, cfg.pixel_smooth,
-                                        cfg.codec_factor, p, cfg.pixel_keys, cfg.pixel_sigma_data)
+                                        cfg.codec_factor, p, cfg.pixel_keys, cfg.pixel_sigma_data, cfg.pixel_conv)
         else:
             self.final_layer = FinalLayer(d, p, cfg.out_channels)
         self.text_position_embeddings = TextPositionEmbeddings(cfg.num_indicators, cfg.y_channels)
@@ -398,5 +440,6 @@ class ACEModel(nn.Module):
             embed += 2 * n_tgt * ph.pixels * (ph.fc1.in_features * ph.fc1.out_features
                                               + ph.fc2.in_features * ph.fc2.out_features + 9 * ph.smooth
                                               + 6 * ph.keys  # per key: distance (8 FLOPs) and kernel (3), ~12
-                                              + (6 if ph.sigma_data else 0))  # the Wiener estimate: 2 per channel
+                                              + (6 if ph.sigma_data else 0)  # the Wiener estimate: 2 per channel
+                                              + ph.conv * 7 * ph.CONV_KERNEL**2)  # the convolution's MACs
         return cfg.depth * per_block + embed

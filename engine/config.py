@@ -60,6 +60,10 @@ class ACEConfig:
     # it is the change itself, so a sharp edge in x_t reaches the output through one linear map instead of a product
     # of timestep and pixel the MLP cannot form (``engine.ace.PixelHead``). The value is sigma_data; 0: off
     pixel_sigma_data: float = 0.0
+    # with pixel_head: > 0 feeds each pixel's MLP ``pixel_conv`` features of a learned 5x5 convolution over the
+    # image's noisy and source RGB around it (``engine.ace.PixelHead``; reads ``PackedLCU.target_neighbors``). One
+    # noisy pixel tells little; its neighbourhood shows the edges and corners that tell a square from a circle. 0: off
+    pixel_conv: int = 0
     # transformer layers over each frame's text before the blocks (``engine.ace.TextRefinerLayer``): context for
     # a text encoder that gives none (the word-level encoder); 0: off (ACE reads T5 states as they are)
     text_refiner: int = 0
@@ -90,7 +94,7 @@ class ACEConfig:
             raise ValueError("source_gate reads the gate from the learned-sigma half of the output: it needs "
                              "source_skip=True and pred_sigma=True")
         for name, note in (("pixel_head", "0 = off"), ("pixel_smooth", "0 = off"), ("pixel_keys", "0 = off"),
-                           ("text_refiner", "layers; 0 = off")):
+                           ("pixel_conv", "0 = off"), ("text_refiner", "layers; 0 = off")):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0 ({note}), got {value!r}")
@@ -108,6 +112,9 @@ class ACEConfig:
         if self.pixel_sigma_data and not self.pixel_head:
             raise ValueError(f"pixel_sigma_data feeds the per-pixel head: it needs pixel_head > 0, got "
                              f"pixel_sigma_data={self.pixel_sigma_data}, pixel_head={self.pixel_head}")
+        if self.pixel_conv and not self.pixel_head:
+            raise ValueError(f"pixel_conv feeds the per-pixel head: it needs pixel_head > 0, got "
+                             f"pixel_conv={self.pixel_conv}, pixel_head={self.pixel_head}")
         if self.pixel_keys and not self.pixel_head:
             raise ValueError(f"pixel_keys feeds the per-pixel head: it needs pixel_head > 0, got "
                              f"pixel_keys={self.pixel_keys}, pixel_head={self.pixel_head}")
@@ -214,6 +221,44 @@ def get_config(name: str, **overrides) -> ACEConfig | SD3Config:
         raise ValueError(f"preset {name!r} ({type(base).__name__}) has no field {', '.join(map(repr, unknown))}; "
                          f"its fields: {', '.join(f.name for f in fields(base))}")
     return replace(base, **overrides)
+
+
+def parse_overrides(name: str, entries: list[str]) -> dict:
+    """``["FIELD=VALUE", ...]`` (a command line's) as ``get_config`` overrides of preset ``name``, each value read as
+    its field's type there: int, float, str, or bool (true/false/1/0). ValueError naming an entry that is not
+    FIELD=VALUE, a field the preset lacks, a field given twice, a value that does not parse, or a field with no
+    scalar type (a tuple or None default). The config's own checks run in ``get_config``."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+    base, out = PRESETS[name], {}
+    names = [f.name for f in fields(base)]
+    for entry in entries:
+        key, sep, text = (part.strip() for part in entry.partition("="))
+        if not sep or not key:
+            raise ValueError(f"model override {entry!r}: expected FIELD=VALUE")
+        if key not in names:
+            raise ValueError(f"model override {entry!r}: preset {name!r} ({type(base).__name__}) has no field "
+                             f"{key!r}; its fields: {', '.join(names)}")
+        if key in out:
+            raise ValueError(f"model override {entry!r}: {key} is already set to {out[key]!r}; give each field once")
+        current = getattr(base, key)
+        try:
+            if isinstance(current, bool):
+                if text.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                value = text.lower() in ("true", "1")
+            elif isinstance(current, (int, float, str)):
+                value = type(current)(text)
+            else:
+                raise TypeError
+        except ValueError:
+            raise ValueError(f"model override {entry!r}: {text!r} is not a {type(current).__name__} (the type of "
+                             f"{key} in preset {name!r})") from None
+        except TypeError:
+            raise ValueError(f"model override {entry!r}: {key} (default {current!r}) cannot be set from the command "
+                             f"line; add a preset to engine/config.py") from None
+        out[key] = value
+    return out
 
 
 def config_to_dict(cfg: ACEConfig | SD3Config) -> dict:

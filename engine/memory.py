@@ -13,10 +13,12 @@ The estimate (bytes, an upper bound for the reference path; fused attention kern
     + heads x L^2 x 8             the scores and softmax of one segment in fp32: the reference attention (the
                                   CPU's) runs one sample's segment at a time; not counted on CUDA, whose
                                   kernels never hold them
-    + branches x P x (5k + 2s + 3q + w + 24) x e  a per-pixel head (``cfg.pixel_head`` = k,
+    + branches x P x (5k + 2s + 3q + w + 2c + v + 24) x e  a per-pixel head (``cfg.pixel_head`` = k,
                                   ``cfg.pixel_smooth`` = s, ``cfg.pixel_keys`` = q; w = 3 with
-                                  ``cfg.pixel_sigma_data``) over the ``P`` pixels of the largest image: its k
-                                  features, s upsampled ones, q key distances and matches, the Wiener estimate,
+                                  ``cfg.pixel_sigma_data``; c = ``cfg.pixel_conv``, v = 84 with it: the 7
+                                  planes of 9 gathered neighbours and the cropped window) over the ``P`` pixels
+                                  of the largest image: its k features, s upsampled ones, q key distances and
+                                  matches, the Wiener estimate, the convolution's c outputs and window,
                                   MLP input, 2k hidden, outputs, source and noisy values per pixel; at
                                   1024x1024 this outweighs the blocks
 
@@ -75,10 +77,14 @@ def estimate_memory(model: torch.nn.Module, image_tokens: int, text_tokens: int,
     activations = streams * branches * length * cfg.hidden_size * element_size * 16
     if scores:
         activations += heads * length**2 * 8
-    k, smooth, keys = (getattr(cfg, name, 0) for name in ("pixel_head", "pixel_smooth", "pixel_keys"))
+    k, smooth, keys, conv = (getattr(cfg, name, 0) for name in ("pixel_head", "pixel_smooth", "pixel_keys",
+                                                                 "pixel_conv"))
     wiener = 3 if getattr(cfg, "pixel_sigma_data", 0) else 0  # the head's Wiener estimate, one per channel
     if k:
-        activations += branches * pixels * (5 * k + 2 * smooth + 3 * keys + wiener + 24) * element_size
+        # the convolution's window: 7 planes over (8 + 4)^2 / 8^2 of the pixels, and 9 neighbours gathered
+        window = 7 * 9 + 7 * 3 if conv else 0
+        activations += branches * pixels * (5 * k + 2 * smooth + 3 * keys + wiener + 2 * conv + window
+                                            + 24) * element_size
     codec = pixels * (VAE_CODEC_BYTES if vae else PIXEL_CODEC_BYTES)
     return MemoryEstimate(weights, activations, codec)
 

@@ -48,7 +48,7 @@ def ace_inputs(cfg) -> list[InputSpec]:
     """Graph inputs of the ACE denoiser (``engine/ace.py``), in call order."""
     p2 = cfg.patch_size**2
     skip = [_i64("source_index", "L_tgt")] if getattr(cfg, "source_skip", False) else []
-    if getattr(cfg, "pixel_smooth", 0):
+    if getattr(cfg, "pixel_smooth", 0) or getattr(cfg, "pixel_conv", 0):
         skip.append(_i64("target_neighbors", "L_tgt", 9))
     return [
         _f("x", "L_tgt", cfg.in_channels * p2), _f("t", "B"),

@@ -246,10 +246,10 @@ def test_a_latent_cache_takes_the_word_encoders_text_states():
 F2, K = 2, 5
 
 
-def _pixel_model(gate: bool = True, smooth: int = 0, keys: int = 0, sigma_data: float = 0.0):
+def _pixel_model(gate: bool = True, smooth: int = 0, keys: int = 0, sigma_data: float = 0.0, conv: int = 0):
     cfg = get_config("ace-tiny", in_channels=3 * F2 * F2, codec_factor=F2, y_channels=Y, prediction="x0",
                      source_skip=True, source_gate=gate, pixel_head=K, pixel_smooth=smooth, pixel_keys=keys,
-                     pixel_sigma_data=sigma_data)
+                     pixel_sigma_data=sigma_data, pixel_conv=conv)
     return build_model(cfg)
 
 
@@ -687,3 +687,78 @@ def test_wiener_head_gradients_flops_memory_and_settings():
         with pytest.raises(ValueError, match=f"pixel_sigma_data must be a finite number >= 0 \\(0 = off\\), got "
                                              f"{re.escape(repr(bad))}"):
             get_config("ace-edit", pixel_sigma_data=bad)
+
+
+# the convolution over each pixel's neighbourhood (cfg.pixel_conv)
+CV = 4
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
+def test_conv_features_match_conv2d_over_each_whole_image(dtype, tol):
+    """Reference: each frame as a whole [noisy RGB, source RGB, ones] image, ``F.conv2d`` with zero padding in
+    fp32, laid out as the codec lays out pixels. Odd grids (tokens of 4 pixels, a 5x5 kernel reaching 2 pixels
+    into the neighbours): 3x5, 1x4 and 2x1 tokens, a 1x1 frame, one frame with no source (zeros). Tolerance
+    relative to the largest output: fp32 1e-5, bf16 3e-2, fp16 5e-3."""
+    from omniace.engine.lcu import grid_neighbors
+
+    head = randomise(_pixel_model(conv=CV), seed=21, std=0.3).pixel_head.to(dtype)
+    size = F2 * P
+    g = torch.Generator().manual_seed(4)
+    xs, srcs, nbrs, refs, row0 = [], [], [], [], 0
+    for (gh, gw), has_source in (((3, 5), True), ((1, 4), True), ((2, 1), False), ((1, 1), True)):
+        noisy = torch.randn(3, gh * size, gw * size, generator=g).to(dtype).float()
+        src = (torch.rand(3, gh * size, gw * size, generator=g) * 2 - 1).to(dtype).float() * has_source
+        planes = torch.cat([noisy, src, torch.ones(1, gh * size, gw * size)])
+        w = head.conv2d.weight.float()
+        ref = F.conv2d(planes[None], w, head.conv2d.bias.float(), padding=head.CONV_KERNEL // 2)[0]
+        xs.append(pack_pixels(noisy))
+        srcs.append(pack_pixels(src))
+        refs.append(pack_pixels(ref).view(-1, CV, size * size).transpose(1, 2))
+        nbrs.append(grid_neighbors(gh, gw) + row0)
+        row0 += gh * gw
+    with torch.no_grad():
+        out = head.conv_features(torch.cat(xs).to(dtype), torch.cat(srcs).to(dtype), torch.cat(nbrs)).float()
+    ref = torch.cat(refs)
+    assert out.shape == ref.shape == (row0, size * size, CV)
+    err = (out - ref).abs().max().item()
+    assert err < tol * max(1.0, ref.abs().max().item()), err
+    # the reference can tell: a conv that wraps inside each token (no neighbours) is far from it
+    alone = torch.arange(row0)[:, None].expand(-1, 9)
+    with torch.no_grad():
+        wrapped = head.conv_features(torch.cat(xs).to(dtype), torch.cat(srcs).to(dtype), alone).float()
+    assert (wrapped - ref).abs().max() > 0.5
+
+
+def test_conv_head_feeds_the_mlp_gradients_flops_memory_and_settings():
+    from omniace.engine.memory import estimate_memory
+
+    model = randomise(_pixel_model(smooth=S, conv=CV), seed=22, std=0.1)
+    batch = pack(_pixel_samples(3), P, with_mask=True)
+    x = torch.randn(batch.target_index.numel(), 3 * F2 * F2 * P * P, requires_grad=True)
+    model(batch, x, torch.tensor([1, 200, 3, 900])).pow(2).sum().backward()
+    ph = model.pixel_head
+    conv_cols = ph.fc1.weight.grad[:, K + S:K + S + CV]  # after the per-pixel and smooth features
+    assert ph.fc1.in_features == K + S + CV + 6 and conv_cols.abs().sum(0).min() > 0
+    assert ph.conv2d.weight.grad.abs().sum((1, 2, 3)).min() > 0 and x.grad.abs().sum() > 0
+    # the head reads the features at those columns: zeroing them moves the output
+    with torch.no_grad():
+        before = model(batch, x, torch.tensor([1, 200, 3, 900]))
+        ph.conv2d.bias.add_(1.0)
+        assert (model(batch, x, torch.tensor([1, 200, 3, 900])) - before).abs().max() > 1e-3
+    plain = _pixel_model(smooth=S)
+    n_pix = F2 * F2 * P * P
+    # fc1's CV more inputs (x 2K hidden), the convolution's 7 x 5 x 5 MACs per output channel and pixel
+    assert model.flops([[12]], [[7]]) - plain.flops([[12]], [[7]]) == 2 * 12 * n_pix * (CV * 2 * K + CV * 7 * 25)
+    grow = estimate_memory(model, 64, 8, 1, 4096).activations - estimate_memory(plain, 64, 8, 1, 4096).activations
+    assert grow == 4096 * (2 * CV + 84) * 4
+    batch.target_neighbors = None
+    with pytest.raises(ValueError, match="pixel_conv reads each target token's grid neighbours"):
+        _pixel_model(conv=CV)(batch, x, torch.tensor([1, 2, 3, 4]))
+    with pytest.raises(ValueError, match="pixel_conv feeds the per-pixel head: it needs pixel_head > 0"):
+        get_config("ace-tiny", pixel_conv=4)
+    for bad in (-1, 2.5, "16", None, True):
+        with pytest.raises(ValueError, match=f"pixel_conv must be an integer >= 0 \\(0 = off\\), got {bad!r}"):
+            get_config("ace-edit", pixel_conv=bad)
+    with pytest.raises(ValueError, match="reaches past the 3x3 token neighbourhood of 1-pixel tokens"):
+        build_model(get_config("ace-tiny", in_channels=3, codec_factor=1, patch_size=1, prediction="x0",
+                               source_skip=True, pixel_head=2, pixel_conv=2))

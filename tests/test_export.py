@@ -32,7 +32,8 @@ CONFIGS = {"sd35-small": ("sd3-small", dict(qk_norm="rms_norm", dual_attention_l
            # with the per-pixel head (cfg.pixel_head, its smooth features: target_neighbors input; its key colours; its
            # Wiener estimate, which reads t per token) and a text refiner (cfg.text_refiner)
            "ace-tiny-px": ("ace-tiny", dict(prediction="x0", source_skip=True, source_gate=True, pixel_head=5,
-                                            pixel_smooth=3, pixel_keys=2, pixel_sigma_data=0.5, text_refiner=1))}
+                                            pixel_smooth=3, pixel_keys=2, pixel_sigma_data=0.5, pixel_conv=2,
+                                            text_refiner=1))}
 
 
 def _model(preset: str, seed: int = 0) -> torch.nn.Module:

@@ -592,6 +592,9 @@ def test_a_resume_with_other_data_and_preset_is_refused_unless_allowed(corpus, t
     (["--decoder", "bogus"], "decoder 'bogus'; expected auto, dali or pil"),
     (["--timestep-sampling", "lognormal"], "timestep_sampling 'lognormal'; expected one of ('auto', 'uniform'"),
     (["--logit-std", "0"], "logit_std must be a finite number > 0, got 0.0"),
+    (["--model-override", "pixel_conv=x"], "model override 'pixel_conv=x': 'x' is not a int"),
+    (["--model-override", "depth=3,depth=4"], "depth is already set to 3"),
+    (["--preset", "ace-edit", "--model-override", "pixel_conv=-1"], "pixel_conv must be an integer >= 0"),
     (["--importance-threshold", "11"], "importance_threshold 11.0 is outside the 0-10 score scale"),
     (["--preset", "ace-0.6b-512"], "is a latent-space model"),
     (["--mode", "editnet"], "--mode editnet needs a preset with an EditNet branch"),
@@ -601,6 +604,39 @@ def test_bad_flags_stop_before_anything_is_written(flags, message, tmp_path):
     proc = run_trainer(["--data", str(tmp_path), "--out", str(out)] + flags, check=False)
     assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
     assert not out.exists()
+
+
+def test_a_model_override_trains_records_and_exports_the_changed_model(corpus, tmp_path):
+    """--model-override changes preset fields; the checkpoint's recorded config and the export carry them, so the
+    weights load as trained, and a resume that drops the override is refused naming the changed field."""
+    out = tmp_path / "run"
+    args = ["--data", str(corpus), "--out", str(out), "--preset", "ace-edit", "--steps", "2", "--decoder", "pil",
+            "--token-budget", "300", "--no-activation-checkpointing"]
+    run_trainer(args + ["--model-override", "pixel_conv=3, depth=2,pixel_sigma_data=0.25,qk_norm=false"])
+    model = load_model(out / "model.safetensors")
+    assert model.cfg == get_config("ace-edit", pixel_conv=3, depth=2, pixel_sigma_data=0.25, qk_norm=False)
+    assert model.pixel_head.conv2d.out_channels == 3 and len(model.blocks) == 2
+    proc = run_trainer(args + ["--steps", "3"], check=False)
+    assert proc.returncode == 1 and "model_config.pixel_conv: checkpoint 3, this run 0 (cannot change" in proc.stderr
+    assert "allow-config-change" not in proc.stderr, proc.stderr  # no flag can allow it
+    # the same model spelled otherwise resumes
+    run_trainer(args + ["--steps", "3", "--model-override", "qk_norm=0,pixel_sigma_data=.25,depth=2,pixel_conv=3"])
+    assert load_model(out / "model.safetensors").cfg == model.cfg
+
+
+def test_model_overrides_parse_as_their_fields_types():
+    from omniace.engine.config import parse_overrides
+
+    assert parse_overrides("ace-edit", ["pixel_conv=16", " pixel_sigma_data = 0.5", "qk_norm=0", "text_encoder=bytes",
+                                        "mlp_ratio=2"]) == \
+        {"pixel_conv": 16, "pixel_sigma_data": 0.5, "qk_norm": False, "text_encoder": "bytes", "mlp_ratio": 2.0}
+    for entry, message in (("pixel_conv", "expected FIELD=VALUE"), ("=3", "expected FIELD=VALUE"),
+                           ("bogus=1", "has no field 'bogus'"), ("qk_norm=yes", "'yes' is not a bool"),
+                           ("depth=2.5", "'2.5' is not a int"), ("rope_axes=1", "cannot be set from the command line")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            parse_overrides("ace-edit", [entry])
+    with pytest.raises(ValueError, match="unknown preset 'nope'"):
+        parse_overrides("nope", [])
 
 
 def test_a_pass_without_a_usable_record_stops_naming_what_was_skipped(corpus, tmp_path):

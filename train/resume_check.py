@@ -12,9 +12,10 @@ from pathlib import Path
 
 # TrainConfig fields a user changes on resume on purpose (a longer schedule, other log and checkpoint
 # intervals, the export dtype) or that do not change what is computed (both decoders give identical
-# arrays; activation checkpointing recomputes the same values)
+# arrays; activation checkpointing recomputes the same values; the model overrides are compared by their
+# effect, the model_config lines, so another spelling of the same model resumes)
 FREE = frozenset({"out", "steps", "stop_at", "log_every", "ckpt_every", "keep", "export_dtype", "decoder",
-                  "activation_checkpointing", "allow_config_change"})
+                  "activation_checkpointing", "allow_config_change", "model_override"})
 # differences no flag can allow: the checkpoint's tensors or per-rank data positions would not fit
 FIXED = {"preset": "the weights' shapes come from it",
          "model_config": "the checkpoint's tensors have its shapes",

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from omniace.engine.codec import PixelCodec
-from omniace.engine.config import ACEConfig, config_to_dict, get_config
+from omniace.engine.config import ACEConfig, config_to_dict, get_config, parse_overrides
 from omniace.engine.model import build_model, forward_flops, save_weights
 from omniace.engine.pipeline import tiny_text_encoder
 from omniace.engine.text import indicator_table
@@ -75,6 +75,9 @@ class TrainConfig:
     out: str = _opt("runs/train", "output folder: checkpoints/, metrics.jsonl, skipped.jsonl, model.safetensors; "
                                   "one run at a time (run.lock)")
     preset: str = _opt("ace-tiny", "model preset (omniace.engine.config)")
+    model_override: list[str] = _opt([], "preset fields to change, FIELD=VALUE[,FIELD=VALUE...] (e.g. "
+                                         "pixel_conv=16): recorded in every checkpoint and in the export, which "
+                                         "then loads as trained")
     init: str | None = _opt(None, "safetensors to start from (the base model for --mode editnet)")
     mode: str = _opt("full", f"what trains: {' | '.join(TRAIN_MODES)} (editnet: the control branch only, the "
                              f"base frozen)")
@@ -135,6 +138,10 @@ class TrainConfig:
             out[task.strip()] = w
         return out
 
+    def model_config(self):
+        """The preset with ``model_override`` applied (ACEConfig or SD3Config); ValueError naming a bad entry."""
+        return get_config(self.preset, **parse_overrides(self.preset, self.model_override))
+
     def __post_init__(self) -> None:
         if self.mode not in TRAIN_MODES:
             raise ValueError(f"mode {self.mode!r}; expected one of {TRAIN_MODES}")
@@ -176,7 +183,7 @@ class TrainConfig:
         if self.importance == "binary" and not 0 <= self.importance_threshold <= 10:  # OmniEdit scores are 0-10
             raise ValueError(f"importance_threshold {self.importance_threshold} is outside the 0-10 score scale: "
                              f"binary importance would keep no pair (or every pair)")
-        model_cfg = get_config(self.preset)  # ValueError naming the presets
+        model_cfg = self.model_config()  # ValueError naming the presets, or a bad override
         check_data_codec(self.preset, model_cfg, self.data)
         if self.mode == "editnet" and not getattr(model_cfg, "editnet", False):
             raise ValueError(f"--mode editnet needs a preset with an EditNet branch; {self.preset!r} has none")
@@ -324,7 +331,7 @@ class Trainer:
 
     def _build(self) -> None:
         cfg = self.cfg
-        model_cfg = get_config(cfg.preset)
+        model_cfg = cfg.model_config()
         self.model_cfg = model_cfg
         self.ckpt = CheckpointManager(self.out / "checkpoints", keep=cfg.keep)
         self.runlog = RunLog(self.out, enabled=self.rank == 0)
@@ -625,6 +632,8 @@ def build_parser() -> argparse.ArgumentParser:
             ap.add_argument(flag, nargs="+", required=True, default=argparse.SUPPRESS, help=help)
         elif f.name == "allow_config_change":
             ap.add_argument(flag, type=_names, default=value, metavar="FIELD[,FIELD...]", help=help)
+        elif f.name == "model_override":
+            ap.add_argument(flag, type=_names, default=value, metavar="FIELD=VALUE[,FIELD=VALUE...]", help=help)
         elif f.name == "task_weight":
             ap.add_argument(flag, type=_names, default=value, metavar="TASK=W[,TASK=W...]", help=help)
         elif isinstance(value, bool):
