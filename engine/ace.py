@@ -183,9 +183,18 @@ class PixelHead(nn.Module):
             self.conv2d = nn.Conv2d(7, conv, self.CONV_KERNEL)  # noisy RGB, source RGB, ones; no padding
             # raster position (row * size + col) of each pixel column of a token row, and its inverse
             coords = token_pixel_coords(codec_factor, patch).long()
-            raster = (coords[:, 0] * self.size + coords[:, 1]).to(torch.get_default_device())
-            self.register_buffer("raster_of_slot", raster, persistent=False)
-            self.register_buffer("slot_of_raster", torch.argsort(raster), persistent=False)
+            raster = coords[:, 0] * self.size + coords[:, 1]
+            dev = torch.get_default_device()
+            self.register_buffer("raster_of_slot", raster.to(dev), persistent=False)
+            # each window pixel (raster order over the token and r pixels around it): the neighbour it lies in
+            # (dy, then dx) and its column in that neighbour's token row
+            r = self.CONV_KERNEL // 2
+            offset = torch.arange(-r, self.size + r)
+            cell, within = torch.div(offset, self.size, rounding_mode="floor") + 1, offset % self.size
+            slot = (cell[:, None] * 3 + cell[None, :]).flatten()
+            pixel = torch.argsort(raster)[(within[:, None] * self.size + within[None, :]).flatten()]
+            self.register_buffer("window_slot", slot.to(dev), persistent=False)
+            self.register_buffer("window_pixel", pixel.to(dev), persistent=False)
         if sigma_data:  # not in the state dict: they follow from the schedule (the DDIM sampler's, as training's)
             from .sampler import DDIMSampler
 
@@ -244,18 +253,21 @@ class PixelHead(nn.Module):
         """``[L, pixels, conv]``: the convolution of the image's ``[noisy RGB, source RGB, ones]`` (zero padded at
         its border) at each pixel of each token, in the token's pixel order. x, source ``[L, 3 * pixels]``;
         neighbors ``[L, 9]`` (a neighbour past the border is the token itself, ``grid_neighbors``)."""
-        n, s, r = x.shape[0], self.size, self.CONV_KERNEL // 2
+        n = x.shape[0]
+        w = self.size + 2 * (self.CONV_KERNEL // 2)  # the token and r pixels around it
+        # one row per pixel of the batch: [L * pixels, 7]
         planes = torch.cat([x, source, torch.ones_like(x[:, :self.pixels])], dim=1).view(n, 7, self.pixels)
-        planes = planes.index_select(2, self.slot_of_raster)  # token pixel order -> raster order
+        planes = planes.transpose(1, 2).reshape(n * self.pixels, 7)
         # a neighbour past the border is the token itself (grid_neighbors clamps): zero it, as zero padding would
         own, centre = neighbors[:, 4], torch.ones_like(neighbors[:, 4], dtype=torch.bool)
         inside_y = torch.stack([neighbors[:, 1] != own, centre, neighbors[:, 7] != own], dim=1)  # dy = -1, 0, 1
         inside_x = torch.stack([neighbors[:, 3] != own, centre, neighbors[:, 5] != own], dim=1)  # dx = -1, 0, 1
-        inside = (inside_y[:, :, None] & inside_x[:, None, :]).flatten(1).to(planes.dtype)  # [L, 9]
-        near = planes.index_select(0, neighbors.flatten()).view(n, 9, 7, s * s) * inside[:, :, None, None]
-        window = near.view(n, 3, 3, 7, s, s).permute(0, 3, 1, 4, 2, 5).reshape(n, 7, 3 * s, 3 * s)
-        window = window[:, :, s - r:2 * s + r, s - r:2 * s + r]  # the token and r pixels around it
-        out = self.conv2d(window).flatten(2)  # [L, conv, s * s] in raster order
+        inside = (inside_y[:, :, None] & inside_x[:, None, :]).flatten(1)  # [L, 9]
+        slot, pixel = self.window_slot, self.window_pixel  # [w * w] each: which neighbour, which of its pixels
+        rows = neighbors.index_select(1, slot) * self.pixels + pixel  # [L, w * w]
+        window = planes.index_select(0, rows.flatten()).view(n, w * w, 7)
+        window = window * inside.index_select(1, slot).unsqueeze(-1).to(window.dtype)
+        out = self.conv2d(window.transpose(1, 2).reshape(n, 7, w, w)).flatten(2)  # [L, conv, s * s], raster order
         return out.index_select(2, self.raster_of_slot).transpose(1, 2)
 
 
