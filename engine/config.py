@@ -5,6 +5,25 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
 
+PREDICTION_TYPES = ("eps", "x0", "flow")  # engine.sampler.PREDICTIONS (imported from there would be circular)
+
+
+def check_sizes(cfg, integers: tuple[str, ...], numbers: tuple[str, ...] = ()) -> None:
+    """ValueError naming the first of ``integers`` that is not an integer >= 1, or of ``numbers`` that is not a
+    finite number > 0, or a ``prediction`` outside PREDICTION_TYPES: a zero or negative size would otherwise
+    fail deep inside the model build (or train a model with no blocks) instead of naming the field."""
+    for name in integers:
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    for name in numbers:
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+            raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+    if cfg.prediction not in PREDICTION_TYPES:
+        raise ValueError(f"prediction {cfg.prediction!r}; expected one of {PREDICTION_TYPES}")
+
+
 def ace_rope_axes(head_dim: int) -> tuple[int, int, int]:
     """ACE's split of the head dim over (frame, row, col): the frame axis takes the remainder."""
     third = 2 * (head_dim // 6)
@@ -81,6 +100,8 @@ class ACEConfig:
         return self.in_channels * (2 if self.pred_sigma else 1)
 
     def __post_init__(self) -> None:
+        check_sizes(self, ("patch_size", "in_channels", "hidden_size", "depth", "num_heads", "y_channels",
+                           "text_len", "num_indicators", "codec_factor"), ("mlp_ratio", "rope_theta"))
         if self.hidden_size % self.num_heads or self.head_dim % 2:
             raise ValueError(f"hidden_size {self.hidden_size} must split into {self.num_heads} heads of even size")
         if sum(self.axes) > self.head_dim:
@@ -157,6 +178,9 @@ class SD3Config:
         return self.num_attention_heads * self.attention_head_dim
 
     def __post_init__(self) -> None:
+        check_sizes(self, ("sample_size", "patch_size", "in_channels", "out_channels", "num_layers",
+                           "attention_head_dim", "num_attention_heads", "joint_attention_dim", "caption_projection_dim",
+                           "pooled_projection_dim", "pos_embed_max_size", "text_len", "codec_factor"))
         # a JSON config (diffusers' config.json, omniace_config metadata) gives a list
         object.__setattr__(self, "dual_attention_layers", tuple(self.dual_attention_layers))
         bad = [i for i in self.dual_attention_layers if not isinstance(i, int) or not 0 <= i < self.num_layers]
@@ -241,6 +265,9 @@ def parse_overrides(name: str, entries: list[str]) -> dict:
                              f"{key!r}; its fields: {', '.join(names)}")
         if key in out:
             raise ValueError(f"model override {entry!r}: {key} is already set to {out[key]!r}; give each field once")
+        if key == "family":
+            raise ValueError(f"model override {entry!r}: the family cannot be changed (the fields differ); pick a "
+                             f"preset of that family: {', '.join(sorted(PRESETS))}")
         current = getattr(base, key)
         try:
             if isinstance(current, bool):
@@ -252,8 +279,9 @@ def parse_overrides(name: str, entries: list[str]) -> dict:
             else:
                 raise TypeError
         except ValueError:
-            raise ValueError(f"model override {entry!r}: {text!r} is not a {type(current).__name__} (the type of "
-                             f"{key} in preset {name!r})") from None
+            kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[type(current)]
+            raise ValueError(f"model override {entry!r}: {text!r} is not {kind} (the type of {key} in preset "
+                             f"{name!r})") from None
         except TypeError:
             raise ValueError(f"model override {entry!r}: {key} (default {current!r}) cannot be set from the command "
                              f"line; add a preset to engine/config.py") from None

@@ -592,7 +592,12 @@ def test_a_resume_with_other_data_and_preset_is_refused_unless_allowed(corpus, t
     (["--decoder", "bogus"], "decoder 'bogus'; expected auto, dali or pil"),
     (["--timestep-sampling", "lognormal"], "timestep_sampling 'lognormal'; expected one of ('auto', 'uniform'"),
     (["--logit-std", "0"], "logit_std must be a finite number > 0, got 0.0"),
-    (["--model-override", "pixel_conv=x"], "model override 'pixel_conv=x': 'x' is not a int"),
+    (["--model-override", "pixel_conv=x"], "model override 'pixel_conv=x': 'x' is not an integer"),
+    (["--model-override", "family=sd3"], "model override 'family=sd3': the family cannot be changed"),
+    (["--model-override", "num_heads=0"], "num_heads must be an integer >= 1, got 0"),
+    (["--model-override", "mlp_ratio=nan"], "mlp_ratio must be a finite number > 0, got nan"),
+    (["--model-override", "codec_factor=8"], "is a latent-space model (codec factor 8, 48 channels)"),
+    (["--logit-std", "abc"], "argument --logit-std: invalid float value: 'abc' (--help lists the flags)"),
     (["--model-override", "depth=3,depth=4"], "depth is already set to 3"),
     (["--preset", "ace-edit", "--model-override", "pixel_conv=-1"], "pixel_conv must be an integer >= 0"),
     (["--importance-threshold", "11"], "importance_threshold 11.0 is outside the 0-10 score scale"),
@@ -624,6 +629,26 @@ def test_a_model_override_trains_records_and_exports_the_changed_model(corpus, t
     assert load_model(out / "model.safetensors").cfg == model.cfg
 
 
+def test_repeated_list_flags_add_up_and_ignored_logit_flags_warn(tmp_path):
+    from omniace.train.trainer import build_parser
+
+    ns = build_parser().parse_args(["--data", str(tmp_path), "--model-override", "pixel_conv=4",
+                                    "--model-override", "depth=2,text_len=32", "--task-weight", "object_swap=8",
+                                    "--task-weight", "inpainting=4", "--allow-config-change", "lr",
+                                    "--allow-config-change", "seed"])
+    assert ns.model_override == ["pixel_conv=4", "depth=2", "text_len=32"]
+    assert ns.task_weight == ["object_swap=8", "inpainting=4"] and ns.allow_config_change == ["lr", "seed"]
+    assert build_parser().parse_args(["--data", "x"]).model_override == []  # the default is not mutated
+    warn = "have no effect: this run draws timesteps uniformly"
+    assert any(warn in w for w in TrainConfig(data=[str(tmp_path)], logit_std=3.0).warnings())
+    assert any(warn in w for w in TrainConfig(data=[str(tmp_path)], timestep_sampling="uniform",
+                                             logit_mean=-1.0).warnings())
+    for quiet in (TrainConfig(data=[str(tmp_path)], timestep_sampling="logit_normal", logit_mean=-1.0),
+                  TrainConfig(data=[str(tmp_path)], preset="sd3-tiny-editnet", logit_std=2.0),  # flow: logit-normal
+                  TrainConfig(data=[str(tmp_path)])):
+        assert not any(warn in w for w in quiet.warnings())
+
+
 def test_model_overrides_parse_as_their_fields_types():
     from omniace.engine.config import parse_overrides
 
@@ -631,8 +656,8 @@ def test_model_overrides_parse_as_their_fields_types():
                                         "mlp_ratio=2"]) == \
         {"pixel_conv": 16, "pixel_sigma_data": 0.5, "qk_norm": False, "text_encoder": "bytes", "mlp_ratio": 2.0}
     for entry, message in (("pixel_conv", "expected FIELD=VALUE"), ("=3", "expected FIELD=VALUE"),
-                           ("bogus=1", "has no field 'bogus'"), ("qk_norm=yes", "'yes' is not a bool"),
-                           ("depth=2.5", "'2.5' is not a int"), ("rope_axes=1", "cannot be set from the command line")):
+                           ("bogus=1", "has no field 'bogus'"), ("qk_norm=yes", "'yes' is not true or false"),
+                           ("depth=2.5", "'2.5' is not an integer"), ("rope_axes=1", "cannot be set from the command line")):
         with pytest.raises(ValueError, match=re.escape(message)):
             parse_overrides("ace-edit", [entry])
     with pytest.raises(ValueError, match="unknown preset 'nope'"):

@@ -184,7 +184,12 @@ class TrainConfig:
             raise ValueError(f"importance_threshold {self.importance_threshold} is outside the 0-10 score scale: "
                              f"binary importance would keep no pair (or every pair)")
         model_cfg = self.model_config()  # ValueError naming the presets, or a bad override
-        check_data_codec(self.preset, model_cfg, self.data)
+        try:
+            check_data_codec(self.preset, model_cfg, self.data)
+        except ValueError as err:
+            if not self.model_override:
+                raise
+            raise ValueError(f"{err} (with --model-override {','.join(self.model_override)})") from None
         if self.mode == "editnet" and not getattr(model_cfg, "editnet", False):
             raise ValueError(f"--mode editnet needs a preset with an EditNet branch; {self.preset!r} has none")
         ok = allowable(f.name for f in fields(self))
@@ -204,6 +209,13 @@ class TrainConfig:
         if self.warmup > self.steps:
             out.append(f"--warmup {self.warmup} is longer than --steps {self.steps}: the learning rate never "
                        f"reaches --lr (it ends at {lr_at(self, self.steps - 1) / self.lr:.0%} of it) and never decays")
+        sampling = self.timestep_sampling
+        if sampling == "auto":
+            sampling = "logit_normal" if self.model_config().prediction == "flow" else "uniform"
+        if sampling == "uniform" and (self.logit_mean, self.logit_std) != (0.0, 1.0):
+            out.append(f"--logit-mean {self.logit_mean:g} / --logit-std {self.logit_std:g} have no effect: this run "
+                       f"draws timesteps uniformly (--timestep-sampling {self.timestep_sampling}); pass "
+                       f"--timestep-sampling logit_normal to use them")
         return out
 
 
@@ -611,9 +623,10 @@ def _env_rank() -> int:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
+        """One line, as every other user error (argparse would print the whole usage block first)."""
         if _env_rank() != 0:  # every torchrun rank parses the same argv: rank 0 says it once
             self.exit(2)
-        super().error(message)
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
 
 
 def _names(text: str) -> list[str]:
@@ -631,11 +644,14 @@ def build_parser() -> argparse.ArgumentParser:
         if f.name == "data":
             ap.add_argument(flag, nargs="+", required=True, default=argparse.SUPPRESS, help=help)
         elif f.name == "allow_config_change":
-            ap.add_argument(flag, type=_names, default=value, metavar="FIELD[,FIELD...]", help=help)
+            ap.add_argument(flag, type=_names, default=value, metavar="FIELD[,FIELD...]", action="extend",
+                            help=help + " (repeatable)")
         elif f.name == "model_override":
-            ap.add_argument(flag, type=_names, default=value, metavar="FIELD=VALUE[,FIELD=VALUE...]", help=help)
+            ap.add_argument(flag, type=_names, default=value, metavar="FIELD=VALUE[,FIELD=VALUE...]", action="extend",
+                            help=help + " (repeatable)")
         elif f.name == "task_weight":
-            ap.add_argument(flag, type=_names, default=value, metavar="TASK=W[,TASK=W...]", help=help)
+            ap.add_argument(flag, type=_names, default=value, metavar="TASK=W[,TASK=W...]", action="extend",
+                            help=help + " (repeatable)")
         elif isinstance(value, bool):
             ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=value, help=help)
         elif f.name in ("init", "stop_at"):
