@@ -77,7 +77,7 @@ class TrainConfig:
     preset: str = _opt("ace-tiny", "model preset (omniace.engine.config)")
     model_override: list[str] = _opt([], "preset fields to change, FIELD=VALUE[,FIELD=VALUE...] (e.g. "
                                          "pixel_conv=16): recorded in every checkpoint and in the export, which "
-                                         "then loads as trained")
+                                         "then loads as trained; repeatable")
     init: str | None = _opt(None, "safetensors to start from (the base model for --mode editnet)")
     mode: str = _opt("full", f"what trains: {' | '.join(TRAIN_MODES)} (editnet: the control branch only, the "
                              f"base frozen)")
@@ -100,7 +100,8 @@ class TrainConfig:
                                    "model is unsure it leans toward changing pixels (docs/default_model.md)")
     task_weight: list[str] = _opt([], "loss weight per task, TASK=W[,TASK=W...] (others 1): the task follows from "
                                       "the instruction, so unlike --edit-weight it leaves the best prediction "
-                                      "unbiased; local edits change few pixels and carry little of an unweighted loss")
+                                      "unbiased; local edits change few pixels and carry little of an unweighted "
+                                      "loss; repeatable")
     timestep_sampling: str = _opt("auto", "how each sample's noise level is drawn: auto (uniform t for DDPM presets "
                                           "as in ACE, logit-normal for flow as in SD3) | uniform | logit_normal "
                                           "(t = 1000 sigmoid(z), z ~ N(--logit-mean, --logit-std); SD3 sec. 3.1)")
@@ -118,7 +119,8 @@ class TrainConfig:
     export_dtype: str = _opt("fp32", "dtype of the final safetensors: fp32 | fp16 | bf16 (fp16 halves a shipped "
                                      "default)")
     allow_config_change: list[str] = _opt([], "on resume, accept these fields differing from the checkpoint's "
-                                              "(comma list, e.g. data,seed); other differences stop the run")
+                                              "(comma list, e.g. data,seed; repeatable); other differences stop the "
+                                              "run")
 
     def task_weights(self) -> dict[str, float]:
         """``task_weight`` as ``{task: weight}``; ValueError naming an entry that is not TASK=W with W a finite
@@ -645,13 +647,13 @@ def build_parser() -> argparse.ArgumentParser:
             ap.add_argument(flag, nargs="+", required=True, default=argparse.SUPPRESS, help=help)
         elif f.name == "allow_config_change":
             ap.add_argument(flag, type=_names, default=value, metavar="FIELD[,FIELD...]", action="extend",
-                            help=help + " (repeatable)")
+                            help=help)
         elif f.name == "model_override":
             ap.add_argument(flag, type=_names, default=value, metavar="FIELD=VALUE[,FIELD=VALUE...]", action="extend",
-                            help=help + " (repeatable)")
+                            help=help)
         elif f.name == "task_weight":
             ap.add_argument(flag, type=_names, default=value, metavar="TASK=W[,TASK=W...]", action="extend",
-                            help=help + " (repeatable)")
+                            help=help)
         elif isinstance(value, bool):
             ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=value, help=help)
         elif f.name in ("init", "stop_at"):
