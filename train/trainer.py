@@ -726,5 +726,24 @@ def main(argv: list[str] | None = None) -> None:
             trainer.close()
 
 
+def cli() -> None:
+    """``omniace-train`` and ``python -m omniace.train.trainer``: :func:`main`, then leave with its exit status
+    without the interpreter's finalization. There, gloo's C++ worker threads of the (already destroyed) process
+    group can still be torn down and abort the process ("terminate called without an active exception",
+    SIGABRT): seen once at the end of a finished 12,000-step run, after its export, and at the exit of a rank
+    stopped by SIGTERM. Everything the run writes is closed by then (checkpoints and the export are complete files,
+    the logs are appended and closed per record, the lock released)."""
+    try:
+        main()
+        code = 0
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+        if isinstance(stop.code, str):
+            print(stop.code, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    main()
+    cli()
