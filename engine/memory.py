@@ -15,8 +15,8 @@ The estimate (bytes, an upper bound for the reference path; fused attention kern
                                   kernels never hold them
     + branches x P x (5k + 2s + 3q + w + 2c + v + 24) x e  a per-pixel head (``cfg.pixel_head`` = k,
                                   ``cfg.pixel_smooth`` = s, ``cfg.pixel_keys`` = q; w = 3 with
-                                  ``cfg.pixel_sigma_data``; c = ``cfg.pixel_conv``, v = 84 with it: the 7
-                                  planes of 9 gathered neighbours and the cropped window) over the ``P`` pixels
+                                  ``cfg.pixel_sigma_data``; c = ``cfg.pixel_conv``, v = 42 with it: its
+                                  window of 7 planes, gathered and laid out as an image) over the ``P`` pixels
                                   of the largest image: its k features, s upsampled ones, q key distances and
                                   matches, the Wiener estimate, the convolution's c outputs and window,
                                   MLP input, 2k hidden, outputs, source and noisy values per pixel; at
@@ -81,8 +81,9 @@ def estimate_memory(model: torch.nn.Module, image_tokens: int, text_tokens: int,
                                                                  "pixel_conv"))
     wiener = 3 if getattr(cfg, "pixel_sigma_data", 0) else 0  # the head's Wiener estimate, one per channel
     if k:
-        # the convolution's window: 7 planes over (8 + 4)^2 / 8^2 of the pixels, and 9 neighbours gathered
-        window = 7 * 9 + 7 * 3 if conv else 0
+        # the convolution's window, gathered and then laid out as an image: 7 planes over (8 + 4)^2 / 8^2 of
+        # the pixels each (<= 3 for tokens of 4 pixels or more)
+        window = 2 * 7 * 3 if conv else 0
         activations += branches * pixels * (5 * k + 2 * smooth + 3 * keys + wiener + 2 * conv + window
                                             + 24) * element_size
     codec = pixels * (VAE_CODEC_BYTES if vae else PIXEL_CODEC_BYTES)

@@ -750,7 +750,7 @@ def test_conv_head_feeds_the_mlp_gradients_flops_memory_and_settings():
     # fc1's CV more inputs (x 2K hidden), the convolution's 7 x 5 x 5 MACs per output channel and pixel
     assert model.flops([[12]], [[7]]) - plain.flops([[12]], [[7]]) == 2 * 12 * n_pix * (CV * 2 * K + CV * 7 * 25)
     grow = estimate_memory(model, 64, 8, 1, 4096).activations - estimate_memory(plain, 64, 8, 1, 4096).activations
-    assert grow == 4096 * (2 * CV + 84) * 4
+    assert grow == 4096 * (2 * CV + 42) * 4
     batch.target_neighbors = None
     with pytest.raises(ValueError, match="pixel_conv reads each target token's grid neighbours"):
         _pixel_model(conv=CV)(batch, x, torch.tensor([1, 2, 3, 4]))

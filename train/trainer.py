@@ -44,7 +44,8 @@ from .cache import cache_codec, cache_text, cached_text_encoder
 from .data import DataConfig, EditLoader, size_caps
 from .importance import ImportanceConfig
 from .lifecycle import StopSignal, die_with_parent, launched_by_torchrun
-from .objective import TIMESTEP_SAMPLINGS, Objective, edit_region_weight, sample_weights, target_sample_index, weighted_loss
+from .objective import (TIMESTEP_SAMPLINGS, Objective, edit_region_weight, sample_weights, target_sample_index,
+                        weighted_loss)
 from .parallelize import TRAIN_MODES, apply_fsdp, enable_activation_checkpointing, set_trainable
 from .resume_check import ConfigMismatchError, allowable, compare, resolve_paths, signature
 from .runlock import RunLock, RunLockedError
