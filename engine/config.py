@@ -5,7 +5,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
 
-PREDICTION_TYPES = ("eps", "x0", "flow")  # engine.sampler.PREDICTIONS (imported from there would be circular)
+PREDICTION_TYPES = ("eps", "x0", "flow")  # what a model predicts; engine.sampler.PREDICTIONS is this tuple
 
 
 def check_sizes(cfg, integers: tuple[str, ...], numbers: tuple[str, ...] = ()) -> None:

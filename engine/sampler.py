@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .config import PREDICTION_TYPES
 from .lcu import patchify
 
 # denoise(x [L_tgt, C*p*p], t [B]) -> prediction [L_tgt, C*p*p]; the pipeline folds CFG into it
@@ -216,7 +217,7 @@ class FlowEulerSampler(StepSampler):
         return x + (self._sig[i + 1] - self._sig[i]) * v
 
 
-PREDICTIONS = ("eps", "x0", "flow")
+PREDICTIONS = PREDICTION_TYPES  # one list, with the model configs that name them
 
 
 def make_sampler(prediction: str, steps: int, shift: float = 3.0,

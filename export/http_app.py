@@ -4,8 +4,8 @@ Endpoints:
 - ``POST /v1/edit``: multipart form (files ``images``/``masks``, fields ``instruction``, ``steps``,
   ``guidance`` (default: the pipeline's), ``rescale``, ``seed``, ``size`` as ``WIDTHxHEIGHT``, ``negative``,
   ``truncate``, ``resize`` (``resize``, ``crop`` or ``error``: how an image off the model grid is fitted),
-  ``response``) or JSON with base64 ``images``/``masks`` (a ``null`` mask, or an empty multipart ``masks`` field: none for
-  that image). Returns
+  ``response``) or JSON with base64 ``images``/``masks`` (a ``null`` mask, or an empty multipart ``masks``
+  field: none for that image). Returns
   ``image/png``, or JSON ``{"image": <base64 PNG>, ...}`` with ``response=json``. A bad or unknown field gives
   422 naming it; a full queue 429 with ``Retry-After``; a closed server 503; a client that disconnects has its request
   cancelled (499 in the metrics). Decoding and encoding run off the event loop. No request can take the
