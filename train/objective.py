@@ -12,7 +12,9 @@ loss on those tokens only:
 DDPM objectives, logit-normal for flow); ``uniform`` and ``logit_normal`` (SD3 sec. 3.1: ``u = sigmoid(z)``,
 ``z ~ N(logit_mean, logit_std)``; DDPM ``t = floor(1000 u)``, flow ``sigma = u``) apply to either. A mean below 0
 spends more of the training on the middle noise levels (DDPM t ~ 100-400), where an edit's shape is decided
-(docs/default_model.md, the from-target table).
+(docs/default_model.md, the from-target table). ``uniform_mix`` takes that fraction of the logit-normal draws
+uniformly instead, so the pure-noise end a sampler starts from stays trained (a logit-normal density alone
+starves it: run F in docs/default_model.md).
 
 Each sample's loss is the mean squared error over its own target tokens; samples of every size count
 equally. The batch loss is ``sum_b lambda_b loss_b / N`` with N the number of samples in the global
@@ -43,30 +45,39 @@ TIMESTEP_SAMPLINGS = ("auto", "uniform", "logit_normal")
 class Objective:
     """Draws the noise level and noise for a batch and scores a prediction, per sample.
 
-    Raises ValueError for an unknown ``prediction`` or ``timestep_sampling``, or a ``logit_std`` that is not a
-    finite number > 0."""
+    Raises ValueError for an unknown ``prediction`` or ``timestep_sampling``, a ``logit_std`` that is not a
+    finite number > 0, or a ``uniform_mix`` outside [0, 1]."""
 
     def __init__(self, prediction: str, timestep_sampling: str = "auto", logit_mean: float = 0.0,
-                 logit_std: float = 1.0):
+                 logit_std: float = 1.0, uniform_mix: float = 0.0):
         if prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction type {prediction!r}; expected one of {PREDICTIONS}")
         if timestep_sampling not in TIMESTEP_SAMPLINGS:
             raise ValueError(f"unknown timestep_sampling {timestep_sampling!r}; expected one of {TIMESTEP_SAMPLINGS}")
         if not (math.isfinite(logit_mean) and math.isfinite(logit_std) and logit_std > 0):
             raise ValueError(f"logit_mean {logit_mean} must be finite and logit_std {logit_std} finite and > 0")
+        if not 0.0 <= uniform_mix <= 1.0:  # also refuses NaN
+            raise ValueError(f"uniform_mix {uniform_mix} must be a fraction in [0, 1]")
         self.prediction = prediction
         if timestep_sampling == "auto":
             timestep_sampling = "logit_normal" if prediction == "flow" else "uniform"
         self.timestep_sampling, self.logit_mean, self.logit_std = timestep_sampling, logit_mean, logit_std
+        self.uniform_mix = uniform_mix
         sigma, alpha = DDIMSampler().schedule()
         self.sigma, self.alpha = sigma.float(), alpha.float()
 
     def draw_u(self, num_samples: int, gen: torch.Generator, device: torch.device) -> Tensor:
-        """``[B]`` noise levels as fractions in [0, 1) (fp32): uniform, or the logistic of a normal draw."""
+        """``[B]`` noise levels as fractions in [0, 1) (fp32): uniform, or the logistic of a normal draw (of
+        which a ``uniform_mix`` fraction, chosen per sample, is replaced by a uniform draw)."""
         if self.timestep_sampling == "uniform":
             return torch.rand(num_samples, generator=gen, device=device)
         z = torch.randn(num_samples, generator=gen, device=device)
-        return torch.sigmoid(z * self.logit_std + self.logit_mean)
+        u = torch.sigmoid(z * self.logit_std + self.logit_mean)
+        if self.uniform_mix == 0:  # no further draws: a run without the mixture keeps its random stream
+            return u
+        flat = torch.rand(num_samples, generator=gen, device=device)
+        pick = torch.rand(num_samples, generator=gen, device=device) < self.uniform_mix
+        return torch.where(pick, flat, u)
 
     def noise(self, x0: Tensor, sample_of: Tensor, num_samples: int, gen: torch.Generator) -> NoisedBatch:
         """``x0 [L_tgt, C*p*p]`` clean target tokens; ``sample_of [L_tgt]`` the sample of each token."""

@@ -109,6 +109,8 @@ class TrainConfig:
     logit_mean: float = _opt(0.0, "logit_normal: the mean of z; below 0 trains more on low and middle noise "
                                   "(-1.1 centres DDPM t near 250)")
     logit_std: float = _opt(1.0, "logit_normal: the standard deviation of z (> 0)")
+    uniform_mix: float = _opt(0.0, "logit_normal: this fraction of the draws is uniform instead, which keeps "
+                                   "the pure-noise end (where sampling starts) trained; in [0, 1]")
     drop_prompt: float = _opt(0.1, "probability of an empty instruction (trains classifier-free guidance)")
     decoder: str = _opt("auto", "image decoder: auto (DALI if installed, else PIL) | dali | pil")
     seed: int = _opt(0, "seeds the weights, the data order and the noise")
@@ -165,6 +167,7 @@ class TrainConfig:
                                ("ema_decay", lambda v: 0 <= v <= 1, " in [0, 1]"),
                                ("edit_weight", lambda v: v >= 0, " >= 0"),
                                ("logit_mean", lambda v: True, ""), ("logit_std", lambda v: v > 0, " > 0"),
+                               ("uniform_mix", lambda v: 0 <= v <= 1, " in [0, 1]"),
                                ("importance_threshold", lambda v: True, "")):
             v = getattr(self, name)
             if not (math.isfinite(v) and ok(v)):
@@ -215,10 +218,11 @@ class TrainConfig:
         sampling = self.timestep_sampling
         if sampling == "auto":
             sampling = "logit_normal" if self.model_config().prediction == "flow" else "uniform"
-        if sampling == "uniform" and (self.logit_mean, self.logit_std) != (0.0, 1.0):
-            out.append(f"--logit-mean {self.logit_mean:g} / --logit-std {self.logit_std:g} have no effect: this run "
-                       f"draws timesteps uniformly (--timestep-sampling {self.timestep_sampling}); pass "
-                       f"--timestep-sampling logit_normal to use them")
+        if sampling == "uniform" and (self.logit_mean, self.logit_std, self.uniform_mix) != (0.0, 1.0, 0.0):
+            out.append(f"--logit-mean {self.logit_mean:g} / --logit-std {self.logit_std:g} / --uniform-mix "
+                       f"{self.uniform_mix:g} have no effect: this run draws timesteps uniformly "
+                       f"(--timestep-sampling {self.timestep_sampling}); pass --timestep-sampling logit_normal to "
+                       f"use them")
         return out
 
 
@@ -354,7 +358,11 @@ class Trainer:
         self.changed: list[str] = []  # configuration fields this resume accepts as changed
         if self.resume_from is not None:  # before any heavy work: a mismatch stops here with its message
             meta = self.ckpt.read_meta(self.resume_from)
-            self.changed = compare(signature(meta["config"], meta["world_size"], meta["model_config"]),
+            # a field added after the checkpoint was written counts as its default, which computes what the
+            # older version did (e.g. uniform_mix 0 draws exactly the same timesteps)
+            recorded = {**{f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING},
+                        **meta["config"]}
+            self.changed = compare(signature(recorded, meta["world_size"], meta["model_config"]),
                                    signature(asdict(cfg), self.world, config_to_dict(model_cfg)),
                                    cfg.allow_config_change, self.resume_from)
         self.is_ace = isinstance(model_cfg, ACEConfig)
@@ -381,7 +389,8 @@ class Trainer:
                                      weight_decay=cfg.weight_decay, foreach=True)
         # EMA of the trainable weights, sharded like them (fp32 shards)
         self.ema = {n: p.detach().clone() for n, p in zip(self.trainable, self.params)}
-        self.objective = Objective(model_cfg.prediction, cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std)
+        self.objective = Objective(model_cfg.prediction, cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std,
+                                   cfg.uniform_mix)
         self.task_weights = cfg.task_weights()
         data_cfg = DataConfig(
             list(cfg.data), token_budget=cfg.token_budget, patch_size=model_cfg.patch_size,
