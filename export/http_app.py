@@ -100,7 +100,8 @@ def _images(blobs: list[bytes | None], field: str) -> list:
 
 
 def _b64(items: Any, field: str, nulls: bool = False) -> list[bytes | None]:
-    """Base64 (or data-URL) strings -> bytes; with ``nulls``, a JSON null stays None (masks: none for that image)."""
+    """Base64 (or data-URL) strings -> bytes; with ``nulls``, a JSON null or an empty string stays None (masks:
+    none for that image, as an empty multipart ``masks`` field). Raises FieldError naming the bad item."""
     if items is None:
         return []
     if isinstance(items, str):
@@ -109,9 +110,12 @@ def _b64(items: Any, field: str, nulls: bool = False) -> list[bytes | None]:
         raise FieldError(field, "expected a list of base64 strings")
     out: list[bytes | None] = []
     for i, s in enumerate(items):
-        if s is None and nulls:
+        if nulls and (s is None or s == ""):
             out.append(None)
             continue
+        if not isinstance(s, str) or s == "":
+            got = "an empty string" if s == "" else "null" if s is None else type(s).__name__
+            raise FieldError(f"{field}[{i}]", f"expected a base64 string, got {got}")
         try:
             out.append(base64.b64decode(s.split(",", 1)[-1] if s.startswith("data:") else s, validate=True))
         except (binascii.Error, AttributeError, ValueError):

@@ -92,9 +92,14 @@ def test_json_with_base64_images_and_text_to_image(live):
     body = {"instruction": "{image} add the {image1} object", "steps": 2, "seed": 1,
             "images": [base64.b64encode(_png(im)).decode() for im in (a, b)],
             "masks": [None, base64.b64encode(_png(mask)).decode()]}
+    body_empty = {**body, "masks": ["", body["masks"][1]]}  # an empty string: none, as multipart's empty field
     r = httpx.post(f"{url}/v1/edit", json=body, timeout=60)
     assert r.status_code == 200, r.text
     ref = pipe.edit([a, b], "{image} add the {image1} object", masks=[None, mask], steps=2, seed=1)[0]
+    got = np.asarray(Image.open(io.BytesIO(r.content)), dtype=np.int16)
+    assert np.abs(got - np.asarray(ref, dtype=np.int16)).max() <= 2
+    r = httpx.post(f"{url}/v1/edit", json=body_empty, timeout=60)
+    assert r.status_code == 200, r.text
     got = np.asarray(Image.open(io.BytesIO(r.content)), dtype=np.int16)
     assert np.abs(got - np.asarray(ref, dtype=np.int16)).max() <= 2
     # multipart: an empty masks field is that null (curl -F masks= -F masks=@m.png)
@@ -113,6 +118,9 @@ def test_json_with_base64_images_and_text_to_image(live):
     ({"instruction": "x", "size": "64X"}, "size", "WIDTHxHEIGHT"),
     ({"steps": 2}, "instruction", "a string is required"),
     ({"instruction": "{image} x", "images": ["%%%"]}, "images[0]", "not valid base64"),
+    ({"instruction": "{image} x", "images": ["aGk=", None]}, "images[1]", "expected a base64 string, got null"),
+    ({"instruction": "{image} x", "images": [""]}, "images[0]", "expected a base64 string, got an empty string"),
+    ({"instruction": "{image} x", "images": ["aGk="], "masks": [3]}, "masks[0]", "expected a base64 string, got int"),
     ({"instruction": "{image} x", "response": "gif", "size": "64x64"}, "response", "'gif'"),
     ({"instruction": "x", "size": "64x64", "bogus": 1}, "bogus", "unknown field"),
     ({"instruction": "x", "size": [64.7, 64]}, "size", "[width, height]"),
