@@ -632,6 +632,7 @@ def test_a_resume_with_other_data_and_preset_is_refused_unless_allowed(corpus, t
     (["--timestep-sampling", "lognormal"], "timestep_sampling 'lognormal'; expected one of ('auto', 'uniform'"),
     (["--logit-std", "0"], "logit_std must be a finite number > 0, got 0.0"),
     (["--uniform-mix", "1.5"], "uniform_mix must be a finite number in [0, 1], got 1.5"),
+    (["--logit-mean", "-inf"], "logit_mean must be a finite number, got -inf"),  # read as a value, not a flag
     (["--model-override", "pixel_conv=x"], "model override 'pixel_conv=x': 'x' is not an integer"),
     (["--model-override", "family=sd3"], "model override 'family=sd3': the family cannot be changed"),
     (["--model-override", "num_heads=0"], "num_heads must be an integer >= 1, got 0"),
@@ -679,8 +680,12 @@ def test_repeated_list_flags_add_up_and_ignored_logit_flags_warn(tmp_path):
     assert ns.model_override == ["pixel_conv=4", "depth=2", "text_len=32"]
     assert ns.task_weight == ["object_swap=8", "inpainting=4"] and ns.allow_config_change == ["lr", "seed"]
     assert build_parser().parse_args(["--data", "x"]).model_override == []  # the default is not mutated
+    # a negative float in exponent form is a flag's value (plain argparse reads "-1e-1" as an unknown flag)
+    ns = build_parser().parse_args(["--data", "x", "--logit-mean", "-1e-1", "--uniform-mix", "0.5"])
+    assert (ns.logit_mean, ns.uniform_mix) == (-0.1, 0.5)
     warn = "have no effect: this run draws timesteps uniformly"
     assert any(warn in w for w in TrainConfig(data=[str(tmp_path)], logit_std=3.0).warnings())
+    assert any(warn in w for w in TrainConfig(data=[str(tmp_path)], uniform_mix=0.5).warnings())
     assert any(warn in w for w in TrainConfig(data=[str(tmp_path)], timestep_sampling="uniform",
                                              logit_mean=-1.0).warnings())
     for quiet in (TrainConfig(data=[str(tmp_path)], timestep_sampling="logit_normal", logit_mean=-1.0),

@@ -634,11 +634,29 @@ def _env_rank() -> int:
 
 
 class _Parser(argparse.ArgumentParser):
+    def parse_known_args(self, args=None, namespace=None):
+        # argparse reads "-1e-3" or "-inf" after a flag as another flag ("expected one argument"), taking only
+        # plain negative numbers such as -1.1: a float flag's next word that parses as a float is its value
+        args = list(sys.argv[1:] if args is None else args)
+        floats = {o for a in self._actions if a.type is float for o in a.option_strings}
+        for i in range(len(args) - 1, 0, -1):
+            if args[i - 1] in floats and args[i].startswith("-") and _is_float(args[i]):
+                args[i - 1:i + 1] = [f"{args[i - 1]}={args[i]}"]
+        return super().parse_known_args(args, namespace)
+
     def error(self, message: str):
         """One line, as every other user error (argparse would print the whole usage block first)."""
         if _env_rank() != 0:  # every torchrun rank parses the same argv: rank 0 says it once
             self.exit(2)
         self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _names(text: str) -> list[str]:
