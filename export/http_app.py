@@ -126,7 +126,8 @@ def _b64(items: Any, field: str, nulls: bool = False) -> list[bytes | None]:
 _PIPELINE_FIELDS = [(re.compile(r"^(steps|guidance|rescale|seed|size|negative)\b"), None),
                     (re.compile(r"^image (\d+)"), "images[{}]"), (re.compile(r"^mask (\d+)"), "masks[{}]"),
                     (re.compile(r"^\d+ masks? for"), "masks"),
-                    (re.compile(r"instruction"), "instruction"), (re.compile(r"image tokens"), "images")]
+                    (re.compile(r"instruction"), "instruction"), (re.compile(r"image tokens"), "images"),
+                    (re.compile(r"^text-to-image needs size"), "size")]
 
 
 def pipeline_field(message: str) -> str | None:

@@ -123,6 +123,7 @@ def test_json_with_base64_images_and_text_to_image(live):
     ({"instruction": "{image} x", "images": ["aGk="], "masks": [3]}, "masks[0]", "expected a base64 string, got int"),
     ({"instruction": "{image} x", "response": "gif", "size": "64x64"}, "response", "'gif'"),
     ({"instruction": "x", "size": "64x64", "bogus": 1}, "bogus", "unknown field"),
+    ({"instruction": "a red circle"}, "size", "text-to-image needs size"),  # no images: the size is required
     ({"instruction": "x", "size": [64.7, 64]}, "size", "[width, height]"),
     ({"instruction": "x", "size": "64x64", "negative": {"a": 1}}, "negative", "a string is required"),
     ({"instruction": "x", "size": "64x64", "truncate": "maybe"}, "truncate", "not a boolean"),

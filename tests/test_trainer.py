@@ -633,6 +633,8 @@ def test_a_resume_with_other_data_and_preset_is_refused_unless_allowed(corpus, t
     (["--logit-std", "0"], "logit_std must be a finite number > 0, got 0.0"),
     (["--uniform-mix", "1.5"], "uniform_mix must be a finite number in [0, 1], got 1.5"),
     (["--logit-mean", "-inf"], "logit_mean must be a finite number, got -inf"),  # read as a value, not a flag
+    (["--logit-mean", "-1e-1x"], "argument --logit-mean: invalid float value: '-1e-1x'"),
+    (["--logit-mean", "--lr", "1"], "argument --logit-mean: expected one argument"),
     (["--model-override", "pixel_conv=x"], "model override 'pixel_conv=x': 'x' is not an integer"),
     (["--model-override", "family=sd3"], "model override 'family=sd3': the family cannot be changed"),
     (["--model-override", "num_heads=0"], "num_heads must be an integer >= 1, got 0"),

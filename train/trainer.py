@@ -636,11 +636,14 @@ def _env_rank() -> int:
 class _Parser(argparse.ArgumentParser):
     def parse_known_args(self, args=None, namespace=None):
         # argparse reads "-1e-3" or "-inf" after a flag as another flag ("expected one argument"), taking only
-        # plain negative numbers such as -1.1: a float flag's next word that parses as a float is its value
+        # plain negative numbers such as -1.1: a float flag's next word is its value unless it is a flag (then
+        # a word that does not parse is named by the float check, as "--flag=-x" would be)
         args = list(sys.argv[1:] if args is None else args)
         floats = {o for a in self._actions if a.type is float for o in a.option_strings}
         for i in range(len(args) - 1, 0, -1):
-            if args[i - 1] in floats and args[i].startswith("-") and _is_float(args[i]):
+            word = args[i]
+            if args[i - 1] in floats and word.startswith("-") and (
+                    _is_float(word) or not (word.startswith("--") or word in self._option_string_actions)):
                 args[i - 1:i + 1] = [f"{args[i - 1]}={args[i]}"]
         return super().parse_known_args(args, namespace)
 
