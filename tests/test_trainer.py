@@ -414,6 +414,20 @@ def test_objective_noises_each_sample_at_its_own_level(prediction):
         Objective("v")
 
 
+def _noise_level_fraction(nb, u: torch.Tensor, prediction: str) -> torch.Tensor:
+    """Checks the drawn timesteps against the expected fractions ``u`` (flow sigma = u, DDPM t = floor(1000 u));
+    returns each draw's fraction of the schedule (a DDPM step at its centre)."""
+    if prediction == "flow":
+        torch.testing.assert_close(nb.t, u * 1000)
+        return u
+    assert torch.equal(nb.t, (u * 1000).long())
+    return (nb.t.float() + 0.5) / 1000
+
+
+def _logit_normal_mass(normal, lo: float, hi: float) -> float:
+    return float(normal.cdf(torch.logit(torch.tensor(hi)).clamp(max=50)) - normal.cdf(torch.logit(torch.tensor(lo))))
+
+
 @pytest.mark.parametrize("prediction", ["x0", "flow"])
 def test_logit_normal_timesteps_follow_sd3s_density(prediction):
     """``logit_normal`` draws u = sigmoid(z std + mean): DDPM t = floor(1000 u), flow sigma = u. Checked draw by
@@ -425,16 +439,10 @@ def test_logit_normal_timesteps_follow_sd3s_density(prediction):
     nb = obj.noise(x0, sample_of, n, torch.Generator().manual_seed(5))
     gen = torch.Generator().manual_seed(5)
     torch.randn(n, 2, generator=gen)  # the noise comes first
-    u = torch.sigmoid(torch.randn(n, generator=gen) * std + mean)
-    if prediction == "flow":
-        torch.testing.assert_close(nb.t, u * 1000)
-        frac = u
-    else:
-        assert torch.equal(nb.t, (u * 1000).long())
-        frac = (nb.t.float() + 0.5) / 1000
+    frac = _noise_level_fraction(nb, torch.sigmoid(torch.randn(n, generator=gen) * std + mean), prediction)
     normal = torch.distributions.Normal(mean, std)
     for lo, hi in ((0.1, 0.4), (0.0, 0.1), (0.4, 1.0)):
-        want = float(normal.cdf(torch.logit(torch.tensor(hi)).clamp(max=50)) - normal.cdf(torch.logit(torch.tensor(lo))))
+        want = _logit_normal_mass(normal, lo, hi)
         got = float(((frac >= lo) & (frac < hi)).float().mean())
         assert abs(got - want) < 0.015, (lo, hi, got, want)
     # uniform spreads DDPM t evenly; flow's uniform sigma too
@@ -457,17 +465,10 @@ def test_a_uniform_mix_replaces_that_fraction_of_logit_normal_draws(prediction):
     torch.randn(n, 2, generator=gen)  # the noise comes first
     ln = torch.sigmoid(torch.randn(n, generator=gen) * std + mean)
     flat = torch.rand(n, generator=gen)
-    u = torch.where(torch.rand(n, generator=gen) < mix, flat, ln)
-    if prediction == "flow":
-        torch.testing.assert_close(nb.t, u * 1000)
-        frac = u
-    else:
-        assert torch.equal(nb.t, (u * 1000).long())
-        frac = (nb.t.float() + 0.5) / 1000
+    frac = _noise_level_fraction(nb, torch.where(torch.rand(n, generator=gen) < mix, flat, ln), prediction)
     normal = torch.distributions.Normal(mean, std)
     for lo, hi in ((0.9, 1.0), (0.1, 0.4), (0.0, 0.1)):
-        p_ln = float(normal.cdf(torch.logit(torch.tensor(hi)).clamp(max=50)) - normal.cdf(torch.logit(torch.tensor(lo))))
-        want = mix * (hi - lo) + (1 - mix) * p_ln
+        want = mix * (hi - lo) + (1 - mix) * _logit_normal_mass(normal, lo, hi)
         got = float(((frac >= lo) & (frac < hi)).float().mean())
         assert abs(got - want) < 0.015, (lo, hi, got, want)
     # mix 0 is the plain logit-normal draw, with no extra random numbers taken
