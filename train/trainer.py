@@ -218,11 +218,13 @@ class TrainConfig:
         sampling = self.timestep_sampling
         if sampling == "auto":
             sampling = "logit_normal" if self.model_config().prediction == "flow" else "uniform"
-        if sampling == "uniform" and (self.logit_mean, self.logit_std, self.uniform_mix) != (0.0, 1.0, 0.0):
-            out.append(f"--logit-mean {self.logit_mean:g} / --logit-std {self.logit_std:g} / --uniform-mix "
-                       f"{self.uniform_mix:g} have no effect: this run draws timesteps uniformly "
-                       f"(--timestep-sampling {self.timestep_sampling}); pass --timestep-sampling logit_normal to "
-                       f"use them")
+        ignored = [f"--{name.replace('_', '-')} {getattr(self, name):g}"
+                   for name, default in (("logit_mean", 0.0), ("logit_std", 1.0), ("uniform_mix", 0.0))
+                   if getattr(self, name) != default]
+        if sampling == "uniform" and ignored:
+            out.append(f"{' / '.join(ignored)} {'has' if len(ignored) == 1 else 'have'} no effect: this run draws "
+                       f"timesteps uniformly (--timestep-sampling {self.timestep_sampling}); pass "
+                       f"--timestep-sampling logit_normal to use {'it' if len(ignored) == 1 else 'them'}")
         return out
 
 
