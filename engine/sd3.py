@@ -253,7 +253,9 @@ class JointBlock(nn.Module):
             c_scale, c_shift = self.norm1_context(temb)
         else:
             c_shift, c_scale = self.norm1_context(temb)[:2]
-        return InputModulation(shift, scale, c_shift, c_scale)
+        # fresh tensors, not chunk views: under FSDP2 this is a gathered forward method, and FSDP hooks its
+        # outputs for the backward all-gather (a view's hook is lost to any in-place op, and FSDP warns)
+        return InputModulation(shift.clone(), scale.clone(), c_shift.clone(), c_scale.clone())
 
     def forward(self, h: Tensor, e: Tensor, temb: Tensor, img: Segments, txt: Segments, layout: Interleave,
                 h_in: Tensor | None = None, e_in: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
