@@ -218,14 +218,19 @@ class TrainConfig:
         sampling = self.timestep_sampling
         if sampling == "auto":
             sampling = "logit_normal" if self.model_config().prediction == "flow" else "uniform"
+        defaults = field_defaults()
         ignored = [f"--{name.replace('_', '-')} {getattr(self, name):g}"
-                   for name, default in (("logit_mean", 0.0), ("logit_std", 1.0), ("uniform_mix", 0.0))
-                   if getattr(self, name) != default]
+                   for name in ("logit_mean", "logit_std", "uniform_mix") if getattr(self, name) != defaults[name]]
         if sampling == "uniform" and ignored:
             out.append(f"{' / '.join(ignored)} {'has' if len(ignored) == 1 else 'have'} no effect: this run draws "
                        f"timesteps uniformly (--timestep-sampling {self.timestep_sampling}); pass "
                        f"--timestep-sampling logit_normal to use {'it' if len(ignored) == 1 else 'them'}")
         return out
+
+
+def field_defaults() -> dict:
+    """TrainConfig's plain defaults by field name (fields with a default factory or none are left out)."""
+    return {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
 
 
 def check_data_codec(preset: str, model_cfg, data: list[str]) -> None:
@@ -362,8 +367,7 @@ class Trainer:
             meta = self.ckpt.read_meta(self.resume_from)
             # a field added after the checkpoint was written counts as its default, which computes what the
             # older version did (e.g. uniform_mix 0 draws exactly the same timesteps)
-            recorded = {**{f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING},
-                        **meta["config"]}
+            recorded = {**field_defaults(), **meta["config"]}
             self.changed = compare(signature(recorded, meta["world_size"], meta["model_config"]),
                                    signature(asdict(cfg), self.world, config_to_dict(model_cfg)),
                                    cfg.allow_config_change, self.resume_from)
