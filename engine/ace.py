@@ -313,6 +313,8 @@ class ACEModel(nn.Module):
         self.cfg = cfg
         d, p = cfg.hidden_size, cfg.patch_size
         self.x_embedder = PatchEmbed(cfg.in_channels + 1, d, p)
+        # cfg.source_concat: the target tokens' source cells, embedded and added to theirs
+        self.source_embedder = nn.Linear(cfg.in_channels * p * p, d, bias=False) if cfg.source_concat else None
         self.t_embedder = TimestepEmbedder(d)
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         self.y_embedder = Mlp(cfg.y_channels, d, d)
@@ -336,7 +338,8 @@ class ACEModel(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
         nn.init.xavier_uniform_(self.x_embedder.proj.weight.view(self.cfg.hidden_size, -1))
         for lin in (self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.t_block[1],
                     self.y_embedder.fc1, self.y_embedder.fc2):
@@ -381,6 +384,12 @@ class ACEModel(nn.Module):
         target_rows = torch.cat([x.to(dtype), batch.tokens[batch.target_index, c_lat:].to(dtype)], dim=1)
         tokens = batch.tokens.to(dtype).index_copy(0, batch.target_index, target_rows)
         h = self.x_embedder(tokens)
+        source = has_source = None
+        if cfg.source_skip:
+            source, has_source = self.source_tokens(batch, c_lat)
+        if cfg.source_concat:  # index_select + index_copy: ops the ONNX export already carries
+            tgt = batch.target_index
+            h = h.index_copy(0, tgt, h.index_select(0, tgt) + self.source_embedder(source.to(dtype)))
         y = self.y_embedder(batch.text.to(dtype)).index_select(0, batch.frame_text_index)
         for layer in self.text_refiner:  # per frame's text, before its indicator: the context T5 would give
             y = layer(y, batch.cu_seqlens_frame_txt, batch.max_seqlen_frame_txt)
@@ -400,7 +409,6 @@ class ACEModel(nn.Module):
         out = self.final_layer(h.index_select(0, tgt), t_emb, seg.index_select(0, tgt))
         if not cfg.source_skip:
             return tokens_pqc_to_cpq(out, cfg.patch_size, cfg.in_channels)
-        source, has_source = self.source_tokens(batch, c_lat)
         if cfg.pixel_head:
             # it casts x and source to out's dtype
             t_tgt = t.index_select(0, seg.index_select(0, tgt)) if cfg.pixel_sigma_data else None

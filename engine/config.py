@@ -83,6 +83,12 @@ class ACEConfig:
     # image's noisy and source RGB around it (``engine.ace.PixelHead``; reads ``PackedLCU.target_neighbors``). One
     # noisy pixel tells little; its neighbourhood shows the edges and corners that tell a square from a circle. 0: off
     pixel_conv: int = 0
+    # with source_skip: each target token's embedding also adds a linear map of its cell of the source image (zeros
+    # where the sample has none): InstructPix2Pix's channel concatenation (Brooks et al., 2023) per token, as a
+    # linear over [x_t, mask, source] is the sum of one over each. The target token then holds its source cell
+    # from the first layer instead of finding it through self-attention. False: off (ACE: the source is only in
+    # the sequence).
+    source_concat: bool = False
     # transformer layers over each frame's text before the blocks (``engine.ace.TextRefinerLayer``): context for
     # a text encoder that gives none (the word-level encoder); 0: off (ACE reads T5 states as they are)
     text_refiner: int = 0
@@ -136,6 +142,11 @@ class ACEConfig:
         if self.pixel_conv and not self.pixel_head:
             raise ValueError(f"pixel_conv feeds the per-pixel head: it needs pixel_head > 0, got "
                              f"pixel_conv={self.pixel_conv}, pixel_head={self.pixel_head}")
+        if not isinstance(self.source_concat, bool):
+            raise ValueError(f"source_concat must be True or False, got {self.source_concat!r}")
+        if self.source_concat and not self.source_skip:
+            raise ValueError("source_concat reads each target token's source cell (source_index): it needs "
+                             "source_skip=True")
         if self.pixel_keys and not self.pixel_head:
             raise ValueError(f"pixel_keys feeds the per-pixel head: it needs pixel_head > 0, got "
                              f"pixel_keys={self.pixel_keys}, pixel_head={self.pixel_head}")

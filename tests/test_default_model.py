@@ -126,6 +126,47 @@ def test_skip_and_gate_settings_are_checked():
         model(batch, torch.zeros(batch.target_index.numel(), C * P * P), torch.zeros(4))
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 3e-3)])
+def test_source_concat_adds_each_target_tokens_embedded_source_cell(dtype, tol):
+    """Reference: the first block's input of the same weights without ``source_concat``, plus the embedding of
+    each target token's source cell read by a loop over ``source_index`` (zeros where -1); other rows unchanged."""
+    cat = randomise(_gate_model(source_gate=True, source_concat=True), seed=5, std=0.1).to(dtype).eval()
+    plain = _gate_model(source_gate=True)
+    plain.load_state_dict({k: v for k, v in cat.state_dict().items() if not k.startswith("source_embedder")})
+    plain = plain.to(dtype).eval()
+    batch = pack(_samples(6), P, with_mask=True).to("cpu", dtype)
+    x = torch.randn(batch.target_index.numel(), C * P * P).to(dtype)
+    t = torch.tensor([3, 400, 999, 77])
+    seen = []
+    for model in (cat, plain):
+        handle = model.blocks[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].float()))
+        with torch.no_grad():
+            model(batch, x, t)
+        handle.remove()
+    w = cat.source_embedder.weight.float()
+    ref = seen[1].clone()
+    for row, (tok, src) in enumerate(zip(batch.target_index.tolist(), batch.source_index.tolist())):
+        cell = batch.tokens[src, :C * P * P].float() if src >= 0 else torch.zeros(C * P * P)
+        ref[tok] += w @ cell
+    assert (seen[0] - ref).abs().max() < tol * max(1.0, ref.abs().max().item())
+    moved = (seen[0] - seen[1]).abs().amax(1) > 0
+    assert moved[batch.target_index[batch.source_index >= 0]].all()  # every target token with a source moved
+    assert not moved[~batch.is_target].any()  # condition images and history untouched
+
+
+def test_source_concat_trains_and_is_checked():
+    model = randomise(_gate_model(source_gate=True, source_concat=True), seed=7, std=0.1)
+    batch = pack(_samples(8), P, with_mask=True)
+    x = torch.randn(batch.target_index.numel(), C * P * P)
+    model(batch, x, torch.tensor([1, 200, 3, 999])).pow(2).sum().backward()
+    assert model.source_embedder.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="source_concat .* needs source_skip=True"):
+        get_config("ace-tiny", prediction="x0", source_concat=True)
+    with pytest.raises(ValueError, match="source_concat must be True or False, got 1"):
+        get_config("ace-edit", source_concat=1)
+    assert build_model(get_config("ace-edit")).source_embedder is None  # the default keeps ACE's input
+
+
 def test_edit_region_weight_marks_what_differs_from_the_source():
     g = torch.Generator().manual_seed(5)
     src = torch.rand(C, 6, 8, generator=g) * 2 - 1

@@ -30,10 +30,11 @@ CONFIGS = {"sd35-small": ("sd3-small", dict(qk_norm="rms_norm", dual_attention_l
            # the embedded default's output head: the source image plus a gated change (source_index input)
            "ace-tiny-gate": ("ace-tiny", dict(prediction="x0", source_skip=True, source_gate=True)),
            # with the per-pixel head (cfg.pixel_head, its smooth features: target_neighbors input; its key colours; its
-           # Wiener estimate, which reads t per token) and a text refiner (cfg.text_refiner)
+           # Wiener estimate, which reads t per token), a text refiner (cfg.text_refiner) and the source cells
+           # added to the target tokens (cfg.source_concat)
            "ace-tiny-px": ("ace-tiny", dict(prediction="x0", source_skip=True, source_gate=True, pixel_head=5,
                                             pixel_smooth=3, pixel_keys=2, pixel_sigma_data=0.5, pixel_conv=2,
-                                            text_refiner=1))}
+                                            text_refiner=1, source_concat=True))}
 
 
 def _model(preset: str, seed: int = 0) -> torch.nn.Module:
