@@ -321,8 +321,22 @@ def widen_patch_embedding(sd: dict[str, Tensor], model) -> dict[str, Tensor]:
     return {**sd, key: torch.cat([w, torch.zeros_like(w)], dim=1)}
 
 
+def say(line: str, bar=None) -> None:
+    """Print a progress line (through ``bar``'s ``write`` while a tqdm bar is shown). When stdout's reader has gone
+    (``omniace-train ... | head``), training goes on: stdout is pointed at /dev/null, as ``nohup`` would, and
+    ``metrics.jsonl`` still gets every record; one line on stderr says so."""
+    try:
+        bar.write(line) if bar is not None else print(line, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        print("omniace-train: stdout was closed by its reader; training goes on (progress: metrics.jsonl in --out)",
+              file=sys.stderr, flush=True)
+
+
 class Trainer:
-    def __init__(self, cfg: TrainConfig, log=print):
+    def __init__(self, cfg: TrainConfig, log=say):
         self.cfg = cfg
         self.rank, self.world, self.device = _init_distributed()
         self.log = log if self.rank == 0 else (lambda msg: None)
@@ -626,7 +640,7 @@ class Trainer:
         line = (f"step {record['step']} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
                 f"{record['s_per_step']:.2f} s/step | ETA {eta} | {record['samples_per_s']:.1f} samples/s | "
                 f"{record['tokens_per_s']:,.0f} tokens/s{mfu} | {tasks}{skipped}")
-        bar.write(line) if not bar.disable else print(line, flush=True)
+        say(line, None if bar.disable else bar)
 
     def close(self) -> None:
         self.stop.restore()
