@@ -452,7 +452,8 @@ class ACEModel(nn.Module):
                          + 2 * n * d * int(d * cfg.mlp_ratio))  # MLP
         n_tgt = sum(f[0] for f in frames)
         head = self.final_layer.linear.out_features
-        embed = 2 * (n * (cfg.in_channels + 1) * p * p * d + tf * (cfg.y_channels * d + d * d) + n_tgt * d * head)
+        embed = 2 * (n * (cfg.in_channels + 1) * p * p * d + tf * (cfg.y_channels * d + d * d) + n_tgt * d * head
+                     + (n_tgt * cfg.in_channels * p * p * d if cfg.source_concat else 0))  # the source cells' embedding
         attn_txt = sum(b * b for ts in text_lens for b in ts)
         embed += len(self.text_refiner) * 2 * (4 * tf * d * d + 2 * attn_txt * d + 2 * tf * d * int(d * cfg.mlp_ratio))
         if cfg.pixel_head:

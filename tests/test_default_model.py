@@ -145,7 +145,7 @@ def test_source_concat_adds_each_target_tokens_embedded_source_cell(dtype, tol):
         handle.remove()
     w = cat.source_embedder.weight.float()
     ref = seen[1].clone()
-    for row, (tok, src) in enumerate(zip(batch.target_index.tolist(), batch.source_index.tolist())):
+    for tok, src in zip(batch.target_index.tolist(), batch.source_index.tolist()):
         cell = batch.tokens[src, :C * P * P].float() if src >= 0 else torch.zeros(C * P * P)
         ref[tok] += w @ cell
     assert (seen[0] - ref).abs().max() < tol * max(1.0, ref.abs().max().item())
@@ -160,6 +160,8 @@ def test_source_concat_trains_and_is_checked():
     x = torch.randn(batch.target_index.numel(), C * P * P)
     model(batch, x, torch.tensor([1, 200, 3, 999])).pow(2).sum().backward()
     assert model.source_embedder.weight.grad.abs().sum() > 0
+    plain = _gate_model(source_gate=True)  # one more matmul: 12 target tokens' cells of C*P*P values to d
+    assert model.flops([[12]], [[7]]) - plain.flops([[12]], [[7]]) == 2 * 12 * C * P * P * model.cfg.hidden_size
     with pytest.raises(ValueError, match="source_concat .* needs source_skip=True"):
         get_config("ace-tiny", prediction="x0", source_concat=True)
     with pytest.raises(ValueError, match="source_concat must be True or False, got 1"):
