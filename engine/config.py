@@ -145,8 +145,9 @@ class ACEConfig:
         if not isinstance(self.source_concat, bool):
             raise ValueError(f"source_concat must be True or False, got {self.source_concat!r}")
         if self.source_concat and not self.source_skip:
-            raise ValueError("source_concat reads each target token's source cell (source_index): it needs "
-                             "source_skip=True")
+            raise ValueError(f"source_concat reads each target token's source cell (source_index): it needs a "
+                             f"model with the source skip (source_skip=True, prediction='x0'; the ace-edit preset), "
+                             f"got source_skip={self.source_skip}, prediction={self.prediction!r}")
         if self.pixel_keys and not self.pixel_head:
             raise ValueError(f"pixel_keys feeds the per-pixel head: it needs pixel_head > 0, got "
                              f"pixel_keys={self.pixel_keys}, pixel_head={self.pixel_head}")

@@ -162,7 +162,8 @@ def test_source_concat_trains_and_is_checked():
     assert model.source_embedder.weight.grad.abs().sum() > 0
     plain = _gate_model(source_gate=True)  # one more matmul: 12 target tokens' cells of C*P*P values to d
     assert model.flops([[12]], [[7]]) - plain.flops([[12]], [[7]]) == 2 * 12 * C * P * P * model.cfg.hidden_size
-    with pytest.raises(ValueError, match="source_concat .* needs source_skip=True"):
+    with pytest.raises(ValueError, match="source_concat .* needs a model with the source skip .* got "
+                                         "source_skip=False, prediction='x0'"):
         get_config("ace-tiny", prediction="x0", source_concat=True)
     with pytest.raises(ValueError, match="source_concat must be True or False, got 1"):
         get_config("ace-edit", source_concat=1)

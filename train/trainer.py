@@ -324,15 +324,23 @@ def widen_patch_embedding(sd: dict[str, Tensor], model) -> dict[str, Tensor]:
 def say(line: str, bar=None) -> None:
     """Print a progress line (through ``bar``'s ``write`` while a tqdm bar is shown). When stdout's reader has gone
     (``omniace-train ... | head``), training goes on: stdout is pointed at /dev/null, as ``nohup`` would, and
-    ``metrics.jsonl`` still gets every record; one line on stderr says so."""
+    ``metrics.jsonl`` still gets every record; one line on stderr says so (unless stderr went to the same pipe,
+    ``2>&1 | head``: then it follows stdout to /dev/null)."""
     try:
         bar.write(line) if bar is not None else print(line, flush=True)
     except BrokenPipeError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-        print("omniace-train: stdout was closed by its reader; training goes on (progress: metrics.jsonl in --out)",
-              file=sys.stderr, flush=True)
+        _to_devnull(sys.stdout)
+        try:
+            print("omniace-train: stdout was closed by its reader; training goes on (progress: metrics.jsonl in "
+                  "--out)", file=sys.stderr, flush=True)
+        except BrokenPipeError:  # `2>&1 | head`: stderr was the same pipe
+            _to_devnull(sys.stderr)
+
+
+def _to_devnull(stream) -> None:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, stream.fileno())
+    os.close(devnull)
 
 
 class Trainer:
