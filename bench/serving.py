@@ -155,16 +155,23 @@ def run_static_padded(pipe: EditPipeline, stream: list[StreamRequest], rate: flo
         rows = [_grid_index(j, w) for j in jobs]
         padded_rows = per_frame  # target rows per branch in the padded batch
         batch_tokens = sum(j.branches for j in jobs) * n_frames * per_frame
+        def padded(j: EditJob, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            xp = x.new_zeros(j.branches * padded_rows, x.shape[1])
+            for b in range(j.branches):
+                xp[b * padded_rows + idx] = x[b * j.x.shape[0]:(b + 1) * j.x.shape[0]]
+            return xp
+
+        self_cond = getattr(pipe.cfg, "self_condition", False)
         for step in range(max(j.sampler.steps for j in jobs)):
-            xs, ts = [], []
+            xs, ts, prev = [], [], []
             for j, idx in zip(jobs, rows):
-                x = torch.cat([j.x] * j.branches)  # a finished request rides along at its last state
-                xp = x.new_zeros(j.branches * padded_rows, x.shape[1])
-                for b in range(j.branches):
-                    xp[b * padded_rows + idx] = x[b * j.x.shape[0]:(b + 1) * j.x.shape[0]]
-                xs.append(xp)
+                # a finished request rides along at its last state
+                xs.append(padded(j, idx, torch.cat([j.x] * j.branches)))
+                if self_cond:
+                    prev.append(padded(j, idx, j.previous_estimate()))
                 ts.append(j.sampler.timestep(min(j.i, j.sampler.steps - 1), j.branches))
-            out = pipe.model(batch, torch.cat(xs), torch.cat(ts).to(pipe.device))
+            out = pipe.model(batch, torch.cat(xs), torch.cat(ts).to(pipe.device),
+                             **({"x0_prev": torch.cat(prev)} if self_cond else {}))
             processed += batch_tokens
             offset = 0
             for j, idx, i in zip(jobs, rows, members):

@@ -171,11 +171,12 @@ class PixelHead(nn.Module):
     CONV_KERNEL = 5  # pixels; its radius (2) must not exceed a token's width
 
     def __init__(self, features: int, pixels: int, gated: bool, smooth: int = 0, codec_factor: int = 1,
-                 patch: int = 1, keys: int = 0, sigma_data: float = 0.0, conv: int = 0):
+                 patch: int = 1, keys: int = 0, sigma_data: float = 0.0, conv: int = 0, self_cond: bool = False):
         super().__init__()
         self.features, self.pixels, self.gated, self.smooth, self.keys = features, pixels, gated, smooth, keys
-        self.sigma_data, self.conv, self.size = sigma_data, conv, codec_factor * patch
-        self.fc1 = nn.Linear(features + smooth + keys + conv + (9 if sigma_data else 6), 2 * features)
+        self.sigma_data, self.conv, self.size, self.self_cond = sigma_data, conv, codec_factor * patch, self_cond
+        inputs = features + smooth + keys + conv + 6 + (3 if sigma_data else 0) + (3 if self_cond else 0)
+        self.fc1 = nn.Linear(inputs, 2 * features)
         if conv:
             if self.CONV_KERNEL // 2 > self.size:
                 raise ValueError(f"pixel_conv's {self.CONV_KERNEL}-pixel kernel reaches past the 3x3 token "
@@ -209,13 +210,14 @@ class PixelHead(nn.Module):
                                  persistent=False)
 
     def forward(self, feat: Tensor, x: Tensor, source: Tensor, has_source: Tensor,
-                neighbors: Tensor | None = None, t: Tensor | None = None) -> Tensor:
+                neighbors: Tensor | None = None, t: Tensor | None = None, x0_prev: Tensor | None = None) -> Tensor:
         """feat ``[L, pixels * features + smooth + 3 * keys]`` (the final linear's output); x, source
         ``[L, 3 * pixels]`` noisy and source target tokens in the token layout (RGB-major, see
         :func:`omniace.engine.lcu.patchify`); has_source ``[L, 1]`` bool; neighbors ``[L, 9]`` int64
         (``PackedLCU.target_neighbors``, read when ``smooth``); t ``[L]`` each token's DDPM timestep 0..999 (read
-        when ``sigma_data``). Returns the x0 prediction ``[L, 3 * pixels]`` in the token layout. ValueError when
-        ``smooth`` and ``neighbors`` is None, or ``sigma_data`` and ``t`` is None."""
+        when ``sigma_data``); x0_prev ``[L, 3 * pixels]`` the previous x0 estimate (read when ``self_cond``).
+        Returns the x0 prediction ``[L, 3 * pixels]`` in the token layout. ValueError when ``smooth`` and
+        ``neighbors`` is None, ``sigma_data`` and ``t`` is None, or ``self_cond`` and ``x0_prev`` is None."""
         n, dtype = feat.shape[0], feat.dtype
         source = source.to(dtype)
         rgb = lambda v: v.view(n, 3, self.pixels).transpose(1, 2)  # token row -> [L, pixels, 3]
@@ -241,6 +243,10 @@ class PixelHead(nn.Module):
                 raise ValueError("pixel_sigma_data reads each target token's timestep: pass t [L_tgt]")
             gain, alpha = self.wiener.index_select(0, t.long()).to(dtype).unbind(1)  # [L] each
             parts.append(rgb(gain[:, None] * (x.to(dtype) - alpha[:, None] * source)))
+        if self.self_cond:
+            if x0_prev is None:
+                raise ValueError("self_condition reads the previous x0 estimate: pass x0_prev (zeros at the first call)")
+            parts.append(rgb(x0_prev.to(dtype)))
         h = torch.cat([*parts, rgb(source), rgb(x.to(dtype))], dim=-1)
         out = self.fc2(F.silu(self.fc1(h)))
         change = out[..., :3]
@@ -315,6 +321,8 @@ class ACEModel(nn.Module):
         self.x_embedder = PatchEmbed(cfg.in_channels + 1, d, p)
         # cfg.source_concat: the target tokens' source cells, embedded and added to theirs
         self.source_embedder = nn.Linear(cfg.in_channels * p * p, d, bias=False) if cfg.source_concat else None
+        # cfg.self_condition: the previous x0 estimate of the target tokens, embedded and added to theirs
+        self.self_cond_embedder = nn.Linear(cfg.in_channels * p * p, d, bias=False) if cfg.self_condition else None
         self.t_embedder = TimestepEmbedder(d)
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         self.y_embedder = Mlp(cfg.y_channels, d, d)
@@ -326,7 +334,8 @@ class ACEModel(nn.Module):
             self.final_layer = FinalLayer(d, p, cfg.codec_factor**2 * cfg.pixel_head,
                                           extra=cfg.pixel_smooth + 3 * cfg.pixel_keys)
             self.pixel_head = PixelHead(cfg.pixel_head, pixels, cfg.source_gate, cfg.pixel_smooth,
-                                        cfg.codec_factor, p, cfg.pixel_keys, cfg.pixel_sigma_data, cfg.pixel_conv)
+                                        cfg.codec_factor, p, cfg.pixel_keys, cfg.pixel_sigma_data, cfg.pixel_conv,
+                                        cfg.self_condition)
         else:
             self.final_layer = FinalLayer(d, p, cfg.out_channels)
         self.text_position_embeddings = TextPositionEmbeddings(cfg.num_indicators, cfg.y_channels)
@@ -357,13 +366,16 @@ class ACEModel(nn.Module):
             nn.init.zeros_(self.pixel_head.fc2.weight)
             nn.init.zeros_(self.pixel_head.fc2.bias)
 
-    def forward(self, batch: PackedLCU, x: Tensor, t: Tensor, indicator_table: Tensor | bool = True) -> Tensor:
+    def forward(self, batch: PackedLCU, x: Tensor, t: Tensor, indicator_table: Tensor | bool = True,
+                x0_prev: Tensor | None = None) -> Tensor:
         """Predict for the target tokens.
 
         batch: packed LCUs (``with_mask=True``); x ``[L_tgt, C*p*p]`` noisy target tokens in the layout
         of :func:`omniace.engine.lcu.patchify`; t ``[B]`` timesteps (DDPM indices 0..999).
         ``indicator_table``: True uses the model's own ``text_position_embeddings.pos``, a ``[10, Y]``
-        tensor overrides it, False adds no indicator embeddings. Returns ``[L_tgt, C*p*p]``.
+        tensor overrides it, False adds no indicator embeddings. ``x0_prev`` ``[L_tgt, C*p*p]``: with
+        ``cfg.self_condition``, the model's previous x0 estimate of these tokens (None: zeros, as at the first
+        sampling step); ValueError when given to a model without it. Returns ``[L_tgt, C*p*p]``.
         """
         cfg = self.cfg
         if not batch.with_mask:
@@ -373,10 +385,15 @@ class ACEModel(nn.Module):
             raise ValueError(f"x must be [{batch.target_index.numel()}, {c_lat}], got {tuple(x.shape)}")
         if t.shape != (batch.num_samples,):
             raise ValueError(f"t must be [{batch.num_samples}], got {tuple(t.shape)}")
-        return self.forward_plan(batch, x, t, indicator_table)
+        if x0_prev is not None:
+            if not cfg.self_condition:
+                raise ValueError("x0_prev is the self-conditioning input: this model has self_condition=False")
+            if x0_prev.shape != x.shape:
+                raise ValueError(f"x0_prev must be shaped like x, {tuple(x.shape)}, got {tuple(x0_prev.shape)}")
+        return self.forward_plan(batch, x, t, indicator_table, x0_prev)
 
     def forward_plan(self, batch: ACEPlan | PackedLCU, x: Tensor, t: Tensor,
-                     indicator_table: Tensor | bool = True) -> Tensor:
+                     indicator_table: Tensor | bool = True, x0_prev: Tensor | None = None) -> Tensor:
         """The forward without input checks, over a batch or an :class:`ACEPlan` (what ONNX export traces)."""
         cfg = self.cfg
         c_lat = cfg.in_channels * cfg.patch_size**2
@@ -390,6 +407,10 @@ class ACEModel(nn.Module):
         if cfg.source_concat:  # index_select + index_copy: ops the ONNX export already carries
             tgt = batch.target_index
             h = h.index_copy(0, tgt, h.index_select(0, tgt) + self.source_embedder(source.to(dtype)))
+        if cfg.self_condition:
+            x0_prev = torch.zeros_like(x) if x0_prev is None else x0_prev
+            tgt = batch.target_index
+            h = h.index_copy(0, tgt, h.index_select(0, tgt) + self.self_cond_embedder(x0_prev.to(dtype)))
         y = self.y_embedder(batch.text.to(dtype)).index_select(0, batch.frame_text_index)
         for layer in self.text_refiner:  # per frame's text, before its indicator: the context T5 would give
             y = layer(y, batch.cu_seqlens_frame_txt, batch.max_seqlen_frame_txt)
@@ -412,7 +433,7 @@ class ACEModel(nn.Module):
         if cfg.pixel_head:
             # it casts x and source to out's dtype
             t_tgt = t.index_select(0, seg.index_select(0, tgt)) if cfg.pixel_sigma_data else None
-            return self.pixel_head(out, x, source, has_source, batch.target_neighbors, t_tgt)
+            return self.pixel_head(out, x, source, has_source, batch.target_neighbors, t_tgt, x0_prev)
         change = tokens_pqc_to_cpq(out, cfg.patch_size, cfg.in_channels)
         if cfg.source_gate:  # the learned-sigma half, (p, p, 2C) -> its last C channels
             gate = tokens_pqc_to_cpq(out.unflatten(-1, (-1, 2 * cfg.in_channels))[..., cfg.in_channels:].flatten(1),
@@ -453,7 +474,8 @@ class ACEModel(nn.Module):
         n_tgt = sum(f[0] for f in frames)
         head = self.final_layer.linear.out_features
         embed = 2 * (n * (cfg.in_channels + 1) * p * p * d + tf * (cfg.y_channels * d + d * d) + n_tgt * d * head
-                     + (n_tgt * cfg.in_channels * p * p * d if cfg.source_concat else 0))  # the source cells' embedding
+                     # the source cells' and the previous estimate's embeddings
+                     + n_tgt * cfg.in_channels * p * p * d * (int(cfg.source_concat) + int(cfg.self_condition)))
         attn_txt = sum(b * b for ts in text_lens for b in ts)
         embed += len(self.text_refiner) * 2 * (4 * tf * d * d + 2 * attn_txt * d + 2 * tf * d * int(d * cfg.mlp_ratio))
         if cfg.pixel_head:

@@ -89,6 +89,12 @@ class ACEConfig:
     # from the first layer instead of finding it through self-attention. False: off (ACE: the source is only in
     # the sequence).
     source_concat: bool = False
+    # self-conditioning (Chen, Zhang & Hinton 2022, "Analog Bits", sec. 3): the target tokens' embedding and the
+    # per-pixel head also read the model's own previous x0 estimate (zeros at the first sampling step; in training,
+    # half the steps run a first forward without gradient to make it). A pure-noise input says where nothing is;
+    # the previous estimate says what the model already drew, so each call refines one drawing instead of
+    # redrawing the average (a soft, round blob) from the noisy input alone. Only with x0 prediction. False: off
+    self_condition: bool = False
     # transformer layers over each frame's text before the blocks (``engine.ace.TextRefinerLayer``): context for
     # a text encoder that gives none (the word-level encoder); 0: off (ACE reads T5 states as they are)
     text_refiner: int = 0
@@ -148,6 +154,11 @@ class ACEConfig:
             raise ValueError(f"source_concat reads each target token's source cell (source_index): it needs a "
                              f"model with the source skip (source_skip=True, prediction='x0'; the ace-edit preset), "
                              f"got source_skip={self.source_skip}, prediction={self.prediction!r}")
+        if not isinstance(self.self_condition, bool):
+            raise ValueError(f"self_condition must be True or False, got {self.self_condition!r}")
+        if self.self_condition and self.prediction != "x0":
+            raise ValueError(f"self_condition feeds the model its previous x0 estimate: it needs prediction='x0', "
+                             f"got {self.prediction!r}")
         if self.pixel_keys and not self.pixel_head:
             raise ValueError(f"pixel_keys feeds the per-pixel head: it needs pixel_head > 0, got "
                              f"pixel_keys={self.pixel_keys}, pixel_head={self.pixel_head}")

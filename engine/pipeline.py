@@ -337,6 +337,9 @@ class EditJob:
     output: Fit | None = None  # how the decoded grid-size output returns to the request's size
     source: Image.Image | None = None  # the edited image as given (a crop is pasted back over it)
     i: int = 0  # steps taken
+    # self-conditioning models (``ACEConfig.self_condition``): the last step's x0 estimate ``[L_tgt, C*p*p]``
+    # after guidance, fed back at the next step (None before the first: the model reads zeros)
+    x0: Tensor | None = None
 
     @property
     def done(self) -> bool:
@@ -364,11 +367,19 @@ class EditJob:
         x = torch.cat([self.x] * self.branches) if self.branches > 1 else self.x
         return x, self.sampler.timestep(self.i, self.branches)
 
+    def previous_estimate(self) -> Tensor:
+        """The self-conditioning input for this step, ``[branches * L_tgt, C*p*p]``: the last step's x0 estimate
+        (every branch reads the guided one), zeros at the first step."""
+        x0 = torch.zeros_like(self.x) if self.x0 is None else self.x0
+        return torch.cat([x0] * self.branches) if self.branches > 1 else x0
+
     def advance(self, out: Tensor) -> None:
         """CFG over this job's model output ``[branches * L_tgt, C*p*p]``, then one sampler step
         (FloatingPointError naming the step if the latent turns non-finite)."""
         n = self.x.shape[0]
         pred = out if self.branches == 1 else guide(out[:n], out[n:], self.guidance, self.rescale, [0, n])
+        if getattr(self.sampler, "prediction", None) == "x0":  # what a self-conditioning model reads next step
+            self.x0 = pred
         self.x = self.sampler.step(self.i, self.x, pred)
         self.i += 1
 
@@ -629,8 +640,15 @@ class EditPipeline:
         batch = self.pack(job.samples)
         while not job.done:
             x, t = job.model_input()
-            job.advance(self.model(batch, x, t.to(self.device)))
+            job.advance(self.model(batch, x, t.to(self.device), **self.self_condition_input([job])))
         return self.finish(job)
+
+    def self_condition_input(self, jobs: list["EditJob"]) -> dict:
+        """The model's keyword for the jobs' previous x0 estimates (``x0_prev``, in their order) when it
+        self-conditions (``ACEConfig.self_condition``); nothing for any other model."""
+        if not getattr(self.cfg, "self_condition", False):
+            return {}
+        return {"x0_prev": torch.cat([job.previous_estimate() for job in jobs])}
 
     @torch.no_grad()
     def run_jobs(self, jobs: list["EditJob"]) -> list[Image.Image]:
@@ -656,7 +674,8 @@ class EditPipeline:
         batch = self.pack([s for job in jobs for s in job.samples])
         while not jobs[0].done:
             inputs = [job.model_input() for job in jobs]
-            out = self.model(batch, torch.cat([x for x, _ in inputs]), torch.cat([t for _, t in inputs]).to(self.device))
+            out = self.model(batch, torch.cat([x for x, _ in inputs]), torch.cat([t for _, t in inputs]).to(self.device),
+                             **self.self_condition_input(jobs))
             for job, part in zip(jobs, out.split([job.target_tokens for job in jobs])):
                 job.advance(part)
         return [self.finish(job) for job in jobs]

@@ -52,11 +52,12 @@ def _plan(model_cfg: ACEConfig | SD3Config, batch: PackedLCU) -> ACEPlan | Packe
 
 
 def graph_inputs(model_cfg: ACEConfig | SD3Config, batch: PackedLCU, x: Tensor, t: Tensor,
-                 control_scale: float | Tensor = 1.0) -> dict[str, Tensor]:
+                 control_scale: float | Tensor = 1.0, x0_prev: Tensor | None = None) -> dict[str, Tensor]:
     """The graph's inputs for one forward, in graph order: ``{name: tensor}`` (float ones fp32).
 
     ``batch`` is a packed batch of ``model_cfg``'s family; ``x [L_tgt, C*p*p]``; ``t [B]``;
-    ``control_scale`` (SD3 EditNet only) a float or ``[B]``. The per-batch metadata is computed once per batch
+    ``control_scale`` (SD3 EditNet only) a float or ``[B]``; ``x0_prev`` (``ACEConfig.self_condition`` only) the
+    previous x0 estimate shaped like ``x``, None for zeros. The per-batch metadata is computed once per batch
     and cached on it."""
     plan = _plan(model_cfg, batch)
     out: dict[str, Tensor] = {}
@@ -65,6 +66,8 @@ def graph_inputs(model_cfg: ACEConfig | SD3Config, batch: PackedLCU, x: Tensor, 
             value = x
         elif spec.name == "t":
             value = t
+        elif spec.name == "x0_prev":
+            value = torch.zeros_like(x) if x0_prev is None else x0_prev
         elif spec.name == "control_scale":
             value = torch.as_tensor(control_scale, dtype=torch.float32, device=x.device).reshape(-1)
             value = value.expand(batch.num_samples)
@@ -130,7 +133,7 @@ class DenoiserGraph(nn.Module):
         inputs = dict(zip(self.names, args))
         plan = plan_from_inputs(self.model.cfg, inputs)
         if isinstance(self.model.cfg, ACEConfig):
-            return self.model.forward_plan(plan, inputs["x"], inputs["t"])
+            return self.model.forward_plan(plan, inputs["x"], inputs["t"], x0_prev=inputs.get("x0_prev"))
         return self.model.forward_plan(plan, inputs["x"], inputs["t"], inputs.get("control_scale", 1.0))
 
 

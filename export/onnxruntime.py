@@ -99,8 +99,9 @@ class OnnxRuntimeDenoiser:
     def providers(self) -> list[str]:
         return self.session.get_providers()
 
-    def __call__(self, batch: PackedLCU, x: Tensor, t: Tensor, control_scale: float | Tensor = 1.0) -> Tensor:
-        inputs = graph_inputs(self.cfg, batch, x, t, control_scale)
+    def __call__(self, batch: PackedLCU, x: Tensor, t: Tensor, control_scale: float | Tensor = 1.0,
+                 x0_prev: Tensor | None = None) -> Tensor:
+        inputs = graph_inputs(self.cfg, batch, x, t, control_scale, x0_prev)
         if x.is_cuda and "CUDAExecutionProvider" in self.providers and self.meta["dtype"] != "bf16":
             return self._run_on_device(inputs, x)
         feed = {name: inputs[name].detach().cpu().numpy() for name in self.input_names}

@@ -258,7 +258,7 @@ class EditServer:
             inputs = [r.job.model_input() for r in active]
             x = torch.cat([xi for xi, _ in inputs])
             t = torch.cat([ti for _, ti in inputs]).to(self.pipe.device)
-            out = self.denoise(self._batch, x, t)
+            out = self.denoise(self._batch, x, t, **self.pipe.self_condition_input([r.job for r in active]))
         except Exception as err:  # noqa: BLE001 - a failed forward fails the requests in it, not the server
             for r in active:
                 self._fail(r, err)

@@ -50,6 +50,8 @@ def ace_inputs(cfg) -> list[InputSpec]:
     skip = [_i64("source_index", "L_tgt")] if getattr(cfg, "source_skip", False) else []
     if getattr(cfg, "pixel_smooth", 0) or getattr(cfg, "pixel_conv", 0):
         skip.append(_i64("target_neighbors", "L_tgt", 9))
+    if getattr(cfg, "self_condition", False):  # the previous x0 estimate (zeros at a request's first step)
+        skip.append(_f("x0_prev", "L_tgt", cfg.in_channels * p2))
     return [
         _f("x", "L_tgt", cfg.in_channels * p2), _f("t", "B"),
         _f("tokens", "L_img", (cfg.in_channels + 1) * p2), _f("text", "L_txt", cfg.y_channels),

@@ -487,10 +487,10 @@ class TensorRTDenoiser:
         profiles = [Profile.from_json(p) for p in json.loads(found.profiles)]
         return cls(engine, model_cfg, profiles, device=device)
 
-    def __call__(self, batch, x: Tensor, t: Tensor) -> Tensor:
+    def __call__(self, batch, x: Tensor, t: Tensor, x0_prev: Tensor | None = None) -> Tensor:
         from omniace.export.onnx import graph_inputs  # the lead's module: imported when first used
 
-        inputs = graph_inputs(self.cfg, batch, x, t)
+        inputs = graph_inputs(self.cfg, batch, x, t, x0_prev=x0_prev)
         values = batch_dims(self.specs, {k: tuple(v.shape) for k, v in inputs.items()})
         index = select_profile(self.profiles, values)
         stream = self._stream()

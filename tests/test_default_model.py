@@ -2,6 +2,8 @@
 training options tried for it (edit-region and per-task loss weights)."""
 import re
 
+import numpy as np
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -806,3 +808,142 @@ def test_conv_head_feeds_the_mlp_gradients_flops_memory_and_settings():
     with pytest.raises(ValueError, match="reaches past the 3x3 token neighbourhood of 1-pixel tokens"):
         build_model(get_config("ace-tiny", in_channels=3, codec_factor=1, patch_size=1, prediction="x0",
                                source_skip=True, pixel_head=2, pixel_conv=2))
+
+
+# self-conditioning (cfg.self_condition, Analog Bits): the previous x0 estimate, in the embedding and the pixel head
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 3e-3)])
+def test_self_condition_adds_the_embedded_previous_estimate_to_each_target_token(dtype, tol):
+    """Reference: the first block's input of the same weights without ``self_condition``, plus the embedding of
+    each target token's row of ``x0_prev`` (a loop over the target rows); condition and history rows unchanged.
+    With ``x0_prev`` None (zeros) the model is exactly the one without it."""
+    sc = randomise(_gate_model(source_gate=True, self_condition=True), seed=31, std=0.1).to(dtype).eval()
+    plain = _gate_model(source_gate=True)
+    plain.load_state_dict({k: v for k, v in sc.state_dict().items() if not k.startswith("self_cond_embedder")})
+    plain = plain.to(dtype).eval()
+    batch = pack(_samples(12), P, with_mask=True).to("cpu", dtype)
+    g = torch.Generator().manual_seed(32)
+    x = torch.randn(batch.target_index.numel(), C * P * P, generator=g).to(dtype)
+    prev = torch.randn(x.shape, generator=g).to(dtype)
+    t = torch.tensor([3, 400, 999, 77])
+    seen = []
+    for model, kw in ((sc, {"x0_prev": prev}), (plain, {})):
+        handle = model.blocks[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].float()))
+        with torch.no_grad():
+            model(batch, x, t, **kw)
+        handle.remove()
+    w = sc.self_cond_embedder.weight.float()
+    ref = seen[1].clone()
+    for row, tok in enumerate(batch.target_index.tolist()):
+        ref[tok] += w @ prev[row].float()
+    assert (seen[0] - ref).abs().max() < tol * max(1.0, ref.abs().max().item())
+    moved = (seen[0] - seen[1]).abs().amax(1) > 0
+    assert moved[batch.target_index].all() and not moved[~batch.is_target].any()
+    with torch.no_grad():  # no estimate yet (a request's first step): exactly the model without the input
+        assert torch.equal(sc(batch, x, t), plain(batch, x, t))
+        assert (sc(batch, x, t, x0_prev=prev) - sc(batch, x, t)).abs().max() > 0.05
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
+def test_self_conditioned_pixel_head_matches_a_per_pixel_loop(dtype, tol):
+    """Reference: one pixel at a time, [features, smooth, previous estimate RGB, source RGB, noisy RGB] -> MLP ->
+    gated change; odd grids, a sample with no source."""
+    cfg = get_config("ace-tiny", in_channels=3 * F2 * F2, codec_factor=F2, y_channels=Y, prediction="x0",
+                     source_skip=True, source_gate=True, pixel_head=K, pixel_smooth=S, self_condition=True)
+    model = randomise(build_model(cfg), seed=33, std=0.2).to(dtype).eval()
+    batch = pack(_pixel_samples(13), P, with_mask=True).to("cpu", dtype)
+    g = torch.Generator().manual_seed(34)
+    x = torch.randn(batch.target_index.numel(), 3 * F2 * F2 * P * P, generator=g).to(dtype)
+    prev = torch.randn(x.shape, generator=g).to(dtype)
+    seen = {}
+    handle = model.final_layer.register_forward_hook(lambda m, i, o: seen.setdefault("o", o))
+    with torch.no_grad():
+        out = model(batch, x, torch.tensor([3, 400, 999, 77]), x0_prev=prev).float()
+    handle.remove()
+    feat, xf, pf = seen["o"].float(), x.float(), prev.float()
+    c = xf.shape[1]
+    n_pix = c // 3
+    smooth = _smooth_reference(batch, feat, n_pix)
+    ph = {k: v.float() for k, v in model.pixel_head.state_dict().items()}
+    idx = batch.source_index
+    ref = torch.empty_like(out)
+    for r in range(out.shape[0]):
+        src = batch.tokens[idx[r], :c].float() if idx[r] >= 0 else torch.zeros(c)
+        for j in range(n_pix):
+            v = torch.cat([feat[r, j * K:(j + 1) * K], smooth[r, :, j], pf[r, j::n_pix], src[j::n_pix], xf[r, j::n_pix]])
+            o = ph["fc2.weight"] @ F.silu(ph["fc1.weight"] @ v + ph["fc1.bias"]) + ph["fc2.bias"]
+            ref[r, j::n_pix] = src[j::n_pix] + o[:3] * (torch.sigmoid(o[3:]) if idx[r] >= 0 else 1)
+    err = (out - ref).abs().max().item()
+    assert err < tol * max(1.0, ref.abs().max().item()), err
+
+
+def test_self_condition_gradients_flops_memory_and_settings():
+    from omniace.engine.memory import estimate_memory
+
+    cfg = get_config("ace-tiny", in_channels=3 * F2 * F2, codec_factor=F2, y_channels=Y, prediction="x0",
+                     source_skip=True, source_gate=True, pixel_head=K, self_condition=True)
+    model = randomise(build_model(cfg), seed=35, std=0.1)
+    batch = pack(_pixel_samples(3), P, with_mask=True)
+    x = torch.randn(batch.target_index.numel(), 3 * F2 * F2 * P * P)
+    prev = torch.randn(x.shape, requires_grad=True)
+    model(batch, x, torch.tensor([1, 200, 3, 900]), x0_prev=prev).pow(2).sum().backward()
+    ph = model.pixel_head
+    assert ph.fc1.in_features == K + 3 + 6 and ph.fc1.weight.grad[:, K:K + 3].abs().sum(0).min() > 0
+    assert model.self_cond_embedder.weight.grad.abs().sum() > 0 and prev.grad.abs().sum() > 0
+    plain = _pixel_model(True)
+    n_pix, c_lat, d = F2 * F2 * P * P, 3 * F2 * F2 * P * P, model.cfg.hidden_size
+    # the estimate's embedding (12 target tokens x c_lat -> d) and fc1's 3 more inputs per pixel (x 2K hidden)
+    assert model.flops([[12]], [[7]]) - plain.flops([[12]], [[7]]) == 2 * 12 * (c_lat * d + n_pix * 3 * 2 * K)
+    grow = estimate_memory(model, 64, 8, 1, 4096).activations - estimate_memory(plain, 64, 8, 1, 4096).activations
+    assert grow == 4096 * 6 * 4
+    with pytest.raises(ValueError, match=r"x0_prev must be shaped like x, \(.*\), got \(3, 5\)"):
+        model(batch, x, torch.tensor([1, 2, 3, 4]), x0_prev=torch.zeros(3, 5))
+    with pytest.raises(ValueError, match="x0_prev is the self-conditioning input: this model has self_condition=False"):
+        plain(batch, x, torch.tensor([1, 2, 3, 4]), x0_prev=torch.zeros_like(x))
+    with pytest.raises(ValueError, match="self_condition reads the previous x0 estimate: pass x0_prev"):
+        ph(torch.zeros(2, n_pix * K), torch.zeros(2, 3 * n_pix), torch.zeros(2, 3 * n_pix),
+           torch.ones(2, 1, dtype=torch.bool))
+    with pytest.raises(ValueError, match="self_condition feeds the model its previous x0 estimate: it needs "
+                                         "prediction='x0', got 'eps'"):
+        get_config("ace-tiny", self_condition=True)
+    for bad in (1, "true", None):
+        with pytest.raises(ValueError, match=f"self_condition must be True or False, got {re.escape(repr(bad))}"):
+            get_config("ace-edit", self_condition=bad)
+    assert build_model(get_config("ace-edit")).self_cond_embedder is None  # the default is unchanged
+
+
+def test_sampling_feeds_each_step_the_previous_steps_estimate():
+    """The pipeline's loop (run_job, and run_jobs over several requests) passes zeros at a request's first step
+    and its last guided x0 estimate after; requests stepped together get what each gets alone."""
+    from omniace.engine.codec import PixelCodec
+    from omniace.engine.pipeline import EditPipeline, tiny_sampling, tiny_text_encoder
+
+    cfg = get_config("ace-edit", depth=1, hidden_size=32, num_heads=2, self_condition=True)
+    pipe = EditPipeline(randomise(build_model(cfg), seed=36, std=0.05), tiny_text_encoder(cfg), PixelCodec(4),
+                        **tiny_sampling(cfg))
+    calls = []
+    real = pipe.model.forward
+
+    def spy(batch, x, t, indicator_table=True, x0_prev=None):
+        out = real(batch, x, t, indicator_table, x0_prev)
+        calls.append((x0_prev.clone(), out.clone()))
+        return out
+
+    pipe.model.forward = spy
+    g = torch.Generator().manual_seed(37)
+    from PIL import Image
+
+    img = lambda: Image.fromarray((torch.rand(24, 40, 3, generator=g) * 255).byte().numpy())
+    jobs = [pipe.prepare_edit(img(), "{image} make the circle red", steps=4, guidance=g_, seed=k)
+            for k, g_ in enumerate((1.0, 2.0))]
+    alone = [pipe.run_job(pipe.prepare_edit(j.source, "{image} make the circle red", steps=4, guidance=j.guidance,
+                                            seed=k)) for k, j in enumerate(jobs)]
+    first = calls[:4]
+    assert torch.equal(first[0][0], torch.zeros_like(first[0][0]))
+    for (prev, _), (_, out_before) in zip(first[1:], first[:-1]):
+        assert torch.equal(prev, out_before)  # one branch (guidance 1): the previous call's output
+    calls.clear()
+    together = pipe.run_jobs(jobs)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(alone, together))
+    n = jobs[0].x.shape[0]
+    prev1 = calls[1][0]  # step 1: job 0's estimate, then job 1's guided estimate for both its branches
+    assert torch.equal(prev1[n:2 * n], prev1[2 * n:3 * n]) and prev1[n:].abs().max() > 0

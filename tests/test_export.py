@@ -30,11 +30,11 @@ CONFIGS = {"sd35-small": ("sd3-small", dict(qk_norm="rms_norm", dual_attention_l
            # the embedded default's output head: the source image plus a gated change (source_index input)
            "ace-tiny-gate": ("ace-tiny", dict(prediction="x0", source_skip=True, source_gate=True)),
            # with the per-pixel head (cfg.pixel_head, its smooth features: target_neighbors input; its key colours; its
-           # Wiener estimate, which reads t per token), a text refiner (cfg.text_refiner) and the source cells
-           # added to the target tokens (cfg.source_concat)
+           # Wiener estimate, which reads t per token), a text refiner (cfg.text_refiner), the source cells
+           # added to the target tokens (cfg.source_concat) and self-conditioning (cfg.self_condition: x0_prev input)
            "ace-tiny-px": ("ace-tiny", dict(prediction="x0", source_skip=True, source_gate=True, pixel_head=5,
                                             pixel_smooth=3, pixel_keys=2, pixel_sigma_data=0.5, pixel_conv=2,
-                                            text_refiner=1, source_concat=True))}
+                                            text_refiner=1, source_concat=True, self_condition=True))}
 
 
 def _model(preset: str, seed: int = 0) -> torch.nn.Module:
@@ -103,6 +103,26 @@ def test_portable_matches_torch_in_onnxruntime(portable):
         assert np.abs(ref).max() > 0.1  # a real signal, not zeros
         err = np.abs(out - ref).max()
         assert err < ATOL, f"{model.cfg.family} B={batch.num_samples}: max error {err}"
+
+
+def test_the_previous_estimate_input_matches_torch_in_onnxruntime(portable):
+    """A self-conditioning model's ``x0_prev`` input (zeros in the test above): a random estimate moves the output,
+    and onnxruntime follows eager."""
+    import onnxruntime as ort
+
+    model, path = portable
+    if not getattr(model.cfg, "self_condition", False):
+        pytest.skip("this preset does not self-condition")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch, x, t in _batches(model.cfg, seed=5):
+        prev = torch.randn(x.shape, generator=torch.Generator().manual_seed(6))
+        feed = {k: v.numpy() for k, v in graph_inputs(model.cfg, batch, x, t, x0_prev=prev).items()}
+        out = session.run(["out"], feed)[0]
+        with torch.no_grad():
+            ref, without = model(batch, x, t, x0_prev=prev).numpy(), model(batch, x, t).numpy()
+        assert np.abs(ref - without).max() > 0.02  # the input is read (200x the tolerance below)
+        err = np.abs(out - ref).max()
+        assert err < ATOL, f"B={batch.num_samples}: max error {err}"
 
 
 def test_dims_are_named_after_the_spec(portable):

@@ -182,3 +182,27 @@ def test_the_readme_serving_example_runs_as_written(capsys):
     exec(compile(block, "README.md (Serving)", "exec"), {})
     # the example prints the mean occupancy last; a slow machine may also get the server's periodic log line
     assert 0 < float(capsys.readouterr().out.strip().splitlines()[-1]) <= 1
+
+
+def test_a_self_conditioning_model_is_served_as_it_samples_alone():
+    """``ACEConfig.self_condition``: the server feeds each request its own previous estimate, as
+    ``EditPipeline.edit`` does, so the outputs match; its forwards carry ``x0_prev``."""
+    from omniace.engine import build_model, get_config
+    from omniace.engine.codec import PixelCodec
+    from omniace.engine.pipeline import tiny_sampling, tiny_text_encoder
+
+    from helpers import randomise
+
+    cfg = get_config("ace-edit", depth=1, hidden_size=32, num_heads=2, self_condition=True)
+    sc = EditPipeline(randomise(build_model(cfg), seed=3, std=0.05), tiny_text_encoder(cfg), PixelCodec(4),
+                      **tiny_sampling(cfg))
+    refs = [_reference(sc, r) for r in REQUESTS[:3]]
+    fed = []
+    real = sc.model.forward
+    sc.model.forward = lambda batch, x, t, indicator_table=True, x0_prev=None: (
+        fed.append(x0_prev is not None and bool(x0_prev.abs().max() > 0)), real(batch, x, t, indicator_table, x0_prev))[1]
+    with EditServer(sc, token_budget=4096, log_every=0) as server:
+        outs = [f.result(timeout=120)[0] for f in [server.submit(**r) for r in REQUESTS[:3]]]
+    worst = max(_diff(o, r) for o, r in zip(outs, refs))
+    print(f"max pixel difference vs EditPipeline.edit: {worst}/255")
+    assert worst <= TOL and any(fed) and not fed[0]  # zeros at the first step, estimates after

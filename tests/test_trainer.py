@@ -667,15 +667,19 @@ def test_a_model_override_trains_records_and_exports_the_changed_model(corpus, t
     out = tmp_path / "run"
     args = ["--data", str(corpus), "--out", str(out), "--preset", "ace-edit", "--steps", "2", "--decoder", "pil",
             "--token-budget", "300", "--no-activation-checkpointing"]
-    run_trainer(args + ["--model-override", "pixel_conv=3, depth=2,pixel_sigma_data=0.25,qk_norm=false"])
+    # with self-conditioning: steps 1 and 2 (of seed 0) run the estimate's extra forward
+    run_trainer(args + ["--model-override", "pixel_conv=3, depth=2,pixel_sigma_data=0.25,qk_norm=false,"
+                                            "self_condition=true"])
     model = load_model(out / "model.safetensors")
-    assert model.cfg == get_config("ace-edit", pixel_conv=3, depth=2, pixel_sigma_data=0.25, qk_norm=False)
+    assert model.cfg == get_config("ace-edit", pixel_conv=3, depth=2, pixel_sigma_data=0.25, qk_norm=False,
+                                   self_condition=True)
     assert model.pixel_head.conv2d.out_channels == 3 and len(model.blocks) == 2
     proc = run_trainer(args + ["--steps", "3"], check=False)
     assert proc.returncode == 1 and "model_config.pixel_conv: checkpoint 3, this run 0 (cannot change" in proc.stderr
     assert "allow-config-change" not in proc.stderr, proc.stderr  # no flag can allow it
     # the same model spelled otherwise resumes
-    run_trainer(args + ["--steps", "3", "--model-override", "qk_norm=0,pixel_sigma_data=.25,depth=2,pixel_conv=3"])
+    run_trainer(args + ["--steps", "3", "--model-override", "qk_norm=0,pixel_sigma_data=.25,depth=2,pixel_conv=3,"
+                                                            "self_condition=True"])
     assert load_model(out / "model.safetensors").cfg == model.cfg
 
 
@@ -773,3 +777,31 @@ def test_all_finite_matches_an_element_wise_check_and_skips_empty_shards():
     assert all_finite([]) and all_finite([torch.empty(0)])  # an empty shard has no inf-norm: skipped, not a crash
     assert not all_finite([torch.empty(0), torch.tensor([1.0, float("nan")])])
     assert all_finite([torch.tensor([3e38, -3e38])])  # huge but finite: no overflow in a max-abs norm
+
+
+def test_self_conditioning_steps_and_the_prediction_the_loss_takes():
+    """Half the steps, drawn from (seed, step) alone (every rank and a resumed run draw the same); on those the
+    loss reads the model fed its own first estimate, and no gradient flows through that estimate."""
+    from omniace.train.objective import predict, self_condition_step
+
+    picks = [self_condition_step(0, s) for s in range(2000)]
+    assert picks == [self_condition_step(0, s) for s in range(2000)]
+    assert 0.45 < sum(picks) / len(picks) < 0.55
+    assert picks != [self_condition_step(1, s) for s in range(2000)]
+    torch.manual_seed(0)
+    model = build_model(get_config("ace-tiny", prediction="x0", self_condition=True))
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    batch, _ = _batch(4)
+    x = torch.randn(batch.target_index.numel(), batch.target_tokens().shape[1])
+    t = torch.tensor([10, 700])
+    with torch.no_grad():
+        first = model(batch, x, t)
+        assert torch.equal(predict(model, batch, x, t, False), first)
+        assert torch.equal(predict(model, batch, x, t, True), model(batch, x, t, x0_prev=first))
+    grads = []
+    for run in (lambda: predict(model, batch, x, t, True), lambda: model(batch, x, t, x0_prev=first)):
+        model.zero_grad()
+        run().pow(2).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert torch.equal(grads[0], grads[1])  # as with a constant estimate: none through the first forward

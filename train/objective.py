@@ -16,6 +16,11 @@ spends more of the training on the middle noise levels (DDPM t ~ 100-400), where
 uniformly instead, so the pure-noise end a sampler starts from stays trained (a logit-normal density alone
 starves it: run F in docs/default_model.md).
 
+A self-conditioning model (``ACEConfig.self_condition``, Analog Bits: Chen et al., 2022, algorithm 1) trains half
+its steps on its own x0 estimate: a first forward without gradient, fed back as ``x0_prev`` (:func:`predict`);
+which steps is drawn from (seed, step) alone (:func:`self_condition_step`), so every rank of a sharded model
+runs the same forwards and a resumed run draws the same.
+
 Each sample's loss is the mean squared error over its own target tokens; samples of every size count
 equally. The batch loss is ``sum_b lambda_b loss_b / N`` with N the number of samples in the global
 batch (all ranks), OmniEdit's ``E[lambda ||.||^2]``: a sample with lambda = 0 adds exactly nothing.
@@ -146,3 +151,28 @@ def weighted_loss(per_sample: Tensor, weights: Tensor, global_samples: Tensor | 
     global weighted mean whatever the split of samples between ranks.
     """
     return (weights * per_sample).sum() * world / global_samples
+
+
+# the share of training steps that run self-conditioning (Analog Bits: 0.5)
+SELF_CONDITION_RATE = 0.5
+
+
+def self_condition_step(seed: int, step: int, rate: float = SELF_CONDITION_RATE) -> bool:
+    """Whether training step ``step`` of a run seeded ``seed`` feeds a self-conditioning model its own estimate:
+    true for ``rate`` of the steps, a function of (seed, step) alone. Not of the rank: the extra forward gathers
+    a sharded model's weights collectively, so every rank must run it or none. Analog Bits draws it per sample;
+    per step, a step without it costs no extra forward."""
+    g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 1013 + 1)
+    return bool(torch.rand((), generator=g) < rate)
+
+
+def predict(model: torch.nn.Module, batch: PackedLCU, x_t: Tensor, t: Tensor, self_condition: bool = False) -> Tensor:
+    """The prediction the loss is taken on, ``[L_tgt, C*p*p]``. With ``self_condition`` (the model's
+    ``cfg.self_condition``, on a step :func:`self_condition_step` picks): the model's x0 estimate from a first
+    forward without gradient, passed back as ``x0_prev`` (Analog Bits, algorithm 1: the gradient does not flow
+    through the first estimate); otherwise one forward, which reads zeros for it."""
+    if not self_condition:
+        return model(batch, x_t, t)
+    with torch.no_grad():
+        x0_prev = model(batch, x_t, t).detach()
+    return model(batch, x_t, t, x0_prev=x0_prev)

@@ -44,8 +44,8 @@ from .cache import cache_codec, cache_text, cached_text_encoder
 from .data import DataConfig, EditLoader, size_caps
 from .importance import ImportanceConfig
 from .lifecycle import StopSignal, die_with_parent, launched_by_torchrun
-from .objective import (TIMESTEP_SAMPLINGS, Objective, edit_region_weight, sample_weights, target_sample_index,
-                        weighted_loss)
+from .objective import (TIMESTEP_SAMPLINGS, Objective, edit_region_weight, predict, sample_weights,
+                        self_condition_step, target_sample_index, weighted_loss)
 from .parallelize import TRAIN_MODES, apply_fsdp, enable_activation_checkpointing, set_trainable
 from .resume_check import ConfigMismatchError, allowable, compare, resolve_paths, signature
 from .runlock import RunLock, RunLockedError
@@ -549,7 +549,9 @@ class Trainer:
         n = packed.num_samples
         sample_of = target_sample_index(packed)
         noised = self.objective.noise(packed.target_tokens(), sample_of, n, self._generator())
-        pred = self.model(packed, noised.x_t, noised.t)
+        self_cond = getattr(self.model_cfg, "self_condition", False) and self_condition_step(cfg.seed, self.step)
+        pred = predict(self.model, packed, noised.x_t, noised.t, self_cond)
+        passes = 4 if self_cond else 3  # forward + backward FLOPs, and the estimate's forward
         per_sample = self.objective.per_sample(pred, noised.target, sample_of, n,
                                                edit_region_weight(packed, cfg.edit_weight))
         weights = sample_weights(batch.weights.to(self.device), batch.tasks, self.task_weights)
@@ -580,7 +582,7 @@ class Trainer:
         self._check_weights(lr)
         self.step += 1
         return {"loss": loss.detach() / self.world, "per_sample": per_sample.detach(), "tasks": batch.tasks,
-                "tokens": packed.tokens.shape[0], "flops": 3 * forward_flops(self.model, packed),
+                "tokens": packed.tokens.shape[0], "flops": passes * forward_flops(self.model, packed),
                 "grad_norm": norm, "lr": lr, "stop": not go_on}
 
     # --- the loop ----------------------------------------------------------------------------------
