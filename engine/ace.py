@@ -165,6 +165,10 @@ class PixelHead(nn.Module):
     as noisy as the image; its neighbourhood's is not, and holds the edges and corners that tell a square from a
     circle. Without it the shape a noised target still shows at sigma 0.3-0.9 was lost (the from-target table of
     docs/default_model.md).
+
+    ``self_cond`` (``cfg.self_condition``): each pixel's MLP also reads its RGB in the model's previous x0 estimate
+    (``x0_prev``; zeros at the first sampling step), after the other optional inputs: Analog Bits' self-conditioning
+    (Chen et al., 2022) per pixel, so a call can sharpen the drawing the last one made.
     """
 
     KEY_WIDTH = 0.05  # squared distance (pixels in [-1, 1]) at which a key's match is 1/2
@@ -375,7 +379,8 @@ class ACEModel(nn.Module):
         ``indicator_table``: True uses the model's own ``text_position_embeddings.pos``, a ``[10, Y]``
         tensor overrides it, False adds no indicator embeddings. ``x0_prev`` ``[L_tgt, C*p*p]``: with
         ``cfg.self_condition``, the model's previous x0 estimate of these tokens (None: zeros, as at the first
-        sampling step); ValueError when given to a model without it. Returns ``[L_tgt, C*p*p]``.
+        sampling step); ValueError when given to a model without it or shaped otherwise than ``x``. Returns
+        ``[L_tgt, C*p*p]``.
         """
         cfg = self.cfg
         if not batch.with_mask:

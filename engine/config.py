@@ -316,6 +316,17 @@ def config_to_dict(cfg: ACEConfig | SD3Config) -> dict:
     return asdict(cfg)
 
 
+def recorded_config(d: dict) -> dict:
+    """A config dict as written by an older version (a checkpoint's or an export's record), with the fields
+    added since at their defaults, which compute what that version did (``self_condition`` False, ...): the
+    dict to compare with a current :func:`config_to_dict`. ``d`` unchanged when it is no valid config (a field
+    this version does not know, a bad value): the comparison then names what differs."""
+    try:
+        return config_to_dict(config_from_dict(d))
+    except (TypeError, ValueError):
+        return d
+
+
 def config_from_dict(d: dict) -> ACEConfig | SD3Config:
     d = dict(d)
     family = d.get("family")

@@ -323,8 +323,11 @@ class EditJob:
 
     ``samples`` are its LCUs (the conditional one, then the unconditional one when CFG is on); both
     branches share the latent ``x [L_tgt, C*p*p]``. A caller packs ``samples`` (alone, or with other jobs'
-    samples in one batch), feeds :meth:`model_input` to the model and hands this job's rows of the output
-    to :meth:`advance`. The result depends only on the job, never on what shared its batch.
+    samples in one batch), feeds :meth:`model_input` to the model (with a self-conditioning model, also
+    :meth:`previous_estimate` as ``x0_prev``: :meth:`EditPipeline.self_condition_input` gathers it for several
+    jobs; the model reads zeros for a missing one, so a loop that forgets it samples worse without an error)
+    and hands this job's rows of the output to :meth:`advance`. The result depends only on the job, never on
+    what shared its batch.
     """
 
     samples: list[LCUSample]
@@ -337,8 +340,10 @@ class EditJob:
     output: Fit | None = None  # how the decoded grid-size output returns to the request's size
     source: Image.Image | None = None  # the edited image as given (a crop is pasted back over it)
     i: int = 0  # steps taken
-    # self-conditioning models (``ACEConfig.self_condition``): the last step's x0 estimate ``[L_tgt, C*p*p]``
-    # after guidance, fed back at the next step (None before the first: the model reads zeros)
+    # self-conditioning models (``ACEConfig.self_condition``; set by ``EditPipeline.prepare``): the job keeps
+    # its last step's x0 estimate ``[L_tgt, C*p*p]`` after guidance, fed back at the next step (None before the
+    # first: the model reads zeros)
+    self_condition: bool = False
     x0: Tensor | None = None
 
     @property
@@ -378,8 +383,8 @@ class EditJob:
         (FloatingPointError naming the step if the latent turns non-finite)."""
         n = self.x.shape[0]
         pred = out if self.branches == 1 else guide(out[:n], out[n:], self.guidance, self.rescale, [0, n])
-        if getattr(self.sampler, "prediction", None) == "x0":  # what a self-conditioning model reads next step
-            self.x0 = pred
+        if self.self_condition:  # its own rows (not a view that keeps the batch's whole output alive)
+            self.x0 = pred.clone()
         self.x = self.sampler.step(self.i, self.x, pred)
         self.i += 1
 
@@ -612,7 +617,8 @@ class EditPipeline:
         h, w = target.latent.shape[1:]
         x = initial_noise([(h, w)], self.cfg.patch_size, seed, self.codec.latent_channels).to(self.device)
         return EditJob(samples, x, sampler, guidance, rescale, (h, w), self.cfg.patch_size, output,
-                       current.images[0] if current.images else None)
+                       current.images[0] if current.images else None,
+                       self_condition=getattr(self.cfg, "self_condition", False))
 
     def pack(self, samples: list[LCUSample]) -> PackedLCU:
         """One packed batch of ``samples`` on the pipeline's device."""

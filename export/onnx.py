@@ -1,8 +1,10 @@
 """ONNX export of the denoiser of either family (ACE; SD3 with or without EditNet), on the packed batch.
 
 The graph's inputs are the packed batch as the engine uses it (``export/spec.py``): noisy target tokens ``x``,
-timesteps ``t``, condition tokens and text, and the per-batch index metadata (cu_seqlens, gathers, positions,
-indicator ids) that the engine computes once per batch; every token, segment and sample count is dynamic.
+timesteps ``t``, condition tokens and text, the per-batch index metadata (cu_seqlens, gathers, positions,
+indicator ids) that the engine computes once per batch, and for the models that take them the source gather,
+the target grid's neighbours and the previous x0 estimate (``x0_prev``, self-conditioning); every token,
+segment and sample count is dynamic.
 Float inputs are fp32 whatever the export precision (the graph casts them, as the eager forward does); the
 output ``out [L_tgt, C*p*p]`` is in the export precision. Weights go to external data next to the graph.
 
@@ -59,6 +61,11 @@ def graph_inputs(model_cfg: ACEConfig | SD3Config, batch: PackedLCU, x: Tensor, 
     ``control_scale`` (SD3 EditNet only) a float or ``[B]``; ``x0_prev`` (``ACEConfig.self_condition`` only) the
     previous x0 estimate shaped like ``x``, None for zeros. The per-batch metadata is computed once per batch
     and cached on it."""
+    if x0_prev is not None:  # as the eager forward refuses it (ACEModel.forward)
+        if not getattr(model_cfg, "self_condition", False):
+            raise ValueError("x0_prev is the self-conditioning input: this model has self_condition=False")
+        if x0_prev.shape != x.shape:
+            raise ValueError(f"x0_prev must be shaped like x, {tuple(x.shape)}, got {tuple(x0_prev.shape)}")
     plan = _plan(model_cfg, batch)
     out: dict[str, Tensor] = {}
     for spec in input_specs(model_cfg):

@@ -31,8 +31,9 @@ from torch import Tensor
 from omniace.engine.lcu import PackedLCU
 from omniace.engine.pipeline import EditJob, EditPipeline, EditSession, Turn, turn_inputs
 
-# the model call every backend implements: (packed batch, x [L_tgt, C*p*p], t [B]) -> prediction [L_tgt, C*p*p]
-Denoiser = Callable[[PackedLCU, Tensor, Tensor], Tensor]
+# the model call every backend implements: (packed batch, x [L_tgt, C*p*p], t [B]) -> prediction [L_tgt, C*p*p];
+# for a self-conditioning model (ACEConfig.self_condition) the server also passes ``x0_prev=`` [L_tgt, C*p*p]
+Denoiser = Callable[..., Tensor]
 BACKENDS = ("torch", "torch-compile", "onnxruntime", "tensorrt")
 
 

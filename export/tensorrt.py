@@ -436,10 +436,11 @@ def build_engine(onnx_path: str | os.PathLike, out_dir: str | os.PathLike, preci
 
 # --- serving ----------------------------------------------------------------------------------------------------
 class TensorRTDenoiser:
-    """EditServer's denoiser interface over a TensorRT engine: ``(batch, x [L_tgt, C*p*p], t [B]) -> out``.
+    """EditServer's denoiser interface over a TensorRT engine: ``(batch, x [L_tgt, C*p*p], t [B], x0_prev=None)
+    -> out`` (``x0_prev``: a self-conditioning model's previous estimate, None for zeros).
 
     NOT RUN YET on a real engine (see the module doc); the binding logic is tested against a fake engine.
-    Each call builds the graph inputs with ``omniace.export.onnx.graph_inputs(model_cfg, batch, x, t)``,
+    Each call builds the graph inputs with ``omniace.export.onnx.graph_inputs(model_cfg, batch, x, t, x0_prev=)``,
     reads the base dims off them, selects the smallest profile that holds them (ValueError naming the dims
     that fit none), sets every input's shape and address, allocates the output, and runs
     ``execute_async_v3`` on the current CUDA stream. Returns the output in ``x``'s dtype.

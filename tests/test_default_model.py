@@ -944,6 +944,11 @@ def test_sampling_feeds_each_step_the_previous_steps_estimate():
     calls.clear()
     together = pipe.run_jobs(jobs)
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(alone, together))
+    from omniace.engine.sampler import guide
+
     n = jobs[0].x.shape[0]
-    prev1 = calls[1][0]  # step 1: job 0's estimate, then job 1's guided estimate for both its branches
-    assert torch.equal(prev1[n:2 * n], prev1[2 * n:3 * n]) and prev1[n:].abs().max() > 0
+    out0, prev1 = calls[0][1], calls[1][0]  # step 1 reads step 0's output: job 0's rows, then job 1's two branches
+    assert torch.equal(prev1[:n], out0[:n])
+    guided = guide(out0[n:2 * n], out0[2 * n:], jobs[1].guidance, jobs[1].rescale, [0, n])
+    assert torch.equal(prev1[n:2 * n], guided) and torch.equal(prev1[2 * n:], guided)  # both branches: the guided one
+    assert not torch.equal(guided, out0[n:2 * n])  # guidance 2 moved it: the equality above can tell

@@ -107,17 +107,20 @@ def test_portable_matches_torch_in_onnxruntime(portable):
 
 def test_the_previous_estimate_input_matches_torch_in_onnxruntime(portable):
     """A self-conditioning model's ``x0_prev`` input (zeros in the test above): a random estimate moves the output,
-    and onnxruntime follows eager."""
-    import onnxruntime as ort
+    and onnxruntime, called as the server calls it (``OnnxRuntimeDenoiser``), follows eager."""
+    from omniace.export.onnxruntime import OnnxRuntimeDenoiser
 
     model, path = portable
     if not getattr(model.cfg, "self_condition", False):
-        pytest.skip("this preset does not self-condition")
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        with pytest.raises(ValueError, match="x0_prev is the self-conditioning input: this model has "
+                                             "self_condition=False"):  # as the eager forward refuses it
+            batch, x, t = example_batch(model.cfg)
+            graph_inputs(model.cfg, batch, x, t, x0_prev=torch.zeros_like(x))
+        return
+    denoise = OnnxRuntimeDenoiser(path.parent, providers=["CPUExecutionProvider"])
     for batch, x, t in _batches(model.cfg, seed=5):
         prev = torch.randn(x.shape, generator=torch.Generator().manual_seed(6))
-        feed = {k: v.numpy() for k, v in graph_inputs(model.cfg, batch, x, t, x0_prev=prev).items()}
-        out = session.run(["out"], feed)[0]
+        out = denoise(batch, x, t, x0_prev=prev).numpy()
         with torch.no_grad():
             ref, without = model(batch, x, t, x0_prev=prev).numpy(), model(batch, x, t).numpy()
         assert np.abs(ref - without).max() > 0.02  # the input is read (200x the tolerance below)
@@ -269,6 +272,14 @@ def test_onnx_folder_of_other_weights_is_refused(tmp_path):
             "files_sha256": {f: file_sha256(folder / f) for f in ("denoiser.onnx", "denoiser.onnx.data")}}
     (folder / "denoiser.json").write_text(json.dumps(meta))
     assert onnx_for_model(a, folder) == folder  # same weights: used as it is
+    # written before a config field was added (no record of it): its default is what that export computes
+    older = {**meta, "config": {k: v for k, v in meta["config"].items() if k != "self_condition"}}
+    (folder / "denoiser.json").write_text(json.dumps(older))
+    assert onnx_for_model(a, folder) == folder
+    (folder / "denoiser.json").write_text(json.dumps({**meta, "config": {**meta["config"], "depth": 3}}))
+    with pytest.raises(ValueError, match="different model: model config"):
+        onnx_for_model(a, folder)
+    (folder / "denoiser.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="different model: weights"):
         onnx_for_model(b, folder)
     (folder / "denoiser.onnx.data").write_bytes(b"other weights")  # the fresh user's swapped .data file

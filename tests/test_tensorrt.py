@@ -274,10 +274,12 @@ class _FakeEngine:
 
 def _stub_graph_inputs(monkeypatch):
     """A stand-in for the lead's ``omniace.export.onnx.graph_inputs``: the test's batch is its base dims."""
-    def graph_inputs(cfg, batch, x, t):
+    def graph_inputs(cfg, batch, x, t, control_scale=1.0, x0_prev=None):
         out = {s.name: torch.zeros(evaluate_dims(s, batch), dtype=torch.float32 if s.dtype == "float" else
                                    getattr(torch, s.dtype)) for s in input_specs(cfg)}
         out["x"], out["t"] = x, t
+        if x0_prev is not None:
+            out["x0_prev"] = x0_prev
         return out
 
     monkeypatch.setitem(sys.modules, "omniace.export.onnx", types.SimpleNamespace(graph_inputs=graph_inputs))
@@ -305,6 +307,19 @@ def test_denoiser_selects_the_profile_and_binds_every_input(monkeypatch, float_t
     assert ctx.profiles == [0, 1] and ctx.runs == 3  # the profile is switched only when it changes
     with pytest.raises(ValueError, match=r"fits no optimisation profile.*L_img=300 > 256"):
         den(small | {"L_img": 300}, torch.randn(50, c), t)
+
+
+def test_denoiser_binds_a_self_conditioning_models_previous_estimate(monkeypatch):
+    _stub_graph_inputs(monkeypatch)
+    cfg = get_config("ace-tiny", prediction="x0", self_condition=True)
+    c = cfg.in_channels * cfg.patch_size**2
+    engine = _FakeEngine(input_specs(cfg), "FLOAT", out_channels=c)
+    den = ot.TensorRTDenoiser(engine, cfg, ot.select_profiles(cfg, token_budget=256, max_samples=4, num_profiles=1),
+                              stream=lambda: 0, device="cpu")
+    x, prev = torch.randn(50, c), torch.randn(50, c)
+    den(dict(B=2, F=4, L_img=100, L_tgt=50, L_txt=20, L_ft=40), x, torch.tensor([500.0, 500.0]), x0_prev=prev)
+    ctx = engine.context
+    assert ctx.shapes["x0_prev"] == (50, c) and "x0_prev" in ctx.addresses
 
 
 def test_denoiser_refuses_an_engine_of_another_graph():

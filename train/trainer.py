@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from omniace.engine.codec import PixelCodec
-from omniace.engine.config import ACEConfig, config_to_dict, get_config, parse_overrides
+from omniace.engine.config import ACEConfig, config_to_dict, get_config, parse_overrides, recorded_config
 from omniace.engine.model import build_model, forward_flops, save_weights
 from omniace.engine.pipeline import tiny_text_encoder
 from omniace.engine.text import indicator_table
@@ -390,7 +390,7 @@ class Trainer:
             # a field added after the checkpoint was written counts as its default, which computes what the
             # older version did (e.g. uniform_mix 0 draws exactly the same timesteps)
             recorded = {**field_defaults(), **meta["config"]}
-            self.changed = compare(signature(recorded, meta["world_size"], meta["model_config"]),
+            self.changed = compare(signature(recorded, meta["world_size"], recorded_config(meta["model_config"])),
                                    signature(asdict(cfg), self.world, config_to_dict(model_cfg)),
                                    cfg.allow_config_change, self.resume_from)
         self.is_ace = isinstance(model_cfg, ACEConfig)
