@@ -426,6 +426,22 @@ def _smooth_reference(batch, feat, n_pix: int) -> torch.Tensor:
     return torch.cat(smooth).view(-1, S, n_pix)
 
 
+def _gated_pixel_loop(model, batch, feat, xf, extra) -> torch.Tensor:
+    """The gated per-pixel head one pixel at a time, in fp32: [features, *extra(row, pixel), source RGB, noisy RGB]
+    -> MLP -> source + sigmoid(gate) * change (gate 1 where the sample has no source, whose source is zeros)."""
+    ph = {k: v.float() for k, v in model.pixel_head.state_dict().items()}
+    idx, c = batch.source_index, xf.shape[1]
+    n_pix = c // 3
+    ref = torch.empty_like(xf)
+    for r in range(xf.shape[0]):
+        src = batch.tokens[idx[r], :c].float() if idx[r] >= 0 else torch.zeros(c)
+        for j in range(n_pix):
+            v = torch.cat([feat[r, j * K:(j + 1) * K], *extra(r, j), src[j::n_pix], xf[r, j::n_pix]])
+            o = ph["fc2.weight"] @ F.silu(ph["fc1.weight"] @ v + ph["fc1.bias"]) + ph["fc2.bias"]
+            ref[r, j::n_pix] = src[j::n_pix] + o[:3] * (torch.sigmoid(o[3:]) if idx[r] >= 0 else 1)
+    return ref
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
 def test_smooth_head_matches_bilinear_interpolate_then_a_per_pixel_loop(dtype, tol):
     """Reference: each sample's smooth columns as a [S, gh, gw] map, ``F.interpolate`` bilinear
@@ -436,15 +452,7 @@ def test_smooth_head_matches_bilinear_interpolate_then_a_per_pixel_loop(dtype, t
     c = xf.shape[1]
     n_pix = c // 3
     smooth = _smooth_reference(batch, feat, n_pix)
-    ph = {k: v.float() for k, v in model.pixel_head.state_dict().items()}
-    idx = batch.source_index
-    ref = torch.empty_like(out)
-    for r in range(out.shape[0]):
-        src = batch.tokens[idx[r], :c].float() if idx[r] >= 0 else torch.zeros(c)
-        for j in range(n_pix):
-            v = torch.cat([feat[r, j * K:(j + 1) * K], smooth[r, :, j], src[j::n_pix], xf[r, j::n_pix]])
-            o = ph["fc2.weight"] @ F.silu(ph["fc1.weight"] @ v + ph["fc1.bias"]) + ph["fc2.bias"]
-            ref[r, j::n_pix] = src[j::n_pix] + o[:3] * (torch.sigmoid(o[3:]) if idx[r] >= 0 else 1)
+    ref = _gated_pixel_loop(model, batch, feat, xf, lambda r, j: [smooth[r, :, j]])
     err = (out - ref).abs().max().item()
     assert err < tol * max(1.0, ref.abs().max().item()), err
     # the reference can tell: nearest-neighbour upsampling (each pixel its own token's value) is far from it
@@ -863,15 +871,7 @@ def test_self_conditioned_pixel_head_matches_a_per_pixel_loop(dtype, tol):
     c = xf.shape[1]
     n_pix = c // 3
     smooth = _smooth_reference(batch, feat, n_pix)
-    ph = {k: v.float() for k, v in model.pixel_head.state_dict().items()}
-    idx = batch.source_index
-    ref = torch.empty_like(out)
-    for r in range(out.shape[0]):
-        src = batch.tokens[idx[r], :c].float() if idx[r] >= 0 else torch.zeros(c)
-        for j in range(n_pix):
-            v = torch.cat([feat[r, j * K:(j + 1) * K], smooth[r, :, j], pf[r, j::n_pix], src[j::n_pix], xf[r, j::n_pix]])
-            o = ph["fc2.weight"] @ F.silu(ph["fc1.weight"] @ v + ph["fc1.bias"]) + ph["fc2.bias"]
-            ref[r, j::n_pix] = src[j::n_pix] + o[:3] * (torch.sigmoid(o[3:]) if idx[r] >= 0 else 1)
+    ref = _gated_pixel_loop(model, batch, feat, xf, lambda r, j: [smooth[r, :, j], pf[r, j::n_pix]])
     err = (out - ref).abs().max().item()
     assert err < tol * max(1.0, ref.abs().max().item()), err
 
