@@ -21,6 +21,17 @@ from .layers import Mlp, PatchEmbed, RMSNorm, TimestepEmbedder, ada_norm, per_ro
 from .lcu import PackedLCU, gather_source, patchify
 
 
+def check_previous_estimate(cfg: ACEConfig, x: Tensor, x0_prev: Tensor | None) -> None:
+    """ValueError for a self-conditioning input ``x0_prev`` given to a model without ``cfg.self_condition`` or
+    shaped otherwise than ``x`` ``[L_tgt, C*p*p]``; None (zeros) always passes."""
+    if x0_prev is None:
+        return
+    if not getattr(cfg, "self_condition", False):
+        raise ValueError("x0_prev is the self-conditioning input: this model has self_condition=False")
+    if x0_prev.shape != x.shape:
+        raise ValueError(f"x0_prev must be shaped like x, {tuple(x.shape)}, got {tuple(x0_prev.shape)}")
+
+
 class ACEAttention(nn.Module):
     """q/k/v/o linears with an RMSNorm over the whole width before the head split (keys as ACE)."""
 
@@ -390,11 +401,7 @@ class ACEModel(nn.Module):
             raise ValueError(f"x must be [{batch.target_index.numel()}, {c_lat}], got {tuple(x.shape)}")
         if t.shape != (batch.num_samples,):
             raise ValueError(f"t must be [{batch.num_samples}], got {tuple(t.shape)}")
-        if x0_prev is not None:
-            if not cfg.self_condition:
-                raise ValueError("x0_prev is the self-conditioning input: this model has self_condition=False")
-            if x0_prev.shape != x.shape:
-                raise ValueError(f"x0_prev must be shaped like x, {tuple(x.shape)}, got {tuple(x0_prev.shape)}")
+        check_previous_estimate(cfg, x, x0_prev)
         return self.forward_plan(batch, x, t, indicator_table, x0_prev)
 
     def forward_plan(self, batch: ACEPlan | PackedLCU, x: Tensor, t: Tensor,
@@ -409,13 +416,15 @@ class ACEModel(nn.Module):
         source = has_source = None
         if cfg.source_skip:
             source, has_source = self.source_tokens(batch, c_lat)
-        if cfg.source_concat:  # index_select + index_copy: ops the ONNX export already carries
+        if cfg.source_concat or cfg.self_condition:  # index_select + index_copy: ops the ONNX export carries
             tgt = batch.target_index
-            h = h.index_copy(0, tgt, h.index_select(0, tgt) + self.source_embedder(source.to(dtype)))
-        if cfg.self_condition:
-            x0_prev = torch.zeros_like(x) if x0_prev is None else x0_prev
-            tgt = batch.target_index
-            h = h.index_copy(0, tgt, h.index_select(0, tgt) + self.self_cond_embedder(x0_prev.to(dtype)))
+            rows = h.index_select(0, tgt)
+            if cfg.source_concat:
+                rows = rows + self.source_embedder(source.to(dtype))
+            if cfg.self_condition:
+                x0_prev = torch.zeros_like(x) if x0_prev is None else x0_prev
+                rows = rows + self.self_cond_embedder(x0_prev.to(dtype))
+            h = h.index_copy(0, tgt, rows)
         y = self.y_embedder(batch.text.to(dtype)).index_select(0, batch.frame_text_index)
         for layer in self.text_refiner:  # per frame's text, before its indicator: the context T5 would give
             y = layer(y, batch.cu_seqlens_frame_txt, batch.max_seqlen_frame_txt)

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from omniace.engine.ace import ACEPlan
+from omniace.engine.ace import ACEPlan, check_previous_estimate
 from omniace.engine.config import ACEConfig, SD3Config, config_to_dict
 from omniace.engine.layers import Interleave
 from omniace.engine.lcu import ConditionUnit, ImageInput, LCUSample, PackedLCU, pack
@@ -61,11 +61,7 @@ def graph_inputs(model_cfg: ACEConfig | SD3Config, batch: PackedLCU, x: Tensor, 
     ``control_scale`` (SD3 EditNet only) a float or ``[B]``; ``x0_prev`` (``ACEConfig.self_condition`` only) the
     previous x0 estimate shaped like ``x``, None for zeros. The per-batch metadata is computed once per batch
     and cached on it."""
-    if x0_prev is not None:  # as the eager forward refuses it (ACEModel.forward)
-        if not getattr(model_cfg, "self_condition", False):
-            raise ValueError("x0_prev is the self-conditioning input: this model has self_condition=False")
-        if x0_prev.shape != x.shape:
-            raise ValueError(f"x0_prev must be shaped like x, {tuple(x.shape)}, got {tuple(x0_prev.shape)}")
+    check_previous_estimate(model_cfg, x, x0_prev)  # as the eager forward refuses it
     plan = _plan(model_cfg, batch)
     out: dict[str, Tensor] = {}
     for spec in input_specs(model_cfg):
