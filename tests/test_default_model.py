@@ -911,6 +911,35 @@ def test_self_condition_gradients_flops_memory_and_settings():
     assert build_model(get_config("ace-edit")).self_cond_embedder is None  # the default is unchanged
 
 
+def test_init_from_a_base_without_the_new_inputs_starts_at_the_base():
+    """``--init`` from a model without source_concat / self_condition: their weights start at zero (the head's
+    three estimate columns inserted before source and noisy RGB), so the new model's output equals the base's for
+    any estimate; a base that already has them loads unchanged; other mismatches are left to ``load_into``."""
+    from omniace.engine.weights import load_into
+    from omniace.train.trainer import add_new_inputs
+
+    kw = dict(in_channels=3 * F2 * F2, codec_factor=F2, y_channels=Y, prediction="x0", source_skip=True,
+              source_gate=True, pixel_head=K, pixel_smooth=S)
+    base = randomise(build_model(get_config("ace-tiny", **kw)), seed=36, std=0.2).eval()
+    grown = build_model(get_config("ace-tiny", **kw, source_concat=True, self_condition=True)).eval()
+    load_into(grown, add_new_inputs(base.state_dict(), grown))
+    assert grown.source_embedder.weight.abs().sum() == 0 and grown.self_cond_embedder.weight.abs().sum() == 0
+    w0, w1 = base.pixel_head.fc1.weight, grown.pixel_head.fc1.weight
+    assert torch.equal(w1[:, :-9], w0[:, :-6]) and torch.equal(w1[:, -6:], w0[:, -6:]) and not w1[:, -9:-6].any()
+    batch = pack(_pixel_samples(14), P, with_mask=True)
+    g = torch.Generator().manual_seed(37)
+    x = torch.randn(batch.target_index.numel(), 3 * F2 * F2 * P * P, generator=g)
+    t = torch.tensor([3, 400, 999, 77])
+    with torch.no_grad():
+        ref = base(batch, x, t)
+        assert (grown(batch, x, t, x0_prev=torch.randn(x.shape, generator=g)) - ref).abs().max() < 1e-5
+    trained = randomise(grown, seed=38, std=0.2).state_dict()
+    assert all(torch.equal(v, trained[k]) for k, v in add_new_inputs(trained, grown).items())
+    with pytest.raises(ValueError, match="shape mismatches"):  # a base of another width is not widened
+        load_into(grown, add_new_inputs(build_model(get_config("ace-tiny", **{**kw, "pixel_head": K + 1}))
+                                        .state_dict(), grown))
+
+
 def test_sampling_feeds_each_step_the_previous_steps_estimate():
     """The pipeline's loop (run_job, and run_jobs over several requests) passes zeros at a request's first step
     and its last guided x0 estimate after; requests stepped together get what each gets alone."""

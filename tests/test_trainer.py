@@ -684,6 +684,28 @@ def test_a_model_override_trains_records_and_exports_the_changed_model(corpus, t
     assert load_model(out / "model.safetensors").cfg == model.cfg
 
 
+def test_init_from_a_base_without_self_condition_starts_at_the_base(corpus, tmp_path):
+    """--init from a model without the inputs an override adds (source_concat, self_condition): they start at
+    zero. One step at a negligible learning rate exports the base's weights with zeros in the new places."""
+    torch.manual_seed(0)
+    base = build_model(get_config("ace-edit", depth=1))
+    base_sd = {k: v.contiguous() for k, v in base.state_dict().items()}
+    save_file(base_sd, tmp_path / "base.safetensors")
+    out = tmp_path / "run"
+    run_trainer(["--data", str(corpus), "--out", str(out), "--preset", "ace-edit", "--steps", "1", "--lr", "1e-12",
+                 "--warmup", "0", "--decoder", "pil", "--token-budget", "300", "--no-activation-checkpointing",
+                 "--init", str(tmp_path / "base.safetensors"), "--model-override",
+                 "depth=1,source_concat=true,self_condition=true"])
+    got = load_file(out / "model.safetensors")
+    assert set(got) == set(base_sd) | {"source_embedder.weight", "self_cond_embedder.weight"}
+    fc1 = got.pop("pixel_head.fc1.weight")
+    base_fc1 = base_sd["pixel_head.fc1.weight"]
+    assert fc1[:, -9:-6].abs().max() < 1e-6  # the estimate's columns, before source and noisy RGB
+    assert (torch.cat([fc1[:, :-9], fc1[:, -6:]], 1) - base_fc1).abs().max() < 1e-6
+    for k, v in got.items():
+        assert (v - base_sd.get(k, torch.zeros_like(v))).abs().max() < 1e-6, k
+
+
 def test_repeated_list_flags_add_up_and_ignored_logit_flags_warn(tmp_path):
     from omniace.train.trainer import build_parser
 

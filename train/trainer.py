@@ -321,6 +321,25 @@ def widen_patch_embedding(sd: dict[str, Tensor], model) -> dict[str, Tensor]:
     return {**sd, key: torch.cat([w, torch.zeros_like(w)], dim=1)}
 
 
+def add_new_inputs(sd: dict[str, Tensor], model) -> dict[str, Tensor]:
+    """A base checkpoint for an ACE model that adds inputs the base lacks (``cfg.source_concat``,
+    ``cfg.self_condition``): their embedders and the per-pixel head's three self-conditioning columns start at zero,
+    so training starts from exactly the base model, as :func:`widen_patch_embedding` does for channel concat.
+    A checkpoint that already holds them, or any other mismatch, is returned unchanged (``load_into`` then names it)."""
+    own, out = model.state_dict(), dict(sd)
+    cfg = model.cfg
+    for flag, key in (("source_concat", "source_embedder.weight"), ("self_condition", "self_cond_embedder.weight")):
+        if getattr(cfg, flag, False) and key not in sd:
+            out[key] = torch.zeros_like(own[key])
+    key = "pixel_head.fc1.weight"
+    if getattr(cfg, "self_condition", False) and "self_cond_embedder.weight" not in sd and key in sd:
+        w, want = sd[key], own[key].shape
+        if w.shape[0] == want[0] and w.shape[1] + 3 == want[1]:
+            # the head's inputs end [..., x0_prev RGB, source RGB, noisy RGB] (PixelHead.forward)
+            out[key] = torch.cat([w[:, :-6], w.new_zeros(w.shape[0], 3), w[:, -6:]], dim=1)
+    return out
+
+
 def say(line: str, bar=None) -> None:
     """Print a progress line (through ``bar``'s ``write`` while a tqdm bar is shown). When stdout's reader has gone
     (``omniace-train ... | head``), training goes on: stdout is pointed at /dev/null, as ``nohup`` would, and
@@ -441,6 +460,8 @@ class Trainer:
         sd = load_state_dict_file(self.cfg.init)
         if getattr(model.cfg, "concat_condition", False):
             sd = widen_patch_embedding(sd, model)
+        if self.is_ace:
+            sd = add_new_inputs(sd, model)
         has_control = any(k.startswith("editnet.") for k in sd)
         control_keys = tuple(k for k in model.state_dict() if k.startswith("editnet."))
         load_into(model, sd, allow_missing=() if has_control else control_keys)
