@@ -327,6 +327,18 @@ def recorded_config(d: dict) -> dict:
         return d
 
 
+def config_differences(record: dict, cfg: ACEConfig | SD3Config, mine: str = "this model") -> list[str]:
+    """The fields in which a recorded config dict (a checkpoint's or an export's, read through
+    :func:`recorded_config`) differs from ``cfg``, each as ``"depth 3 (this model: 2)"``; empty when they agree."""
+    import json
+
+    record = json.loads(json.dumps(recorded_config(record)))  # tuples as a JSON record's lists
+    own = json.loads(json.dumps(config_to_dict(cfg)))
+    show = lambda d, k: repr(d[k]) if k in d else "absent"
+    return [f"{k} {show(record, k)} ({mine}: {show(own, k)})"
+            for k in [*own, *(k for k in record if k not in own)] if record.get(k, ...) != own.get(k, ...)]
+
+
 def config_from_dict(d: dict) -> ACEConfig | SD3Config:
     d = dict(d)
     family = d.get("family")

@@ -45,7 +45,7 @@ def load_state_dict_file(path: str | os.PathLike) -> StateDict:
     :func:`save_safetensors` stored once come back under every name (``metadata[alias] = kept``, the
     convention of ``safetensors.torch.save_model``), as one shared tensor.
     Raises FileNotFoundError for a missing file and ValueError naming the file for a truncated or corrupt
-    one, or one that would need pickled code to load.
+    one, one that is neither format (an image, say), or one that would need pickled code to load.
     """
     path = Path(path)
     if not path.is_file():
@@ -62,6 +62,12 @@ def load_state_dict_file(path: str | os.PathLike) -> StateDict:
             if kept in sd and alias not in sd:
                 sd[alias] = sd[kept]
         return sd
+    with open(path, "rb") as f:
+        head = f.read(8)
+    # torch.save writes a zip archive (PK..) or, before torch 1.6, a pickle stream (protocol 2+: 0x80)
+    if head and not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):
+        raise ValueError(f"{path}: neither a safetensors file nor a torch checkpoint (it starts with {head!r}); "
+                         f"expected a .safetensors export or a .pth/.pt/.bin written by torch.save")
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:

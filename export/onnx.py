@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from omniace import require
 from omniace.engine.ace import ACEPlan, check_previous_estimate
 from omniace.engine.config import ACEConfig, SD3Config, config_to_dict
 from omniace.engine.layers import Interleave
@@ -198,7 +199,8 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike, flavour: str = "po
         raise ValueError(f"flavour {flavour!r}; expected one of {FLAVOURS}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}; expected one of {sorted(DTYPES)}")
-    import onnx
+    onnx = require("onnx", "export", "the ONNX export")
+    require("onnxscript", "export", "the ONNX export")  # torch.onnx.export(dynamo=True) runs on it
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from omniace.engine.config import config_from_dict, config_to_dict, recorded_config
+from omniace.engine.config import config_differences, config_from_dict
 from omniace.engine.lcu import PackedLCU
 
 from .onnx import GRAPH_FILE, META_FILE, export_onnx, file_sha256, graph_inputs, weights_hash
@@ -158,9 +158,10 @@ def check_export(model: torch.nn.Module, folder: str | os.PathLike, flavour: str
     if meta.get("weights_sha256") != digest:
         differs.append(f"weights (sha256 {str(meta.get('weights_sha256'))[:12]} vs the model's {digest[:12]})")
     # an export written before a config field was added records none: the field's default is what it computed
-    recorded = recorded_config(meta["config"]) if isinstance(meta.get("config"), dict) else meta.get("config")
-    if json.loads(json.dumps(recorded)) != json.loads(json.dumps(config_to_dict(model.cfg))):
-        differs.append("model config")
+    if not isinstance(meta.get("config"), dict):
+        differs.append(f"model config (recorded: {meta.get('config')!r})")
+    elif fields_differ := config_differences(meta["config"], model.cfg):
+        differs.append(f"model config ({', '.join(fields_differ)})")
     if flavour is not None and meta.get("flavour") != flavour:
         differs.append(f"flavour {meta.get('flavour')!r} (need {flavour!r})")
     if differs:

@@ -253,7 +253,7 @@ def _sha256_file(path: Path, h=None):
 
 def onnx_sha256(onnx_path: str | os.PathLike) -> str:
     """sha256 over the ONNX file and every external-data file it names (sorted), in that order."""
-    import onnx
+    onnx = require("onnx", "export", "reading an ONNX graph")
 
     path = Path(onnx_path)
     model = onnx.load(str(path), load_external_data=False)
@@ -333,14 +333,14 @@ def _flavour_of(model) -> str:
 
 def detect_flavour(onnx_path: str | os.PathLike) -> str:
     """``plugin`` if the graph has nodes of the ``omniace`` domain, else ``portable``."""
-    import onnx
+    onnx = require("onnx", "export", "reading an ONNX graph")
 
     return _flavour_of(onnx.load(str(onnx_path), load_external_data=False))
 
 
 def _check_build_args(onnx_path: Path, precision: str, profiles: list[Profile], flavour: str | None):
     """Everything build_engine can refuse before TensorRT is touched; returns the ONNX model (no weights)."""
-    import onnx
+    onnx = require("onnx", "export", "reading an ONNX graph")
 
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}; expected one of {PRECISIONS}")

@@ -210,6 +210,13 @@ def test_bad_flavour_and_dtype(tmp_path):
         export_onnx(model, tmp_path, "portable", "int8")
 
 
+def test_a_missing_onnx_names_its_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx raises ImportError
+    with pytest.raises(ImportError, match=r"the ONNX export needs the optional package 'onnx'.*"
+                                          r"pip install 'omniace\[export\]'"):
+        export_onnx(_model("ace-tiny"), tmp_path)
+
+
 def test_dense_backend_matches_reference_and_compiles_fullgraph():
     """The host-sync-free forward (issue 13 item 6): with the dense ops, ``forward_plan`` of both families
     compiles with fullgraph=True (no graph break) and matches the reference ops to 1e-5."""
@@ -277,7 +284,7 @@ def test_onnx_folder_of_other_weights_is_refused(tmp_path):
     (folder / "denoiser.json").write_text(json.dumps(older))
     assert onnx_for_model(a, folder) == folder
     (folder / "denoiser.json").write_text(json.dumps({**meta, "config": {**meta["config"], "depth": 3}}))
-    with pytest.raises(ValueError, match="different model: model config"):
+    with pytest.raises(ValueError, match=r"different model: model config \(depth 3 \(this model: 2\)\);"):
         onnx_for_model(a, folder)
     (folder / "denoiser.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="different model: weights"):

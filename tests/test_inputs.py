@@ -407,11 +407,22 @@ def test_corrupt_weights_files_are_refused_naming_them(tmp_path, how, suffix):
     sd = {"w": torch.randn(64, 64)}
     save_safetensors(sd, path) if suffix == ".safetensors" else torch.save(sd, path)
     _damaged(path, how)
-    # torch's weights-only unpickler cannot tell a refused object from unparsable bytes
-    message = "cannot be loaded without executing pickled code, or is" if (suffix, how) == (".pth", "garbage") \
-        else "not a readable checkpoint, it may be"
-    with pytest.raises(ValueError, match=f"{path}: {message} truncated or corrupt"):
+    message = "neither a safetensors file nor a torch checkpoint \\(it starts with b'\\\\xff" \
+        if (suffix, how) == (".pth", "garbage") else "not a readable checkpoint, it may be truncated or corrupt"
+    with pytest.raises(ValueError, match=f"{path}: {message}"):
         load_state_dict_file(path)
+
+
+def test_an_image_given_as_weights_is_named_as_neither_format(tmp_path):
+    """A fresh user passed a PNG to --init: it was unpickled and refused as needing pickled code."""
+    Image.new("RGB", (8, 8)).save(tmp_path / "in.png")
+    with pytest.raises(ValueError, match=r"in.png: neither a safetensors file nor a torch checkpoint \(it starts "
+                                         r"with b'\\x89PNG"):
+        load_state_dict_file(tmp_path / "in.png")
+    # a garbled pickle stream still reaches torch's weights-only unpickler, which refuses it
+    (tmp_path / "bad.pth").write_bytes(b"\x80\x02garbage")
+    with pytest.raises(ValueError, match="bad.pth: (cannot be loaded without executing pickled code|not a readable)"):
+        load_state_dict_file(tmp_path / "bad.pth")
 
 
 def test_load_model_refuses_a_truncated_export(tmp_path):

@@ -73,3 +73,18 @@ def test_parquet_shards_follow_the_omniedit_schema(tmp_path):
     img = Image.open(io.BytesIO(row["src_img"]["bytes"]))
     assert img.format == "JPEG" and img.size == (row["width"], row["height"])
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_missing_pyarrow_is_named_before_any_pair_is_drawn(tmp_path, monkeypatch, capsys):
+    """A fresh user on the README's plain install got a traceback, after every pair had been drawn."""
+    import sys
+
+    from omniace.train import synthetic
+
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setattr(synthetic, "generate", lambda *a, **k: pytest.fail("pairs drawn before the check"))
+    with pytest.raises(SystemExit) as exit:
+        synthetic.main(["--out", str(tmp_path / "c"), "--pairs", "3"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and "needs the optional package 'pyarrow'" in err and "omniace[train]" in err
+    assert not (tmp_path / "c").exists()

@@ -653,12 +653,21 @@ def test_a_resume_with_other_data_and_preset_is_refused_unless_allowed(corpus, t
     (["--importance-threshold", "11"], "importance_threshold 11.0 is outside the 0-10 score scale"),
     (["--preset", "ace-0.6b-512"], "is a latent-space model"),
     (["--mode", "editnet"], "--mode editnet needs a preset with an EditNet branch"),
+    (["--init", "no-such.safetensors"], "--init 'no-such.safetensors' does not exist or is not a file"),
 ])
 def test_bad_flags_stop_before_anything_is_written(flags, message, tmp_path):
     out = tmp_path / "run"
     proc = run_trainer(["--data", str(tmp_path), "--out", str(out)] + flags, check=False)
     assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
     assert not out.exists()
+
+
+def test_a_bad_flag_under_two_ranks_is_printed_once():
+    """Every rank refuses the same flag; torchrun stops the others when the first leaves, so ranks other than 0
+    wait for rank 0 to print the line (a fresh user once saw no line at all)."""
+    proc = run_trainer(["--data", "x", "--model-override", "self_condition=maybe"], nproc=2, check=False)
+    assert proc.returncode != 0 and proc.stderr.count("omniace-train: error") == 1, proc.stderr[-3000:]
+    assert "'maybe' is not true or false (the type of self_condition" in proc.stderr
 
 
 def test_a_model_override_trains_records_and_exports_the_changed_model(corpus, tmp_path):
@@ -704,6 +713,14 @@ def test_init_from_a_base_without_self_condition_starts_at_the_base(corpus, tmp_
     assert (torch.cat([fc1[:, :-9], fc1[:, -6:]], 1) - base_fc1).abs().max() < 1e-6
     for k, v in got.items():
         assert (v - base_sd.get(k, torch.zeros_like(v))).abs().max() < 1e-6, k
+    # that export back into a run without the new inputs: refused, naming the fields to match
+    proc = run_trainer(["--data", str(corpus), "--out", str(tmp_path / "back"), "--preset", "ace-edit", "--steps", "1",
+                        "--decoder", "pil", "--init", str(out / "model.safetensors"), "--model-override", "depth=1"],
+                       check=False)
+    assert proc.returncode == 1 and "2 unexpected: ['self_cond_embedder.weight', 'source_embedder.weight']" \
+        in proc.stderr, proc.stderr[-3000:]
+    assert "records a model with source_concat True (this run: False), self_condition True (this run: False):" \
+        in proc.stderr
 
 
 def test_repeated_list_flags_add_up_and_ignored_logit_flags_warn(tmp_path):
@@ -843,3 +860,12 @@ def test_a_checkpoint_written_before_a_model_field_existed_resumes():
     assert recorded_config({**older, "depth": 3})["depth"] == 3
     future = {**now, "a_field_from_a_later_version": 1}
     assert recorded_config(future) == future  # not a config this version can build: compared as recorded
+    # the same comparison, field by field, as --init's and the ONNX folder check's messages give it
+    from omniace.engine.config import config_differences
+
+    cfg = get_config("ace-edit")
+    assert config_differences(older, cfg) == []
+    assert config_differences({**older, "depth": 3}, cfg, "this run") == ["depth 3 (this run: 4)"]
+    assert config_differences(future, cfg) == ["a_field_from_a_later_version 1 (this model: absent)"]
+    no_depth = {k: v for k, v in future.items() if k != "depth"}  # not buildable: read as recorded
+    assert config_differences(no_depth, cfg)[0] == "depth absent (this model: 4)"

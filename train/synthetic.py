@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from omniace import require
+
 from .scenes import (ASPECTS, BACKGROUNDS, COLORS, MAP_KINDS, PLAIN_BACKGROUNDS, POSITIONS, SHAPES, Obj, Scene,
                      box_mask, frame_size, free_position, layout_scene, object_box, random_scene, reference_scene,
                      render, render_map)
@@ -343,6 +345,10 @@ def main(argv: list[str] | None = None) -> None:
         check_tasks(tasks)
     except ValueError as err:
         ap.error(f"--tasks: {err}")
+    try:  # before any pair is drawn: the shards are Parquet
+        require("pyarrow", "train", "writing the corpus's Parquet shards")
+    except ImportError as err:
+        ap.error(str(err))
     write_corpus(a.out, a.pairs, a.shard_size, seed=a.seed, short_sides=sides,
                  failure_rate=a.failure_rate, multi_turn=a.multi_turn, fmt=a.format, tasks=tasks)
 

@@ -20,10 +20,12 @@ An error prints one line, ``omniace-train: error: ...`` (``--debug`` shows the t
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import socket
 import sys
+import time
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from datetime import timedelta
 from pathlib import Path
@@ -33,8 +35,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from omniace.engine.codec import PixelCodec
-from omniace.engine.config import ACEConfig, config_to_dict, get_config, parse_overrides, recorded_config
-from omniace.engine.model import build_model, forward_flops, save_weights
+from omniace.engine.config import (ACEConfig, config_differences, config_to_dict, get_config, parse_overrides,
+                                   recorded_config)
+from omniace.engine.model import build_model, config_metadata, forward_flops, save_weights
 from omniace.engine.pipeline import tiny_text_encoder
 from omniace.engine.text import indicator_table
 from omniace.engine.weights import load_into, load_state_dict_file
@@ -196,6 +199,8 @@ class TrainConfig:
             if not self.model_override:
                 raise
             raise ValueError(f"{err} (with --model-override {','.join(self.model_override)})") from None
+        if self.init is not None and not Path(self.init).is_file():
+            raise ValueError(f"--init {self.init!r} does not exist or is not a file (expected a .safetensors export)")
         if self.mode == "editnet" and not getattr(model_cfg, "editnet", False):
             raise ValueError(f"--mode editnet needs a preset with an EditNet branch; {self.preset!r} has none")
         ok = allowable(f.name for f in fields(self))
@@ -340,6 +345,21 @@ def add_new_inputs(sd: dict[str, Tensor], model) -> dict[str, Tensor]:
     return out
 
 
+def init_mismatch_hint(path: str | os.PathLike, cfg) -> str:
+    """For a failed ``--init`` load: the fields in which the model ``path`` records (its ``omniace_config``) differs
+    from this run's ``cfg``, and what to pass instead; empty when the file records no config."""
+    raw, _ = config_metadata(path)
+    try:
+        record = json.loads(raw) if raw is not None else None
+    except ValueError:
+        record = None
+    diff = config_differences(record, cfg, "this run") if isinstance(record, dict) else []
+    if not diff:
+        return ""
+    return (f". The file records a model with {', '.join(diff)}: pick the preset it was trained from and "
+            f"--model-override the rest to match (only source_concat and self_condition may be added)")
+
+
 def say(line: str, bar=None) -> None:
     """Print a progress line (through ``bar``'s ``write`` while a tqdm bar is shown). When stdout's reader has gone
     (``omniace-train ... | head``), training goes on: stdout is pointed at /dev/null, as ``nohup`` would, and
@@ -464,7 +484,10 @@ class Trainer:
             sd = add_new_inputs(sd, model)
         has_control = any(k.startswith("editnet.") for k in sd)
         control_keys = tuple(k for k in model.state_dict() if k.startswith("editnet."))
-        load_into(model, sd, allow_missing=() if has_control else control_keys)
+        try:
+            load_into(model, sd, allow_missing=() if has_control else control_keys)
+        except ValueError as err:
+            raise ValueError(f"--init {self.cfg.init}: {err}{init_mismatch_hint(self.cfg.init, model.cfg)}") from None
         if getattr(model, "editnet", None) is not None and not has_control:
             model.editnet.init_from_base(model.transformer_blocks)  # OmniEdit: the branch starts as a copy
             self.log(f"init: base weights from {self.cfg.init}; EditNet blocks copied from the base")
@@ -752,6 +775,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     return TrainConfig(**ns)
 
 
+# seconds a rank other than 0 waits before leaving on a shared error: rank 0 prints it (it hits the same check)
+SHARED_ERROR_GRACE_S = 5.0
+
 # errors every rank raises alike (a broadcast or reduced verdict, or the same files read): rank 0 prints them
 _SAME_ON_EVERY_RANK = (RunLockedError, ConfigMismatchError, FloatingPointError)
 
@@ -762,6 +788,8 @@ def _print_error(err: BaseException, shared: bool) -> None:
         print(f"omniace-train: error: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
     elif not shared:  # possibly this rank's own failure: one line, so the cause is not lost
         print(f"omniace-train: error on rank {rank}: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+    else:  # torchrun kills the other ranks when one exits: let rank 0 print the shared line first
+        time.sleep(SHARED_ERROR_GRACE_S)
 
 
 def main(argv: list[str] | None = None) -> None:
