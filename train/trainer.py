@@ -481,7 +481,11 @@ class Trainer:
         if getattr(model.cfg, "concat_condition", False):
             sd = widen_patch_embedding(sd, model)
         if self.is_ace:
-            sd = add_new_inputs(sd, model)
+            base, sd = sd, add_new_inputs(sd, model)
+            added = [k if k not in base else f"{k}'s new columns" for k in sd
+                     if k not in base or sd[k].shape != base[k].shape]
+            if added:
+                self.log(f"init: {', '.join(added)} start at zero (inputs {self.cfg.init} lacks)")
         has_control = any(k.startswith("editnet.") for k in sd)
         control_keys = tuple(k for k in model.state_dict() if k.startswith("editnet."))
         try:
@@ -491,6 +495,8 @@ class Trainer:
         if getattr(model, "editnet", None) is not None and not has_control:
             model.editnet.init_from_base(model.transformer_blocks)  # OmniEdit: the branch starts as a copy
             self.log(f"init: base weights from {self.cfg.init}; EditNet blocks copied from the base")
+        else:
+            self.log(f"init: weights from {self.cfg.init}")
 
     # --- skipped records ---------------------------------------------------------------------------
     def _on_skip(self, record: dict) -> None:
