@@ -425,13 +425,17 @@ class EditPipeline:
                    preset: str | None = None) -> "EditPipeline":
         """The embedded default: ``ace-edit`` trained on the synthetic corpus (``train/recipe_default.sh``), with
         its built-in text encoder (word-level; byte-level for older exports) and the pixel codec. ``path`` loads
-        another trainer export (its config from its metadata, or ``preset`` for a file without it). Guidance
+        another trainer export, or a trainer's output folder holding ``model.safetensors`` (its config from its metadata, or
+        ``preset`` for a file without it); FileNotFoundError naming a path that holds neither. Guidance
         1.0 by default; an x0 model samples with the "sigma" timestep spacing, others with their own."""
         from .model import load_model
 
         path = Path(path) if path is not None else DEFAULT_WEIGHTS
+        if path.is_dir() and (path / "model.safetensors").is_file():  # a trainer's --out folder
+            path = path / "model.safetensors"
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: no trained weights there; train them with the README's recipe "
+            why = "no trained weights there" if path == DEFAULT_WEIGHTS or path.is_dir() else "does not exist"
+            raise FileNotFoundError(f"{path}: {why}; train a model with the README's recipe "
                                     f"(python -m omniace.train.trainer ... --preset ace-edit)")
         model = load_model(path, preset)
         text_dim = model.cfg.y_channels if isinstance(model.cfg, ACEConfig) else model.cfg.joint_attention_dim

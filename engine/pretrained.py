@@ -49,6 +49,9 @@ def from_pretrained(folder: str | Path, editnet: str | Path | None = None, *, de
     does not fit.
     """
     folder = Path(folder)
+    if folder.is_file():
+        raise FileNotFoundError(f"pretrained folder {str(folder)!r} is a file, not a model folder; a trainer export "
+                                f"file loads with EditPipeline.pretrained(path)")
     if not folder.is_dir():
         raise FileNotFoundError(f"pretrained folder {str(folder)!r} does not exist or is not a folder")
     if (folder / "model.safetensors").is_file() and not (folder / "model_index.json").is_file():

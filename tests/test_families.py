@@ -339,7 +339,7 @@ def test_eval_names_a_missing_or_damaged_weights_file_in_one_line(tmp_path, caps
 
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a checkpoint")
-    for path, message in ((tmp_path / "missing.safetensors", "no trained weights there"),
+    for path, message in ((tmp_path / "missing.safetensors", "does not exist"),
                           (bad, "not a readable checkpoint")):
         with pytest.raises(SystemExit) as e:
             eval_main(["--weights", str(path), "--out", str(tmp_path / "out")])

@@ -159,10 +159,17 @@ def test_checkpoints_roundtrip_and_refuse_pickled_code(tmp_path):
 
 
 def test_pretrained_needs_a_trained_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no trained weights there"):
+    with pytest.raises(FileNotFoundError, match="missing.safetensors: does not exist; train a model"):
         EditPipeline.pretrained(tmp_path / "missing.safetensors")
+    with pytest.raises(FileNotFoundError, match="no trained weights there"):  # a folder without model.safetensors
+        EditPipeline.pretrained(tmp_path)
     save_model(build_model("ace-tiny"), tmp_path / "t.safetensors")
     assert EditPipeline.pretrained(tmp_path / "t.safetensors").cfg.hidden_size == 64
+    (tmp_path / "t.safetensors").rename(tmp_path / "model.safetensors")  # a trainer's --out folder
+    assert EditPipeline.pretrained(tmp_path).cfg.hidden_size == 64
+    with pytest.raises(FileNotFoundError, match="is a file, not a model folder; a trainer export file loads with "
+                                                r"EditPipeline.pretrained\(path\)"):
+        EditPipeline.from_pretrained(tmp_path / "model.safetensors")
 
 
 def test_cli(tmp_path, capsys):

@@ -87,4 +87,5 @@ def test_a_missing_pyarrow_is_named_before_any_pair_is_drawn(tmp_path, monkeypat
         synthetic.main(["--out", str(tmp_path / "c"), "--pairs", "3"])
     err = capsys.readouterr().err
     assert exit.value.code == 2 and "needs the optional package 'pyarrow'" in err and "omniace[train]" in err
+    assert err.count("\n") == 1, err  # one line, no usage block
     assert not (tmp_path / "c").exists()

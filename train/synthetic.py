@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import io
 import random
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -347,8 +348,9 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"--tasks: {err}")
     try:  # before any pair is drawn: the shards are Parquet
         require("pyarrow", "train", "writing the corpus's Parquet shards")
-    except ImportError as err:
-        ap.error(str(err))
+    except ImportError as err:  # one line: the flags were fine, the install is not
+        print(f"{ap.prog}: error: {err}", file=sys.stderr)
+        sys.exit(2)
     write_corpus(a.out, a.pairs, a.shard_size, seed=a.seed, short_sides=sides,
                  failure_rate=a.failure_rate, multi_turn=a.multi_turn, fmt=a.format, tasks=tasks)
 

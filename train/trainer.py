@@ -82,7 +82,8 @@ class TrainConfig:
     model_override: list[str] = _opt([], "preset fields to change, FIELD=VALUE[,FIELD=VALUE...] (e.g. "
                                          "pixel_conv=16): recorded in every checkpoint and in the export, which "
                                          "then loads as trained; repeatable")
-    init: str | None = _opt(None, "safetensors to start from (the base model for --mode editnet)")
+    init: str | None = _opt(None, "weights to start from: a .safetensors export, or a torch.save .pt/.pth (the base "
+                                  "model for --mode editnet)")
     mode: str = _opt("full", f"what trains: {' | '.join(TRAIN_MODES)} (editnet: the control branch only, the "
                              f"base frozen)")
     steps: int = _opt(1000, "length of the schedule (optimizer updates)")
@@ -200,7 +201,7 @@ class TrainConfig:
                 raise
             raise ValueError(f"{err} (with --model-override {','.join(self.model_override)})") from None
         if self.init is not None and not Path(self.init).is_file():
-            raise ValueError(f"--init {self.init!r} does not exist or is not a file (expected a .safetensors export)")
+            raise ValueError(f"--init {self.init!r} does not exist or is not a file (expected a .safetensors export or a torch.save .pt/.pth)")
         if self.mode == "editnet" and not getattr(model_cfg, "editnet", False):
             raise ValueError(f"--mode editnet needs a preset with an EditNet branch; {self.preset!r} has none")
         ok = allowable(f.name for f in fields(self))
@@ -356,8 +357,8 @@ def init_mismatch_hint(path: str | os.PathLike, cfg) -> str:
     diff = config_differences(record, cfg, "this run") if isinstance(record, dict) else []
     if not diff:
         return ""
-    return (f". The file records a model with {', '.join(diff)}: pick the preset it was trained from and "
-            f"--model-override the rest to match (only source_concat and self_condition may be added)")
+    return (f" records a model with {', '.join(diff)}: pick the preset it was trained from and --model-override "
+            f"the rest to match (only source_concat and self_condition may be added). The load failed")
 
 
 def say(line: str, bar=None) -> None:
@@ -480,23 +481,26 @@ class Trainer:
         sd = load_state_dict_file(self.cfg.init)
         if getattr(model.cfg, "concat_condition", False):
             sd = widen_patch_embedding(sd, model)
+        added = ""
         if self.is_ace:
             base, sd = sd, add_new_inputs(sd, model)
-            added = [k if k not in base else f"{k}'s new columns" for k in sd
+            grown = [k if k not in base else f"{k}'s new columns" for k in sd
                      if k not in base or sd[k].shape != base[k].shape]
-            if added:
-                self.log(f"init: {', '.join(added)} start at zero (inputs {self.cfg.init} lacks)")
+            options = [f for f, key in (("source_concat", "source_embedder.weight"),
+                                        ("self_condition", "self_cond_embedder.weight")) if key not in base and key in sd]
+            if grown:
+                added = f"; the inputs it lacks ({', '.join(options)}) start at zero: {', '.join(grown)}"
         has_control = any(k.startswith("editnet.") for k in sd)
         control_keys = tuple(k for k in model.state_dict() if k.startswith("editnet."))
         try:
             load_into(model, sd, allow_missing=() if has_control else control_keys)
         except ValueError as err:
-            raise ValueError(f"--init {self.cfg.init}: {err}{init_mismatch_hint(self.cfg.init, model.cfg)}") from None
+            raise ValueError(f"--init {self.cfg.init}{init_mismatch_hint(self.cfg.init, model.cfg)}: {err}") from None
         if getattr(model, "editnet", None) is not None and not has_control:
             model.editnet.init_from_base(model.transformer_blocks)  # OmniEdit: the branch starts as a copy
             self.log(f"init: base weights from {self.cfg.init}; EditNet blocks copied from the base")
         else:
-            self.log(f"init: weights from {self.cfg.init}")
+            self.log(f"init: weights from {self.cfg.init}{added}")
 
     # --- skipped records ---------------------------------------------------------------------------
     def _on_skip(self, record: dict) -> None:
