@@ -425,8 +425,8 @@ class EditPipeline:
                    preset: str | None = None) -> "EditPipeline":
         """The embedded default: ``ace-edit`` trained on the synthetic corpus (``train/recipe_default.sh``), with
         its built-in text encoder (word-level; byte-level for older exports) and the pixel codec. ``path`` loads
-        another trainer export, or a trainer's output folder holding ``model.safetensors`` (its config from its metadata, or
-        ``preset`` for a file without it); FileNotFoundError naming a path that holds neither. Guidance
+        another trainer export, or a trainer's output folder holding ``model.safetensors`` (its config from its
+        metadata, or ``preset`` for a file without it); FileNotFoundError naming a path that holds neither. Guidance
         1.0 by default; an x0 model samples with the "sigma" timestep spacing, others with their own."""
         from .model import load_model
 

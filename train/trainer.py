@@ -201,7 +201,8 @@ class TrainConfig:
                 raise
             raise ValueError(f"{err} (with --model-override {','.join(self.model_override)})") from None
         if self.init is not None and not Path(self.init).is_file():
-            raise ValueError(f"--init {self.init!r} does not exist or is not a file (expected a .safetensors export or a torch.save .pt/.pth)")
+            raise ValueError(f"--init {self.init!r} does not exist or is not a file (expected a .safetensors export "
+                             f"or a torch.save .pt/.pth)")
         if self.mode == "editnet" and not getattr(model_cfg, "editnet", False):
             raise ValueError(f"--mode editnet needs a preset with an EditNet branch; {self.preset!r} has none")
         ok = allowable(f.name for f in fields(self))
@@ -327,6 +328,10 @@ def widen_patch_embedding(sd: dict[str, Tensor], model) -> dict[str, Tensor]:
     return {**sd, key: torch.cat([w, torch.zeros_like(w)], dim=1)}
 
 
+# the inputs a fine-tune may add to an ACE base: (config flag, the weight that embeds the input)
+NEW_INPUTS = (("source_concat", "source_embedder.weight"), ("self_condition", "self_cond_embedder.weight"))
+
+
 def add_new_inputs(sd: dict[str, Tensor], model) -> dict[str, Tensor]:
     """A base checkpoint for an ACE model that adds inputs the base lacks (``cfg.source_concat``,
     ``cfg.self_condition``): their embedders and the per-pixel head's three self-conditioning columns start at zero,
@@ -334,7 +339,7 @@ def add_new_inputs(sd: dict[str, Tensor], model) -> dict[str, Tensor]:
     A checkpoint that already holds them, or any other mismatch, is returned unchanged (``load_into`` then names it)."""
     own, out = model.state_dict(), dict(sd)
     cfg = model.cfg
-    for flag, key in (("source_concat", "source_embedder.weight"), ("self_condition", "self_cond_embedder.weight")):
+    for flag, key in NEW_INPUTS:
         if getattr(cfg, flag, False) and key not in sd:
             out[key] = torch.zeros_like(own[key])
     key = "pixel_head.fc1.weight"
@@ -486,8 +491,7 @@ class Trainer:
             base, sd = sd, add_new_inputs(sd, model)
             grown = [k if k not in base else f"{k}'s new columns" for k in sd
                      if k not in base or sd[k].shape != base[k].shape]
-            options = [f for f, key in (("source_concat", "source_embedder.weight"),
-                                        ("self_condition", "self_cond_embedder.weight")) if key not in base and key in sd]
+            options = [flag for flag, key in NEW_INPUTS if key not in base and key in sd]
             if grown:
                 added = f"; the inputs it lacks ({', '.join(options)}) start at zero: {', '.join(grown)}"
         has_control = any(k.startswith("editnet.") for k in sd)
