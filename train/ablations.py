@@ -12,6 +12,12 @@ Every arm gets the same steps, token budget, learning rate, data order and seeds
 then mean and spread) go to ``docs/ablations.json``, ``docs/ablations.md`` and ``docs/ablations.png``.
 
     python -m omniace.train.ablations --corpus data/synth --out runs/ablations --seeds 0 1 2
+
+``--recipe`` trains every arm with the embedded default's recipe (``train/recipe_default.sh``: 12,000 steps,
+warmup 200, the local tasks weighted 8, fp16 export, no activation checkpointing; :data:`RECIPE_ARGS`) and
+scores it at the demo's guidance 1.0. Such a run takes over an hour on 2 CPU cores, so runs checkpoint every
+1000 steps: rerunning the same command resumes a stopped run exactly. ``--evaluate-only`` reports the runs
+that have finished and trains nothing (a study that spans several sittings).
 """
 from __future__ import annotations
 
@@ -37,6 +43,15 @@ class Arm:
     needs_base: bool = False
 
 
+# train/recipe_default.sh's trainer flags beyond train_args' (tests/test_ablations.py checks they match the script)
+RECIPE_LOCAL_TASKS = ("object_swap=8,object_addition=8,attribute_modification=8,inpainting=8,reference_guided=8,"
+                      "object_removal=8")
+RECIPE_ARGS = ["--log-every", "100", "--export-dtype", "fp16", "--no-activation-checkpointing",
+               "--task-weight", RECIPE_LOCAL_TASKS]
+RECIPE_STEPS, RECIPE_WARMUP, RECIPE_GUIDANCE = 12000, 200, 1.0
+CKPT_EVERY = 1000  # at most this many steps are lost to a stop; the same command resumes the run
+
+
 STUDIES = {
     "importance": [
         # the embedded default's model and objective (train/recipe_default.sh), with and without the weight
@@ -59,7 +74,7 @@ def launch(args: list[str], nproc: int, log_path: Path) -> None:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "omniace.train.trainer"]
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w") as f:
+    with open(log_path, "a") as f:  # a resumed run's log follows the stopped one's
         proc = subprocess.run(cmd + args, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if proc.returncode:
         raise RuntimeError(f"trainer failed ({proc.returncode}); see {log_path}")
@@ -79,7 +94,8 @@ def evaluate_weights(path: Path, per_task: int, steps: int, guidance: float) -> 
 def train_args(a: argparse.Namespace, preset: str, seed: int, out: Path, steps: int) -> list[str]:
     return ["--data", str(a.corpus), "--out", str(out), "--preset", preset, "--steps", str(steps),
             "--lr", str(a.lr), "--warmup", str(a.warmup), "--token-budget", str(a.token_budget),
-            "--ckpt-every", str(steps), "--log-every", "50", "--decoder", "pil", "--seed", str(seed)]
+            "--ckpt-every", str(min(steps, CKPT_EVERY)), "--log-every", "50", "--decoder", "pil",
+            "--seed", str(seed)] + (RECIPE_ARGS if a.recipe else [])
 
 
 def run_study(study: str, a: argparse.Namespace, settings: dict, log=print) -> dict:
@@ -88,7 +104,7 @@ def run_study(study: str, a: argparse.Namespace, settings: dict, log=print) -> d
     if any(arm.needs_base for arm in STUDIES[study]):
         base_dir = a.out / study / "base"
         base = base_dir / "model.safetensors"
-        if not base.exists():
+        if not base.exists() and not a.evaluate_only:
             log(f"[{study}] pretraining the sd3-small base ({a.base_steps} steps, no source image)")
             launch(train_args(a, "sd3-small", 0, base_dir, a.base_steps), a.nproc, base_dir / "train.log")
         results["base"] = {"preset": "sd3-small", "steps": a.base_steps}
@@ -97,6 +113,9 @@ def run_study(study: str, a: argparse.Namespace, settings: dict, log=print) -> d
         for seed in a.seeds:
             run_dir = a.out / study / f"{arm.slug}-seed{seed}"
             weights = run_dir / "model.safetensors"
+            if not weights.exists() and a.evaluate_only:
+                log(f"[{study}] {arm.name} seed {seed}: not finished ({run_dir}), left out")
+                continue
             if not weights.exists():  # a finished run is reused: rerunning the script only re-evaluates
                 args = train_args(a, arm.preset, seed, run_dir, a.steps) + arm.args
                 if arm.needs_base:
@@ -107,7 +126,8 @@ def run_study(study: str, a: argparse.Namespace, settings: dict, log=print) -> d
             runs.append({"seed": seed, "final_train_loss": last["loss"], **metrics})
             o = metrics["overall"]
             log(f"[{study}] {arm.name} seed {seed}: L1 {o['l1']:.4f} L2 {o['l2']:.4f} success {o['success']:.0%}")
-        results["arms"][arm.name] = {"preset": arm.preset, "args": arm.args, "runs": runs}
+        if runs:
+            results["arms"][arm.name] = {"preset": arm.preset, "args": arm.args, "runs": runs}
     return results
 
 
@@ -127,11 +147,13 @@ def markdown(doc: dict) -> str:
                   f"{s['date']}, {s['device']}, torch {s['torch']}. Every arm: {s['steps']} steps, token budget "
                   f"{s['token_budget']} per rank x {s['nproc']} ranks, lr {s['lr']}, seeds {s['seeds']}; "
                   f"evaluated on the held-out split ({s['per_task']} pairs per task, {s['sample_steps']} sampling "
-                  f"steps, guidance {s['guidance']}).", ""]
+                  f"steps, guidance {s['guidance']})." + (
+                      " Trained with the embedded default's recipe (`train/recipe_default.sh`: warmup "
+                      f"{s['warmup']}, the flags `{' '.join(RECIPE_ARGS)}`)." if s.get("recipe") else ""), ""]
         if "base" in res:
             lines += [f"Shared base: {res['base']['preset']} pretrained {res['base']['steps']} steps on the "
                       "same corpus without the source image.", ""]
-        lines += ["| arm | L1 | L2 | success | final train loss |", "|---|---|---|---|---|"]
+        lines += ["| arm | seeds | L1 | L2 | success | final train loss |", "|---|---|---|---|---|---|"]
         copy = None
         for name, arm in res["arms"].items():
             runs = arm["runs"]
@@ -144,20 +166,22 @@ def markdown(doc: dict) -> str:
                 else:
                     cells.append(f"{m:.4f} +- {sd:.4f}" if spread else f"{m:.4f}")
             loss = _mean_sd([r["final_train_loss"] for r in runs])
-            lines.append(f"| {name} | {' | '.join(cells)} | {loss[0]:.4f} |")
+            seeds = ", ".join(str(r["seed"]) for r in runs)
+            lines.append(f"| {name} | {seeds} | {' | '.join(cells)} | {loss[0]:.4f} |")
             copy = runs[0]["overall"]
-        lines.append(f"| copy (source as output) | {copy['identity_l1']:.4f} | {copy['identity_l2']:.4f} | "
+        lines.append(f"| copy (source as output) | | {copy['identity_l1']:.4f} | {copy['identity_l2']:.4f} | "
                      f"{copy['identity_success']:.1%} | |")
         l1 = {name: _mean_sd([r["overall"]["l1"] for r in arm["runs"]]) for name, arm in res["arms"].items()}
+        n_runs = {name: len(arm["runs"]) for name, arm in res["arms"].items()}
         if all(m > copy["identity_l1"] for m, _ in l1.values()):
             lines += ["", f"At this budget every arm's L1 is still above copying the source ({copy['identity_l1']:.4f}): "
                       "the table compares how far each arm got in the same steps, not where it would converge."]
         (best, (m0, sd0)), *rest = sorted(l1.items(), key=lambda kv: kv[1][0])
         if rest:
             name1, (m1, sd1) = rest[0]
-            if len(s["seeds"]) < 2:
-                lines += ["", f"Lowest L1: {best}, ahead of {name1} by {m1 - m0:.4f}; with one seed there is no "
-                          "spread to weigh the lead against."]
+            if min(n_runs[best], n_runs[name1]) < 2:
+                lines += ["", f"Lowest L1: {best}, ahead of {name1} by {m1 - m0:.4f}; with one seed of an arm there "
+                          "is no spread to weigh the lead against."]
             else:
                 verdict = "more than" if m1 - m0 > sd0 + sd1 else "within"
                 lines += ["", f"Lowest L1: {best}; its lead over {name1} ({m1 - m0:.4f}) is {verdict} the two "
@@ -208,18 +232,27 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--docs", type=Path, default=Path("docs"))
     ap.add_argument("--study", choices=[*STUDIES, "all"], default="all")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--recipe", action="store_true",
+                    help=f"train with the embedded default's recipe: {RECIPE_STEPS} steps, warmup {RECIPE_WARMUP}, "
+                         f"guidance {RECIPE_GUIDANCE}, and {' '.join(RECIPE_ARGS)}")
+    ap.add_argument("--evaluate-only", action="store_true",
+                    help="train nothing: report the runs already finished in --out")
+    ap.add_argument("--steps", type=int, default=None, help=f"default 1000 ({RECIPE_STEPS} with --recipe)")
     ap.add_argument("--base-steps", type=int, default=1500)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--warmup", type=int, default=None, help=f"default 100 ({RECIPE_WARMUP} with --recipe)")
     ap.add_argument("--token-budget", type=int, default=1024)
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--per-task", type=int, default=6)
     ap.add_argument("--sample-steps", type=int, default=10)  # the demo's settings (chosen on a validation split)
-    ap.add_argument("--guidance", type=float, default=1.5)
+    ap.add_argument("--guidance", type=float, default=None, help=f"default 1.5 ({RECIPE_GUIDANCE} with --recipe)")
     ap.add_argument("--tag", default="", help="keep these results beside earlier ones: the study is stored as "
                     "'<study> (<tag>)' in the docs, e.g. a longer budget")
     a = ap.parse_args(argv)
+    for name, plain, recipe in (("steps", 1000, RECIPE_STEPS), ("warmup", 100, RECIPE_WARMUP),
+                                ("guidance", 1.5, RECIPE_GUIDANCE)):
+        if getattr(a, name) is None:
+            setattr(a, name, recipe if a.recipe else plain)
     doc_path = a.docs / "ablations.json"
     if a.render:
         doc = json.loads(doc_path.read_text())

@@ -379,9 +379,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--from-target", metavar="T[,T...]", type=_timesteps,
                     help="instead of sampling: the model's one-call prediction from the noised ground truth at "
                          "these DDPM timesteps (e.g. 0,106,391,999; from_target), success and L1 per task and t")
+    ap.add_argument("--shape-probe", action="store_true",
+                    help="instead of scoring: edit each swap, addition and inpainting naming each shape in turn, "
+                         "and print how much of its box the drawn object fills and what the judge reads "
+                         "(train/shape_probe.py: does the model read the shape word?)")
     a = ap.parse_args(argv)
-    if a.from_target and a.out is not None:
-        ap.error("--out is not written with --from-target, which prints its table; drop one of them")
+    if a.from_target and a.shape_probe:
+        ap.error("--from-target and --shape-probe are two different reports; give one of them")
+    for flag, given in (("--from-target", a.from_target), ("--shape-probe", a.shape_probe)):
+        if given and a.out is not None:
+            ap.error(f"--out is not written with {flag}, which prints its table; drop one of them")
     for name in ("per_task", "grid_per_task", "steps"):  # refused before loading anything (exit 2)
         if getattr(a, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be an integer >= 1, got {getattr(a, name)}")
@@ -389,6 +396,15 @@ def main(argv: list[str] | None = None) -> None:
         pipe = EditPipeline.pretrained(a.weights)
     except (ValueError, OSError) as err:
         ap.exit(1, f"{ap.prog}: error: {' '.join(str(err).split())}\n")
+    if a.shape_probe:
+        from .shape_probe import probe, table
+
+        if not pipe.is_ace:
+            ap.exit(1, f"{ap.prog}: error: --shape-probe edits with masks and the {{image}} prefix: an ACE-family "
+                       f"model only\n")
+        # the split's own swaps, additions and inpaintings (each task's pairs depend on its place in the split)
+        print(table(probe(pipe, held_out(a.per_task, seed=a.split_seed), a.steps, a.guidance, a.seed)))
+        return
     if a.from_target:
         samples = held_out(a.per_task, seed=a.split_seed, tasks=family_tasks(pipe.is_ace))
         try:

@@ -85,12 +85,20 @@ def _dilate(m: np.ndarray, r: int) -> np.ndarray:
     return out
 
 
-def _shape_of(m: np.ndarray) -> str | None:
-    """Classify a blob by how much of its bounding box it fills (square ~1, circle ~0.79, triangle ~0.5)."""
+def fill_fraction(m: np.ndarray) -> float | None:
+    """How much of its bounding box the boolean mask ``m [H, W]`` fills (a square ~1, a circle ~0.79, a triangle
+    ~0.5); None under 6 pixels."""
     ys, xs = np.nonzero(m)
     if len(ys) < 6:
         return None
-    fill = len(ys) / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
+    return len(ys) / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
+
+
+def shape_of(m: np.ndarray) -> str | None:
+    """Classify a blob by how much of its bounding box it fills (square > 0.9 > circle > 0.65 > triangle)."""
+    fill = fill_fraction(m)
+    if fill is None:
+        return None
     return "square" if fill > 0.9 else "circle" if fill > 0.65 else "triangle"
 
 
@@ -141,7 +149,8 @@ def _structure(src: np.ndarray, out: np.ndarray) -> float:
     return float(_dilate(eo, 1)[es].mean())
 
 
-def _rgb(img: Image.Image) -> np.ndarray:
+def rgb(img: Image.Image) -> np.ndarray:
+    """``[H, W, 3]`` float32 pixels 0-255 of ``img``: the array every check here reads."""
     return np.asarray(img.convert("RGB"), dtype=np.float32)
 
 
@@ -151,8 +160,8 @@ def score(src_img: Image.Image | None, edited_img: Image.Image, instruction: str
     for the mask tasks (white = edit), ``ref_img`` the ``{image1}`` of reference-guided editing (any size).
     Returns the 0-10 :class:`Scores`; an instruction it cannot read, an edit without its source or reference
     image, or an output of another size than the source scores 0, with the reason."""
-    out = _rgb(edited_img)
-    src = None if src_img is None else _rgb(src_img)
+    out = rgb(edited_img)
+    src = None if src_img is None else rgb(src_img)
     iso = max(0.0, _isolated_fraction(out) - (0.0 if src is None else _isolated_fraction(src)))
     pq = float(np.clip(10 * (1 - iso / 0.01), 0, 10))
     pq_reason = f"{100 * iso:.2f}% of pixels are isolated noise" + (" (clean)" if pq >= 9 else " (artefacts)")
@@ -174,7 +183,7 @@ def score(src_img: Image.Image | None, edited_img: Image.Image, instruction: str
         if ref_img is None:
             return Scores(0, 0, round(pq), 0.0, "the instruction names {image1} but no reference image was given",
                           pq_reason)
-        found = reference_object(_rgb(ref_img))
+        found = reference_object(rgb(ref_img))
         if found is None:
             return Scores(0, 0, round(pq), 0.0, "the reference image shows no object of a known colour", pq_reason)
         kind, args = "add", (*found, args[0])
@@ -205,7 +214,7 @@ def reference_object(ref: np.ndarray) -> tuple[str, str] | None:
     name, dist = min(((c, float(np.linalg.norm(mean - np.array(v)))) for c, v in COLORS.items()), key=lambda t: t[1])
     if dist > 60:
         return None
-    return name, _shape_of(obj & color_mask(ref, name)) or "circle"
+    return name, shape_of(obj & color_mask(ref, name)) or "circle"
 
 
 def _background_match(out: np.ndarray, background: str, objects: np.ndarray) -> float:
@@ -230,7 +239,7 @@ def _generated(out: np.ndarray, objects: list[tuple[str, str, str]], background:
         cover = min(1.0, len(ys) / expected)
         px, py = POSITIONS[pos]
         near = len(ys) > 0 and abs(xs.mean() / w - px) < 0.15 and abs(ys.mean() / h - py) < 0.15
-        got = _shape_of(m)
+        got = shape_of(m)
         credit.append(cover * near * (1.0 if got == shape else 0.5))
         notes.append(f"{color} {shape}: {len(ys)} px{'' if near else ' not'} at the {pos}, looks like a {got}")
     bg = _background_match(out, background, drawn)
@@ -273,7 +282,7 @@ def _components(m: np.ndarray, min_px: int = 6) -> list[np.ndarray]:
 def map_shapes(cond: np.ndarray) -> list[tuple[str, np.ndarray]]:
     """The shapes a condition map shows, ``(shape, pixels)`` each: a segmentation map's regions of each class
     colour (:data:`SEG_COLORS`), or an edge map's outlines filled (what the border cannot reach through
-    non-edge pixels), classified by :func:`_shape_of`."""
+    non-edge pixels), classified by :func:`shape_of`."""
     seg = [(s, np.linalg.norm(cond - np.array(c, np.float32), axis=-1) < 40) for s, c in SEG_COLORS.items()]
     if any(m.sum() >= 6 for _, m in seg):
         return [(s, comp) for s, m in seg for comp in _components(m)]
@@ -281,7 +290,7 @@ def map_shapes(cond: np.ndarray) -> list[tuple[str, np.ndarray]]:
     border = np.zeros_like(edges)
     border[[0, -1], :] = border[:, [0, -1]] = True
     inside = ~_fill(border, ~edges)
-    return [(_shape_of(comp), comp) for comp in _components(inside)]
+    return [(shape_of(comp), comp) for comp in _components(inside)]
 
 
 def _controlled(cond: np.ndarray, out: np.ndarray, objects: list[tuple[str, str]], background: str) -> tuple[float, str]:
@@ -299,6 +308,31 @@ def _controlled(cond: np.ndarray, out: np.ndarray, objects: list[tuple[str, str]
                      f"the map shows no {shape} for the {color} one")
     bg = _background_match(out, background, drawn)
     return 10 * min(credit) * bg, "; ".join(notes) + f"; background {background} {100 * bg:.0f}%"
+
+
+def _edit_area(kind: str, args: tuple[str, ...], h: int, w: int, mask: np.ndarray | None) -> np.ndarray:
+    """Where an addition (a box of half the frame around the named position) or an inpainting (the mask) may
+    draw."""
+    if kind == "add":
+        px, py = POSITIONS[args[2]]
+        area = np.zeros((h, w), bool)
+        area[int(max(0, py - 0.25) * h):int(min(1, py + 0.25) * h), int(max(0, px - 0.25) * w):int(min(1, px + 0.25) * w)] = True
+        return area
+    return mask if mask is not None else np.ones((h, w), bool)
+
+
+def new_object(kind: str, args: tuple[str, ...], src: np.ndarray, out: np.ndarray,
+               mask: np.ndarray | None) -> np.ndarray:
+    """``[H, W]`` bool: the pixels whose shape the judge classifies for a ``swap`` or ``recolor`` (the new
+    colour, near the old object, not in the source) or an ``add`` or ``inpaint`` (the named colour, in the edit
+    area, not in the source). ``args`` are :func:`parse`'s groups; ``src``/``out`` ``[H, W, 3]`` 0-255 floats."""
+    h, w, _ = src.shape
+    if kind in ("swap", "recolor"):
+        region = _dilate(color_mask(src, args[0]), max(2, min(h, w) // 16))
+        return color_mask(out, args[2]) & region & ~color_mask(src, args[2])
+    if kind in ("add", "inpaint"):
+        return color_mask(out, args[0]) & ~color_mask(src, args[0]) & _edit_area(kind, args, h, w, mask)
+    raise ValueError(f"no new object to measure for a {kind!r} edit; expected swap, recolor, add or inpaint")
 
 
 def _semantic(kind: str, args: tuple[str, ...], src: np.ndarray, out: np.ndarray,
@@ -319,29 +353,23 @@ def _semantic(kind: str, args: tuple[str, ...], src: np.ndarray, out: np.ndarray
             ratio = color_mask(out, color).sum() / before.sum()
             keep = ~_dilate(before, max(4, min(h, w) // 6))
             return float(np.clip(10 * (ratio - 1) / 0.6, 0, 10)), keep, f"{color} {shape} area x{ratio:.2f}"
-        new_color = args[2]
-        new_shape = args[3] if kind == "swap" else shape
-        appeared = color_mask(out, new_color) & region & ~color_mask(src, new_color)
+        new_color, new_shape = args[2], (args[3] if kind == "swap" else shape)
+        appeared = new_object(kind, args, src, out, mask)
         cover = min(1.0, appeared.sum() / max(1.0, 0.6 * before.sum()))
-        got_shape = _shape_of(appeared)
+        got_shape = shape_of(appeared)
         shape_ok = 1.0 if got_shape == new_shape else 0.5
         sc = 10 * min(gone, cover) * shape_ok * clean
         return sc, ~region, (f"{100 * gone:.0f}% of the {color} {shape} replaced, {new_color} covers "
                              f"{100 * cover:.0f}%, shape looks like a {got_shape}, {100 * clean:.0f}% clean")
     if kind in ("add", "inpaint"):
         color, shape = args[0], args[1]
-        new = color_mask(out, color) & ~color_mask(src, color)
-        if kind == "add":
-            px, py = POSITIONS[args[2]]
-            area = np.zeros((h, w), bool)
-            area[int(max(0, py - 0.25) * h):int(min(1, py + 0.25) * h), int(max(0, px - 0.25) * w):int(min(1, px + 0.25) * w)] = True
-        else:
-            area = mask if mask is not None else np.ones((h, w), bool)
-        inside = (new & area).sum()
+        area = _edit_area(kind, args, h, w, mask)
+        drawn = new_object(kind, args, src, out, mask)
+        inside = drawn.sum()
         clean = float(np.clip((_on_palette(out, area, _palette(src)) - 0.5) / 0.45, 0, 1))
         expected = 0.25 * (0.12 * min(h, w)) ** 2 * 3  # a shape of the smallest size, with slack
         cover = min(1.0, inside / expected)
-        got_shape = _shape_of(new & area)
+        got_shape = shape_of(drawn)
         sc = 10 * cover * (1.0 if got_shape == shape else 0.5) * clean
         return sc, ~_dilate(area, 1), (f"new {color} pixels in place: {int(inside)}, shape looks like a {got_shape}, "
                                        f"{100 * clean:.0f}% clean")
