@@ -143,6 +143,16 @@ def bilinear_weights(coords: Tensor, size: int) -> Tensor:
     return (w[:, 0, :, None] * w[:, 1, None, :]).flatten(1)
 
 
+def sincos_2d(rows_cols: Tensor, dim: int) -> Tensor:
+    """``[L, dim]`` fp32: DiT/PixArt-alpha's fixed 2D sin-cos position embedding of ``rows_cols [L, 2]`` (any real
+    dtype, in tokens): the first half of the channels embed the row, the second the column, each as
+    ``[sin(p w_k), cos(p w_k)]`` with ``w_k = 10000^(-k / (dim / 4))``, k = 0 .. dim/4 - 1 (``dim`` divisible by 4)."""
+    quarter = dim // 4
+    omega = 10000.0 ** (-torch.arange(quarter, dtype=torch.float32, device=rows_cols.device) / quarter)
+    angles = rows_cols.float()[:, :, None] * omega  # [L, 2, dim / 4]
+    return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(1)  # [L, (row sin, row cos, col sin, col cos)]
+
+
 class PixelHead(nn.Module):
     """Per-pixel output of a pixel-codec model (``cfg.pixel_head``): the final linear gives ``features`` values
     per pixel of each token; a two-layer MLP shared by every pixel maps them, with that pixel's source and
@@ -180,18 +190,30 @@ class PixelHead(nn.Module):
     ``self_cond`` (``cfg.self_condition``): each pixel's MLP also reads its RGB in the model's previous x0 estimate
     (``x0_prev``; zeros at the first sampling step), after the other optional inputs: Analog Bits' self-conditioning
     (Chen et al., 2022) per pixel, so a call can sharpen the drawing the last one made.
+
+    ``coords`` (``cfg.absolute_coords``): each pixel's MLP also reads the pixel's (row, col) in its frame, in units of
+    ``COORD_UNIT`` tokens (its token's grid position plus the pixel's place inside it), after the other optional
+    inputs: with the tokens' absolute position embedding, a token can hold an object's centre and size, and the MLP
+    draws the edge of a square, a circle or a triangle at the right pixel with a few linear pieces (CoordConv).
     """
 
     KEY_WIDTH = 0.05  # squared distance (pixels in [-1, 1]) at which a key's match is 1/2
     CONV_KERNEL = 5  # pixels; its radius (2) must not exceed a token's width
+    COORD_UNIT = 8  # tokens: the embedded default's 64-pixel short side (8-pixel tokens) spans [0, 1]
 
     def __init__(self, features: int, pixels: int, gated: bool, smooth: int = 0, codec_factor: int = 1,
-                 patch: int = 1, keys: int = 0, sigma_data: float = 0.0, conv: int = 0, self_cond: bool = False):
+                 patch: int = 1, keys: int = 0, sigma_data: float = 0.0, conv: int = 0, self_cond: bool = False,
+                 coords: bool = False):
         super().__init__()
         self.features, self.pixels, self.gated, self.smooth, self.keys = features, pixels, gated, smooth, keys
         self.sigma_data, self.conv, self.size, self.self_cond = sigma_data, conv, codec_factor * patch, self_cond
-        inputs = features + smooth + keys + conv + 6 + (3 if sigma_data else 0) + (3 if self_cond else 0)
+        self.coords = coords
+        inputs = (features + smooth + keys + conv + 6 + (3 if sigma_data else 0) + (3 if self_cond else 0)
+                  + (2 if coords else 0))
         self.fc1 = nn.Linear(inputs, 2 * features)
+        if coords:  # each pixel's (row, col) inside its token, in tokens, at the pixel's centre; not in the state dict
+            inside = (token_pixel_coords(codec_factor, patch) + 0.5) / self.size
+            self.register_buffer("pixel_offsets", inside.to(torch.get_default_device()), persistent=False)
         if conv:
             if self.CONV_KERNEL // 2 > self.size:
                 raise ValueError(f"pixel_conv's {self.CONV_KERNEL}-pixel kernel reaches past the 3x3 token "
@@ -225,14 +247,17 @@ class PixelHead(nn.Module):
                                  persistent=False)
 
     def forward(self, feat: Tensor, x: Tensor, source: Tensor, has_source: Tensor,
-                neighbors: Tensor | None = None, t: Tensor | None = None, x0_prev: Tensor | None = None) -> Tensor:
+                neighbors: Tensor | None = None, t: Tensor | None = None, x0_prev: Tensor | None = None,
+                token_rc: Tensor | None = None) -> Tensor:
         """feat ``[L, pixels * features + smooth + 3 * keys]`` (the final linear's output); x, source
         ``[L, 3 * pixels]`` noisy and source target tokens in the token layout (RGB-major, see
         :func:`omniace.engine.lcu.patchify`); has_source ``[L, 1]`` bool; neighbors ``[L, 9]`` int64
         (``PackedLCU.target_neighbors``, read when ``smooth``); t ``[L]`` each token's DDPM timestep 0..999 (read
-        when ``sigma_data``); x0_prev ``[L, 3 * pixels]`` the previous x0 estimate (read when ``self_cond``).
+        when ``sigma_data``); x0_prev ``[L, 3 * pixels]`` the previous x0 estimate (read when ``self_cond``);
+        token_rc ``[L, 2]`` each token's (row, col) in its frame's token grid (read when ``coords``).
         Returns the x0 prediction ``[L, 3 * pixels]`` in the token layout. ValueError when ``smooth`` and
-        ``neighbors`` is None, ``sigma_data`` and ``t`` is None, or ``self_cond`` and ``x0_prev`` is None."""
+        ``neighbors`` is None, ``sigma_data`` and ``t`` is None, ``self_cond`` and ``x0_prev`` is None, or
+        ``coords`` and ``token_rc`` is None."""
         n, dtype = feat.shape[0], feat.dtype
         source = source.to(dtype)
         rgb = lambda v: v.view(n, 3, self.pixels).transpose(1, 2)  # token row -> [L, pixels, 3]
@@ -262,6 +287,11 @@ class PixelHead(nn.Module):
             if x0_prev is None:
                 raise ValueError("self_condition reads the previous x0 estimate: pass x0_prev (zeros at the first call)")
             parts.append(rgb(x0_prev.to(dtype)))
+        if self.coords:
+            if token_rc is None:
+                raise ValueError("absolute_coords reads each target token's grid position: pass token_rc [L_tgt, 2]")
+            where = (token_rc.float()[:, None, :] + self.pixel_offsets) / self.COORD_UNIT  # [L, pixels, 2]
+            parts.append(where.to(dtype))
         h = torch.cat([*parts, rgb(source), rgb(x.to(dtype))], dim=-1)
         out = self.fc2(F.silu(self.fc1(h)))
         change = out[..., :3]
@@ -350,7 +380,7 @@ class ACEModel(nn.Module):
                                           extra=cfg.pixel_smooth + 3 * cfg.pixel_keys)
             self.pixel_head = PixelHead(cfg.pixel_head, pixels, cfg.source_gate, cfg.pixel_smooth,
                                         cfg.codec_factor, p, cfg.pixel_keys, cfg.pixel_sigma_data, cfg.pixel_conv,
-                                        cfg.self_condition)
+                                        cfg.self_condition, cfg.absolute_coords)
         else:
             self.final_layer = FinalLayer(d, p, cfg.out_channels)
         self.text_position_embeddings = TextPositionEmbeddings(cfg.num_indicators, cfg.y_channels)
@@ -413,6 +443,8 @@ class ACEModel(nn.Module):
         target_rows = torch.cat([x.to(dtype), batch.tokens[batch.target_index, c_lat:].to(dtype)], dim=1)
         tokens = batch.tokens.to(dtype).index_copy(0, batch.target_index, target_rows)
         h = self.x_embedder(tokens)
+        if cfg.absolute_coords:  # PixArt-alpha's absolute position embedding, beside the 3D RoPE
+            h = h + sincos_2d(batch.pos[:, 1:], cfg.hidden_size).to(dtype)
         source = has_source = None
         if cfg.source_skip:
             source, has_source = self.source_tokens(batch, c_lat)
@@ -447,7 +479,8 @@ class ACEModel(nn.Module):
         if cfg.pixel_head:
             # it casts x and source to out's dtype
             t_tgt = t.index_select(0, seg.index_select(0, tgt)) if cfg.pixel_sigma_data else None
-            return self.pixel_head(out, x, source, has_source, batch.target_neighbors, t_tgt, x0_prev)
+            token_rc = batch.pos.index_select(0, tgt)[:, 1:] if cfg.absolute_coords else None
+            return self.pixel_head(out, x, source, has_source, batch.target_neighbors, t_tgt, x0_prev, token_rc)
         change = tokens_pqc_to_cpq(out, cfg.patch_size, cfg.in_channels)
         if cfg.source_gate:  # the learned-sigma half, (p, p, 2C) -> its last C channels
             gate = tokens_pqc_to_cpq(out.unflatten(-1, (-1, 2 * cfg.in_channels))[..., cfg.in_channels:].flatten(1),

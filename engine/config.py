@@ -95,6 +95,14 @@ class ACEConfig:
     # the previous estimate says what the model already drew, so each call refines one drawing instead of
     # redrawing the average (a soft, round blob) from the noisy input alone. Only with x0 prediction. False: off
     self_condition: bool = False
+    # absolute coordinates (PixArt-alpha's fixed 2D sin-cos position embedding, Chen et al. 2023, which ACE's 3D
+    # RoPE replaced): each image token's embedding adds ``engine.ace.sincos_2d`` of its (row, col) in its frame, and
+    # with pixel_head each pixel's MLP also reads its own (row, col) in units of COORD_UNIT tokens. RoPE gives
+    # attention relative offsets but leaves no position in a token's state, so "where the object's edge falls
+    # inside me" (a square's corner against a circle's) must be inferred; with coordinates in the state and at
+    # every pixel the MLP can draw a shape from its centre and size with a few linear pieces, as CoordConv
+    # (Liu et al., 2018) lets a network place what it draws. Needs hidden_size divisible by 4. False: off (ACE)
+    absolute_coords: bool = False
     # transformer layers over each frame's text before the blocks (``engine.ace.TextRefinerLayer``): context for
     # a text encoder that gives none (the word-level encoder); 0: off (ACE reads T5 states as they are)
     text_refiner: int = 0
@@ -154,6 +162,11 @@ class ACEConfig:
             raise ValueError(f"source_concat reads each target token's source cell (source_index): it needs a "
                              f"model with the source skip (source_skip=True, prediction='x0'; the ace-edit preset), "
                              f"got source_skip={self.source_skip}, prediction={self.prediction!r}")
+        if not isinstance(self.absolute_coords, bool):
+            raise ValueError(f"absolute_coords must be True or False, got {self.absolute_coords!r}")
+        if self.absolute_coords and self.hidden_size % 4:
+            raise ValueError(f"absolute_coords splits the hidden size into sin and cos of rows and columns: it "
+                             f"needs hidden_size divisible by 4, got {self.hidden_size}")
         if not isinstance(self.self_condition, bool):
             raise ValueError(f"self_condition must be True or False, got {self.self_condition!r}")
         if self.self_condition and self.prediction != "x0":

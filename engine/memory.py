@@ -13,15 +13,16 @@ The estimate (bytes, an upper bound for the reference path; fused attention kern
     + heads x L^2 x 8             the scores and softmax of one segment in fp32: the reference attention (the
                                   CPU's) runs one sample's segment at a time; not counted on CUDA, whose
                                   kernels never hold them
-    + branches x P x (5k + 2s + 3q + w + 2c + v + r + 24) x e  a per-pixel head (``cfg.pixel_head`` = k,
+    + branches x P x (5k + 2s + 3q + w + 2c + v + r + a + 24) x e  a per-pixel head (``cfg.pixel_head`` = k,
                                   ``cfg.pixel_smooth`` = s, ``cfg.pixel_keys`` = q; w = 3 with
                                   ``cfg.pixel_sigma_data``; c = ``cfg.pixel_conv``, v = 42 with it: its
                                   window of 7 planes, gathered and laid out as an image; r = 6 with
-                                  ``cfg.self_condition``) over the ``P`` pixels of the largest image: its k
-                                  features, s upsampled ones, q key distances and matches, the Wiener
-                                  estimate, the convolution's c outputs and window, the previous x0 estimate
-                                  and its copy in the MLP input, MLP input, 2k hidden, outputs, source and
-                                  noisy values per pixel; at 1024x1024 this outweighs the blocks
+                                  ``cfg.self_condition``; a = 4 with ``cfg.absolute_coords``) over the ``P``
+                                  pixels of the largest image: its k features, s upsampled ones, q key
+                                  distances and matches, the Wiener estimate, the convolution's c outputs and
+                                  window, the previous x0 estimate and its copy in the MLP input, the pixel's
+                                  coordinates and their copy, MLP input, 2k hidden, outputs, source and noisy
+                                  values per pixel; at 1024x1024 this outweighs the blocks
 
 - the codec: ``pixels x 48`` bytes for the pixel codec (fp32 image in and out), ``pixels x 3072`` for a VAE
   (its decoder's widest stage, 128 channels at full resolution, a few tensors alive, fp32).
@@ -82,12 +83,13 @@ def estimate_memory(model: torch.nn.Module, image_tokens: int, text_tokens: int,
                                                                  "pixel_conv"))
     wiener = 3 if getattr(cfg, "pixel_sigma_data", 0) else 0  # the head's Wiener estimate, one per channel
     previous = 6 if getattr(cfg, "self_condition", False) else 0  # the previous x0 estimate, held and in the MLP input
+    coords = 4 if getattr(cfg, "absolute_coords", False) else 0  # each pixel's (row, col), held and in the MLP input
     if k:
         # the convolution's window, gathered and then laid out as an image: 7 planes over (8 + 4)^2 / 8^2 of
         # the pixels each (<= 3 for tokens of 4 pixels or more)
         window = 2 * 7 * 3 if conv else 0
         activations += branches * pixels * (5 * k + 2 * smooth + 3 * keys + wiener + 2 * conv + window + previous
-                                            + 24) * element_size
+                                            + coords + 24) * element_size
     codec = pixels * (VAE_CODEC_BYTES if vae else PIXEL_CODEC_BYTES)
     return MemoryEstimate(weights, activations, codec)
 

@@ -981,3 +981,99 @@ def test_sampling_feeds_each_step_the_previous_steps_estimate():
     guided = guide(out0[n:2 * n], out0[2 * n:], jobs[1].guidance, jobs[1].rescale, [0, n])
     assert torch.equal(prev1[n:2 * n], guided) and torch.equal(prev1[2 * n:], guided)  # both branches: the guided one
     assert not torch.equal(guided, out0[n:2 * n])  # guidance 2 moved it: the equality above can tell
+
+
+# absolute coordinates (cfg.absolute_coords): PixArt's sin-cos position embedding and each pixel's (row, col)
+def test_sincos_2d_is_dits_2d_position_embedding():
+    """Reference: DiT's ``get_2d_sincos_pos_embed_from_grid`` in numpy (half the channels per axis, each
+    ``[sin(p w), cos(p w)]``, ``w = 1 / 10000^(k / (D / 2))`` for the axis' D channels), rows first."""
+    from omniace.engine.ace import sincos_2d
+
+    def one_axis(d: int, pos: np.ndarray) -> np.ndarray:
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        out = np.einsum("m,d->md", pos.astype(np.float64), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    rc = torch.tensor([[0, 0], [3, 7], [13, 2], [5, 11]], dtype=torch.int32)
+    for dim in (8, 64, 192):
+        ref = np.concatenate([one_axis(dim // 2, rc[:, 0].numpy()), one_axis(dim // 2, rc[:, 1].numpy())], axis=1)
+        got = sincos_2d(rc, dim)
+        assert got.dtype == torch.float32 and got.shape == (4, dim)
+        assert np.abs(got.numpy() - ref).max() < 1e-5
+
+
+def _coords_model(**over):
+    cfg = get_config("ace-tiny", in_channels=3 * F2 * F2, codec_factor=F2, y_channels=Y, prediction="x0",
+                     source_skip=True, source_gate=True, pixel_head=K, absolute_coords=True, **over)
+    return build_model(cfg)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
+def test_absolute_coords_add_the_embedding_and_feed_each_pixel_its_position(dtype, tol):
+    """Reference: (1) the first block's input is the same weights' input without the option plus ``sincos_2d`` of
+    each token's (row, col); (2) one pixel at a time, [features, smooth, its (row, col) / COORD_UNIT, source RGB,
+    noisy RGB] -> MLP -> gated change, the pixel's (row, col) read from an image of coordinates packed as the codec
+    packs pixels. Odd grids, a sample with no source."""
+    import dataclasses
+
+    from omniace.engine.ace import PixelHead, sincos_2d
+
+    model = randomise(_coords_model(pixel_smooth=S), seed=41, std=0.2).to(dtype).eval()
+    batch, xf, out, feat = _head_inputs_and_output(model, 17, dtype)
+    seen = []
+
+    class Seen(Exception):  # the first block's input is all this reference needs: stop there
+        pass
+
+    def first_block_input(module, args):
+        seen.append(args[0].float())
+        raise Seen
+
+    handle = model.blocks[0].register_forward_pre_hook(first_block_input)
+    with torch.no_grad():
+        for option in (True, False):
+            model.cfg = dataclasses.replace(model.cfg, absolute_coords=option)
+            with pytest.raises(Seen):
+                model(batch, xf.to(dtype), torch.tensor([3, 400, 999, 77]))
+    handle.remove()
+    model.cfg = dataclasses.replace(model.cfg, absolute_coords=True)
+    ref_embed = sincos_2d(batch.pos[:, 1:], model.cfg.hidden_size).to(dtype).float()
+    assert (seen[0] - seen[1] - ref_embed).abs().max() < tol * 4
+    c = xf.shape[1]
+    n_pix = c // 3
+    where = []  # [L_tgt, 2, n_pix]: each pixel's (row, col) in pixels, packed as the codec packs an image
+    for (h, w) in batch.target_sizes:
+        rows, cols = torch.meshgrid(torch.arange(h * F2, dtype=torch.float32),
+                                    torch.arange(w * F2, dtype=torch.float32), indexing="ij")
+        where.append(pack_pixels(torch.stack([rows, cols])).view(-1, 2, n_pix))
+    where = (torch.cat(where) + 0.5) / (F2 * P) / PixelHead.COORD_UNIT  # in units of COORD_UNIT tokens
+    smooth = _smooth_reference(batch, feat, n_pix)
+    ref = _gated_pixel_loop(model, batch, feat, xf, lambda r, j: [smooth[r, :, j], where[r, :, j]])
+    err = (out - ref).abs().max().item()
+    assert err < tol * max(1.0, ref.abs().max().item()), err
+
+
+def test_absolute_coords_gradients_flops_memory_and_settings():
+    from omniace.engine.memory import estimate_memory
+
+    model = randomise(_coords_model(), seed=43, std=0.1)
+    batch = pack(_pixel_samples(3), P, with_mask=True)
+    x = torch.randn(batch.target_index.numel(), 3 * F2 * F2 * P * P)
+    model(batch, x, torch.tensor([1, 200, 3, 900])).pow(2).sum().backward()
+    ph = model.pixel_head
+    assert ph.fc1.in_features == K + 2 + 6 and ph.fc1.weight.grad[:, K:K + 2].abs().sum(0).min() > 0
+    plain = _pixel_model(True)
+    assert sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in plain.parameters()) == 2 * 2 * K
+    n_pix = F2 * F2 * P * P
+    assert model.flops([[12]], [[7]]) - plain.flops([[12]], [[7]]) == 2 * 12 * n_pix * 2 * 2 * K
+    grow = estimate_memory(model, 64, 8, 1, 4096).activations - estimate_memory(plain, 64, 8, 1, 4096).activations
+    assert grow == 4096 * 4 * 4
+    with pytest.raises(ValueError, match=r"absolute_coords reads each target token's grid position: pass token_rc"):
+        ph(torch.zeros(2, n_pix * K), torch.zeros(2, 3 * n_pix), torch.zeros(2, 3 * n_pix),
+           torch.ones(2, 1, dtype=torch.bool))
+    with pytest.raises(ValueError, match="absolute_coords splits the hidden size .* divisible by 4, got 66"):
+        get_config("ace-tiny", hidden_size=66, num_heads=3, absolute_coords=True)
+    for bad in (1, "true", None):
+        with pytest.raises(ValueError, match=f"absolute_coords must be True or False, got {re.escape(repr(bad))}"):
+            get_config("ace-edit", absolute_coords=bad)
+    assert not get_config("ace-edit").absolute_coords  # the default is unchanged

@@ -31,10 +31,12 @@ CONFIGS = {"sd35-small": ("sd3-small", dict(qk_norm="rms_norm", dual_attention_l
            "ace-tiny-gate": ("ace-tiny", dict(prediction="x0", source_skip=True, source_gate=True)),
            # with the per-pixel head (cfg.pixel_head, its smooth features: target_neighbors input; its key colours; its
            # Wiener estimate, which reads t per token), a text refiner (cfg.text_refiner), the source cells
-           # added to the target tokens (cfg.source_concat) and self-conditioning (cfg.self_condition: x0_prev input)
+           # added to the target tokens (cfg.source_concat), self-conditioning (cfg.self_condition: x0_prev input)
+           # and absolute coordinates (cfg.absolute_coords: computed in the graph from the RoPE positions)
            "ace-tiny-px": ("ace-tiny", dict(prediction="x0", source_skip=True, source_gate=True, pixel_head=5,
                                             pixel_smooth=3, pixel_keys=2, pixel_sigma_data=0.5, pixel_conv=2,
-                                            text_refiner=1, source_concat=True, self_condition=True))}
+                                            text_refiner=1, source_concat=True, self_condition=True,
+                                            absolute_coords=True))}
 
 
 def _model(preset: str, seed: int = 0) -> torch.nn.Module:
