@@ -6,6 +6,8 @@ import re
 import shlex
 from pathlib import Path
 
+import pytest
+
 from omniace.train.ablations import RECIPE_STEPS, RECIPE_WARMUP, STUDIES, markdown, plot, run_study, train_args
 
 
@@ -67,7 +69,7 @@ def test_recipe_arms_train_with_the_default_recipes_flags():
     assert "--task-weight" not in plain and plain["--ckpt-every"] == "600"
 
 
-def test_evaluate_only_reports_finished_runs_and_trains_nothing(tmp_path, monkeypatch):
+def test_evaluate_only_reports_finished_runs_and_trains_nothing(tmp_path, monkeypatch, capsys):
     import omniace.train.ablations as abl
 
     def no_training(*args, **kwargs):
@@ -76,13 +78,57 @@ def test_evaluate_only_reports_finished_runs_and_trains_nothing(tmp_path, monkey
     monkeypatch.setattr(abl, "launch", no_training)
     scored = {k: v for k, v in _run(0, 0.05, 0.3).items() if k in ("overall", "per_task")}
     monkeypatch.setattr(abl, "evaluate_weights", lambda *args: scored)
-    done = tmp_path / "importance" / "weighted-seed1"
-    done.mkdir(parents=True)
-    (done / "model.safetensors").write_bytes(b"")
-    (done / "metrics.jsonl").write_text(json.dumps({"step": 10, "loss": 0.04}) + "\n")
-    a = argparse.Namespace(out=tmp_path, seeds=[0, 1], evaluate_only=True, per_task=2, sample_steps=2, guidance=1.0)
+    for name, step in (("weighted-seed1", 10), ("unfiltered-seed0", 7)):  # finished; stopped early
+        run = tmp_path / "importance" / name
+        run.mkdir(parents=True)
+        (run / "model.safetensors").write_bytes(b"")
+        (run / "metrics.jsonl").write_text(json.dumps({"step": step, "loss": 0.04}) + "\n")
+    a = argparse.Namespace(out=tmp_path, seeds=[0, 1], evaluate_only=True, per_task=2, sample_steps=2, guidance=1.0,
+                           steps=10)
     logged = []
     res = run_study("importance", a, {}, log=logged.append)
-    assert list(res["arms"]) == [STUDIES["importance"][0].name]
-    assert [r["seed"] for r in res["arms"][STUDIES["importance"][0].name]["runs"]] == [1]
-    assert sum("not finished" in line for line in logged) == 3  # weighted seed 0, unfiltered seeds 0 and 1
+    weighted, unfiltered = (arm.name for arm in STUDIES["importance"])
+    assert list(res["arms"]) == [weighted] and [r["seed"] for r in res["arms"][weighted]["runs"]] == [1]
+    assert len(res["left_out"]) == 3 and sum("left out" in line for line in logged) == 3
+    assert any(f"{unfiltered} seed 0: " in x and "ended at step 7, this study's schedule is 10 steps" in x
+               for x in res["left_out"])
+    settings = {"date": "d", "device": "CPU", "torch": "t", "steps": 10, "token_budget": 1, "nproc": 2, "lr": 1e-3,
+                "seeds": [0, 1], "per_task": 2, "sample_steps": 2, "guidance": 1.0}
+    text = markdown({"studies": {"importance": {**res, "settings": settings}}})
+    assert "Left out (not finished when this table was made): " in text and "no model.safetensors" in text
+
+    # a study with no finished run leaves the published docs as they are; --corpus is not needed
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "ablations.json").write_text('{"studies": {"importance": "published"}}')
+    abl.main(["--evaluate-only", "--out", str(tmp_path / "empty"), "--docs", str(docs), "--study", "importance"])
+    assert "no finished runs" in capsys.readouterr().out
+    assert json.loads((docs / "ablations.json").read_text()) == {"studies": {"importance": "published"}}
+    assert not (docs / "ablations.md").exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--per-task", "0"], "--per-task must be an integer >= 1, got 0"),
+    (["--sample-steps", "0"], "--sample-steps must be an integer >= 1, got 0"),
+    (["--guidance", "nan"], "guidance"),
+])
+def test_bad_settings_are_refused_before_any_training(argv, message, tmp_path, capsys):
+    import omniace.train.ablations as abl
+
+    with pytest.raises(SystemExit) as e:
+        abl.main(["--corpus", str(tmp_path), "--out", str(tmp_path), "--docs", str(tmp_path), *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_run_that_cannot_be_scored_is_one_line(tmp_path, capsys):
+    import omniace.train.ablations as abl
+
+    run = tmp_path / "importance" / "weighted-seed0"
+    run.mkdir(parents=True)
+    (run / "model.safetensors").write_bytes(b"not a safetensors file")
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1000, "loss": 0.04}) + "\n")
+    with pytest.raises(SystemExit) as e:
+        abl.main(["--evaluate-only", "--out", str(tmp_path), "--docs", str(tmp_path / "docs"), "--study", "importance",
+                  "--seeds", "0", "--per-task", "1", "--sample-steps", "1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and str(run / "model.safetensors") in err and len(err.strip().splitlines()) == 1

@@ -75,7 +75,7 @@ def test_the_probe_tells_a_model_that_reads_the_shape_word_from_one_that_ignores
     fills = {round(r.mean_fill, 6) for r in blind.values()}
     assert len(fills) == 1 and all(r.drawn == {"circle": r.n} for r in blind.values())
     text = table(list(blind.values()))
-    assert "| square | 9 |" in text and "circle 100%, square 0%, triangle 0%" in text
+    assert "| square | 9 | " in text and "| 1.000 | circle 100%, square 0%, triangle 0% | 0 |" in text
 
 
 def test_each_variant_gets_its_samples_seed_and_only_the_new_objects_shape_word_changes(samples):
@@ -105,5 +105,5 @@ def test_the_cli_prints_the_table_for_the_embedded_default(capsys):
     weights = Path(omniace.engine.__file__).parent / "assets" / "ace-edit.safetensors"
     eval_main(["--weights", str(weights), "--shape-probe", "--per-task", "1", "--steps", "2"])
     out = capsys.readouterr().out
-    assert out.startswith("| shape asked | outputs | mean fill of its box |")
+    assert out.startswith("| shape asked | outputs with a new object | mean fill of its box | exact shape's fill |")
     assert all(f"| {shape} | " in out for shape in ("circle", "square", "triangle"))

@@ -98,8 +98,33 @@ def train_args(a: argparse.Namespace, preset: str, seed: int, out: Path, steps: 
             "--seed", str(seed)] + (RECIPE_ARGS if a.recipe else [])
 
 
+class RunError(Exception):
+    """A run folder that cannot be reported: its message is one line naming the folder."""
+
+
+def last_record(run_dir: Path) -> dict | None:
+    """The last record of a run's ``metrics.jsonl``, or None when it has none."""
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return json.loads(lines[-1]) if lines else None
+
+
+def unfinished(run_dir: Path, steps: int) -> str | None:
+    """Why ``run_dir`` is not a finished run of ``steps`` steps (no export, no metrics, another length), or None."""
+    if not (run_dir / "model.safetensors").exists():
+        return f"no model.safetensors in {run_dir} (not finished)"
+    last = last_record(run_dir)
+    if last is None:
+        return f"no metrics.jsonl records in {run_dir}"
+    if last.get("step") != steps:
+        return f"{run_dir} ended at step {last.get('step')}, this study's schedule is {steps} steps"
+    return None
+
+
 def run_study(study: str, a: argparse.Namespace, settings: dict, log=print) -> dict:
-    results: dict = {"settings": settings, "arms": {}}
+    """Train (unless ``a.evaluate_only``) and evaluate every arm and seed of ``study``; returns its results, with
+    ``left_out`` naming the runs ``--evaluate-only`` found unfinished. RunError for a run it cannot score."""
+    results: dict = {"settings": settings, "arms": {}, "left_out": []}
     base = None
     if any(arm.needs_base for arm in STUDIES[study]):
         base_dir = a.out / study / "base"
@@ -107,22 +132,30 @@ def run_study(study: str, a: argparse.Namespace, settings: dict, log=print) -> d
         if not base.exists() and not a.evaluate_only:
             log(f"[{study}] pretraining the sd3-small base ({a.base_steps} steps, no source image)")
             launch(train_args(a, "sd3-small", 0, base_dir, a.base_steps), a.nproc, base_dir / "train.log")
-        results["base"] = {"preset": "sd3-small", "steps": a.base_steps}
+        if base.exists():
+            results["base"] = {"preset": "sd3-small", "steps": a.base_steps}
     for arm in STUDIES[study]:
         runs = []
         for seed in a.seeds:
             run_dir = a.out / study / f"{arm.slug}-seed{seed}"
             weights = run_dir / "model.safetensors"
-            if not weights.exists() and a.evaluate_only:
-                log(f"[{study}] {arm.name} seed {seed}: not finished ({run_dir}), left out")
+            why = unfinished(run_dir, a.steps) if a.evaluate_only else None
+            if why:
+                log(f"[{study}] {arm.name} seed {seed}: left out: {why}")
+                results["left_out"].append(f"{arm.name} seed {seed}: {why}")
                 continue
             if not weights.exists():  # a finished run is reused: rerunning the script only re-evaluates
                 args = train_args(a, arm.preset, seed, run_dir, a.steps) + arm.args
                 if arm.needs_base:
                     args += ["--init", str(base)]
                 launch(args, a.nproc, run_dir / "train.log")
-            metrics = evaluate_weights(weights, a.per_task, a.sample_steps, a.guidance)
-            last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+            try:
+                metrics = evaluate_weights(weights, a.per_task, a.sample_steps, a.guidance)
+            except (ValueError, OSError) as err:
+                raise RunError(f"{weights}: {' '.join(str(err).split())}") from None
+            last = last_record(run_dir)
+            if last is None:
+                raise RunError(f"{run_dir} has a model.safetensors but no metrics.jsonl records")
             runs.append({"seed": seed, "final_train_loss": last["loss"], **metrics})
             o = metrics["overall"]
             log(f"[{study}] {arm.name} seed {seed}: L1 {o['l1']:.4f} L2 {o['l2']:.4f} success {o['success']:.0%}")
@@ -192,6 +225,8 @@ def markdown(doc: dict) -> str:
         for name, arm in res["arms"].items():
             cells = [f"{statistics.fmean(r['per_task'][t]['success'] for r in arm['runs']):.0%}" for t in tasks]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        if res.get("left_out"):
+            lines += ["", "Left out (not finished when this table was made): " + "; ".join(res["left_out"]) + "."]
         lines.append("")
     return "\n".join(lines)
 
@@ -225,6 +260,8 @@ def plot(doc: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from omniace.engine.cli import GUIDANCE  # omniace demo's argument type: one message for a bad value
+
     ap = argparse.ArgumentParser(prog="python -m omniace.train.ablations", description=__doc__.splitlines()[0])
     ap.add_argument("--corpus", type=Path, help="OmniEdit Parquet corpus (required unless --render)")
     ap.add_argument("--render", action="store_true", help="only re-render the .md and .png from the .json")
@@ -245,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--per-task", type=int, default=6)
     ap.add_argument("--sample-steps", type=int, default=10)  # the demo's settings (chosen on a validation split)
-    ap.add_argument("--guidance", type=float, default=None, help=f"default 1.5 ({RECIPE_GUIDANCE} with --recipe)")
+    ap.add_argument("--guidance", type=GUIDANCE, default=None, help=f"default 1.5 ({RECIPE_GUIDANCE} with --recipe)")
     ap.add_argument("--tag", default="", help="keep these results beside earlier ones: the study is stored as "
                     "'<study> (<tag>)' in the docs, e.g. a longer budget")
     a = ap.parse_args(argv)
@@ -260,8 +297,11 @@ def main(argv: list[str] | None = None) -> None:
         plot(doc, a.docs / "ablations.png")
         print(f"rendered {a.docs / 'ablations.md'} and {a.docs / 'ablations.png'} from {doc_path}")
         return
-    if a.corpus is None:
-        ap.error("--corpus is required")
+    if a.corpus is None and not a.evaluate_only:
+        ap.error("--corpus is required (unless --render or --evaluate-only)")
+    for name in ("per_task", "sample_steps", "steps", "base_steps", "token_budget", "nproc"):  # before any training
+        if getattr(a, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be an integer >= 1, got {getattr(a, name)}")
     import torch
 
     studies = list(STUDIES) if a.study == "all" else [a.study]
@@ -269,13 +309,23 @@ def main(argv: list[str] | None = None) -> None:
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items() if k != "render"}
     doc = json.loads(doc_path.read_text()) if doc_path.exists() else {"studies": {}}
     settings = {**settings, "date": time.strftime("%Y-%m-%d"), "device": device, "torch": torch.__version__}
+    written = False
     for study in studies:
-        doc["studies"][f"{study} ({a.tag})" if a.tag else study] = run_study(study, a, settings)
+        try:
+            result = run_study(study, a, settings)
+        except RunError as err:
+            ap.exit(1, f"{ap.prog}: error: {err}\n")
+        if not result["arms"]:  # nothing to show: the published table stays as it is
+            print(f"[{study}] no finished runs in {a.out / study}: nothing written for this study")
+            continue
+        written = True
+        doc["studies"][f"{study} ({a.tag})" if a.tag else study] = result
         a.docs.mkdir(parents=True, exist_ok=True)
         doc_path.write_text(json.dumps(doc, indent=1) + "\n")
         (a.docs / "ablations.md").write_text(markdown(doc) + "\n")
         plot(doc, a.docs / "ablations.png")
-    print(f"wrote {doc_path}, {a.docs / 'ablations.md'} and {a.docs / 'ablations.png'}")
+    if written:
+        print(f"wrote {doc_path}, {a.docs / 'ablations.md'} and {a.docs / 'ablations.png'}")
 
 
 if __name__ == "__main__":

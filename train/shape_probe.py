@@ -11,6 +11,7 @@ judge halves its score wherever the blob is not the shape asked.
 """
 from __future__ import annotations
 
+import math
 import re
 import statistics
 from dataclasses import dataclass
@@ -81,12 +82,18 @@ def probe(pipe, samples, steps: int = 10, guidance: float = 1.0, seed: int = 0,
                      statistics.fmean(fills[shape]) if fills[shape] else None, drawn[shape]) for shape in SHAPES]
 
 
+# how much of its bounding box each shape fills when drawn exactly (the corpus's ground truth measures 0.99, 0.78
+# and 0.52 on validation 20000); the judge reads square above 0.9, circle above 0.65, triangle below
+EXACT_FILL = {"circle": math.pi / 4, "square": 1.0, "triangle": 0.5}
+
+
 def table(rows: list[ShapeRow]) -> str:
-    """The probe as a markdown table: per shape asked, the mean fill and what the judge reads."""
-    lines = ["| shape asked | outputs | mean fill of its box | the judge reads | no new object |",
-             "|---|---|---|---|---|"]
+    """The probe as a markdown table: per shape asked, how many outputs drew a new object (6 pixels or more of
+    the colour asked), their mean fill against the shape's exact fill, and what the judge reads of them."""
+    lines = ["| shape asked | outputs with a new object | mean fill of its box | exact shape's fill "
+             "| the judge reads (of those outputs) | outputs with none |", "|---|---|---|---|---|---|"]
     for r in rows:
         reads = ", ".join(f"{shape} {100 * r.drawn.get(shape, 0) / r.n:.0f}%" for shape in SHAPES) if r.n else "-"
         fill = "-" if r.mean_fill is None else f"{r.mean_fill:.3f}"
-        lines.append(f"| {r.asked} | {r.n} | {fill} | {reads} | {r.missing} |")
+        lines.append(f"| {r.asked} | {r.n} | {fill} | {EXACT_FILL[r.asked]:.3f} | {reads} | {r.missing} |")
     return "\n".join(lines)
