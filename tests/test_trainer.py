@@ -662,6 +662,14 @@ def test_bad_flags_stop_before_anything_is_written(flags, message, tmp_path):
     assert not out.exists()
 
 
+def test_missing_data_stops_before_the_run_folder_is_made(tmp_path):
+    out = tmp_path / "run"
+    proc = run_trainer(["--data", str(tmp_path / "no-such-data"), "--out", str(out)], check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"--data '{tmp_path / 'no-such-data'}' does not exist (expected Parquet files" in proc.stderr
+    assert not out.exists()
+
+
 def test_a_bad_flag_under_two_ranks_is_printed_once():
     """Every rank refuses the same flag; torchrun stops the others when the first leaves, so ranks other than 0
     wait for rank 0 to print the line (a fresh user once saw no line at all)."""

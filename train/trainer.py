@@ -815,6 +815,10 @@ def main(argv: list[str] | None = None) -> None:
         die_with_parent()
     try:
         cfg = TrainConfig(**ns)
+        missing = [d for d in cfg.data if not Path(d).exists()]
+        if missing:  # a usage error, before the run folder and its lock are made (a config may name data to come)
+            raise ValueError(f"--data {missing[0]!r} does not exist (expected Parquet files, folders of them, or a "
+                             f"latent cache folder)")
     except ValueError as err:
         if debug:
             raise
