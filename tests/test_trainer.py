@@ -530,7 +530,8 @@ def test_one_run_per_output_folder(tmp_path):
         with pytest.raises(RunLockedError, match=rf"{re.escape(str(out))} is in use by another training run "
                                                  rf"\({holder}"):
             RunLock(out).acquire()
-        args = ["--data", str(tmp_path / "nowhere"), "--out", str(out)]  # the lock is checked before the data
+        (tmp_path / "empty").mkdir()  # data that exists (a missing path is refused first) but is never read:
+        args = ["--data", str(tmp_path / "empty"), "--out", str(out)]  # the lock is checked before the data
         proc = run_trainer(args, check=False)
         errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("omniace-train")]
         assert proc.returncode == 1 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
