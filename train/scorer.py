@@ -310,29 +310,30 @@ def _controlled(cond: np.ndarray, out: np.ndarray, objects: list[tuple[str, str]
     return 10 * min(credit) * bg, "; ".join(notes) + f"; background {background} {100 * bg:.0f}%"
 
 
-def _edit_area(kind: str, args: tuple[str, ...], h: int, w: int, mask: np.ndarray | None) -> np.ndarray:
-    """Where an addition (a box of half the frame around the named position) or an inpainting (the mask) may
-    draw."""
+def edit_region(kind: str, args: tuple[str, ...], src: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """``[H, W]`` bool: where the judge looks at the object a ``swap``, ``recolor``, ``remove`` or ``grow``
+    edits (around the old object), an ``add`` draws (a box of half the frame around the named position) or an
+    ``inpaint`` draws (the mask). ``args`` are :func:`parse`'s groups; ``src`` ``[H, W, 3]`` 0-255 floats."""
+    h, w, _ = src.shape
+    if kind in ("swap", "recolor", "remove", "grow"):
+        return _dilate(color_mask(src, args[0]), max(2, min(h, w) // 16))
     if kind == "add":
         px, py = POSITIONS[args[2]]
         area = np.zeros((h, w), bool)
         area[int(max(0, py - 0.25) * h):int(min(1, py + 0.25) * h), int(max(0, px - 0.25) * w):int(min(1, px + 0.25) * w)] = True
         return area
-    return mask if mask is not None else np.ones((h, w), bool)
+    if kind == "inpaint":
+        return mask if mask is not None else np.ones((h, w), bool)
+    raise ValueError(f"no edit region for a {kind!r} edit; expected swap, recolor, remove, grow, add or inpaint")
 
 
 def new_object(kind: str, args: tuple[str, ...], src: np.ndarray, out: np.ndarray,
-               mask: np.ndarray | None) -> np.ndarray:
-    """``[H, W]`` bool: the pixels whose shape the judge classifies for a ``swap`` or ``recolor`` (the new
-    colour, near the old object, not in the source) or an ``add`` or ``inpaint`` (the named colour, in the edit
-    area, not in the source). ``args`` are :func:`parse`'s groups; ``src``/``out`` ``[H, W, 3]`` 0-255 floats."""
-    h, w, _ = src.shape
-    if kind in ("swap", "recolor"):
-        region = _dilate(color_mask(src, args[0]), max(2, min(h, w) // 16))
-        return color_mask(out, args[2]) & region & ~color_mask(src, args[2])
-    if kind in ("add", "inpaint"):
-        return color_mask(out, args[0]) & ~color_mask(src, args[0]) & _edit_area(kind, args, h, w, mask)
-    raise ValueError(f"no new object to measure for a {kind!r} edit; expected swap, recolor, add or inpaint")
+               region: np.ndarray) -> np.ndarray:
+    """``[H, W]`` bool: the pixels whose shape the judge classifies: of the new colour (a swap's or recolouring's
+    ``args[2]``, an addition's or inpainting's ``args[0]``) in ``out``, inside ``region`` (:func:`edit_region`),
+    not of that colour in the source."""
+    color = args[2] if kind in ("swap", "recolor") else args[0]
+    return color_mask(out, color) & region & ~color_mask(src, color)
 
 
 def _semantic(kind: str, args: tuple[str, ...], src: np.ndarray, out: np.ndarray,
@@ -344,7 +345,7 @@ def _semantic(kind: str, args: tuple[str, ...], src: np.ndarray, out: np.ndarray
         before = color_mask(src, color)
         if before.sum() == 0:
             return 0.0, np.ones((h, w), bool), f"no {color} {shape} in the source"
-        region = _dilate(before, max(2, min(h, w) // 16))
+        region = edit_region(kind, args, src, mask)
         gone = 1 - color_mask(out, color)[before].mean()
         clean = float(np.clip((_on_palette(out, region, _palette(src)) - 0.5) / 0.45, 0, 1))
         if kind == "remove":
@@ -354,7 +355,7 @@ def _semantic(kind: str, args: tuple[str, ...], src: np.ndarray, out: np.ndarray
             keep = ~_dilate(before, max(4, min(h, w) // 6))
             return float(np.clip(10 * (ratio - 1) / 0.6, 0, 10)), keep, f"{color} {shape} area x{ratio:.2f}"
         new_color, new_shape = args[2], (args[3] if kind == "swap" else shape)
-        appeared = new_object(kind, args, src, out, mask)
+        appeared = new_object(kind, args, src, out, region)
         cover = min(1.0, appeared.sum() / max(1.0, 0.6 * before.sum()))
         got_shape = shape_of(appeared)
         shape_ok = 1.0 if got_shape == new_shape else 0.5
@@ -363,8 +364,8 @@ def _semantic(kind: str, args: tuple[str, ...], src: np.ndarray, out: np.ndarray
                              f"{100 * cover:.0f}%, shape looks like a {got_shape}, {100 * clean:.0f}% clean")
     if kind in ("add", "inpaint"):
         color, shape = args[0], args[1]
-        area = _edit_area(kind, args, h, w, mask)
-        drawn = new_object(kind, args, src, out, mask)
+        area = edit_region(kind, args, src, mask)
+        drawn = new_object(kind, args, src, out, area)
         inside = drawn.sum()
         clean = float(np.clip((_on_palette(out, area, _palette(src)) - 0.5) / 0.45, 0, 1))
         expected = 0.25 * (0.12 * min(h, w)) ** 2 * 3  # a shape of the smallest size, with slack

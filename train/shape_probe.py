@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .scenes import SHAPES
-from .scorer import fill_fraction, new_object, parse, rgb, shape_of
+from .scorer import edit_region, fill_fraction, new_object, parse, rgb, shape_of
 
 PROBED_TASKS = ("object_swap", "object_addition", "inpainting")
 # the shape word of the object the edit draws: the last "<colour> <shape>" of the instruction
@@ -70,7 +70,7 @@ def probe(pipe, samples, steps: int = 10, guidance: float = 1.0, seed: int = 0,
         kind, args = parse(instruction)
         src, got = rgb(s.source), rgb(out)
         mask = None if s.mask is None else np.asarray(s.mask.convert("L").resize(s.source.size)) > 127
-        obj = new_object(kind, args, src, got, mask)
+        obj = new_object(kind, args, src, got, edit_region(kind, args, src, mask))
         fill = fill_fraction(obj)
         if fill is None:
             missing[shape] += 1
