@@ -93,7 +93,8 @@ def test_each_variant_gets_its_samples_seed_and_only_the_new_objects_shape_word_
 
 
 def test_the_cli_refuses_the_probe_with_another_report_before_loading(capsys):
-    for extra, message in ((["--from-target", "0"], "two different reports"), (["--out", "x"], "--out is not written")):
+    for extra, message in ((["--from-target", "0"], "two different reports"), (["--out", "x"], "--out is not written"),
+                           (["--grid-per-task", "2"], "--grid-per-task sets the scored run's eval_grid.png")):
         with pytest.raises(SystemExit) as e:
             eval_main(["--weights", "missing.safetensors", "--shape-probe", *extra])
         assert e.value.code == 2 and message in capsys.readouterr().err

@@ -373,7 +373,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=GUIDANCE, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--grid-per-task", type=int, default=1)
+    ap.add_argument("--grid-per-task", type=int, default=None,
+                    help="pairs per task shown in eval_grid.png (default 1)")
     ap.add_argument("--split-seed", type=int, default=HELD_OUT_SEED,
                     help="generator seed of the split (tune sampling settings on another one, e.g. 20000)")
     ap.add_argument("--from-target", metavar="T[,T...]", type=_timesteps,
@@ -389,6 +390,10 @@ def main(argv: list[str] | None = None) -> None:
     for flag, given in (("--from-target", a.from_target), ("--shape-probe", a.shape_probe)):
         if given and a.out is not None:
             ap.error(f"--out is not written with {flag}, which prints its table; drop one of them")
+        if given and a.grid_per_task is not None:
+            ap.error(f"--grid-per-task sets the scored run's eval_grid.png, which {flag} does not draw; "
+                     f"drop one of them")
+    a.grid_per_task = 1 if a.grid_per_task is None else a.grid_per_task
     for name in ("per_task", "grid_per_task", "steps"):  # refused before loading anything (exit 2)
         if getattr(a, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be an integer >= 1, got {getattr(a, name)}")
