@@ -334,6 +334,15 @@ def test_eval_refuses_counts_below_one_before_loading(flag, capsys):
     assert e.value.code == 2 and f"{flag} must be an integer >= 1, got 0" in capsys.readouterr().err
 
 
+def test_eval_refuses_an_out_that_is_a_file_before_loading(tmp_path, capsys):
+    from omniace.train.eval import main as eval_main
+
+    (tmp_path / "a.txt").write_text("")
+    with pytest.raises(SystemExit) as e:
+        eval_main(["--weights", "missing.safetensors", "--out", str(tmp_path / "a.txt")])
+    assert e.value.code == 2 and "a.txt' is a file; expected a folder" in capsys.readouterr().err
+
+
 def test_eval_names_a_missing_or_damaged_weights_file_in_one_line(tmp_path, capsys):
     from omniace.train.eval import main as eval_main
 
@@ -390,3 +399,7 @@ def test_from_target_scores_an_oracle_as_the_ground_truth_at_t0_and_noise_at_t99
     with pytest.raises(SystemExit) as e:  # it would be silently unused
         eval_main(["--weights", "missing.safetensors", "--from-target", "0", "--out", "x"])
     assert e.value.code == 2 and "--out is not written with --from-target" in capsys.readouterr().err
+    for flag, value in (("--steps", "10"), ("--guidance", "1.5")):  # one model call: no sampler to set
+        with pytest.raises(SystemExit) as e:
+            eval_main(["--weights", "missing.safetensors", "--from-target", "0", flag, value])
+        assert e.value.code == 2 and f"without the sampler: drop {flag}" in capsys.readouterr().err

@@ -7,7 +7,7 @@ box it fills (a square ~1, a circle ~0.79, a triangle ~0.5) and the shape the ju
 reads the shape word draws three different fills; one that ignores it draws the same blob three times, and the
 judge halves its score wherever the blob is not the shape asked.
 
-    python -m omniace.train.eval --weights W --shape-probe --per-task 10 --split-seed 20000
+    python -m omniace.train.eval --weights W --shape-probe --per-task 10 --split-seed 20000 --steps 10
 """
 from __future__ import annotations
 
