@@ -370,8 +370,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--weights", required=True, help="a self-describing safetensors file (the trainer's export)")
     ap.add_argument("--out", default=None, help="folder for eval.json and eval_grid.png (default out/eval)")
     ap.add_argument("--per-task", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=None, help="DDIM steps per edit (default 20)")
-    ap.add_argument("--guidance", type=GUIDANCE, default=None, help="classifier-free guidance scale (default 1.0)")
+    # None until parsed, so --from-target can tell a flag given from its default
+    defaults = {"steps": 20, "guidance": 1.0}
+    ap.add_argument("--steps", type=int, default=None, help=f"DDIM steps per edit (default {defaults['steps']})")
+    ap.add_argument("--guidance", type=GUIDANCE, default=None,
+                    help=f"classifier-free guidance scale (default {defaults['guidance']})")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--grid-per-task", type=int, default=None,
                     help="pairs per task shown in eval_grid.png (default 1)")
@@ -397,8 +400,9 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"--from-target calls the model once per timestep, without the sampler: drop "
                  f"{'--steps' if a.steps is not None else '--guidance'}")
     a.grid_per_task = 1 if a.grid_per_task is None else a.grid_per_task
-    a.steps = 20 if a.steps is None else a.steps
-    a.guidance = 1.0 if a.guidance is None else a.guidance
+    for name, value in defaults.items():
+        if getattr(a, name) is None:
+            setattr(a, name, value)
     if a.out is not None and Path(a.out).exists() and not Path(a.out).is_dir():  # before the evaluation's minutes
         ap.error(f"--out {a.out!r} is a file; expected a folder (made if missing) for eval.json and eval_grid.png")
     for name in ("per_task", "grid_per_task", "steps"):  # refused before loading anything (exit 2)
