@@ -132,3 +132,28 @@ def test_a_run_that_cannot_be_scored_is_one_line(tmp_path, capsys):
                   "--seeds", "0", "--per-task", "1", "--sample-steps", "1"])
     err = capsys.readouterr().err
     assert e.value.code == 1 and str(run / "model.safetensors") in err and len(err.strip().splitlines()) == 1
+
+
+def test_findings_are_stored_and_printed_above_the_tables(tmp_path, capsys):
+    from omniace.train.ablations import main
+
+    settings = {"date": "2026-12-02", "device": "CPU", "torch": "2.13", "steps": 12000, "token_budget": 1024,
+                "nproc": 2, "lr": 1e-3, "seeds": [0], "per_task": 10, "sample_steps": 10, "guidance": 1.0}
+    arms = {arm.name: {"preset": arm.preset, "args": arm.args, "runs": [_run(0, l1, 0.3)]}
+            for arm, l1 in zip(STUDIES["importance"], (0.035, 0.052))}
+    (tmp_path / "ablations.json").write_text(json.dumps({"studies": {"importance": {"settings": settings,
+                                                                                    "arms": arms}}}))
+    verdict = tmp_path / "verdict.md"
+    verdict.write_text("Importance weighting helps: 0.035 against 0.052, one seed each.\n")
+    main(["--render", "--docs", str(tmp_path), "--findings", str(verdict)])
+    text = (tmp_path / "ablations.md").read_text()
+    assert text.index("## What the tables say") < text.index("## importance")
+    assert "Importance weighting helps: 0.035 against 0.052" in text
+    assert json.loads((tmp_path / "ablations.json").read_text())["findings"].startswith("Importance weighting")
+    main(["--render", "--docs", str(tmp_path)])  # re-rendering without the flag keeps the stored verdict
+    assert "Importance weighting helps" in (tmp_path / "ablations.md").read_text()
+    verdict.write_text("  \n")
+    with pytest.raises(SystemExit):
+        main(["--render", "--docs", str(tmp_path), "--findings", str(verdict)])
+    err = capsys.readouterr().err
+    assert "--findings" in err and "is empty" in err

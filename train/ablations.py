@@ -17,7 +17,9 @@ then mean and spread) go to ``docs/ablations.json``, ``docs/ablations.md`` and `
 warmup 200, the local tasks weighted 8, fp16 export, no activation checkpointing; :data:`RECIPE_ARGS`) and
 scores it at the demo's guidance 1.0. Such a run takes over an hour on 2 CPU cores, so runs checkpoint every
 1000 steps: rerunning the same command resumes a stopped run exactly. ``--evaluate-only`` reports the runs
-that have finished and trains nothing (a study that spans several sittings).
+that have finished and trains nothing (a study that spans several sittings). ``--findings F`` stores a
+Markdown verdict on the tables (written by whoever read them: do OmniEdit's findings hold, with the seed
+spread) and prints it above them; ``--render --findings F`` replaces it without re-evaluating anything.
 """
 from __future__ import annotations
 
@@ -174,6 +176,8 @@ def markdown(doc: dict) -> str:
              "each arm is). Mean +- standard deviation over seeds; L1/L2 on [0, 1] pixels against the ground "
              "truth (lower is better); success = the judge's o_score >= 9 (higher is better). The *copy* row "
              "scores the unedited source as the output: the bar any edit model has to clear.", ""]
+    if doc.get("findings"):  # the reader's verdict on the tables below, kept in the JSON (--findings)
+        lines += ["## What the tables say", "", doc["findings"].strip(), ""]
     for study, res in doc["studies"].items():
         s = res["settings"]
         lines += [f"## {study}", "",
@@ -285,14 +289,28 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--guidance", type=GUIDANCE, default=None, help=f"default 1.5 ({RECIPE_GUIDANCE} with --recipe)")
     ap.add_argument("--tag", default="", help="keep these results beside earlier ones: the study is stored as "
                     "'<study> (<tag>)' in the docs, e.g. a longer budget")
+    ap.add_argument("--findings", type=Path, default=None,
+                    help="a Markdown file: the plain verdict on the tables (do OmniEdit's findings hold, with the "
+                         "seed spread), stored in the JSON and printed above the tables; with --render, replaces it")
     a = ap.parse_args(argv)
     for name, plain, recipe in (("steps", 1000, RECIPE_STEPS), ("warmup", 100, RECIPE_WARMUP),
                                 ("guidance", 1.5, RECIPE_GUIDANCE)):
         if getattr(a, name) is None:
             setattr(a, name, recipe if a.recipe else plain)
     doc_path = a.docs / "ablations.json"
+    findings = None
+    if a.findings is not None:
+        try:
+            findings = a.findings.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            ap.error(f"--findings {a.findings}: cannot read it as text ({err})")
+        if not findings.strip():
+            ap.error(f"--findings {a.findings} is empty: write the verdict, or leave the flag out")
     if a.render:
         doc = json.loads(doc_path.read_text())
+        if findings is not None:
+            doc["findings"] = findings.strip()
+            doc_path.write_text(json.dumps(doc, indent=1) + "\n")
         (a.docs / "ablations.md").write_text(markdown(doc) + "\n")
         plot(doc, a.docs / "ablations.png")
         print(f"rendered {a.docs / 'ablations.md'} and {a.docs / 'ablations.png'} from {doc_path}")
@@ -306,8 +324,11 @@ def main(argv: list[str] | None = None) -> None:
 
     studies = list(STUDIES) if a.study == "all" else [a.study]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items() if k != "render"}
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()
+                if k not in ("render", "findings")}
     doc = json.loads(doc_path.read_text()) if doc_path.exists() else {"studies": {}}
+    if findings is not None:
+        doc["findings"] = findings.strip()
     settings = {**settings, "date": time.strftime("%Y-%m-%d"), "device": device, "torch": torch.__version__}
     written = False
     for study in studies:
