@@ -157,3 +157,27 @@ def test_findings_are_stored_and_printed_above_the_tables(tmp_path, capsys):
         main(["--render", "--docs", str(tmp_path), "--findings", str(verdict)])
     err = capsys.readouterr().err
     assert "--findings" in err and "is empty" in err
+
+
+@pytest.mark.parametrize("content, message", [(None, "no "), ("{not json", "not a results JSON"),
+                                              ("[]", "no 'studies' object")])
+def test_render_refuses_a_missing_or_foreign_results_file(tmp_path, capsys, content, message):
+    from omniace.train.ablations import main
+
+    if content is not None:
+        (tmp_path / "ablations.json").write_text(content)
+    with pytest.raises(SystemExit) as e:
+        main(["--render", "--docs", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and str(tmp_path / "ablations.json") in err
+
+
+def test_findings_with_no_study_written_say_so(tmp_path, capsys):
+    from omniace.train.ablations import main
+
+    verdict = tmp_path / "verdict.md"
+    verdict.write_text("Nothing to say yet.\n")
+    main(["--evaluate-only", "--study", "importance", "--out", str(tmp_path / "runs"), "--docs",
+          str(tmp_path / "docs"), "--findings", str(verdict)])
+    assert "was not stored: no study was written" in capsys.readouterr().err
+    assert not (tmp_path / "docs" / "ablations.json").exists()

@@ -306,10 +306,18 @@ def main(argv: list[str] | None = None) -> None:
             ap.error(f"--findings {a.findings}: cannot read it as text ({err})")
         if not findings.strip():
             ap.error(f"--findings {a.findings} is empty: write the verdict, or leave the flag out")
+    if a.render and not doc_path.exists():
+        ap.error(f"--render: no {doc_path} to render (run a study first, or point --docs at its folder)")
+    try:  # a study's results are added to those already published
+        doc = json.loads(doc_path.read_text()) if doc_path.exists() else {"studies": {}}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        ap.error(f"{doc_path}: not a results JSON this script wrote ({err})")
+    if not isinstance(doc, dict) or not isinstance(doc.get("studies"), dict):
+        ap.error(f"{doc_path}: not a results JSON this script wrote (no 'studies' object)")
+    if findings is not None:
+        doc["findings"] = findings.strip()
     if a.render:
-        doc = json.loads(doc_path.read_text())
         if findings is not None:
-            doc["findings"] = findings.strip()
             doc_path.write_text(json.dumps(doc, indent=1) + "\n")
         (a.docs / "ablations.md").write_text(markdown(doc) + "\n")
         plot(doc, a.docs / "ablations.png")
@@ -326,9 +334,6 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()
                 if k not in ("render", "findings")}
-    doc = json.loads(doc_path.read_text()) if doc_path.exists() else {"studies": {}}
-    if findings is not None:
-        doc["findings"] = findings.strip()
     settings = {**settings, "date": time.strftime("%Y-%m-%d"), "device": device, "torch": torch.__version__}
     written = False
     for study in studies:
@@ -347,6 +352,9 @@ def main(argv: list[str] | None = None) -> None:
         plot(doc, a.docs / "ablations.png")
     if written:
         print(f"wrote {doc_path}, {a.docs / 'ablations.md'} and {a.docs / 'ablations.png'}")
+    elif findings is not None:
+        print(f"--findings {a.findings} was not stored: no study was written (`--render --findings` stores it)",
+              file=sys.stderr)
 
 
 if __name__ == "__main__":
